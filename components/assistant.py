@@ -1,0 +1,43 @@
+"""assistant: model compression. The small architecture at high resolution,
+distilled from the teacher with Hinton KD: (1 - alpha) CE + alpha T^2 KL."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+
+from components.common import StagePlan, TrainStageConfig, run_training_stage, stage_cli
+from kd_lib.config import check
+from kd_lib.distill.distiller import Distiller
+from kd_lib.models import build_classifier
+
+
+@dataclass
+class AssistantConfig(TrainStageConfig):
+    teacher: str = ""
+    kd_alpha: float = 0.9
+    temperature: float = 4.0
+
+    def validate(self) -> None:
+        super().validate()
+        check(bool(self.teacher), "teacher", "is required: the teacher stage's output URI")
+        check(0 <= self.kd_alpha <= 1, "kd_alpha", f"must be in [0, 1], got {self.kd_alpha}")
+        check(self.temperature > 0, "temperature", f"must be > 0, got {self.temperature}")
+
+
+def run(config: AssistantConfig) -> dict:
+    def plan(classes, models):
+        teacher, _ = models["teacher"]
+        student = build_classifier(config.arch, len(classes))
+        task = Distiller(student, "hr", teacher, kd_alpha=config.kd_alpha, temperature=config.temperature)
+        return StagePlan(task, config.arch, "hr")
+
+    return run_training_stage("assistant", config, {"teacher": config.teacher}, plan)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return stage_cli(AssistantConfig, run, argv, "kdp stage assistant", __doc__)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,151 @@
+"""What every training stage shares: its config fields, its run and its CLI.
+
+A training stage reads prepared data (and upstream models) by URI, trains one
+:class:`~kd_lib.distill.distiller.Distiller` with the shared loop, and
+publishes under ``out``: ``model.pt``, ``metrics.parquet``, and
+``manifest.json`` last. Its key hashes the stage, the settings that change
+the result and the fingerprints of its inputs:
+
+- ``out`` already holds a manifest with that key: nothing to do;
+- a checkpoint exists under ``checkpoint_root/<stage>-<key>``: resume it;
+- on success the checkpoint folder is removed; on failure nothing is
+  published and earlier outputs stay as they were.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+from kd_lib.config import ConfigError, add_arguments, check, from_args
+from kd_lib.data.imagefolder import DataError
+from kd_lib.data.shards import ShardedImageDataset
+from kd_lib.data.transforms import PairedTransform, ResizeMode
+from kd_lib.distill.distiller import Distiller, View
+from kd_lib.engine.loop import NonFiniteLossError, TrainingInterrupted, fit, write_metrics
+from kd_lib.engine.settings import TrainSettings
+from kd_lib.io.fs import StorageError, join, remove
+from kd_lib.io.manifest import IncompleteOutputError, finished_with_key, read_manifest, stage_key, unpublish, write_manifest
+from kd_lib.models.store import MODEL_FILE, load_classifier, save_classifier
+
+log = logging.getLogger(__name__)
+
+METRICS_FILE = "metrics.parquet"
+#: Fields that say where things go or how fast they run, not what is computed.
+NOT_IN_KEY = ("data", "out", "checkpoint_root", "device", "num_workers", "checkpoint_every")
+
+
+@dataclass
+class TrainStageConfig(TrainSettings):
+    """Fields of every training stage (on top of the loop's settings)."""
+
+    data: str = ""
+    out: str = ""
+    arch: str = "resnet18"
+    hr_size: int = 64
+    ratio: int = 4
+    resize: ResizeMode = "bilinear"
+    crop_scale: float = 0.35
+    checkpoint_root: str = ""
+
+    def validate(self) -> None:
+        super().validate()
+        check(bool(self.data), "data", "is required: the prepare-data output URI")
+        check(bool(self.out), "out", "is required: where this stage writes its outputs")
+        check(self.ratio >= 1, "ratio", f"must be >= 1, got {self.ratio}")
+        check(self.hr_size >= 8, "hr_size", f"must be >= 8, got {self.hr_size}")
+        check(self.hr_size % self.ratio == 0, "hr_size",
+              f"{self.hr_size} is not divisible by ratio {self.ratio}: the LR side must be exact")
+        check(0 < self.crop_scale <= 1, "crop_scale", f"must be in (0, 1], got {self.crop_scale}")
+
+    @property
+    def lr_size(self) -> int:
+        return self.hr_size // self.ratio
+
+
+def load_upstream(uri: str, field: str, classes: list[str]) -> tuple[torch.nn.Module, dict, str]:
+    """An upstream model, its metadata and its fingerprint, checked against the data's classes."""
+    manifest = read_manifest(uri)
+    model, meta = load_classifier(uri)
+    if meta["classes"] != classes:
+        raise DataError(f"{field} at {uri} was trained on {len(meta['classes'])} classes, but the data "
+                        f"has {len(classes)}: they must be the same classes in the same order")
+    return model, meta, manifest["fingerprint"]
+
+
+@dataclass
+class StagePlan:
+    """What a training stage trains: the task and the metadata of the model it publishes."""
+
+    task: Distiller
+    arch: str
+    view: View
+
+
+def run_training_stage(stage: str, config: TrainStageConfig, upstream: dict[str, str],
+                       plan: Callable[[list[str], dict[str, tuple]], StagePlan]) -> dict[str, Any]:
+    """Run one training stage end to end (see the module docstring).
+
+    ``upstream`` maps config field names to URIs of finished stage outputs;
+    ``plan(classes, models)`` builds the task from the data's class names and
+    the loaded upstream ``(model, meta)`` pairs.
+    """
+    data_manifest = read_manifest(config.data)
+    classes = data_manifest["classes"]
+    loaded = {name: load_upstream(uri, name, classes) for name, uri in upstream.items()}
+    settings = {k: v for k, v in asdict(config).items() if k not in NOT_IN_KEY}
+    inputs = {"data": data_manifest["data_fingerprint"], **{n: fp for n, (_, _, fp) in loaded.items()}}
+    key = stage_key(stage, settings, inputs)
+    done = finished_with_key(config.out, key)
+    if done is not None:
+        print(f"{stage}: up to date at {config.out} (key {key[:12]})", file=sys.stderr)
+        return done
+    checkpoint_dir = join(config.checkpoint_root or join(config.out, "checkpoints"), f"{stage}-{key[:16]}")
+    torch.manual_seed(config.seed)
+    planned = plan(classes, {name: (model, meta) for name, (model, meta, _) in loaded.items()})
+    train_set, val_set = (ShardedImageDataset(config.data, split, PairedTransform(
+        config.hr_size, config.ratio, train=split == "train", resize=config.resize,
+        crop_scale=config.crop_scale)) for split in ("train", "val"))
+    rows = fit(planned.task, train_set, val_set, config, checkpoint_dir, val_view=planned.view, desc=stage)
+    unpublish(config.out)
+    input_size = config.hr_size if planned.view == "hr" else config.lr_size
+    save_classifier(config.out, planned.task.student.cpu(), arch=planned.arch, classes=classes,
+                    input_size=input_size, stage=stage, hr_size=config.hr_size, ratio=config.ratio)
+    write_metrics(rows, join(config.out, METRICS_FILE))
+    manifest = write_manifest(config.out, stage=stage, key=key, files=[MODEL_FILE, METRICS_FILE],
+                              info={"config": asdict(config), "inputs": {"data": config.data, **upstream},
+                                    "final": rows[-1]})
+    remove(checkpoint_dir, recursive=True)
+    return manifest
+
+
+#: Errors a user can fix: printed as one line, exit status 1.
+USER_ERRORS = (ConfigError, DataError, IncompleteOutputError, StorageError, NonFiniteLossError,
+               FileNotFoundError)
+
+
+def stage_cli(config_cls: type, run: Callable[[Any], Any], argv: list[str] | None, prog: str,
+              description: str) -> int:
+    """Parse ``--config``/flags into ``config_cls``, call ``run`` and map errors to exit codes."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    add_arguments(parser, config_cls)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        run(from_args(config_cls, args))
+    except TrainingInterrupted as err:
+        print(f"{prog}: {err}; run the same command again to resume", file=sys.stderr)
+        return 128 + err.signum
+    except USER_ERRORS as err:
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 128 + signal.SIGINT
+    return 0

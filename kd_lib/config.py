@@ -1,0 +1,155 @@
+"""Typed configs: dataclasses loaded from YAML, dicts or command-line flags.
+
+Every stage has one config dataclass. The same fields are the YAML keys, the
+``--flag-name`` options of its CLI and its KFP parameters. Unknown keys,
+missing required fields and values of the wrong type are :class:`ConfigError`
+naming the field; a config class may add value checks in ``validate()``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from typing import Any, TypeVar
+
+import yaml
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A config field is unknown, missing or has a bad value."""
+
+    def __init__(self, field: str, message: str, where: str = "config"):
+        self.field = field
+        self.message = message
+        super().__init__(f"{where}: field {field!r}: {message}")
+
+
+def check(condition: bool, field: str, message: str) -> None:
+    """Raise :class:`ConfigError` for ``field`` unless ``condition`` holds."""
+    if not condition:
+        raise ConfigError(field, message)
+
+
+def _coerce(value: Any, kind: Any, field: str) -> Any:
+    origin = typing.get_origin(kind)
+    args = typing.get_args(kind)
+    if origin is typing.Literal:
+        if value not in args:
+            raise ConfigError(field, f"must be one of {list(args)}, got {value!r}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], field)
+    if origin in (list, Sequence, tuple):
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(field, f"must be a list, got {value!r}")
+        return [_coerce(v, args[0], field) for v in value]
+    if origin in (dict, Mapping):
+        if isinstance(value, str):  # command line: name=value,name=value
+            pairs = [item.partition("=") for item in value.split(",") if item]
+            if any(not sep for _, sep, _ in pairs):
+                raise ConfigError(field, f"must be name=value pairs separated by commas, got {value!r}")
+            value = {name: item for name, _, item in pairs}
+        if not isinstance(value, Mapping):
+            raise ConfigError(field, f"must be a mapping, got {value!r}")
+        return {str(k): _coerce(v, args[1], field) for k, v in value.items()}
+    if kind is bool:
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
+            return value.lower() in ("true", "1", "yes", "on")
+        if not isinstance(value, bool):
+            raise ConfigError(field, f"must be true or false, got {value!r}")
+        return value
+    if kind is int:
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
+            raise ConfigError(field, f"must be an integer, got {value!r}")
+        try:
+            return int(value)
+        except ValueError:
+            raise ConfigError(field, f"must be an integer, got {value!r}") from None
+    if kind is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise ConfigError(field, f"must be a number, got {value!r}")
+        try:
+            return float(value)
+        except ValueError:
+            raise ConfigError(field, f"must be a number, got {value!r}") from None
+    if kind is str:
+        if not isinstance(value, str):
+            raise ConfigError(field, f"must be a string, got {value!r}")
+        return value
+    return value
+
+
+def from_dict(cls: type[T], data: Mapping[str, Any], where: str | None = None) -> T:
+    """Build ``cls`` from ``data``, checking names, types and values."""
+    where = where or f"{cls.__name__}"
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(unknown[0], f"unknown field (known fields: {', '.join(fields)})", where)
+    values = {}
+    for name, field in fields.items():
+        if name in data:
+            try:
+                values[name] = _coerce(data[name], hints[name], name)
+            except ConfigError as err:
+                raise ConfigError(name, err.message, where) from None
+        elif field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
+            raise ConfigError(name, "is required", where)
+    config = cls(**values)
+    validate = getattr(config, "validate", None)
+    if validate is not None:
+        try:
+            validate()
+        except ConfigError as err:
+            raise ConfigError(err.field, err.message, where) from None
+    return config
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    return dataclasses.asdict(config)
+
+
+def load_yaml(uri: str) -> dict[str, Any]:
+    """A YAML mapping from ``uri`` (any fsspec location)."""
+    from kd_lib.io.fs import read_text
+
+    data = yaml.safe_load(read_text(uri)) or {}
+    if not isinstance(data, dict):
+        raise ConfigError("<root>", "a config file must hold a mapping of field: value", uri)
+    return data
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
+    """One ``--flag`` per field of ``cls`` (values are parsed by :func:`from_dict`)."""
+    parser.add_argument("--config", metavar="YAML", help="config file; flags override its fields")
+    for field in dataclasses.fields(cls):
+        default = field.default if field.default is not dataclasses.MISSING else None
+        if field.default_factory is not dataclasses.MISSING:
+            default = field.default_factory()
+        parser.add_argument(_flag(field.name), dest=field.name, default=argparse.SUPPRESS,
+                            metavar=field.name.upper(), help=f"(default: {default!r})")
+
+
+def from_args(cls: type[T], args: argparse.Namespace) -> T:
+    """The config given by ``--config FILE`` and flags (flags win)."""
+    values = vars(args).copy()
+    path = values.pop("config", None)
+    data = load_yaml(path) if path else {}
+    names = {f.name for f in dataclasses.fields(cls)}
+    data.update({k: v for k, v in values.items() if k in names})
+    return from_dict(cls, data, where=path or cls.__name__)

@@ -1,0 +1,83 @@
+"""ImageFolder datasets on any fsspec URI: ``ROOT/{train,val}/<class>/<image>``.
+
+Class names are the sorted folder names of ``train/``; ``val/`` must have the
+same classes. Images are decoded with Pillow and converted to RGB (grayscale,
+palette, CMYK and alpha images included).
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import posixpath
+from dataclasses import dataclass
+
+from PIL import Image, UnidentifiedImageError
+
+from kd_lib.io.fs import filesystem, join
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+SPLITS = ("train", "val")
+
+
+class DataError(ValueError):
+    """The dataset is unusable; the message names the file or folder."""
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    split: str
+    path: str  # relative to the dataset root, e.g. "train/cat/001.jpg"
+    label: int
+
+
+def decode_rgb(data: bytes, name: str) -> Image.Image:
+    """Decode image bytes to an RGB Pillow image; :class:`DataError` naming ``name`` if corrupt."""
+    try:
+        image = Image.open(io.BytesIO(data))
+        image.load()
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        raise DataError(f"corrupt image {name}: {err}") from err
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def list_classes(root: str) -> list[str]:
+    """Sorted class folder names under ``root/train``."""
+    fs, path = filesystem(root)
+    train = posixpath.join(path, "train")
+    if not fs.isdir(train):
+        raise DataError(f"{root}: no train/ folder (expected ROOT/train/<class>/<image> and ROOT/val/...)")
+    classes = sorted(posixpath.basename(p.rstrip("/")) for p in fs.ls(train, detail=False) if fs.isdir(p))
+    if not classes:
+        raise DataError(f"{join(root, 'train')}: no class folders")
+    return classes
+
+
+def list_images(root: str, classes: list[str]) -> list[ImageRecord]:
+    """Every image of both splits, in a stable order.
+
+    Raises :class:`DataError` when a split is missing, when ``val/`` has other
+    classes than ``train/``, or when a class folder holds no image.
+    """
+    fs, path = filesystem(root)
+    records = []
+    for split in SPLITS:
+        split_path = posixpath.join(path, split)
+        if not fs.isdir(split_path):
+            raise DataError(f"{root}: no {split}/ folder")
+        found = sorted(posixpath.basename(p.rstrip("/")) for p in fs.ls(split_path, detail=False)
+                       if fs.isdir(p))
+        if found != classes:
+            missing, extra = sorted(set(classes) - set(found)), sorted(set(found) - set(classes))
+            raise DataError(f"{join(root, split)}: classes differ from train/: "
+                            f"missing {missing}, unexpected {extra}")
+        for label, name in enumerate(classes):
+            class_path = posixpath.join(split_path, name)
+            files = sorted(p for p in fs.find(class_path) if p.lower().endswith(IMAGE_EXTENSIONS))
+            if not files:
+                raise DataError(f"empty class folder {join(root, split, name)}: no images "
+                                f"(looked for {', '.join(IMAGE_EXTENSIONS)})")
+            records += [ImageRecord(split, posixpath.relpath(f, path), label) for f in files]
+    return records

@@ -1,0 +1,39 @@
+"""Seeded, resumable batches: which images, in which order, with which crop seed.
+
+Epoch ``e`` of a run with seed ``s`` is a permutation drawn from a generator
+seeded with ``(s, e)``, and each position gets its own augmentation seed from
+the same generator. A run resumed at batch ``b`` of epoch ``e`` therefore sees
+exactly the batches an uninterrupted run would have seen.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+
+
+class EpochBatchSampler(torch.utils.data.Sampler[list[tuple[int, int]]]):
+    """Batches of ``(index, augmentation_seed)`` for one epoch.
+
+    The last incomplete batch is dropped (a batch of one breaks BatchNorm in
+    training), so an epoch has ``len(self)`` = ``n // batch_size`` batches.
+    """
+
+    def __init__(self, num_items: int, batch_size: int, seed: int, epoch: int, start_batch: int = 0):
+        if num_items < batch_size:
+            raise ValueError(f"{num_items} training images are fewer than one batch of {batch_size}: "
+                             "lower batch_size")
+        self.num_items, self.batch_size = num_items, batch_size
+        self.seed, self.epoch, self.start_batch = seed, epoch, start_batch
+
+    def __len__(self) -> int:
+        return self.num_items // self.batch_size - self.start_batch
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        order = torch.randperm(self.num_items, generator=generator).tolist()
+        seeds = torch.randint(2**31 - 1, (self.num_items,), generator=generator).tolist()
+        for batch in range(self.start_batch, self.num_items // self.batch_size):
+            positions = range(batch * self.batch_size, (batch + 1) * self.batch_size)
+            yield [(order[p], seeds[p]) for p in positions]

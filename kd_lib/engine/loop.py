@@ -1,0 +1,197 @@
+"""The one training loop of every classification stage.
+
+``fit`` trains a :class:`~kd_lib.distill.distiller.Distiller` (any module with
+``forward(hr, lr, labels) -> (loss, terms)``, a ``student`` and
+``trainable_state_dict``/``load_trainable_state_dict``):
+
+- seeded: model init, batch order and every crop come from ``settings.seed``;
+- bf16 autocast on CUDA devices that support it, full precision elsewhere;
+- a checkpoint (``last.pt``) every ``checkpoint_every`` steps, at each epoch's
+  end and on SIGTERM/SIGINT, after which :class:`TrainingInterrupted` is
+  raised; an existing ``last.pt`` is resumed from, mid-epoch included;
+- a progress bar per epoch and one metrics row per epoch (train loss and its
+  terms, learning rate, validation top-1/top-5, seconds), also written to
+  ``metrics.parquet`` beside the checkpoint after every epoch.
+
+The model kept is the last epoch's: the validation split is watched, never
+used to pick a checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import math
+import signal
+import sys
+import time
+from collections import defaultdict
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from tqdm import tqdm
+
+from kd_lib.data.sampler import EpochBatchSampler
+from kd_lib.engine.settings import TrainSettings
+from kd_lib.eval.accuracy import evaluate_classifier
+from kd_lib.io import checkpoint
+from kd_lib.io.fs import exists, join, write_bytes
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT = "last.pt"
+METRICS = "metrics.parquet"
+
+
+class TrainingInterrupted(RuntimeError):
+    """Training stopped on a signal after saving a checkpoint."""
+
+    def __init__(self, signum: int, where: str):
+        self.signum = signum
+        super().__init__(f"stopped by {signal.Signals(signum).name}; checkpoint saved at {where}")
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss became NaN or infinite; nothing was saved for that step."""
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager:
+    """bf16 autocast where the device has fast bf16 (CUDA), else a no-op."""
+    if enabled and device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+class StopOnSignal:
+    """Records SIGTERM/SIGINT instead of dying, so the loop can checkpoint first."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._previous = {}
+
+    def _handle(self, signum, frame):
+        self.signum = signum
+
+    def __enter__(self) -> StopOnSignal:
+        for sig in self.SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def build_optimizer(params, settings: TrainSettings) -> torch.optim.Optimizer:
+    return torch.optim.SGD(params, lr=settings.lr, momentum=settings.momentum,
+                           weight_decay=settings.weight_decay)
+
+
+def build_scheduler(optimizer, settings: TrainSettings, steps_per_epoch: int):
+    """Per-step schedule: cosine to zero over the run, or x``gamma`` at each milestone epoch."""
+    total = settings.epochs * steps_per_epoch
+    if settings.schedule == "cosine":
+        lam = lambda step: 0.5 * (1 + math.cos(math.pi * step / total))  # noqa: E731
+    else:
+        lam = lambda step: settings.gamma ** sum(step >= m * steps_per_epoch for m in settings.milestones)  # noqa: E731
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lam)
+
+
+def write_metrics(rows: list[dict], uri: str) -> None:
+    buffer = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist(rows), buffer)
+    write_bytes(uri, buffer.getvalue())
+
+
+def _loader(dataset, batch_sampler, settings: TrainSettings, device: torch.device):
+    return torch.utils.data.DataLoader(dataset, batch_sampler=batch_sampler,
+                                       num_workers=settings.num_workers,
+                                       pin_memory=device.type == "cuda")
+
+
+def fit(task: torch.nn.Module, train_set, val_set, settings: TrainSettings, checkpoint_dir: str,
+        val_view: str, desc: str = "train") -> list[dict]:
+    """Train ``task`` and return its metrics rows (see the module docstring)."""
+    device = resolve_device(settings.device)
+    task.to(device)
+    params = [p for p in task.parameters() if p.requires_grad]
+    optimizer = build_optimizer(params, settings)
+    steps_per_epoch = len(EpochBatchSampler(len(train_set), settings.batch_size, settings.seed, 0))
+    scheduler = build_scheduler(optimizer, settings, steps_per_epoch)
+    ckpt_uri = join(checkpoint_dir, CHECKPOINT)
+    epoch, start_batch, step, rows, sums = 0, 0, 0, [], defaultdict(float)
+    if exists(ckpt_uri):
+        state = checkpoint.load(ckpt_uri)
+        task.load_trainable_state_dict(state["task"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        epoch, start_batch, step, rows = state["epoch"], state["batch"], state["step"], state["rows"]
+        sums.update(state["sums"])
+        log.warning("%s: resumed from %s at epoch %d, batch %d (step %d)", desc, ckpt_uri,
+                    epoch + 1, start_batch, step)
+        print(f"{desc}: resumed from {ckpt_uri} at epoch {epoch + 1}, batch {start_batch}",
+              file=sys.stderr, flush=True)
+    torch.manual_seed(settings.seed + step)  # dropout and other in-model randomness
+
+    def save(next_epoch: int, next_batch: int) -> None:
+        checkpoint.save({"task": task.trainable_state_dict(), "optimizer": optimizer.state_dict(),
+                         "scheduler": scheduler.state_dict(), "epoch": next_epoch,
+                         "batch": next_batch, "step": step, "rows": rows, "sums": dict(sums)},
+                        ckpt_uri)
+
+    val_loader = torch.utils.data.DataLoader(val_set, batch_size=256, num_workers=settings.num_workers)
+    with StopOnSignal() as stop:
+        while epoch < settings.epochs:
+            started = time.monotonic()
+            sampler = EpochBatchSampler(len(train_set), settings.batch_size, settings.seed, epoch, start_batch)
+            task.train()
+            bar = tqdm(_loader(train_set, sampler, settings, device), total=len(sampler),
+                       desc=f"{desc} {epoch + 1}/{settings.epochs}", unit="batch",
+                       mininterval=0.5 if sys.stderr.isatty() else 10, dynamic_ncols=True)
+            for batch, (hr, lr_images, labels) in enumerate(bar, start=start_batch):
+                hr, lr_images, labels = (t.to(device, non_blocking=True) for t in (hr, lr_images, labels))
+                with autocast(device, settings.amp):
+                    loss, terms = task(hr, lr_images, labels)
+                if not torch.isfinite(loss):
+                    values = ", ".join(f"{k}={v.item():.4g}" for k, v in terms.items())
+                    raise NonFiniteLossError(
+                        f"{desc}: loss is {loss.item()} at epoch {epoch + 1}, batch {batch} ({values}); "
+                        f"the last good checkpoint is {ckpt_uri}; lower lr (now {settings.lr}) "
+                        "or check the data")
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                scheduler.step()
+                step += 1
+                sums["loss"] += loss.item()
+                for name, value in terms.items():
+                    sums[name] += value.item()
+                bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+                if stop.signum is not None:
+                    save(epoch, batch + 1)
+                    bar.close()
+                    raise TrainingInterrupted(stop.signum, ckpt_uri)
+                if step % settings.checkpoint_every == 0:
+                    save(epoch, batch + 1)
+            bar.close()
+            accuracy = evaluate_classifier(task.student, val_loader, val_view, device)
+            rows.append({"epoch": epoch + 1, "step": step, "lr": scheduler.get_last_lr()[0],
+                         **{f"train_{k}": v / steps_per_epoch for k, v in sums.items()},
+                         "val_top1": accuracy["top1"], "val_top5": accuracy["top5"],
+                         "seconds": time.monotonic() - started})
+            print(f"{desc} epoch {epoch + 1}/{settings.epochs}: loss {rows[-1]['train_loss']:.4f}, "
+                  f"val top-1 {100 * accuracy['top1']:.1f}%", file=sys.stderr, flush=True)
+            epoch, start_batch, sums = epoch + 1, 0, defaultdict(float)
+            save(epoch, 0)
+            write_metrics(rows, join(checkpoint_dir, METRICS))
+    return rows

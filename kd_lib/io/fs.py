@@ -1,0 +1,84 @@
+"""Every read and write of the project goes through fsspec, so a path, ``gs://``
+or ``memory://`` URI is accepted wherever a location is.
+
+Writes are atomic per file: the bytes go to a temporary sibling first and are
+moved into place, so a reader never sees half a file. On object stores a single
+upload is already atomic and the move is a server-side copy.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import posixpath
+import uuid
+
+import fsspec
+from fsspec.core import url_to_fs
+
+
+class StorageError(OSError):
+    """A location could not be read or written; the message names it."""
+
+
+def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The fsspec filesystem and the path inside it for ``uri``."""
+    try:
+        return url_to_fs(uri)
+    except (ImportError, ValueError) as err:
+        raise StorageError(f"cannot open location {uri!r}: {err}") from err
+
+
+def join(uri: str, *parts: str) -> str:
+    """``uri`` with ``parts`` appended by ``/`` (URIs keep their scheme)."""
+    return posixpath.join(uri.rstrip("/"), *parts) if parts else uri
+
+
+def exists(uri: str) -> bool:
+    fs, path = filesystem(uri)
+    return fs.exists(path)
+
+
+def read_bytes(uri: str) -> bytes:
+    fs, path = filesystem(uri)
+    try:
+        return fs.cat_file(path)
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"{uri}: no such file") from err
+    except OSError as err:
+        raise StorageError(f"cannot read {uri}: {err}") from err
+
+
+def read_text(uri: str) -> str:
+    return read_bytes(uri).decode("utf-8")
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    """Write ``data`` to ``uri`` atomically (temporary sibling, then move)."""
+    fs, path = filesystem(uri)
+    parent = posixpath.dirname(path)
+    tmp = posixpath.join(parent, f".{posixpath.basename(path)}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        if parent:
+            fs.makedirs(parent, exist_ok=True)
+        with fs.open(tmp, "wb") as f:
+            f.write(data)
+        fs.mv(tmp, path)
+    except OSError as err:
+        if fs.exists(tmp):
+            fs.rm(tmp)
+        raise StorageError(f"cannot write {uri}: {err}") from err
+
+
+def write_text(uri: str, text: str) -> None:
+    write_bytes(uri, text.encode("utf-8"))
+
+
+def remove(uri: str, recursive: bool = False) -> None:
+    """Remove ``uri`` if it exists."""
+    fs, path = filesystem(uri)
+    if fs.exists(path):
+        fs.rm(path, recursive=recursive)
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()

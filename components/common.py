@@ -31,7 +31,7 @@ from kd_lib.data.transforms import PairedTransform, ResizeMode
 from kd_lib.distill.distiller import Distiller, View
 from kd_lib.engine.loop import NonFiniteLossError, TrainingInterrupted, fit, write_metrics
 from kd_lib.engine.settings import TrainSettings
-from kd_lib.io.fs import StorageError, join, remove
+from kd_lib.io.fs import StorageError, join, remove, remove_if_empty
 from kd_lib.io.manifest import IncompleteOutputError, finished_with_key, read_manifest, stage_key, unpublish, write_manifest
 from kd_lib.models.store import MODEL_FILE, load_classifier, save_classifier
 
@@ -107,7 +107,8 @@ def run_training_stage(stage: str, config: TrainStageConfig, upstream: dict[str,
     if done is not None:
         print(f"{stage}: up to date at {config.out} (key {key[:12]})", file=sys.stderr)
         return done
-    checkpoint_dir = join(config.checkpoint_root or join(config.out, "checkpoints"), f"{stage}-{key[:16]}")
+    checkpoint_root = config.checkpoint_root or join(config.out, "checkpoints")
+    checkpoint_dir = join(checkpoint_root, f"{stage}-{key[:16]}")
     torch.manual_seed(config.seed)
     planned = plan(classes, {name: (model, meta) for name, (model, meta, _) in loaded.items()})
     train_set, val_set = (ShardedImageDataset(config.data, split, PairedTransform(
@@ -123,6 +124,8 @@ def run_training_stage(stage: str, config: TrainStageConfig, upstream: dict[str,
                               info={"config": asdict(config), "inputs": {"data": config.data, **upstream},
                                     "final": rows[-1]})
     remove(checkpoint_dir, recursive=True)
+    if not config.checkpoint_root:
+        remove_if_empty(checkpoint_root)
     return manifest
 
 
@@ -134,7 +137,7 @@ USER_ERRORS = (ConfigError, DataError, IncompleteOutputError, StorageError, NonF
 def stage_cli(config_cls: type, run: Callable[[Any], Any], argv: list[str] | None, prog: str,
               description: str) -> int:
     """Parse ``--config``/flags into ``config_cls``, call ``run`` and map errors to exit codes."""
-    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser = argparse.ArgumentParser(prog=prog, description=description, allow_abbrev=False)
     add_arguments(parser, config_cls)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")

@@ -69,6 +69,8 @@ def _coerce(value: Any, kind: Any, field: str) -> Any:
             raise ConfigError(field, f"must be true or false, got {value!r}")
         return value
     if kind is int:
+        if isinstance(value, float) and value.is_integer():  # JSON/protobuf numbers (KFP structs)
+            return int(value)
         if isinstance(value, bool) or not isinstance(value, (int, str)):
             raise ConfigError(field, f"must be an integer, got {value!r}")
         try:

@@ -1,7 +1,7 @@
 """Prepared data: an ImageFolder packed into Parquet shards with a manifest.
 
 ``prepare_imagefolder`` reads every image once, checks that it decodes, and
-writes ``{split}-{i:05d}.parquet`` files (columns ``image`` bytes as stored,
+writes ``{split}-{i:05d}-{run}.parquet`` files (columns ``image`` bytes as stored,
 ``label`` int32, ``path`` string) plus ``manifest.json`` last. The manifest
 holds the class names and a content fingerprint: the SHA-256 over the class
 names and every image's split, relative path, label and bytes hash, so the
@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
+import uuid
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -21,7 +22,7 @@ from tqdm import tqdm
 
 from kd_lib.data.imagefolder import SPLITS, decode_rgb, list_classes, list_images
 from kd_lib.io.fs import filesystem, join, read_bytes, remove, write_bytes
-from kd_lib.io.manifest import read_manifest, stage_key, unpublish, write_manifest
+from kd_lib.io.manifest import published_files, read_manifest, stage_key, write_manifest
 
 log = logging.getLogger(__name__)
 
@@ -29,8 +30,8 @@ SCHEMA = pa.schema([("image", pa.binary()), ("label", pa.int32()), ("path", pa.s
 READ_BATCH = 256
 
 
-def _shard_name(split: str, index: int) -> str:
-    return f"{split}-{index:05d}.parquet"
+def _shard_name(split: str, index: int, run: str) -> str:
+    return f"{split}-{index:05d}-{run}.parquet"
 
 
 def _write_shard(out: str, name: str, rows: dict[str, list]) -> None:
@@ -43,7 +44,9 @@ def prepare_imagefolder(source: str, out: str, shard_size: int = 4096) -> dict:
     """Validate the ImageFolder at ``source`` and publish it as shards under ``out``.
 
     On any error, the shards written so far are removed and no manifest is
-    written; the error names the offending file or folder.
+    written; the error names the offending file or folder. Shard names carry
+    a token of this run, so an earlier output under ``out`` stays whole until
+    the new manifest replaces it; its shards are removed after that.
     """
     classes = list_classes(source)
     records = list_images(source, classes)
@@ -51,7 +54,8 @@ def prepare_imagefolder(source: str, out: str, shard_size: int = 4096) -> dict:
     digest = hashlib.sha256("\n".join(classes).encode())
     written: list[str] = []
     splits: dict[str, dict] = {}
-    unpublish(out)
+    run = uuid.uuid4().hex[:8]
+    previous = published_files(out)
     try:
         progress = tqdm(total=len(records), desc="prepare-data", unit="img")
         for split in SPLITS:
@@ -69,13 +73,13 @@ def prepare_imagefolder(source: str, out: str, shard_size: int = 4096) -> dict:
                     rows["label"].append(record.label)
                     rows["path"].append(record.path)
                     if len(rows["image"]) == shard_size:
-                        shards.append(_shard_name(split, len(shards)))
+                        shards.append(_shard_name(split, len(shards), run))
                         _write_shard(out, shards[-1], rows)
                         written.append(shards[-1])
                         rows = {"image": [], "label": [], "path": []}
                 progress.update(len(batch))
             if rows["image"]:
-                shards.append(_shard_name(split, len(shards)))
+                shards.append(_shard_name(split, len(shards), run))
                 _write_shard(out, shards[-1], rows)
                 written.append(shards[-1])
             splits[split] = {"images": len(split_records), "shards": shards}
@@ -85,10 +89,13 @@ def prepare_imagefolder(source: str, out: str, shard_size: int = 4096) -> dict:
             remove(join(out, name))
         raise
     fingerprint = digest.hexdigest()
-    return write_manifest(out, stage="prepare-data", key=stage_key("prepare-data", {}, {"data": fingerprint}),
-                          files=written, info={"source": source, "classes": classes,
-                                               "num_classes": len(classes), "splits": splits,
-                                               "data_fingerprint": fingerprint})
+    manifest = write_manifest(out, stage="prepare-data", key=stage_key("prepare-data", {}, {"data": fingerprint}),
+                              files=written, info={"source": source, "classes": classes,
+                                                   "num_classes": len(classes), "splits": splits,
+                                                   "data_fingerprint": fingerprint})
+    for name in set(previous) - set(written):
+        remove(join(out, name))
+    return manifest
 
 
 class ShardedImageDataset(torch.utils.data.Dataset):

@@ -80,5 +80,12 @@ def remove(uri: str, recursive: bool = False) -> None:
         fs.rm(path, recursive=recursive)
 
 
+def remove_if_empty(uri: str) -> None:
+    """Remove the folder ``uri`` if it exists and holds nothing."""
+    fs, path = filesystem(uri)
+    if fs.isdir(path) and not fs.ls(path):
+        fs.rmdir(path)
+
+
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()

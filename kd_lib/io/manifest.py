@@ -46,6 +46,14 @@ def finished_with_key(uri: str, key: str) -> dict[str, Any] | None:
     return manifest if manifest.get("key") == key else None
 
 
+def published_files(uri: str) -> list[str]:
+    """The files the manifest at ``uri`` lists, or none if there is no manifest."""
+    try:
+        return list(read_manifest(uri)["files"])
+    except IncompleteOutputError:
+        return []
+
+
 def unpublish(uri: str) -> None:
     """Remove the manifest at ``uri`` before rewriting the output under it."""
     remove(join(uri, MANIFEST))

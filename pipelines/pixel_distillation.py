@@ -1,0 +1,130 @@
+"""The classification pipeline as KFP v2 lightweight components.
+
+    prepare-data -> teacher -> assistant -> student (TAS)
+                         \\-> student-onestage (ISRD from the teacher)
+                 -> lr-baseline
+    all of them -> evaluate
+
+Each component runs one stage of ``components/`` in the project's image
+(``base_image``; ``install_kfp_package=False``: the image has ``kfp``). Stage
+outputs are the output artifacts' URIs. The data fingerprint from
+prepare-data is passed to every training task as a parameter, so that the
+cache key of everything downstream changes exactly when the data does.
+
+Pipeline parameters: the shared fields (``hr_size``, ``ratio``, ``seed``,
+the two architectures) and, per stage, a ``*_settings`` mapping of that
+stage's config fields (``{"epochs": 30, "lr": 0.05}``); unknown or bad fields
+fail the stage with an error naming the field.
+"""
+
+
+from kfp import dsl
+from kfp.dsl import HTML, Artifact, Dataset, Input, Metrics, Model, Output
+
+DEFAULT_IMAGE = "ghcr.io/kd-pipeline/kdp:0.1.0"
+PIPELINE_NAME = "pixel-distillation"
+
+
+def prepare_data_op(source: str, settings: dict, data: Output[Dataset]) -> str:
+    """prepare-data: validate the ImageFolder at ``source``, write Parquet shards."""
+    from components.kfp_entry import run_stage
+    return run_stage("prepare-data", settings, source=source, out=data.uri)["data_fingerprint"]
+
+
+def teacher_op(data: Input[Dataset], data_fingerprint: str, settings: dict, arch: str, hr_size: int,
+               ratio: int, seed: int, checkpoint_root: str, model: Output[Model], metrics: Output[Metrics]):
+    """teacher: the large model at HR, cross-entropy."""
+    from components.kfp_entry import run_stage
+    run_stage("teacher", settings, metrics, data=data.uri, out=model.uri, arch=arch, hr_size=hr_size,
+              ratio=ratio, seed=seed, checkpoint_root=checkpoint_root)
+
+
+def assistant_op(data: Input[Dataset], data_fingerprint: str, teacher: Input[Model], settings: dict,
+                 arch: str, hr_size: int, ratio: int, seed: int, checkpoint_root: str,
+                 model: Output[Model], metrics: Output[Metrics]):
+    """assistant: the small model at HR, distilled from the teacher."""
+    from components.kfp_entry import run_stage
+    run_stage("assistant", settings, metrics, data=data.uri, out=model.uri, teacher=teacher.uri, arch=arch,
+              hr_size=hr_size, ratio=ratio, seed=seed, checkpoint_root=checkpoint_root)
+
+
+def student_op(data: Input[Dataset], data_fingerprint: str, source: Input[Model], method: str,
+               settings: dict, arch: str, hr_size: int, ratio: int, seed: int, checkpoint_root: str,
+               model: Output[Model], metrics: Output[Metrics]):
+    """student: the small model at LR, distilled from the assistant (TAS) or the teacher (ISRD)."""
+    from components.kfp_entry import run_stage
+    source_field = "assistant" if method == "tas" else "teacher"
+    run_stage("student", settings, metrics, data=data.uri, out=model.uri, method=method, arch=arch,
+              hr_size=hr_size, ratio=ratio, seed=seed, checkpoint_root=checkpoint_root,
+              **{source_field: source.uri})
+
+
+def lr_baseline_op(data: Input[Dataset], data_fingerprint: str, settings: dict, arch: str, hr_size: int,
+                   ratio: int, seed: int, checkpoint_root: str, model: Output[Model],
+                   metrics: Output[Metrics]):
+    """lr-baseline: the student's architecture at LR, cross-entropy only."""
+    from components.kfp_entry import run_stage
+    run_stage("lr-baseline", settings, metrics, data=data.uri, out=model.uri, arch=arch, hr_size=hr_size,
+              ratio=ratio, seed=seed, checkpoint_root=checkpoint_root)
+
+
+def evaluate_op(data: Input[Dataset], teacher: Input[Model], assistant: Input[Model], student: Input[Model],
+                student_onestage: Input[Model], lr_baseline: Input[Model], settings: dict, hr_size: int,
+                ratio: int, summary: Output[Artifact], report: Output[HTML], metrics: Output[Metrics]):
+    """evaluate: accuracy, FLOPs, latency and input bytes of every model; summary and report."""
+    from components.kfp_entry import run_stage
+    from kd_lib.io.fs import join, read_bytes
+    models = {"teacher": teacher.uri, "assistant": assistant.uri, "student": student.uri,
+              "student_onestage": student_onestage.uri, "lr_baseline": lr_baseline.uri}
+    run_stage("evaluate", settings, metrics, data=data.uri, out=summary.uri, models=models,
+              hr_size=hr_size, ratio=ratio)
+    with open(report.path, "wb") as f:
+        f.write(read_bytes(join(summary.uri, "report.html")))
+
+
+def build_pipeline(image: str = DEFAULT_IMAGE):
+    """The pipeline function, its components built for ``image``."""
+    component = dsl.component(base_image=image, install_kfp_package=False)
+    prepare, train_teacher, train_assistant, train_student, train_lr_baseline, evaluate = (
+        component(op) for op in (prepare_data_op, teacher_op, assistant_op, student_op, lr_baseline_op,
+                                 evaluate_op))
+
+    @dsl.pipeline(name=PIPELINE_NAME, description=__doc__.split("\n\n")[0])
+    def pixel_distillation(
+        source: str,
+        checkpoint_root: str,
+        hr_size: int = 64,
+        ratio: int = 4,
+        seed: int = 0,
+        teacher_arch: str = "resnet34",
+        student_arch: str = "resnet18",
+        prepare_settings: dict = {},
+        teacher_settings: dict = {},
+        assistant_settings: dict = {},
+        student_settings: dict = {},
+        onestage_settings: dict = {},
+        lr_baseline_settings: dict = {},
+        evaluate_settings: dict = {},
+    ) -> Artifact:
+        data = prepare(source=source, settings=prepare_settings).set_display_name("prepare-data")
+        common = dict(data=data.outputs["data"], data_fingerprint=data.outputs["Output"], hr_size=hr_size,
+                      ratio=ratio, seed=seed, checkpoint_root=checkpoint_root)
+        teacher = train_teacher(settings=teacher_settings, arch=teacher_arch, **common)
+        assistant = train_assistant(teacher=teacher.outputs["model"], settings=assistant_settings,
+                                    arch=student_arch, **common)
+        student = train_student(source=assistant.outputs["model"], method="tas", settings=student_settings,
+                                arch=student_arch, **common)
+        onestage = train_student(source=teacher.outputs["model"], method="isrd", settings=onestage_settings,
+                                 arch=student_arch, **common)
+        baseline = train_lr_baseline(settings=lr_baseline_settings, arch=student_arch, **common)
+        for task, name in ((teacher, "teacher"), (assistant, "assistant"), (student, "student"),
+                           (onestage, "student-onestage"), (baseline, "lr-baseline")):
+            task.set_display_name(name)
+        report = evaluate(data=data.outputs["data"], teacher=teacher.outputs["model"],
+                          assistant=assistant.outputs["model"], student=student.outputs["model"],
+                          student_onestage=onestage.outputs["model"], lr_baseline=baseline.outputs["model"],
+                          settings=evaluate_settings, hr_size=hr_size, ratio=ratio)
+        report.set_display_name("evaluate")
+        return report.outputs["summary"]
+
+    return pixel_distillation

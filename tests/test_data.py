@@ -1,0 +1,146 @@
+import io
+import shutil
+
+import fsspec
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from kd_lib.data.imagefolder import DataError
+from kd_lib.data.sampler import EpochBatchSampler
+from kd_lib.data.shards import ShardedImageDataset, prepare_imagefolder
+from kd_lib.data.transforms import IMAGENET_MEAN, IMAGENET_STD, PairedTransform, downsample
+from kd_lib.io.manifest import read_manifest
+
+
+def gradient_image(width=80, height=60) -> Image.Image:
+    """Every pixel different: position is readable from the colour."""
+    y, x = np.mgrid[0:height, 0:width]
+    pixels = np.stack([x * 255 // width, y * 255 // height, (x * y) % 256], -1).astype(np.uint8)
+    return Image.fromarray(pixels)
+
+
+def unnormalize(t):
+    return t * torch.tensor(IMAGENET_STD).view(3, 1, 1) + torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+
+
+@pytest.mark.parametrize("hr_size, ratio", [(64, 4), (64, 2), (32, 4), (48, 3), (56, 1)])
+@pytest.mark.parametrize("train", [True, False])
+def test_paired_transform_gives_exact_sizes(hr_size, ratio, train):
+    hr, lr = PairedTransform(hr_size, ratio, train=train)(gradient_image(), seed=5)
+    assert hr.shape == (3, hr_size, hr_size)
+    assert lr.shape == (3, hr_size // ratio, hr_size // ratio)
+
+
+@pytest.mark.parametrize("mode", ["bilinear", "area", "bicubic", "nearest"])
+def test_lr_is_the_same_crop_downsampled(mode):
+    transform = PairedTransform(64, 4, train=True, resize=mode)
+    for seed in range(5):
+        hr, lr = transform(gradient_image(), seed)
+        expected = downsample(unnormalize(hr)[None], 4, mode)[0]
+        torch.testing.assert_close(unnormalize(lr), expected, atol=1e-5, rtol=0)
+
+
+def test_area_downsampling_is_the_block_mean_and_bilinear_is_antialiased():
+    image = torch.rand(1, 3, 16, 16)
+    area = downsample(image, 4, "area")
+    torch.testing.assert_close(area[0, :, 0, 0], image[0, :, :4, :4].mean((1, 2)))
+    stripes = torch.zeros(1, 1, 16, 16)
+    stripes[..., ::2] = 1.0  # period 2: far above the LR Nyquist limit
+    assert downsample(stripes, 4, "bilinear").std() < 0.05
+    assert downsample(stripes, 4, "nearest").std() == 0 and downsample(stripes, 4, "nearest").mean() == 1
+
+
+def test_crops_are_seeded():
+    transform = PairedTransform(32, 4, train=True)
+    image = gradient_image()
+    a, b, c = transform(image, 1)[0], transform(image, 1)[0], transform(image, 2)[0]
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_eval_transform_is_a_central_square():
+    hr, _ = PairedTransform(60, 4, train=False)(gradient_image(80, 60))
+    red = unnormalize(hr)[0]
+    # the central 60 of 80 columns: red runs from 10/80 to 70/80 of full scale
+    assert abs(red[0, 0].item() - 10 / 80) < 0.02 and abs(red[0, -1].item() - 69 / 80) < 0.02
+
+
+def test_resumed_sampler_continues_the_same_epoch():
+    full = list(EpochBatchSampler(50, 8, seed=3, epoch=2))
+    assert len(full) == 6 and len({i for b in full for i, _ in b}) == 48
+    assert list(EpochBatchSampler(50, 8, seed=3, epoch=2, start_batch=4)) == full[4:]
+    assert list(EpochBatchSampler(50, 8, seed=3, epoch=3)) != full
+
+
+def test_prepare_reads_every_image_and_converts_to_rgb(imagefolder):
+    Image.new("L", (20, 30), 128).save(imagefolder / "train" / "class0" / "gray.png")
+    Image.new("CMYK", (20, 30), (0, 50, 100, 0)).save(imagefolder / "train" / "class1" / "cmyk.jpg")
+    manifest = prepare_imagefolder(str(imagefolder), str(imagefolder.parent / "data"))
+    assert manifest["classes"] == ["class0", "class1", "class2"]
+    assert manifest["splits"]["train"]["images"] == 3 * 12 + 2
+    dataset = ShardedImageDataset(str(imagefolder.parent / "data"), "train", PairedTransform(32, 4, train=False))
+    index = dataset.paths.index("train/class1/cmyk.jpg")
+    hr, lr, label = dataset[index]
+    assert hr.shape == (3, 32, 32) and label == 1
+
+
+def test_fingerprint_depends_on_content_not_location(imagefolder, tmp_path):
+    first = prepare_imagefolder(str(imagefolder), str(tmp_path / "a"))
+    fs = fsspec.filesystem("memory")
+    fs.put(str(imagefolder), "/copy", recursive=True)
+    try:
+        second = prepare_imagefolder("memory://copy", "memory://prepared")
+        assert second["data_fingerprint"] == first["data_fingerprint"]
+        assert read_manifest("memory://prepared")["source"] == "memory://copy"
+    finally:
+        fs.rm("/copy", recursive=True)
+        fs.rm("/prepared", recursive=True)
+    (imagefolder / "val" / "class2" / "000.png").unlink()
+    assert prepare_imagefolder(str(imagefolder), str(tmp_path / "b"))["data_fingerprint"] != first["data_fingerprint"]
+
+
+def assert_nothing_published(out):
+    assert not out.exists() or not any(out.iterdir()), sorted(p.name for p in out.iterdir())
+
+
+def test_corrupt_image_is_named_and_nothing_is_published(imagefolder, tmp_path):
+    data = (imagefolder / "train" / "class2" / "005.png").read_bytes()
+    (imagefolder / "train" / "class2" / "005.png").write_bytes(data[: len(data) // 2])
+    out = tmp_path / "data"
+    with pytest.raises(DataError, match=r"corrupt image .*train/class2/005\.png"):
+        prepare_imagefolder(str(imagefolder), str(out), shard_size=8)
+    assert_nothing_published(out)
+
+
+def test_empty_class_folder_is_named(imagefolder, tmp_path):
+    shutil.rmtree(imagefolder / "val" / "class1")
+    (imagefolder / "val" / "class1").mkdir()
+    (imagefolder / "val" / "class1" / "notes.txt").write_text("no images here")
+    out = tmp_path / "data"
+    with pytest.raises(DataError, match=r"empty class folder .*val/class1"):
+        prepare_imagefolder(str(imagefolder), str(out))
+    assert_nothing_published(out)
+
+
+def test_classes_must_match_between_splits(imagefolder, tmp_path):
+    shutil.rmtree(imagefolder / "val" / "class2")
+    with pytest.raises(DataError, match=r"val: classes differ from train/: missing \['class2'\]"):
+        prepare_imagefolder(str(imagefolder), str(tmp_path / "data"))
+    with pytest.raises(DataError, match="no train/ folder"):
+        prepare_imagefolder(str(tmp_path / "nowhere"), str(tmp_path / "data"))
+
+
+def test_failed_prepare_leaves_the_earlier_output_whole(imagefolder, tmp_path):
+    out = tmp_path / "data"
+    first = prepare_imagefolder(str(imagefolder), str(out), shard_size=10)
+    files = sorted(p.name for p in out.iterdir())
+    (imagefolder / "train" / "class0" / "bad.png").write_bytes(b"not an image")
+    with pytest.raises(DataError, match="bad.png"):
+        prepare_imagefolder(str(imagefolder), str(out), shard_size=10)
+    assert sorted(p.name for p in out.iterdir()) == files
+    assert read_manifest(str(out)) == first
+    assert len(ShardedImageDataset(str(out), "train", PairedTransform(32, 4, train=False))) == 36
+    (imagefolder / "train" / "class0" / "bad.png").unlink()
+    second = prepare_imagefolder(str(imagefolder), str(out), shard_size=10)
+    assert sorted(p.name for p in out.iterdir()) == sorted([*second["files"], "manifest.json"])

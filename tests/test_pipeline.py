@@ -1,0 +1,55 @@
+"""The KFP pipeline end to end with kfp.local on a tiny generated dataset, and its cache."""
+
+import json
+
+import pytest
+
+from pipelines import cli
+
+pytestmark = pytest.mark.slow
+
+TINY_STAGE = "epochs=1,batch_size=8,num_workers=0"
+
+
+def run_kdp(data, out):
+    argv = ["run", "--data", str(data), "--out", str(out), "--hr-size", "32", "--ratio", "4",
+            "--teacher-arch", "resnet18", "--student-arch", "resnet18"]
+    for stage in cli.TRAINING_STAGES:
+        argv += [f"--set={stage}.{kv}" for kv in TINY_STAGE.split(",")]
+    argv += ["--set=evaluate.latency_repeats=1", "--set=evaluate.num_workers=0"]
+    return cli.main(argv)
+
+
+def executed_tasks(pipeline_root):
+    return sorted(p.parent.name for p in pipeline_root.glob("*/*/executor_output.json"))
+
+
+def test_local_pipeline_runs_end_to_end_then_caches(tmp_path, capsys):
+    from kd_lib.data.demo import generate_demo_dataset
+
+    data = tmp_path / "demo"
+    generate_demo_dataset(str(data), seed=1, num_classes=4, train_per_class=12, val_per_class=4, size=32)
+    out = tmp_path / "run"
+    assert run_kdp(data, out) == 0
+    printed = capsys.readouterr().out
+    summary = json.loads((out / "summary.json").read_text())
+    assert f"summary: {out / 'summary.json'}" in printed and f"report:  {out / 'report.html'}" in printed
+    assert "Got executor_input" not in printed
+    assert summary["hr_size"] == 32 and summary["ratio"] == 4
+    assert summary["dataset"]["num_classes"] == 4 and summary["dataset"]["train_images"] == 48
+    assert summary["dataset"]["val_images"] == 16 and len(summary["dataset"]["fingerprint"]) == 64
+    models = {m["name"]: m for m in summary["models"]}
+    assert set(models) == {"teacher", "assistant", "student", "student_onestage", "lr_baseline"}
+    for name, model in models.items():
+        lr = name not in ("teacher", "assistant")
+        assert model["input_size"] == (8 if lr else 32) and model["input_bytes"] == 3 * model["input_size"] ** 2
+        assert 0 <= model["top1"] <= model["top5"] <= 1 and model["gflops"] > 0 and model["params"] > 0
+        assert model["latency_ms"]["batch_1"] > 0 and model["latency_ms"]["batch_64"] > 0
+    assert "<table" in (out / "report.html").read_text()
+    first = executed_tasks(out / "pipeline_root")
+    assert first == sorted(["prepare-data-op", "teacher-op", "assistant-op", "student-op", "student-op-2",
+                            "lr-baseline-op", "evaluate-op"])
+
+    assert run_kdp(data, out) == 0
+    assert executed_tasks(out / "pipeline_root") == first, "the second run retrained something"
+    assert json.loads((out / "summary.json").read_text()) == summary

@@ -1,0 +1,150 @@
+"""Training stages on a tiny prepared dataset: resume, no-op reruns, and failures that publish nothing."""
+
+import os
+import signal
+
+import pytest
+import torch
+
+from components import assistant, common, evaluate, student, teacher
+from kd_lib.config import from_dict
+from kd_lib.data.imagefolder import DataError
+from kd_lib.data.shards import ShardedImageDataset
+from kd_lib.data.transforms import PairedTransform
+from kd_lib.distill.distiller import Distiller
+from kd_lib.engine.loop import NonFiniteLossError, TrainingInterrupted, fit
+from kd_lib.io.manifest import IncompleteOutputError, read_manifest
+from kd_lib.models import build_classifier
+
+TINY = {"epochs": 2, "batch_size": 8, "hr_size": 32, "ratio": 4, "num_workers": 0, "lr": 0.05}
+
+
+def config(cls, data, out, **fields):
+    return from_dict(cls, {**TINY, "data": data, "out": str(out), **fields})
+
+
+def datasets(data):
+    return [ShardedImageDataset(data, split, PairedTransform(32, 4, train=split == "train"))
+            for split in ("train", "val")]
+
+
+class KillAt(Distiller):
+    """A distiller that sends itself SIGTERM at one training step."""
+
+    def __init__(self, *args, step, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.kill_step, self.calls = step, 0
+
+    def forward(self, hr, lr, labels):
+        self.calls += 1
+        if self.calls == self.kill_step:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return super().forward(hr, lr, labels)
+
+
+def train_student(data, tmp_path, name, kill_step=None):
+    torch.manual_seed(0)
+    model = build_classifier("resnet18", 3)
+    task = KillAt(model, "lr", step=kill_step) if kill_step else Distiller(model, "lr")
+    settings = from_dict(teacher.TeacherConfig, {**TINY, "data": data, "out": "x", "epochs": 3})
+    return task, fit(task, *datasets(data), settings, str(tmp_path / name), val_view="lr")
+
+
+def test_an_interrupted_run_resumes_to_the_same_weights(prepared, tmp_path):
+    reference, reference_rows = train_student(prepared, tmp_path, "straight")
+    with pytest.raises(TrainingInterrupted, match="SIGTERM"):
+        train_student(prepared, tmp_path, "resumed", kill_step=13)  # mid-epoch 2 (9 batches an epoch)
+    state = torch.load(tmp_path / "resumed" / "last.pt", weights_only=True)
+    assert (state["epoch"], state["batch"], state["step"]) == (1, 4, 13)
+    resumed, rows = train_student(prepared, tmp_path, "resumed")
+    for (name, a), b in zip(reference.student.state_dict().items(), resumed.student.state_dict().values()):
+        torch.testing.assert_close(a, b, msg=name)
+    assert [r["epoch"] for r in rows] == [1, 2, 3]
+    assert rows[-1]["train_loss"] == pytest.approx(reference_rows[-1]["train_loss"])
+
+
+def test_teacher_stage_publishes_then_is_a_no_op(prepared, tmp_path, capsys):
+    out = tmp_path / "teacher"
+    manifest = teacher.run(config(teacher.TeacherConfig, prepared, out, arch="resnet18"))
+    assert sorted(manifest["files"]) == ["metrics.parquet", "model.pt"]
+    assert manifest["final"]["epoch"] == 2 and not (out / "checkpoints").exists()
+    stamp = (out / "model.pt").stat().st_mtime_ns
+    assert teacher.run(config(teacher.TeacherConfig, prepared, out, arch="resnet18")) == manifest
+    assert "up to date" in capsys.readouterr().err
+    assert (out / "model.pt").stat().st_mtime_ns == stamp
+    changed = teacher.run(config(teacher.TeacherConfig, prepared, out, arch="resnet18", lr=0.02))
+    assert changed["key"] != manifest["key"]
+
+
+@pytest.fixture(scope="module")
+def trained_teacher(prepared, tmp_path_factory):
+    out = tmp_path_factory.mktemp("teacher")
+    teacher.run(config(teacher.TeacherConfig, prepared, out, arch="resnet18", epochs=1))
+    return str(out)
+
+
+def test_students_of_both_methods_train_from_upstream_outputs(prepared, trained_teacher, tmp_path):
+    a = assistant.run(config(assistant.AssistantConfig, prepared, tmp_path / "a", teacher=trained_teacher,
+                             epochs=1))
+    s = student.run(config(student.StudentConfig, prepared, tmp_path / "s", assistant=str(tmp_path / "a"),
+                           epochs=1, isrd_weight=5.0))
+    o = student.run(config(student.StudentConfig, prepared, tmp_path / "o", method="isrd",
+                           teacher=trained_teacher, epochs=1, isrd_weight=1.0))
+    assert {"train_ce", "train_kd", "train_feature", "train_isrd"} <= set(s["final"])
+    assert {"train_ce", "train_kd", "train_isrd"} <= set(o["final"]) and "train_feature" not in o["final"]
+    assert a["stage"] == "assistant" and o["stage"] == "student-onestage"
+    summary = evaluate.run(from_dict(evaluate.EvaluateConfig, {
+        "data": prepared, "out": str(tmp_path / "eval"), "hr_size": 32, "ratio": 4, "latency_repeats": 1,
+        "models": {"teacher": trained_teacher, "student": str(tmp_path / "s")}}))
+    assert [(m["name"], m["input_size"], m["input_bytes"]) for m in summary["models"]] == [
+        ("teacher", 32, 3 * 32 * 32), ("student", 8, 3 * 8 * 8)]
+    assert read_manifest(str(tmp_path / "eval"))["stage"] == "evaluate"
+
+
+def test_tas_student_must_keep_the_assistants_architecture(prepared, trained_teacher, tmp_path):
+    with pytest.raises(Exception, match="TAS trains the assistant's architecture"):
+        student.run(config(student.StudentConfig, prepared, tmp_path / "s", assistant=trained_teacher,
+                           arch="mobilenet_v3_small"))
+    assert not (tmp_path / "s").exists()
+
+
+def test_missing_upstream_output_is_named(prepared, tmp_path):
+    missing = tmp_path / "no-teacher"
+    with pytest.raises(IncompleteOutputError, match=f"{missing}: no manifest.json"):
+        assistant.run(config(assistant.AssistantConfig, prepared, tmp_path / "a", teacher=str(missing)))
+
+
+def test_wrong_class_count_is_an_error(prepared, trained_teacher, tmp_path):
+    from kd_lib.data.shards import prepare_imagefolder
+    from tests.conftest import write_imagefolder
+
+    other = str(tmp_path / "four")
+    prepare_imagefolder(str(write_imagefolder(tmp_path / "src4", classes=4, train=4, val=2)), other)
+    with pytest.raises(DataError, match=r"teacher at .* trained on 3 classes, but the data has 4"):
+        assistant.run(config(assistant.AssistantConfig, other, tmp_path / "a", teacher=trained_teacher))
+
+
+class NaNAfter(Distiller):
+    def forward(self, hr, lr, labels):
+        loss, terms = super().forward(hr, lr, labels)
+        return loss * float("nan"), terms
+
+
+def test_nan_loss_stops_the_stage_and_publishes_nothing(prepared, tmp_path, monkeypatch):
+    monkeypatch.setattr(teacher, "Distiller", NaNAfter)
+    out = tmp_path / "teacher"
+    with pytest.raises(NonFiniteLossError, match="loss is nan at epoch 1, batch 0"):
+        teacher.run(config(teacher.TeacherConfig, prepared, out, arch="resnet18"))
+    assert not (out / "manifest.json").exists() and not (out / "model.pt").exists()
+    assert common.stage_cli(teacher.TeacherConfig, teacher.run,
+                            ["--data", prepared, "--out", str(out), "--arch", "resnet18", "--epochs", "1",
+                             "--batch-size", "8", "--hr-size", "32", "--num-workers", "0"],
+                            "teacher", "") == 1
+
+
+def test_cli_rejects_unknown_fields(capsys):
+    assert common.stage_cli(teacher.TeacherConfig, teacher.run, ["--data", "d", "--out", "o", "--ratio", "3"],
+                            "teacher", "") == 1
+    assert "'hr_size': 64 is not divisible by ratio 3" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        common.stage_cli(teacher.TeacherConfig, teacher.run, ["--epoch", "3"], "teacher", "")

@@ -43,10 +43,10 @@ class ExecutorInputFilter(io.TextIOBase):
         for line in lines:
             if "Got executor_input:" in line:
                 self.skipping = True
-            elif self.skipping and line.startswith("    [KFP Executor"):
-                self.skipping = False
-            if not self.skipping:
+            elif not self.skipping:
                 self.target.write(line + "\n")
+            elif line.rstrip() == "    }":  # the dump's closing brace, in kfp's 4-space indent
+                self.skipping = False
         return len(text)
 
     def flush(self) -> None:

@@ -34,7 +34,7 @@ def test_local_pipeline_runs_end_to_end_then_caches(tmp_path, capsys):
     printed = capsys.readouterr().out
     summary = json.loads((out / "summary.json").read_text())
     assert f"summary: {out / 'summary.json'}" in printed and f"report:  {out / 'report.html'}" in printed
-    assert "Got executor_input" not in printed
+    assert "Got executor_input" not in printed and "teacher epoch 1/1" in printed
     assert summary["hr_size"] == 32 and summary["ratio"] == 4
     assert summary["dataset"]["num_classes"] == 4 and summary["dataset"]["train_images"] == 48
     assert summary["dataset"]["val_images"] == 16 and len(summary["dataset"]["fingerprint"]) == 64

@@ -1,0 +1,281 @@
+"""A generated ImageFolder where resolution matters, for the CPU demo.
+
+Every class is a pair (shape family, surface texture):
+
+* Coarse part, the shape family: disc, square, triangle or cross. The object
+  covers a good part of the image (radius 20-30 % of the side) and keeps its
+  outline after downsampling, so a low-resolution (LR) model can still tell the
+  families apart.
+* Fine part, the texture on the object: ``stripes`` (one sinusoidal grating)
+  or ``dots`` (the sum of two orthogonal gratings, an egg-crate of dots). Both
+  have a period of 3.2-4.4 HR pixels, a random orientation and phase, zero mean
+  and the same power, so they differ only in being one- or two-dimensional.
+
+Why the texture is lost at LR: downsampling by ``K`` with an antialiased
+bilinear filter (a tent ``2K`` HR pixels wide, as
+``F.interpolate(x, scale_factor=1/K, mode="bilinear", antialias=True)``)
+removes the frequencies above the LR Nyquist limit, i.e. periods shorter than
+``2K`` HR pixels. For ``K = 4`` that is 8 HR pixels, about twice the texture
+period: what survives (a few per cent of the amplitude for the tent's
+side lobes) is far below the sensor noise. Since both textures have the same
+mean and power, the LR image of a striped object and of a dotted one come from
+the same distribution: an LR model can at best recognise the shape family,
+a high-resolution (HR) model can also read the texture.
+
+Nuisance variation, drawn independently of the class: a smooth cluttered
+background (coloured low-frequency field plus soft blobs), thin distractor
+strokes, the object's position, size, rotation, aspect, edge softness, colour
+and shading, the texture's period, orientation, phase and contrast, the
+global lighting (brightness and gradient) and Gaussian sensor noise.
+
+Each image is drawn from its own ``numpy.random.Generator`` seeded from
+``(seed, split, class, index)``, so the dataset is reproducible bit for bit
+and does not depend on the order of generation.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import posixpath
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from kd_lib.io.fs import exists, filesystem, join, read_text, write_text
+
+FORMAT_VERSION = 1
+SPLITS = ("train", "val")
+SHAPES = ("disc", "square", "triangle", "cross")
+TEXTURES = ("stripes", "dots")
+PERIOD_RANGE = (3.2, 4.4)  # texture period in HR pixels, below 2K = 8 for K = 4
+MANIFEST = "demo.json"
+
+Array = np.ndarray
+
+
+@dataclass(frozen=True)
+class DemoClass:
+    """One class: its folder name, shape family and texture."""
+
+    name: str
+    shape: str
+    texture: str
+
+
+def demo_classes(num_classes: int) -> list[DemoClass]:
+    """The first ``num_classes`` classes, in label order (shape-major, so
+    classes 2k and 2k + 1 share a shape and differ only in texture)."""
+    limit = len(SHAPES) * len(TEXTURES)
+    if not 2 <= num_classes <= limit:
+        raise ValueError(f"num_classes must be between 2 and {limit}, got {num_classes}")
+    pairs = [(shape, texture) for shape in SHAPES for texture in TEXTURES][:num_classes]
+    return [DemoClass(f"{i:02d}_{shape}_{texture}", shape, texture)
+            for i, (shape, texture) in enumerate(pairs)]
+
+
+def image_rng(seed: int, split: str, label: int, index: int) -> np.random.Generator:
+    """The generator of one image, independent of every other image's."""
+    return np.random.default_rng([FORMAT_VERSION, seed, SPLITS.index(split), label, index])
+
+
+# ---------------------------------------------------------------- rendering
+
+
+def _grid(size: int) -> tuple[Array, Array]:
+    """Pixel-centre coordinates (y, x), each of shape (size, size)."""
+    axis = np.arange(size, dtype=np.float64) + 0.5
+    return np.meshgrid(axis, axis, indexing="ij")
+
+
+def _coverage(signed_distance: Array, softness: float) -> Array:
+    """Alpha in [0, 1] from a signed distance (negative inside), with an edge
+    ``softness`` pixels wide."""
+    return np.clip(0.5 - signed_distance / softness, 0.0, 1.0)
+
+
+def _blend(image: Array, colour: Array, alpha: Array) -> Array:
+    return image * (1.0 - alpha[..., None]) + colour * alpha[..., None]
+
+
+def _random_colour(rng: np.random.Generator, luminance: float) -> Array:
+    """An RGB colour of about the given grey level with a random tint."""
+    tint = rng.normal(0.0, 0.12, 3)
+    return np.clip(luminance + tint - tint.mean(), 0.02, 0.98)
+
+
+def _smooth_field(rng: np.random.Generator, size: int, cells: int, amplitude: float) -> Array:
+    """A smooth random RGB field: Gaussian-interpolated noise on a coarse grid."""
+    centres = (np.arange(cells) + 0.5) * size / cells
+    pixels = np.arange(size) + 0.5
+    weights = np.exp(-0.5 * ((pixels[:, None] - centres[None, :]) / (size / cells)) ** 2)
+    weights /= weights.sum(axis=1, keepdims=True)
+    coarse = rng.normal(0.0, amplitude, (cells, cells, 3))
+    return np.einsum("ia,abc,jb->ijc", weights, coarse, weights)
+
+
+def _background(rng: np.random.Generator, size: int, luminance: float) -> Array:
+    """Smooth cluttered background: tinted base, low-frequency field, soft blobs."""
+    yy, xx = _grid(size)
+    image = _random_colour(rng, luminance) + _smooth_field(rng, size, int(rng.integers(2, 5)), 0.12)
+    for _ in range(int(rng.integers(1, 4))):
+        cy, cx = rng.uniform(0, size, 2)
+        radius = rng.uniform(0.1, 0.3) * size
+        distance = np.hypot(yy - cy, xx - cx) - radius
+        alpha = _coverage(distance, rng.uniform(0.15, 0.4) * size) * rng.uniform(0.3, 0.7)
+        image = _blend(image, _random_colour(rng, luminance + rng.normal(0, 0.08)), alpha)
+    return image
+
+
+def _strokes(rng: np.random.Generator, image: Array) -> Array:
+    """Thin straight distractor strokes (no periodic structure)."""
+    size = image.shape[0]
+    yy, xx = _grid(size)
+    for _ in range(int(rng.integers(0, 4))):
+        start, end = rng.uniform(0, size, (2, 2))
+        direction = end - start
+        t = ((yy - start[0]) * direction[0] + (xx - start[1]) * direction[1]) / (direction @ direction)
+        t = np.clip(t, 0.0, 1.0)
+        distance = np.hypot(yy - start[0] - t * direction[0], xx - start[1] - t * direction[1])
+        alpha = _coverage(distance - rng.uniform(0.4, 1.2), 1.0) * rng.uniform(0.4, 0.9)
+        image = _blend(image, _random_colour(rng, rng.uniform(0.15, 0.85)), alpha)
+    return image
+
+
+def _box_distance(u: Array, v: Array, half_u: float, half_v: float) -> Array:
+    """Signed distance to an axis-aligned box centred at the origin."""
+    du, dv = np.abs(u) - half_u, np.abs(v) - half_v
+    outside = np.hypot(np.maximum(du, 0.0), np.maximum(dv, 0.0))
+    return outside + np.minimum(np.maximum(du, dv), 0.0)
+
+
+def _triangle_distance(u: Array, v: Array, radius: float) -> Array:
+    """Signed distance (exact inside, a lower bound outside) to an equilateral
+    triangle inscribed in a circle of ``radius``, pointing along -v."""
+    normals = [(np.sin(a), -np.cos(a)) for a in (0.0, 2 * np.pi / 3, 4 * np.pi / 3)]
+    return np.max([nu * u + nv * v for nu, nv in normals], axis=0) - radius / 2
+
+
+def _shape_distance(shape: str, u: Array, v: Array, radius: float) -> Array:
+    """Signed distance to a shape family member of about equal area."""
+    if shape == "disc":
+        return np.hypot(u, v) - radius
+    if shape == "square":
+        return _box_distance(u, v, 0.89 * radius, 0.89 * radius)
+    if shape == "triangle":
+        return _triangle_distance(u, v, 1.35 * radius)
+    if shape == "cross":
+        arm = 0.38 * radius
+        return np.minimum(_box_distance(u, v, 1.15 * radius, arm),
+                          _box_distance(u, v, arm, 1.15 * radius))
+    raise ValueError(f"unknown shape {shape!r}")
+
+
+def _texture(rng: np.random.Generator, texture: str, yy: Array, xx: Array) -> Array:
+    """Zero-mean, unit-variance fine texture with a random period, orientation
+    and phase; ``dots`` adds the orthogonal grating to ``stripes``."""
+    frequency = 2 * np.pi / rng.uniform(*PERIOD_RANGE)
+    angle = rng.uniform(0, np.pi)
+    along = frequency * (xx * np.cos(angle) + yy * np.sin(angle))
+    across = frequency * (-xx * np.sin(angle) + yy * np.cos(angle))
+    phase = rng.uniform(0, 2 * np.pi, 2)
+    if texture == "stripes":
+        return np.sqrt(2.0) * np.cos(along + phase[0])
+    if texture == "dots":
+        return np.cos(along + phase[0]) + np.cos(across + phase[1])
+    raise ValueError(f"unknown texture {texture!r}")
+
+
+def _draw_object(rng: np.random.Generator, image: Array, cls: DemoClass,
+                 luminance: float) -> Array:
+    """The textured, shaded object at a random pose."""
+    size = image.shape[0]
+    yy, xx = _grid(size)
+    cy, cx = rng.uniform(0.32, 0.68, 2) * size
+    radius = rng.uniform(0.2, 0.3) * size
+    rotation = rng.uniform(0, 2 * np.pi)
+    stretch = np.exp(rng.uniform(-0.12, 0.12))
+    u = ((xx - cx) * np.cos(rotation) + (yy - cy) * np.sin(rotation)) / stretch
+    v = (-(xx - cx) * np.sin(rotation) + (yy - cy) * np.cos(rotation)) * stretch
+    alpha = _coverage(_shape_distance(cls.shape, u, v, radius), rng.uniform(0.8, 1.8))
+    slope = rng.normal(0.0, 0.1, 2)
+    shading = (slope[0] * u + slope[1] * v) / radius
+    contrast = rng.uniform(0.08, 0.14)
+    grey = luminance + shading + contrast * _texture(rng, cls.texture, yy, xx)
+    colour = _random_colour(rng, luminance) - luminance + grey[..., None]
+    return _blend(image, colour, alpha)
+
+
+def _lighting(rng: np.random.Generator, image: Array) -> Array:
+    """Global brightness and a linear illumination gradient."""
+    size = image.shape[0]
+    yy, xx = _grid(size)
+    gradient = rng.normal(0.0, 0.12, 2)
+    gain = rng.uniform(0.85, 1.1) * (1 + (gradient[0] * (yy / size - 0.5) + gradient[1] * (xx / size - 0.5)))
+    return image * gain[..., None]
+
+
+def render_image(rng: np.random.Generator, cls: DemoClass, size: int) -> Array:
+    """One RGB ``uint8`` image (size, size, 3) of class ``cls``."""
+    object_luminance = rng.uniform(0.3, 0.7)
+    separation = rng.uniform(0.18, 0.32) * rng.choice([-1.0, 1.0])
+    if not 0.15 <= object_luminance + separation <= 0.85:
+        separation = -separation
+    image = _strokes(rng, _background(rng, size, object_luminance + separation))
+    image = _lighting(rng, _draw_object(rng, image, cls, object_luminance))
+    image = image + rng.normal(0.0, rng.uniform(0.01, 0.03), image.shape)
+    return np.round(np.clip(image, 0.0, 1.0) * 255).astype(np.uint8)
+
+
+def encode_png(pixels: Array) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels, mode="RGB").save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+# ---------------------------------------------------------------- writing
+
+
+def demo_parameters(seed: int, num_classes: int, train_per_class: int, val_per_class: int,
+                    size: int) -> dict:
+    return {"format": FORMAT_VERSION, "seed": seed, "num_classes": num_classes,
+            "train_per_class": train_per_class, "val_per_class": val_per_class, "size": size}
+
+
+def generate_demo_dataset(root: str, *, seed: int = 0, num_classes: int = 8, train_per_class: int = 150,
+                          val_per_class: int = 30, size: int = 64) -> dict:
+    """Write the demo ImageFolder under ``root`` (any fsspec URI) and return its ``demo.json``.
+
+    Layout: ``root/{train,val}/<class>/<index:05d>.png``; ``demo.json`` is
+    written last. A root that already holds a complete dataset with the same
+    parameters is returned as it is; one with other parameters is an error
+    naming them.
+    """
+    parameters = demo_parameters(seed, num_classes, train_per_class, val_per_class, size)
+    manifest_uri = join(root, MANIFEST)
+    if exists(manifest_uri):
+        existing = json.loads(read_text(manifest_uri))
+        found = existing.get("parameters", {})
+        differ = [f"{k}={found.get(k)!r} (asked {v!r})" for k, v in parameters.items() if found.get(k) != v]
+        if differ:
+            raise ValueError(f"{root} holds a demo dataset with other parameters: {', '.join(differ)}; "
+                             "choose another folder or remove it")
+        return existing
+    classes = demo_classes(num_classes)
+    counts = {"train": train_per_class, "val": val_per_class}
+    jobs = [(split, label, index) for split in SPLITS for label in range(num_classes)
+            for index in range(counts[split])]
+    fs, path = filesystem(root)
+    for split in SPLITS:
+        for cls in classes:
+            fs.makedirs(posixpath.join(path, split, cls.name), exist_ok=True)
+    for split, label, index in tqdm(jobs, desc="demo data", unit="img"):
+        pixels = render_image(image_rng(seed, split, label, index), classes[label], size)
+        with fs.open(posixpath.join(path, split, classes[label].name, f"{index:05d}.png"), "wb") as f:
+            f.write(encode_png(pixels))
+    manifest = {"parameters": parameters, "classes": [c.name for c in classes],
+                "images": {split: counts[split] * num_classes for split in SPLITS}}
+    write_text(manifest_uri, json.dumps(manifest, indent=2))
+    return manifest

@@ -1,0 +1,310 @@
+"""Tables, plot and HTML report from the evaluate stage's summary.
+
+The summary (``summary.json``) has the form::
+
+    {"dataset": {"uri", "fingerprint", "num_classes", "train_images", "val_images"},
+     "hr_size": int, "ratio": int,
+     "models": [{"name", "arch", "input_size", "top1", "top5", "params", "gflops",
+                 "input_bytes", "latency_ms": {"batch_1": ms, "batch_64": ms}}]}
+
+with ``top1``/``top5`` as fractions in [0, 1]. A model counts as HR when its
+input size is at least ``hr_size``, as LR otherwise.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import math
+import posixpath
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from matplotlib.axes import Axes
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from kd_lib.io.fs import join, write_text
+
+Summary = dict[str, Any]
+Model = dict[str, Any]
+
+HR_COLOR = "#1f77b4"
+LR_COLOR = "#d62728"
+MAX_MARKER_AREA = 600.0  # pt^2, given to the model with the most input bytes
+
+
+@dataclass(frozen=True)
+class _Column:
+    header: str
+    numeric: bool
+    cell: Callable[[Model], str]
+
+
+def _latency_keys(models: list[Model]) -> list[str]:
+    """Latency keys present in any model, ordered by batch size (``batch_1`` before ``batch_64``)."""
+    keys = {key for m in models for key in m.get("latency_ms", {})}
+
+    def batch(key: str) -> tuple[int, str]:
+        suffix = key.rpartition("_")[2]
+        return (int(suffix) if suffix.isdigit() else math.inf, key)
+
+    return sorted(keys, key=batch)
+
+
+def _latency_column(key: str) -> _Column:
+    """Column for one latency key: ``batch_64`` becomes header ``lat b64 ms``."""
+    label = "b" + key.rpartition("_")[2] if key.startswith("batch_") else key
+
+    def cell(m: Model) -> str:
+        value = m.get("latency_ms", {}).get(key)
+        return "-" if value is None else f"{value:.2f}"
+
+    return _Column(f"lat {label} ms", True, cell)
+
+
+def _columns(models: list[Model]) -> list[_Column]:
+    """The report's columns; numbers are formatted once here for every output format."""
+    return [
+        _Column("name", False, lambda m: str(m["name"])),
+        _Column("arch", False, lambda m: str(m["arch"])),
+        _Column("input px", True, lambda m: str(m["input_size"])),
+        _Column("top-1 %", True, lambda m: f"{100 * m['top1']:.2f}"),
+        _Column("top-5 %", True, lambda m: f"{100 * m['top5']:.2f}"),
+        _Column("params M", True, lambda m: f"{m['params'] / 1e6:.2f}"),
+        _Column("GFLOPs", True, lambda m: f"{m['gflops']:.3f}"),
+        _Column("input bytes", True, lambda m: f"{m['input_bytes']:,}"),
+        *(_latency_column(key) for key in _latency_keys(models)),
+    ]
+
+
+def table_rows(summary: Summary) -> tuple[list[str], list[bool], list[list[str]]]:
+    """``(headers, numeric, rows)``: column headers, which columns are right-aligned numbers,
+    and one row of formatted cells per model, in summary order."""
+    models = summary["models"]
+    columns = _columns(models)
+    rows = [[c.cell(m) for c in columns] for m in models]
+    return [c.header for c in columns], [c.numeric for c in columns], rows
+
+
+def format_table(summary: Summary) -> str:
+    """Plain-text table for the terminal: padded columns, numbers right-aligned."""
+    headers, numeric, rows = table_rows(summary)
+    widths = [max(len(cell) for cell in col) for col in zip(headers, *rows)]
+
+    def line(cells: list[str]) -> str:
+        padded = (
+            c.rjust(w) if num else c.ljust(w) for c, w, num in zip(cells, widths, numeric)
+        )
+        return "  ".join(padded).rstrip()
+
+    rule = "  ".join("-" * w for w in widths)
+    return "\n".join([line(headers), rule, *(line(r) for r in rows)])
+
+
+def markdown_table(summary: Summary) -> str:
+    """GitHub Markdown table: numeric columns right-aligned, ``|`` in cells escaped."""
+    headers, numeric, rows = table_rows(summary)
+
+    def line(cells: list[str]) -> str:
+        return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
+
+    align = "|" + "|".join("---:" if num else "---" for num in numeric) + "|"
+    return "\n".join([line(headers), align, *(line(r) for r in rows)])
+
+
+def _html_table(summary: Summary) -> str:
+    """HTML ``<table>`` with one ``<tr>`` per model in ``<tbody>``; text is escaped."""
+    headers, numeric, rows = table_rows(summary)
+
+    def cells(tag: str, values: list[str]) -> str:
+        return "".join(
+            f'<{tag} class="num">{html.escape(v)}</{tag}>' if num else f"<{tag}>{html.escape(v)}</{tag}>"
+            for v, num in zip(values, numeric)
+        )
+
+    body = "\n".join(f"<tr>{cells('td', r)}</tr>" for r in rows)
+    return f"<table>\n<thead><tr>{cells('th', headers)}</tr></thead>\n<tbody>\n{body}\n</tbody>\n</table>"
+
+
+def dataset_name(summary: Summary) -> str:
+    """Last path component of the dataset URI (the whole URI if it has none)."""
+    uri = str(summary["dataset"]["uri"])
+    return posixpath.basename(uri.rstrip("/")) or uri
+
+
+def _is_hr(model: Model, summary: Summary) -> bool:
+    return model["input_size"] >= summary["hr_size"]
+
+
+def _place_labels(ax: Axes, fig: Figure, points: list[tuple[float, float, str, float]]) -> None:
+    """Label each ``(x, y, text, marker_area)`` point to its right, pushing labels upwards
+    until no two label boxes overlap; a displaced label gets a leader line."""
+    renderer = fig.canvas.get_renderer()
+    px_per_pt = fig.dpi / 72
+    placed: list[tuple[float, float, float, float]] = []  # x0, x1, y_center, half height (px)
+    for x, y, text, area in sorted(points, key=lambda p: p[1]):
+        px, py = ax.transData.transform((x, y))
+        dx_pt = math.sqrt(area) / 2 + 4
+        probe = ax.text(0, 0, text, fontsize=9)
+        bbox = probe.get_window_extent(renderer)
+        probe.remove()
+        x0 = px + dx_pt * px_per_pt
+        x1 = x0 + bbox.width
+        half = bbox.height / 2 + 1
+        label_y = py
+        moved = True
+        while moved:
+            moved = False
+            for a0, a1, ay, ah in placed:
+                if x0 < a1 and a0 < x1 and abs(label_y - ay) < half + ah:
+                    label_y = ay + half + ah
+                    moved = True
+        placed.append((x0, x1, label_y, half))
+        displaced = label_y - py > half
+        ax.annotate(
+            text,
+            xy=(x, y),
+            xytext=(dx_pt, (label_y - py) / px_per_pt),
+            textcoords="offset points",
+            fontsize=9,
+            va="center",
+            ha="left",
+            arrowprops={"arrowstyle": "-", "color": "0.55", "lw": 0.6} if displaced else None,
+        )
+
+
+def _set_limits(ax: Axes, gflops: list[float], top1: list[float]) -> None:
+    """Log x axis when ``max / min > 10`` GFLOPs; margins leave room for labels on the right."""
+    lo, hi = min(gflops), max(gflops)
+    if lo > 0 and hi / lo > 10:
+        ax.set_xscale("log")
+        ax.set_xlim(lo / 1.6, hi * 4)
+    else:
+        span = (hi - lo) or max(hi, 1e-3)
+        ax.set_xlim(max(lo - 0.15 * span, 0), hi + 0.6 * span)
+    y_lo, y_hi = min(top1), max(top1)
+    y_span = max(y_hi - y_lo, 2.0)
+    ax.set_ylim(max(y_lo - 0.2 * y_span, 0), min(y_hi + 0.35 * y_span, 100))
+
+
+def _size_groups(models: list[Model], summary: Summary, hr: bool) -> str:
+    sizes = sorted({m["input_size"] for m in models if _is_hr(m, summary) == hr}, reverse=True)
+    return ", ".join(f"{s} px" for s in sizes)
+
+
+def plot_accuracy_vs_gflops(summary: Summary) -> bytes:
+    """PNG of top-1 (%) against GFLOPs, one marker per model.
+
+    Marker area is proportional to input bytes (the largest gets
+    ``MAX_MARKER_AREA`` pt^2); HR and LR models get two colours.
+    """
+    models = summary["models"]
+    if not models:
+        raise ValueError("summary has no models to plot")
+    fig = Figure(figsize=(8.5, 5.5), dpi=120, layout="constrained")
+    fig.get_layout_engine().set(rect=(0, 0.04, 1, 0.96))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    max_bytes = max(m["input_bytes"] for m in models)
+    gflops = [m["gflops"] for m in models]
+    top1 = [100 * m["top1"] for m in models]
+    areas = [MAX_MARKER_AREA * m["input_bytes"] / max_bytes for m in models]
+    _set_limits(ax, gflops, top1)
+    for hr, color, label in ((True, HR_COLOR, "HR input"), (False, LR_COLOR, "LR input")):
+        idx = [i for i, m in enumerate(models) if _is_hr(m, summary) == hr]
+        if idx:
+            ax.scatter(
+                [gflops[i] for i in idx],
+                [top1[i] for i in idx],
+                s=[areas[i] for i in idx],
+                c=color,
+                alpha=0.75,
+                edgecolors="black",
+                linewidths=0.6,
+                label=f"{label} ({_size_groups(models, summary, hr)})",
+                zorder=3,
+            )
+    ax.set_xlabel("forward GFLOPs per image (at the model's input size)")
+    ax.set_ylabel("top-1 accuracy (%)")
+    ax.set_title(
+        f"Top-1 vs compute: {dataset_name(summary)}, "
+        f"HR {summary['hr_size']} px, ratio {summary['ratio']}"
+    )
+    ax.grid(True, which="major", alpha=0.3)
+    ax.legend(loc="lower right", markerscale=0.5, fontsize=9)
+    fig.text(
+        0.01,
+        0.01,
+        f"Marker area \u221d input bytes per image (3 \u00d7 px\u00b2, 8-bit); "
+        f"largest = {max_bytes:,} B.",
+        fontsize=8,
+        color="0.35",
+        ha="left",
+        va="bottom",
+    )
+    fig.draw_without_rendering()
+    fig.set_layout_engine("none")
+    _place_labels(
+        ax,
+        fig,
+        [(g, t, f"{m['name']} ({m['input_size']} px)", a) for g, t, m, a in zip(gflops, top1, models, areas)],
+    )
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
+
+
+_CSS = """
+body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }
+table { border-collapse: collapse; margin-top: 1em; }
+th, td { padding: 4px 10px; border-bottom: 1px solid #ddd; text-align: left; }
+th { background: #f4f4f4; }
+.num { text-align: right; font-variant-numeric: tabular-nums; }
+img { max-width: 100%; }
+.note { color: #666; font-size: 0.9em; }
+"""
+
+
+def _dataset_line(summary: Summary) -> str:
+    """One escaped HTML sentence on the dataset, HR size and ratio."""
+    ds = summary["dataset"]
+    return (
+        f"Dataset <code>{html.escape(str(ds['uri']))}</code> "
+        f"(fingerprint <code>{html.escape(str(ds['fingerprint'])[:12])}</code>): "
+        f"{ds['num_classes']:,} classes, {ds['train_images']:,} train / "
+        f"{ds['val_images']:,} val images. "
+        f"HR {summary['hr_size']} px, ratio {html.escape(str(summary['ratio']))}."
+    )
+
+
+def render_html(summary: Summary) -> str:
+    """Self-contained HTML report: dataset line, embedded PNG plot, model table."""
+    png = base64.b64encode(plot_accuracy_vs_gflops(summary)).decode("ascii")
+    title = f"Low-resolution distillation report: {dataset_name(summary)}"
+    return f"""<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<title>{html.escape(title)}</title>
+<style>{_CSS}</style>
+</head>
+<body>
+<h1>{html.escape(title)}</h1>
+<p>{_dataset_line(summary)}</p>
+<img alt="top-1 accuracy against GFLOPs per model" src="data:image/png;base64,{png}">
+{_html_table(summary)}
+<p class="note">Accuracy on the validation set at each model's own input size; cost
+(GFLOPs, input bytes, latency) for one forward at that size.</p>
+</body>
+</html>
+"""
+
+
+def write_report(summary: Summary, out_dir: str) -> str:
+    """Write ``out_dir/report.html`` (see :func:`render_html`) atomically; return its URI."""
+    uri = join(out_dir, "report.html")
+    write_text(uri, render_html(summary))
+    return uri

@@ -1,0 +1,91 @@
+import base64
+import io
+import math
+import re
+
+import pytest
+import torch
+import torchvision
+from PIL import Image
+
+from kd_lib.eval.accuracy import evaluate_classifier, topk_correct
+from kd_lib.eval.cost import count_gflops, count_params, input_bytes, latency_profile
+from kd_lib.eval.report import format_table, markdown_table, plot_accuracy_vs_gflops, write_report
+
+
+def test_topk_counts_by_hand():
+    logits = torch.tensor([[0.1, 0.9, 0.0, 0.0, 0.0, 0.0],   # label 1: top-1
+                           [0.5, 0.4, 0.3, 0.2, 0.1, 0.0],   # label 4: rank 5 -> top-5 only
+                           [0.5, 0.4, 0.3, 0.2, 0.1, 0.0],   # label 5: rank 6 -> neither
+                           [0.2, 0.2, 0.0, 0.0, 0.0, 0.0]])  # label 0 tied with 1: counts against
+    labels = torch.tensor([1, 4, 5, 0])
+    assert topk_correct(logits, labels) == {1: 1, 5: 3}
+
+
+def test_topk_is_capped_by_the_class_count():
+    logits = torch.tensor([[3.0, 2.0, 1.0], [1.0, 2.0, 3.0]])
+    assert topk_correct(logits, torch.tensor([2, 0]), ks=(1, 5)) == {1: 0, 5: 2}
+
+
+class Pick(torch.nn.Module):
+    """Logits = the mean of each of the first channels: the label is the channel with the largest mean."""
+
+    def forward(self, x):
+        return x.mean((2, 3))
+
+
+def test_evaluate_uses_the_requested_view():
+    hr = torch.zeros(4, 3, 8, 8)
+    lr = torch.zeros(4, 3, 2, 2)
+    labels = torch.tensor([0, 1, 2, 0])
+    for i, y in enumerate(labels):
+        hr[i, y] = 1.0
+        lr[i, (y + 1) % 3] = 1.0  # the LR view points at the wrong class
+    loader = [(hr[:2], lr[:2], labels[:2]), (hr[2:], lr[2:], labels[2:])]
+    assert evaluate_classifier(Pick(), loader, "hr", "cpu") == {"top1": 1.0, "top5": 1.0, "count": 4}
+    assert evaluate_classifier(Pick(), loader, "lr", "cpu")["top1"] == 0.0
+    with pytest.raises(ValueError, match="view"):
+        evaluate_classifier(Pick(), loader, "mr", "cpu")
+
+
+def test_flops_match_the_hand_formula():
+    conv = torch.nn.Conv2d(3, 8, 3, padding=1)
+    assert count_gflops(conv, 16) * 1e9 == 2 * 3 * 8 * 3 * 3 * 16 * 16
+    assert count_gflops(torchvision.models.resnet18(), 224) == pytest.approx(3.63, abs=0.02)
+    assert count_params(conv) == 8 * 3 * 9 + 8
+    assert input_bytes(16) == 768 and input_bytes(64) == 12288
+
+
+def test_latency_is_a_positive_median():
+    profile = latency_profile(torch.nn.Conv2d(3, 4, 3), 16, "cpu", batch_sizes=(1, 4), warmup=1, repeats=3)
+    assert set(profile) == {"batch_1", "batch_4"}
+    assert all(0 < v < 1000 and math.isfinite(v) for v in profile.values())
+
+
+def summary():
+    model = {"arch": "resnet18", "params": 11_181_642, "latency_ms": {"batch_1": 3.21, "batch_64": 40.5}}
+    return {"dataset": {"uri": "/data/tiny", "fingerprint": "ab" * 32, "num_classes": 10,
+                        "train_images": 5000, "val_images": 500},
+            "hr_size": 64, "ratio": 4,
+            "models": [{**model, "name": "teacher", "arch": "resnet34", "input_size": 64, "top1": 0.6512,
+                        "top5": 0.95, "gflops": 0.2378, "input_bytes": 12288},
+                       {**model, "name": "student", "input_size": 16, "top1": 0.4, "top5": 0.81,
+                        "gflops": 0.0238, "input_bytes": 768}]}
+
+
+def test_tables_hold_every_model_with_formatted_numbers():
+    text, markdown = format_table(summary()), markdown_table(summary())
+    for table in (text, markdown):
+        assert "teacher" in table and "student" in table and "65.12" in table and "12,288" in table
+    assert markdown.splitlines()[1].startswith("|") and set(markdown.splitlines()[1]) <= set("|-: ")
+
+
+def test_report_is_self_contained_html_with_a_readable_plot(tmp_path):
+    uri = write_report(summary(), str(tmp_path))
+    html = (tmp_path / "report.html").read_text()
+    assert uri.endswith("report.html")
+    assert len(re.findall(r"<tr>", html)) == 3  # header + 2 models
+    encoded = re.search(r'src="data:image/png;base64,([^"]+)"', html).group(1)
+    image = Image.open(io.BytesIO(base64.b64decode(encoded)))
+    assert image.format == "PNG" and image.width > 400
+    assert Image.open(io.BytesIO(plot_accuracy_vs_gflops(summary()))).format == "PNG"

@@ -1,10 +1,10 @@
-"""``kdp``: the command line of the pipeline.
+"""kdp: the command line of the pipeline.
 
     kdp run [--data URI] [--out DIR] [...]   the whole pipeline, locally, with kfp.local
     kdp stage NAME [flags]                    one stage (the per-stage rerun)
     kdp demo-data DEST                        write the generated demo ImageFolder
 
-Without ``--data``, ``kdp run`` generates the demo dataset and uses the demo
+Without --data, kdp run generates the demo dataset and uses the demo
 settings, sized to finish in minutes on a laptop CPU.
 """
 
@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 from kd_lib.config import ConfigError
+from pipelines.pixel_distillation import DEFAULT_SETTINGS
 
 STAGE_MODULES = {
     "prepare-data": "components.prepare_data",
@@ -25,62 +26,51 @@ STAGE_MODULES = {
     "lr-baseline": "components.lr_baseline",
     "evaluate": "components.evaluate",
 }
-SETTINGS_PARAMS = {
-    "prepare-data": "prepare_settings",
-    "teacher": "teacher_settings",
-    "assistant": "assistant_settings",
-    "student": "student_settings",
-    "student-onestage": "onestage_settings",
-    "lr-baseline": "lr_baseline_settings",
-    "evaluate": "evaluate_settings",
+#: ``--set STAGE.FIELD=VALUE`` stage names -> keys of the pipeline's ``*_settings`` parameters.
+SETTINGS_KEYS = {
+    "prepare-data": "prepare",
+    "teacher": "teacher",
+    "assistant": "assistant",
+    "student": "student",
+    "student-onestage": "onestage",
+    "lr-baseline": "lr_baseline",
+    "evaluate": "evaluate",
 }
 TRAINING_STAGES = ("teacher", "assistant", "student", "student-onestage", "lr-baseline")
 
 #: The demo: the generated dataset at 64 px, students at 16 px, a few minutes on 2 CPU cores.
 DEMO_DATA = {"seed": 0, "num_classes": 8, "train_per_class": 150, "val_per_class": 30, "size": 64}
-DEMO_PARAMS = {
-    "hr_size": 64, "ratio": 4, "teacher_arch": "resnet18", "student_arch": "resnet18",
-    "teacher_settings": {"epochs": 8, "lr": 0.05},
-    "assistant_settings": {"epochs": 6, "lr": 0.05},
-    "student_settings": {"epochs": 6},
-    "onestage_settings": {"epochs": 6, "lr": 0.05},
-    "lr_baseline_settings": {"epochs": 6, "lr": 0.05},
-    "evaluate_settings": {"latency_repeats": 5},
-}
-#: Defaults for real data: a ResNet-34 teacher, ResNet-18 assistant and students.
-DATA_PARAMS = {
-    "teacher_settings": {"epochs": 12, "lr": 0.05},
-    "assistant_settings": {"epochs": 10, "lr": 0.05},
-    "student_settings": {"epochs": 10},
-    "onestage_settings": {"epochs": 10, "lr": 0.05},
-    "lr_baseline_settings": {"epochs": 10, "lr": 0.05},
-}
+DEMO_SETTINGS = {"teacher": {"epochs": 8}, "assistant": {"epochs": 6}, "student": {"epochs": 6},
+                 "onestage": {"epochs": 6}, "lr_baseline": {"epochs": 6}, "evaluate": {"latency_repeats": 5}}
 
 
 def parse_setting(text: str) -> tuple[str, str, str]:
-    """``STAGE.FIELD=VALUE`` -> (settings parameter, field, value)."""
+    """``STAGE.FIELD=VALUE`` -> (settings key, field, value)."""
     target, sep, value = text.partition("=")
     stage, dot, field = target.partition(".")
-    if not sep or not dot or stage not in SETTINGS_PARAMS:
+    if not sep or not dot or stage not in SETTINGS_KEYS:
         raise ConfigError("--set", f"expected STAGE.FIELD=VALUE with STAGE one of "
-                          f"{', '.join(SETTINGS_PARAMS)}, got {text!r}")
-    return SETTINGS_PARAMS[stage], field, value
+                          f"{', '.join(SETTINGS_KEYS)}, got {text!r}")
+    return SETTINGS_KEYS[stage], field, value
 
 
 def pipeline_params(args: argparse.Namespace, source: str) -> dict:
-    """The pipeline's parameters from the preset and the command line."""
-    preset = DEMO_PARAMS if args.data is None else DATA_PARAMS
-    params = {k: (dict(v) if isinstance(v, dict) else v) for k, v in preset.items()}
-    params["source"] = source
+    """The pipeline's parameters: its defaults, the demo's when there is no
+    ``--data``, then the command line, merged field by field."""
+    settings = {key: dict(value) for key, value in DEFAULT_SETTINGS.items()}
+    if args.data is None:
+        for key, value in DEMO_SETTINGS.items():
+            settings[key].update(value)
+    if args.epochs is not None:
+        for stage in TRAINING_STAGES:
+            settings[SETTINGS_KEYS[stage]]["epochs"] = args.epochs
+    for text in args.set:
+        key, field, value = parse_setting(text)
+        settings[key][field] = value
+    params = {"source": source, **{f"{key}_settings": value for key, value in settings.items()}}
     for name in ("hr_size", "ratio", "seed", "teacher_arch", "student_arch"):
         if getattr(args, name) is not None:
             params[name] = getattr(args, name)
-    if args.epochs is not None:
-        for stage in TRAINING_STAGES:
-            params.setdefault(SETTINGS_PARAMS[stage], {})["epochs"] = args.epochs
-    for text in args.set:
-        param, field, value = parse_setting(text)
-        params.setdefault(param, {})[field] = value
     return params
 
 
@@ -91,8 +81,7 @@ def check_params(params: dict) -> None:
 
     shared = {k: params[k] for k in ("hr_size", "ratio", "seed") if k in params}
     wiring = {"data": "-", "out": "-", **shared}
-    stage_config("teacher", params.get("teacher_settings", {}), arch=params.get("teacher_arch", "resnet34"),
-                 **wiring)
+    stage_config("teacher", params.get("teacher_settings", {}), **wiring)
     stage_config("assistant", params.get("assistant_settings", {}), teacher="-", **wiring)
     stage_config("student", params.get("student_settings", {}), assistant="-", method="tas", **wiring)
     stage_config("student", params.get("onestage_settings", {}), teacher="-", method="isrd", **wiring)
@@ -177,6 +166,10 @@ def main(argv: list[str] | None = None) -> int:
     except RuntimeError as err:
         print(f"kdp: {args.command} failed: {err}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("kdp: interrupted; the stage that was training saved a checkpoint: run the same command "
+              "again to resume", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

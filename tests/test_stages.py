@@ -148,3 +148,16 @@ def test_cli_rejects_unknown_fields(capsys):
     assert "'hr_size': 64 is not divisible by ratio 3" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         common.stage_cli(teacher.TeacherConfig, teacher.run, ["--epoch", "3"], "teacher", "")
+
+
+def test_gradient_clipping_bounds_each_update(prepared, tmp_path):
+    def trained(clip):
+        torch.manual_seed(0)
+        task = Distiller(build_classifier("resnet18", 3), "hr")
+        before = [p.detach().clone() for p in task.student.parameters()]
+        settings = from_dict(teacher.TeacherConfig, {**TINY, "data": prepared, "out": "x", "epochs": 1,
+                                                     "weight_decay": 0.0, "grad_clip_norm": clip})
+        fit(task, *datasets(prepared), settings, str(tmp_path / f"clip{clip}"), val_view="hr")
+        return max((p - b).abs().max().item() for p, b in zip(task.student.parameters(), before))
+
+    assert trained(1e-9) < 1e-7 < trained(0.0)

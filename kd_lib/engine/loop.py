@@ -6,6 +6,7 @@
 
 - seeded: model init, batch order and every crop come from ``settings.seed``;
 - bf16 autocast on CUDA devices that support it, full precision elsewhere;
+- SGD with a per-step cosine or step schedule, optional gradient-norm clipping;
 - a checkpoint (``last.pt``) every ``checkpoint_every`` steps, at each epoch's
   end and on SIGTERM/SIGINT, after which :class:`TrainingInterrupted` is
   raised; an existing ``last.pt`` is resumed from, mid-epoch included;
@@ -166,10 +167,12 @@ def fit(task: torch.nn.Module, train_set, val_set, settings: TrainSettings, chec
                     values = ", ".join(f"{k}={v.item():.4g}" for k, v in terms.items())
                     raise NonFiniteLossError(
                         f"{desc}: loss is {loss.item()} at epoch {epoch + 1}, batch {batch} ({values}); "
-                        f"the last good checkpoint is {ckpt_uri}; lower lr (now {settings.lr}) "
-                        "or check the data")
+                        f"the last good checkpoint is {ckpt_uri}; lower lr (now {settings.lr}), "
+                        "set grad_clip_norm, or check the data")
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
+                if settings.grad_clip_norm:
+                    torch.nn.utils.clip_grad_norm_(params, settings.grad_clip_norm)
                 optimizer.step()
                 scheduler.step()
                 step += 1

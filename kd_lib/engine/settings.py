@@ -16,7 +16,8 @@ class TrainSettings:
     0.9, weight decay 5e-4, batch 64, lr 0.01); the step schedule there is
     x0.1 at epochs 30/60/90 of 120 (``schedule: step, milestones: [30, 60,
     90]``). Our default is a cosine decay, which needs no milestones when the
-    number of epochs changes.
+    number of epochs changes. ``grad_clip_norm > 0`` clips the global
+    gradient norm of each step (off by default).
     """
 
     epochs: int = 10
@@ -27,6 +28,7 @@ class TrainSettings:
     schedule: Literal["cosine", "step"] = "cosine"
     milestones: list[int] = field(default_factory=list)
     gamma: float = 0.1
+    grad_clip_norm: float = 0.0
     seed: int = 0
     device: str = "auto"
     amp: bool = True
@@ -43,6 +45,7 @@ class TrainSettings:
               "the step schedule needs milestones (epochs)")
         check(all(0 < m < self.epochs for m in self.milestones), "milestones",
               f"each milestone must be an epoch in 1..{self.epochs - 1}, got {self.milestones}")
+        check(self.grad_clip_norm >= 0, "grad_clip_norm", f"must be >= 0 (0: off), got {self.grad_clip_norm}")
         check(self.device == "auto" or self.device.split(":")[0] in ("cpu", "cuda", "mps"), "device",
               f"must be auto, cpu, cuda[:N] or mps, got {self.device!r}")
         check(self.num_workers >= 0, "num_workers", f"must be >= 0, got {self.num_workers}")

@@ -1,0 +1,26 @@
+"""The pipeline compiles to KFP v2 IR with the stages wired as designed."""
+
+import yaml
+from kfp import compiler
+
+from pipelines.pixel_distillation import DEFAULT_IMAGE, build_pipeline
+
+
+def test_pipeline_compiles_with_every_stage_wired(tmp_path):
+    path = tmp_path / "pipeline.yaml"
+    compiler.Compiler().compile(build_pipeline("registry.example/kdp:1.2.3"), str(path))
+    spec = yaml.safe_load(path.read_text())
+    tasks = spec["root"]["dag"]["tasks"]
+    assert set(tasks) == {"prepare-data-op", "teacher-op", "assistant-op", "student-op", "student-op-2",
+                          "lr-baseline-op", "evaluate-op"}
+    assert tasks["student-op"]["inputs"]["artifacts"]["source"]["taskOutputArtifact"]["producerTask"] == "assistant-op"
+    assert tasks["student-op-2"]["inputs"]["artifacts"]["source"]["taskOutputArtifact"]["producerTask"] == "teacher-op"
+    for name in ("teacher-op", "assistant-op", "student-op", "lr-baseline-op"):
+        fingerprint = tasks[name]["inputs"]["parameters"]["data_fingerprint"]["taskOutputParameter"]
+        assert fingerprint["producerTask"] == "prepare-data-op"
+    images = {e["container"]["image"] for e in spec["deploymentSpec"]["executors"].values()}
+    assert images == {"registry.example/kdp:1.2.3"}
+    commands = " ".join(" ".join(e["container"]["command"]) for e in spec["deploymentSpec"]["executors"].values())
+    assert "pip install" not in commands  # install_kfp_package=False: the image brings kfp
+    assert spec["root"]["inputDefinitions"]["parameters"]["hr_size"]["defaultValue"] == 64
+    assert DEFAULT_IMAGE.count(":") == 1

@@ -69,7 +69,8 @@ def evaluate_classifier(
     try:
         with torch.inference_mode():
             for hr, lr, labels in tqdm(
-                loader, desc=f"eval {view}", unit="batch", leave=False, file=sys.stderr
+                loader, desc=f"eval {view}", unit="batch", leave=False, file=sys.stderr,
+                disable=None,  # no bar where stderr is not a terminal (logs)
             ):
                 inputs = (hr if view == "hr" else lr).to(device, non_blocking=True)
                 logits = model(inputs)

@@ -18,10 +18,10 @@ def files(root):
 
 def test_layout_counts_and_real_pngs(tmp_path):
     info = generate_demo_dataset(str(tmp_path), **SMALL)
-    assert info["classes"] == ["00_disc_stripes", "01_disc_dots", "02_square_stripes", "03_square_dots"]
+    assert info["classes"] == ["00_red_plain", "01_red_striped", "02_yellow_plain", "03_yellow_striped"]
     names = files(tmp_path)
     assert len(names) == 4 * 3 + 4 * 2
-    assert "train/01_disc_dots/00002.png" in names and "val/03_square_dots/00001.png" in names
+    assert "train/01_red_striped/00002.png" in names and "val/03_yellow_striped/00001.png" in names
     image = Image.open(tmp_path / names[0])
     assert image.format == "PNG" and image.mode == "RGB" and image.size == (32, 32)
     assert (tmp_path / "demo.json").exists()
@@ -31,16 +31,16 @@ def test_deterministic_from_the_seed(tmp_path):
     generate_demo_dataset(str(tmp_path / "a"), seed=3, **SMALL)
     generate_demo_dataset(str(tmp_path / "b"), seed=3, **SMALL)
     generate_demo_dataset(str(tmp_path / "c"), seed=4, **SMALL)
-    name = "train/02_square_stripes/00001.png"
+    name = "train/02_yellow_plain/00001.png"
     assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
     assert (tmp_path / "a" / name).read_bytes() != (tmp_path / "c" / name).read_bytes()
-    train = (tmp_path / "a" / "train/00_disc_stripes/00000.png").read_bytes()
-    assert train != (tmp_path / "a" / "val/00_disc_stripes/00000.png").read_bytes()
+    train = (tmp_path / "a" / "train/00_red_plain/00000.png").read_bytes()
+    assert train != (tmp_path / "a" / "val/00_red_plain/00000.png").read_bytes()
 
 
 def test_rerun_is_a_no_op_and_other_parameters_are_refused(tmp_path):
     generate_demo_dataset(str(tmp_path), **SMALL)
-    path = tmp_path / "train/00_disc_stripes/00000.png"
+    path = tmp_path / "train/00_red_plain/00000.png"
     stamp = path.stat().st_mtime_ns
     generate_demo_dataset(str(tmp_path), **SMALL)
     assert path.stat().st_mtime_ns == stamp
@@ -52,20 +52,20 @@ def test_works_on_memory_filesystem():
     fs = fsspec.filesystem("memory")
     try:
         generate_demo_dataset("memory://demo", **SMALL)
-        data = fs.cat_file("/demo/val/00_disc_stripes/00000.png")
+        data = fs.cat_file("/demo/val/00_red_plain/00000.png")
         assert Image.open(io.BytesIO(data)).size == (32, 32)
     finally:
         fs.rm("/demo", recursive=True)
 
 
 def test_texture_classes_differ_at_hr_and_hardly_at_lr():
-    """Two classes that share a shape differ only in a texture finer than a 4x
-    antialiased downsampling keeps: the same draw rendered with either texture
+    """Two classes that share a colour differ only in stripes finer than a 4x
+    antialiased downsampling keeps: the same draw rendered with either surface
     gives images far apart at 64 px and nearly equal at 16 px."""
     ratios = []
     for index in range(8):
-        pair = [render_image(image_rng(0, "train", 0, index), DemoClass("x", "square", texture), 64)
-                for texture in ("stripes", "dots")]
+        pair = [render_image(image_rng(0, "train", 0, index), DemoClass("x", "green", surface), 64)
+                for surface in ("plain", "striped")]
         hr = torch.tensor(np.stack(pair), dtype=torch.float32).permute(0, 3, 1, 2) / 255
         lr = downsample(hr, 4, "bilinear")
         hr_gap = (hr[0] - hr[1]).pow(2).mean().sqrt()

@@ -1,32 +1,31 @@
 """A generated ImageFolder where resolution matters, for the CPU demo.
 
-Every class is a pair (shape family, surface texture):
+Every class is a pair (colour family, surface):
 
-* Coarse part, the shape family: disc, square, triangle or cross. The object
-  covers a good part of the image (radius 20-30 % of the side) and keeps its
-  outline after downsampling, so a low-resolution (LR) model can still tell the
-  families apart.
-* Fine part, the texture on the object: ``stripes`` (one sinusoidal grating)
-  or ``dots`` (the sum of two orthogonal gratings, an egg-crate of dots). Both
-  have a period of 3.2-4.4 HR pixels, a random orientation and phase, zero mean
-  and the same power, so they differ only in being one- or two-dimensional.
+* Coarse part, the object's colour family: red, yellow, green or blue (hue
+  jittered by +-12 degrees, random saturation and brightness). Colour is
+  carried by the low frequencies, so it survives any downsampling: a
+  low-resolution (LR) model can still tell the families apart.
+* Fine part, the object's surface: ``plain`` or ``striped`` (a sinusoidal
+  grating of period 3.2-4.4 HR pixels, random orientation and phase, zero
+  mean, contrast 0.18-0.28). The grating averages out to the plain surface.
 
-Why the texture is lost at LR: downsampling by ``K`` with an antialiased
+Why the stripes are lost at LR: downsampling by ``K`` with an antialiased
 bilinear filter (a tent ``2K`` HR pixels wide, as
 ``F.interpolate(x, scale_factor=1/K, mode="bilinear", antialias=True)``)
 removes the frequencies above the LR Nyquist limit, i.e. periods shorter than
-``2K`` HR pixels. For ``K = 4`` that is 8 HR pixels, about twice the texture
-period: what survives (a few per cent of the amplitude for the tent's
-side lobes) is far below the sensor noise. Since both textures have the same
-mean and power, the LR image of a striped object and of a dotted one come from
-the same distribution: an LR model can at best recognise the shape family,
-a high-resolution (HR) model can also read the texture.
+``2K`` HR pixels. For ``K = 4`` that is 8 HR pixels, about twice the stripe
+period: what survives (a few per cent of the amplitude) is below the sensor
+noise. So at LR a striped and a plain object of the same colour look alike:
+an LR model can at best recognise the colour family (half the classes, 50 %
+top-1 with 8 classes), a high-resolution (HR) model can also see the stripes.
 
 Nuisance variation, drawn independently of the class: a smooth cluttered
-background (coloured low-frequency field plus soft blobs), thin distractor
-strokes, the object's position, size, rotation, aspect, edge softness, colour
-and shading, the texture's period, orientation, phase and contrast, the
-global lighting (brightness and gradient) and Gaussian sensor noise.
+background (greyish low-frequency field plus soft blobs), thin distractor
+strokes, the object's shape (disc, square, triangle or cross), position,
+size, rotation, aspect, edge softness and shading, the stripes' period,
+orientation and phase, the global lighting (brightness and gradient) and
+Gaussian sensor noise.
 
 Each image is drawn from its own ``numpy.random.Generator`` seeded from
 ``(seed, split, class, index)``, so the dataset is reproducible bit for bit
@@ -35,6 +34,7 @@ and does not depend on the order of generation.
 
 from __future__ import annotations
 
+import colorsys
 import io
 import json
 import posixpath
@@ -46,11 +46,12 @@ from tqdm import tqdm
 
 from kd_lib.io.fs import exists, filesystem, join, read_text, write_text
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 SPLITS = ("train", "val")
 SHAPES = ("disc", "square", "triangle", "cross")
-TEXTURES = ("stripes", "dots")
-PERIOD_RANGE = (3.2, 4.4)  # texture period in HR pixels, below 2K = 8 for K = 4
+HUES = {"red": 0.0, "yellow": 1 / 6, "green": 1 / 3, "blue": 2 / 3}
+SURFACES = ("plain", "striped")
+PERIOD_RANGE = (3.2, 4.4)  # stripe period in HR pixels, below 2K = 8 for K = 4
 MANIFEST = "demo.json"
 
 Array = np.ndarray
@@ -58,22 +59,21 @@ Array = np.ndarray
 
 @dataclass(frozen=True)
 class DemoClass:
-    """One class: its folder name, shape family and texture."""
+    """One class: its folder name, colour family and surface."""
 
     name: str
-    shape: str
-    texture: str
+    hue: str
+    surface: str
 
 
 def demo_classes(num_classes: int) -> list[DemoClass]:
-    """The first ``num_classes`` classes, in label order (shape-major, so
-    classes 2k and 2k + 1 share a shape and differ only in texture)."""
-    limit = len(SHAPES) * len(TEXTURES)
+    """The first ``num_classes`` classes, in label order (colour-major, so
+    classes 2k and 2k + 1 share a colour and differ only in surface)."""
+    limit = len(HUES) * len(SURFACES)
     if not 2 <= num_classes <= limit:
         raise ValueError(f"num_classes must be between 2 and {limit}, got {num_classes}")
-    pairs = [(shape, texture) for shape in SHAPES for texture in TEXTURES][:num_classes]
-    return [DemoClass(f"{i:02d}_{shape}_{texture}", shape, texture)
-            for i, (shape, texture) in enumerate(pairs)]
+    pairs = [(hue, surface) for hue in HUES for surface in SURFACES][:num_classes]
+    return [DemoClass(f"{i:02d}_{hue}_{surface}", hue, surface) for i, (hue, surface) in enumerate(pairs)]
 
 
 def image_rng(seed: int, split: str, label: int, index: int) -> np.random.Generator:
@@ -173,39 +173,42 @@ def _shape_distance(shape: str, u: Array, v: Array, radius: float) -> Array:
     raise ValueError(f"unknown shape {shape!r}")
 
 
-def _texture(rng: np.random.Generator, texture: str, yy: Array, xx: Array) -> Array:
-    """Zero-mean, unit-variance fine texture with a random period, orientation
-    and phase; ``dots`` adds the orthogonal grating to ``stripes``."""
+def _stripes(rng: np.random.Generator, yy: Array, xx: Array) -> Array:
+    """A zero-mean, unit-variance sinusoidal grating with a random period,
+    orientation and phase."""
     frequency = 2 * np.pi / rng.uniform(*PERIOD_RANGE)
     angle = rng.uniform(0, np.pi)
-    along = frequency * (xx * np.cos(angle) + yy * np.sin(angle))
-    across = frequency * (-xx * np.sin(angle) + yy * np.cos(angle))
-    phase = rng.uniform(0, 2 * np.pi, 2)
-    if texture == "stripes":
-        return np.sqrt(2.0) * np.cos(along + phase[0])
-    if texture == "dots":
-        return np.cos(along + phase[0]) + np.cos(across + phase[1])
-    raise ValueError(f"unknown texture {texture!r}")
+    return np.sqrt(2.0) * np.cos(frequency * (xx * np.cos(angle) + yy * np.sin(angle)) + rng.uniform(0, 2 * np.pi))
+
+
+def _object_colour(rng: np.random.Generator, hue: str, luminance: float) -> Array:
+    """An RGB colour of the ``hue`` family, about as bright as ``luminance``."""
+    h = (HUES[hue] + rng.uniform(-1 / 30, 1 / 30)) % 1.0
+    rgb = np.array(colorsys.hsv_to_rgb(h, rng.uniform(0.45, 0.8), 1.0))
+    return np.clip(rgb * luminance / rgb.mean(), 0.02, 0.98)
 
 
 def _draw_object(rng: np.random.Generator, image: Array, cls: DemoClass,
                  luminance: float) -> Array:
-    """The textured, shaded object at a random pose."""
+    """The coloured, shaded, plain or striped object at a random pose.
+
+    The random draws are the same for both surfaces, so the same generator
+    renders the same scene with or without stripes."""
     size = image.shape[0]
     yy, xx = _grid(size)
+    shape = SHAPES[int(rng.integers(len(SHAPES)))]
     cy, cx = rng.uniform(0.32, 0.68, 2) * size
     radius = rng.uniform(0.2, 0.3) * size
     rotation = rng.uniform(0, 2 * np.pi)
     stretch = np.exp(rng.uniform(-0.12, 0.12))
     u = ((xx - cx) * np.cos(rotation) + (yy - cy) * np.sin(rotation)) / stretch
     v = (-(xx - cx) * np.sin(rotation) + (yy - cy) * np.cos(rotation)) * stretch
-    alpha = _coverage(_shape_distance(cls.shape, u, v, radius), rng.uniform(0.8, 1.8))
+    alpha = _coverage(_shape_distance(shape, u, v, radius), rng.uniform(0.8, 1.8))
     slope = rng.normal(0.0, 0.1, 2)
     shading = (slope[0] * u + slope[1] * v) / radius
-    contrast = rng.uniform(0.08, 0.14)
-    grey = luminance + shading + contrast * _texture(rng, cls.texture, yy, xx)
-    colour = _random_colour(rng, luminance) - luminance + grey[..., None]
-    return _blend(image, colour, alpha)
+    stripes = rng.uniform(0.18, 0.28) * _stripes(rng, yy, xx) * (cls.surface == "striped")
+    colour = _object_colour(rng, cls.hue, luminance)
+    return _blend(image, colour + (shading + stripes)[..., None], alpha)
 
 
 def _lighting(rng: np.random.Generator, image: Array) -> Array:

@@ -11,6 +11,7 @@ inputs, so a run that was stopped resumes where it was.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import os
@@ -24,6 +25,21 @@ from kd_lib.io.fs import join, read_bytes
 from pipelines.pixel_distillation import build_pipeline
 
 RESULT_FILES = ("summary.json", "report.html")
+PACKAGES = ("kd_lib", "components", "pipelines")
+
+
+def source_fingerprint() -> str:
+    """SHA-256 of the project's Python sources (path and content of each file).
+
+    Passed as the pipeline's ``code_version``, so that the local cache, which
+    keys tasks on their inputs, reruns the stages after the code changed.
+    """
+    root = Path(__file__).resolve().parents[1]
+    digest = hashlib.sha256()
+    for package in PACKAGES:
+        for path in sorted((root / package).rglob("*.py")):
+            digest.update(f"{path.relative_to(root)}\0".encode() + path.read_bytes() + b"\0")
+    return digest.hexdigest()
 
 
 class ExecutorInputFilter(io.TextIOBase):
@@ -63,7 +79,7 @@ def run_pipeline(params: dict, out: str | os.PathLike) -> dict[str, Path]:
     out.mkdir(parents=True, exist_ok=True)
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(out / "pipeline_root"),
                enable_caching=True, raise_on_error=True)
-    params = {"checkpoint_root": str(out / "checkpoints"), **params}
+    params = {"checkpoint_root": str(out / "checkpoints"), "code_version": source_fingerprint(), **params}
     with warnings.catch_warnings(), contextlib.redirect_stdout(ExecutorInputFilter(sys.stdout)):
         warnings.filterwarnings("ignore", message=".*non-Python base image.*")
         warnings.filterwarnings("ignore", message=".*have no effect in the current local runner.*")

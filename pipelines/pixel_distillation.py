@@ -11,6 +11,9 @@ outputs are the output artifacts' URIs. The data fingerprint from
 prepare-data is passed to every training task as a parameter, so that the
 cache key of everything downstream changes exactly when the data does.
 
+``code_version`` names the code (an image tag, or a hash of the sources for
+local runs): it is an input of every task, so new code misses the cache.
+
 Pipeline parameters: the shared fields (``hr_size``, ``ratio``, ``seed``,
 the two architectures) and, per stage, a ``*_settings`` mapping of that
 stage's config fields (``{"epochs": 30, "lr": 0.05}``); unknown or bad fields
@@ -37,13 +40,13 @@ DEFAULT_SETTINGS = {
 }
 
 
-def prepare_data_op(source: str, settings: dict, data: Output[Dataset]) -> str:
+def prepare_data_op(source: str, settings: dict, code_version: str, data: Output[Dataset]) -> str:
     """prepare-data: validate the ImageFolder at ``source``, write Parquet shards."""
     from components.kfp_entry import run_stage
     return run_stage("prepare-data", settings, source=source, out=data.uri)["data_fingerprint"]
 
 
-def teacher_op(data: Input[Dataset], data_fingerprint: str, settings: dict, arch: str, hr_size: int,
+def teacher_op(data: Input[Dataset], data_fingerprint: str, code_version: str, settings: dict, arch: str, hr_size: int,
                ratio: int, seed: int, checkpoint_root: str, model: Output[Model], metrics: Output[Metrics]):
     """teacher: the large model at HR, cross-entropy."""
     from components.kfp_entry import run_stage
@@ -51,7 +54,7 @@ def teacher_op(data: Input[Dataset], data_fingerprint: str, settings: dict, arch
               ratio=ratio, seed=seed, checkpoint_root=checkpoint_root)
 
 
-def assistant_op(data: Input[Dataset], data_fingerprint: str, teacher: Input[Model], settings: dict,
+def assistant_op(data: Input[Dataset], data_fingerprint: str, code_version: str, teacher: Input[Model], settings: dict,
                  arch: str, hr_size: int, ratio: int, seed: int, checkpoint_root: str,
                  model: Output[Model], metrics: Output[Metrics]):
     """assistant: the small model at HR, distilled from the teacher."""
@@ -60,7 +63,7 @@ def assistant_op(data: Input[Dataset], data_fingerprint: str, teacher: Input[Mod
               hr_size=hr_size, ratio=ratio, seed=seed, checkpoint_root=checkpoint_root)
 
 
-def student_op(data: Input[Dataset], data_fingerprint: str, source: Input[Model], method: str,
+def student_op(data: Input[Dataset], data_fingerprint: str, code_version: str, source: Input[Model], method: str,
                settings: dict, arch: str, hr_size: int, ratio: int, seed: int, checkpoint_root: str,
                model: Output[Model], metrics: Output[Metrics]):
     """student: the small model at LR, distilled from the assistant (TAS) or the teacher (ISRD)."""
@@ -71,7 +74,7 @@ def student_op(data: Input[Dataset], data_fingerprint: str, source: Input[Model]
               **{source_field: source.uri})
 
 
-def lr_baseline_op(data: Input[Dataset], data_fingerprint: str, settings: dict, arch: str, hr_size: int,
+def lr_baseline_op(data: Input[Dataset], data_fingerprint: str, code_version: str, settings: dict, arch: str, hr_size: int,
                    ratio: int, seed: int, checkpoint_root: str, model: Output[Model],
                    metrics: Output[Metrics]):
     """lr-baseline: the student's architecture at LR, cross-entropy only."""
@@ -80,7 +83,7 @@ def lr_baseline_op(data: Input[Dataset], data_fingerprint: str, settings: dict, 
               ratio=ratio, seed=seed, checkpoint_root=checkpoint_root)
 
 
-def evaluate_op(data: Input[Dataset], teacher: Input[Model], assistant: Input[Model], student: Input[Model],
+def evaluate_op(data: Input[Dataset], code_version: str, teacher: Input[Model], assistant: Input[Model], student: Input[Model],
                 student_onestage: Input[Model], lr_baseline: Input[Model], settings: dict, hr_size: int,
                 ratio: int, summary: Output[Artifact], report: Output[HTML], metrics: Output[Metrics]):
     """evaluate: accuracy, FLOPs, latency and input bytes of every model; summary and report."""
@@ -117,10 +120,12 @@ def build_pipeline(image: str = DEFAULT_IMAGE):
         onestage_settings: dict = DEFAULT_SETTINGS["onestage"],
         lr_baseline_settings: dict = DEFAULT_SETTINGS["lr_baseline"],
         evaluate_settings: dict = DEFAULT_SETTINGS["evaluate"],
+        code_version: str = "",
     ) -> Artifact:
-        data = prepare(source=source, settings=prepare_settings).set_display_name("prepare-data")
+        data = prepare(source=source, settings=prepare_settings, code_version=code_version)
+        data.set_display_name("prepare-data")
         common = dict(data=data.outputs["data"], data_fingerprint=data.outputs["Output"], hr_size=hr_size,
-                      ratio=ratio, seed=seed, checkpoint_root=checkpoint_root)
+                      ratio=ratio, seed=seed, checkpoint_root=checkpoint_root, code_version=code_version)
         teacher = train_teacher(settings=teacher_settings, arch=teacher_arch, **common)
         assistant = train_assistant(teacher=teacher.outputs["model"], settings=assistant_settings,
                                     arch=student_arch, **common)
@@ -132,7 +137,7 @@ def build_pipeline(image: str = DEFAULT_IMAGE):
         for task, name in ((teacher, "teacher"), (assistant, "assistant"), (student, "student"),
                            (onestage, "student-onestage"), (baseline, "lr-baseline")):
             task.set_display_name(name)
-        report = evaluate(data=data.outputs["data"], teacher=teacher.outputs["model"],
+        report = evaluate(data=data.outputs["data"], code_version=code_version, teacher=teacher.outputs["model"],
                           assistant=assistant.outputs["model"], student=student.outputs["model"],
                           student_onestage=onestage.outputs["model"], lr_baseline=baseline.outputs["model"],
                           settings=evaluate_settings, hr_size=hr_size, ratio=ratio)

@@ -24,3 +24,17 @@ def test_pipeline_compiles_with_every_stage_wired(tmp_path):
     assert "pip install" not in commands  # install_kfp_package=False: the image brings kfp
     assert spec["root"]["inputDefinitions"]["parameters"]["hr_size"]["defaultValue"] == 64
     assert DEFAULT_IMAGE.count(":") == 1
+
+
+def test_source_fingerprint_follows_the_code(tmp_path, monkeypatch):
+    import pipelines.local as local
+
+    for package in local.PACKAGES:
+        (tmp_path / package).mkdir()
+        (tmp_path / package / "__init__.py").write_text("")
+    (tmp_path / "pipelines" / "local.py").write_text("x = 1\n")
+    monkeypatch.setattr(local, "__file__", str(tmp_path / "pipelines" / "local.py"))
+    first = local.source_fingerprint()
+    assert local.source_fingerprint() == first
+    (tmp_path / "kd_lib" / "loss.py").write_text("y = 2\n")
+    assert local.source_fingerprint() != first

@@ -144,3 +144,11 @@ def test_failed_prepare_leaves_the_earlier_output_whole(imagefolder, tmp_path):
     (imagefolder / "train" / "class0" / "bad.png").unlink()
     second = prepare_imagefolder(str(imagefolder), str(out), shard_size=10)
     assert sorted(p.name for p in out.iterdir()) == sorted([*second["files"], "manifest.json"])
+
+
+def test_unreachable_location_is_named(tmp_path):
+    from kd_lib.io.fs import StorageError
+
+    with pytest.raises(StorageError, match=r"cannot list http://127\.0\.0\.1:9/data/train"):
+        prepare_imagefolder("http://127.0.0.1:9/data", str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()

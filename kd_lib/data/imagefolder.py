@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from PIL import Image, UnidentifiedImageError
 
-from kd_lib.io.fs import filesystem, join
+from kd_lib.io.fs import filesystem, join, list_folders
 
 log = logging.getLogger(__name__)
 
@@ -43,13 +43,18 @@ def decode_rgb(data: bytes, name: str) -> Image.Image:
     return image if image.mode == "RGB" else image.convert("RGB")
 
 
+def split_classes(root: str, split: str) -> list[str]:
+    """Sorted class folder names under ``root/split``."""
+    try:
+        return list_folders(join(root, split))
+    except FileNotFoundError:
+        raise DataError(f"{root}: no {split}/ folder (expected ROOT/train/<class>/<image> "
+                        "and ROOT/val/<class>/<image>)") from None
+
+
 def list_classes(root: str) -> list[str]:
     """Sorted class folder names under ``root/train``."""
-    fs, path = filesystem(root)
-    train = posixpath.join(path, "train")
-    if not fs.isdir(train):
-        raise DataError(f"{root}: no train/ folder (expected ROOT/train/<class>/<image> and ROOT/val/...)")
-    classes = sorted(posixpath.basename(p.rstrip("/")) for p in fs.ls(train, detail=False) if fs.isdir(p))
+    classes = split_classes(root, "train")
     if not classes:
         raise DataError(f"{join(root, 'train')}: no class folders")
     return classes
@@ -65,10 +70,7 @@ def list_images(root: str, classes: list[str]) -> list[ImageRecord]:
     records = []
     for split in SPLITS:
         split_path = posixpath.join(path, split)
-        if not fs.isdir(split_path):
-            raise DataError(f"{root}: no {split}/ folder")
-        found = sorted(posixpath.basename(p.rstrip("/")) for p in fs.ls(split_path, detail=False)
-                       if fs.isdir(p))
+        found = split_classes(root, split)
         if found != classes:
             missing, extra = sorted(set(classes) - set(found)), sorted(set(found) - set(classes))
             raise DataError(f"{join(root, split)}: classes differ from train/: "

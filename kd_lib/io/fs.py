@@ -38,6 +38,24 @@ def exists(uri: str) -> bool:
     return fs.exists(path)
 
 
+def list_folders(uri: str) -> list[str]:
+    """Names of the folders directly under ``uri``.
+
+    FileNotFoundError if ``uri`` does not exist; :class:`StorageError` naming
+    ``uri`` if it cannot be listed (unreachable host, no credentials, ...).
+    """
+    fs, path = filesystem(uri)
+    try:
+        entries = fs.ls(path, detail=True)
+    except FileNotFoundError:
+        raise
+    except OSError as err:
+        raise StorageError(f"cannot list {uri}: {err}") from err
+    if not entries and not fs.isdir(path):
+        raise FileNotFoundError(uri)
+    return sorted(posixpath.basename(e["name"].rstrip("/")) for e in entries if e["type"] == "directory")
+
+
 def read_bytes(uri: str) -> bytes:
     fs, path = filesystem(uri)
     try:

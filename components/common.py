@@ -33,6 +33,7 @@ from kd_lib.engine.loop import NonFiniteLossError, TrainingInterrupted, fit, wri
 from kd_lib.engine.settings import TrainSettings
 from kd_lib.io.fs import StorageError, join, remove, remove_if_empty
 from kd_lib.io.manifest import IncompleteOutputError, finished_with_key, read_manifest, stage_key, unpublish, write_manifest
+from kd_lib.models import build_classifier
 from kd_lib.models.store import MODEL_FILE, load_classifier, save_classifier
 
 log = logging.getLogger(__name__)
@@ -127,6 +128,14 @@ def run_training_stage(stage: str, config: TrainStageConfig, upstream: dict[str,
     if not config.checkpoint_root:
         remove_if_empty(checkpoint_root)
     return manifest
+
+
+def run_supervised(stage: str, config: TrainStageConfig, view: View) -> dict[str, Any]:
+    """A stage that trains ``config.arch`` from scratch with cross-entropy alone on one view."""
+    def plan(classes, models):
+        return StagePlan(Distiller(build_classifier(config.arch, len(classes)), view), config.arch, view)
+
+    return run_training_stage(stage, config, {}, plan)
 
 
 #: Errors a user can fix: printed as one line, exit status 1.

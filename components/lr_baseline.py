@@ -6,9 +6,7 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 
-from components.common import StagePlan, TrainStageConfig, run_training_stage, stage_cli
-from kd_lib.distill.distiller import Distiller
-from kd_lib.models import build_classifier
+from components.common import TrainStageConfig, run_supervised, stage_cli
 
 
 @dataclass
@@ -17,10 +15,7 @@ class LRBaselineConfig(TrainStageConfig):
 
 
 def run(config: LRBaselineConfig) -> dict:
-    def plan(classes, models):
-        return StagePlan(Distiller(build_classifier(config.arch, len(classes)), "lr"), config.arch, "lr")
-
-    return run_training_stage("lr-baseline", config, {}, plan)
+    return run_supervised("lr-baseline", config, "lr")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -5,9 +5,7 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 
-from components.common import StagePlan, TrainStageConfig, run_training_stage, stage_cli
-from kd_lib.distill.distiller import Distiller
-from kd_lib.models import build_classifier
+from components.common import TrainStageConfig, run_supervised, stage_cli
 
 
 @dataclass
@@ -16,10 +14,7 @@ class TeacherConfig(TrainStageConfig):
 
 
 def run(config: TeacherConfig) -> dict:
-    def plan(classes, models):
-        return StagePlan(Distiller(build_classifier(config.arch, len(classes)), "hr"), config.arch, "hr")
-
-    return run_training_stage("teacher", config, {}, plan)
+    return run_supervised("teacher", config, "hr")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -131,7 +131,7 @@ class NaNAfter(Distiller):
 
 
 def test_nan_loss_stops_the_stage_and_publishes_nothing(prepared, tmp_path, monkeypatch):
-    monkeypatch.setattr(teacher, "Distiller", NaNAfter)
+    monkeypatch.setattr(common, "Distiller", NaNAfter)
     out = tmp_path / "teacher"
     with pytest.raises(NonFiniteLossError, match="loss is nan at epoch 1, batch 0"):
         teacher.run(config(teacher.TeacherConfig, prepared, out, arch="resnet18"))

@@ -11,8 +11,6 @@ from PIL import Image
 
 torch.set_num_threads(2)
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-
 
 def write_imagefolder(root: Path, classes: int = 3, train: int = 12, val: int = 4, size: int = 32,
                       seed: int = 0) -> Path:
@@ -26,6 +24,11 @@ def write_imagefolder(root: Path, classes: int = 3, train: int = 12, val: int = 
                 pixels = np.clip(rng.normal(40 + 80 * c, 25, (size, size, 3)), 0, 255).astype(np.uint8)
                 Image.fromarray(pixels).save(folder / f"{i:03d}.png")
     return root
+
+
+@pytest.fixture
+def make_imagefolder():
+    return write_imagefolder
 
 
 @pytest.fixture

@@ -114,12 +114,11 @@ def test_missing_upstream_output_is_named(prepared, tmp_path):
         assistant.run(config(assistant.AssistantConfig, prepared, tmp_path / "a", teacher=str(missing)))
 
 
-def test_wrong_class_count_is_an_error(prepared, trained_teacher, tmp_path):
+def test_wrong_class_count_is_an_error(prepared, trained_teacher, tmp_path, make_imagefolder):
     from kd_lib.data.shards import prepare_imagefolder
-    from tests.conftest import write_imagefolder
 
     other = str(tmp_path / "four")
-    prepare_imagefolder(str(write_imagefolder(tmp_path / "src4", classes=4, train=4, val=2)), other)
+    prepare_imagefolder(str(make_imagefolder(tmp_path / "src4", classes=4, train=4, val=2)), other)
     with pytest.raises(DataError, match=r"teacher at .* trained on 3 classes, but the data has 4"):
         assistant.run(config(assistant.AssistantConfig, other, tmp_path / "a", teacher=trained_teacher))
 

@@ -11,6 +11,7 @@ from PIL import Image
 from kd_lib.eval.accuracy import evaluate_classifier, topk_correct
 from kd_lib.eval.cost import count_gflops, count_params, input_bytes, latency_profile
 from kd_lib.eval.report import format_table, markdown_table, plot_accuracy_vs_gflops, write_report
+from kd_lib.io.fs import read_text
 
 
 def test_topk_counts_by_hand():
@@ -25,6 +26,15 @@ def test_topk_counts_by_hand():
 def test_topk_is_capped_by_the_class_count():
     logits = torch.tensor([[3.0, 2.0, 1.0], [1.0, 2.0, 3.0]])
     assert topk_correct(logits, torch.tensor([2, 0]), ks=(1, 5)) == {1: 0, 5: 2}
+
+
+def test_topk_never_counts_a_nan_label_logit_and_checks_shapes():
+    logits = torch.tensor([[float("nan"), 1.0], [2.0, float("nan")]])
+    assert topk_correct(logits, torch.tensor([0, 0]), ks=(1, 2)) == {1: 1, 2: 1}
+    with pytest.raises(ValueError, match="labels"):
+        topk_correct(logits, torch.tensor([0, 0, 1]))
+    with pytest.raises(ValueError, match="k"):
+        topk_correct(logits, torch.tensor([0, 1]), ks=(0,))
 
 
 class Pick(torch.nn.Module):
@@ -48,12 +58,27 @@ def test_evaluate_uses_the_requested_view():
         evaluate_classifier(Pick(), loader, "mr", "cpu")
 
 
+def test_evaluate_restores_the_training_flag_and_rejects_an_empty_loader():
+    model = Pick().train()
+    batch = (torch.rand(2, 3, 4, 4), torch.rand(2, 3, 2, 2), torch.tensor([0, 1]))
+    evaluate_classifier(model, [batch], "lr", "cpu")
+    assert model.training
+    with pytest.raises(ValueError, match="no samples"):
+        evaluate_classifier(model, [], "hr", "cpu")
+
+
 def test_flops_match_the_hand_formula():
     conv = torch.nn.Conv2d(3, 8, 3, padding=1)
     assert count_gflops(conv, 16) * 1e9 == 2 * 3 * 8 * 3 * 3 * 16 * 16
     assert count_gflops(torchvision.models.resnet18(), 224) == pytest.approx(3.63, abs=0.02)
     assert count_params(conv) == 8 * 3 * 9 + 8
-    assert input_bytes(16) == 768 and input_bytes(64) == 12288
+    assert input_bytes(16) == 768 and input_bytes(64) == 12288 and input_bytes(8, channels=1) == 64
+
+
+def test_flop_count_leaves_batchnorm_and_the_training_flag_alone():
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)).train()
+    count_gflops(model, 8)
+    assert model.training and model[1].num_batches_tracked.item() == 0
 
 
 def test_latency_is_a_positive_median():
@@ -80,6 +105,27 @@ def test_tables_hold_every_model_with_formatted_numbers():
     assert markdown.splitlines()[1].startswith("|") and set(markdown.splitlines()[1]) <= set("|-: ")
 
 
+def test_table_rows_are_formatted_cell_by_cell():
+    text_rows = format_table(summary()).splitlines()
+    markdown_rows = markdown_table(summary()).splitlines()
+    assert len(text_rows) == len(markdown_rows) == 4  # header, rule, 2 models
+    student = ["student", "resnet18", "16", "40.00", "81.00", "11.18", "0.024", "768", "3.21", "40.50"]
+    assert text_rows[3].split() == student
+    assert markdown_rows[3] == "| " + " | ".join(student) + " |"
+    assert "lat b1 ms" in text_rows[0] and text_rows[0].index("lat b1 ms") < text_rows[0].index("lat b64 ms")
+
+
+def test_any_model_names_and_latency_batches_fit_the_table():
+    s = summary()
+    s["models"][1]["name"] = "a|b"
+    s["models"][0]["latency_ms"] = {"batch_64": 9.0, "batch_8": 1.5}
+    s["models"][1]["latency_ms"] = {"batch_8": 0.25}
+    header, _, *rows = markdown_table(s).splitlines()
+    assert header.endswith("| lat b8 ms | lat b64 ms |")
+    assert rows[0].endswith("| 1.50 | 9.00 |") and rows[1].endswith("| 0.25 | - |")
+    assert rows[1].startswith("| a\\|b |")
+
+
 def test_report_is_self_contained_html_with_a_readable_plot(tmp_path):
     uri = write_report(summary(), str(tmp_path))
     html = (tmp_path / "report.html").read_text()
@@ -89,3 +135,33 @@ def test_report_is_self_contained_html_with_a_readable_plot(tmp_path):
     image = Image.open(io.BytesIO(base64.b64decode(encoded)))
     assert image.format == "PNG" and image.width > 400
     assert Image.open(io.BytesIO(plot_accuracy_vs_gflops(summary()))).format == "PNG"
+
+
+def test_report_escapes_text_and_writes_through_fsspec():
+    s = summary()
+    s["models"][0]["name"] = "<teacher & co>"
+    uri = write_report(s, "memory://eval-report/run1")
+    html = read_text(uri)
+    assert uri == "memory://eval-report/run1/report.html"
+    assert "&lt;teacher &amp; co&gt;" in html and "<teacher" not in html
+    assert "/data/tiny" in html and "5,000 train / 500 val images" in html
+
+
+def five_models():
+    """Teacher and assistant at HR, three LR students sharing one architecture and size."""
+    s = summary()
+    base = s["models"][1]
+    s["models"] += [{**base, "name": name, "top1": top1}
+                    for name, top1 in (("lr_baseline", 0.35), ("student_onestage", 0.39))]
+    s["models"].insert(1, {**s["models"][0], "name": "assistant", "arch": "resnet18", "top1": 0.62,
+                           "gflops": 0.1451})
+    return s
+
+
+@pytest.mark.parametrize("models", [five_models()["models"], summary()["models"][:1]],
+                         ids=["five-models", "one-model"])
+def test_plot_renders_any_number_of_models(models):
+    image = Image.open(io.BytesIO(plot_accuracy_vs_gflops({**summary(), "models": models})))
+    assert image.format == "PNG"
+    with pytest.raises(ValueError, match="no models"):
+        plot_accuracy_vs_gflops({**summary(), "models": []})

@@ -114,7 +114,7 @@ def latency_profile(
     warmup: int = 3,
     repeats: int = 10,
 ) -> dict[str, float]:
-    """``{"batch_<b>": median ms}`` from :func:`measure_latency_ms` for each ``b`` in ``batch_sizes``."""
+    """``{"batch_<b>": ms}`` from :func:`measure_latency_ms` for each ``b`` in ``batch_sizes``."""
     return {
         f"batch_{b}": measure_latency_ms(model, input_size, b, device, warmup, repeats)
         for b in batch_sizes

@@ -25,6 +25,7 @@ from typing import Any
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter, LogLocator
 
 from kd_lib.io.fs import join, write_text
 
@@ -34,20 +35,23 @@ Model = dict[str, Any]
 HR_COLOR = "#1f77b4"
 LR_COLOR = "#d62728"
 MAX_MARKER_AREA = 600.0  # pt^2, given to the model with the most input bytes
+LEADER_LINE = {"arrowstyle": "-", "color": "0.55", "lw": 0.6}
 
 
 @dataclass(frozen=True)
 class _Column:
+    """One table column: header, whether it is a right-aligned number, and its cell text."""
+
     header: str
     numeric: bool
     cell: Callable[[Model], str]
 
 
 def _latency_keys(models: list[Model]) -> list[str]:
-    """Latency keys present in any model, ordered by batch size (``batch_1`` before ``batch_64``)."""
+    """Latency keys present in any model, by batch size (``batch_1`` before ``batch_64``)."""
     keys = {key for m in models for key in m.get("latency_ms", {})}
 
-    def batch(key: str) -> tuple[int, str]:
+    def batch(key: str) -> tuple[float, str]:
         suffix = key.rpartition("_")[2]
         return (int(suffix) if suffix.isdigit() else math.inf, key)
 
@@ -120,13 +124,14 @@ def _html_table(summary: Summary) -> str:
     headers, numeric, rows = table_rows(summary)
 
     def cells(tag: str, values: list[str]) -> str:
+        attr = {True: ' class="num"', False: ""}
         return "".join(
-            f'<{tag} class="num">{html.escape(v)}</{tag}>' if num else f"<{tag}>{html.escape(v)}</{tag}>"
-            for v, num in zip(values, numeric)
+            f"<{tag}{attr[num]}>{html.escape(v)}</{tag}>" for v, num in zip(values, numeric)
         )
 
+    head = f"<thead><tr>{cells('th', headers)}</tr></thead>"
     body = "\n".join(f"<tr>{cells('td', r)}</tr>" for r in rows)
-    return f"<table>\n<thead><tr>{cells('th', headers)}</tr></thead>\n<tbody>\n{body}\n</tbody>\n</table>"
+    return f"<table>\n{head}\n<tbody>\n{body}\n</tbody>\n</table>"
 
 
 def dataset_name(summary: Summary) -> str:
@@ -136,43 +141,55 @@ def dataset_name(summary: Summary) -> str:
 
 
 def _is_hr(model: Model, summary: Summary) -> bool:
+    """A model is HR when its input size is at least ``hr_size``."""
     return model["input_size"] >= summary["hr_size"]
 
 
+Box = tuple[float, float, float, float]  # x0, x1, y_center, half height, in display pixels
+
+
+def _push_up(box: Box, obstacles: list[Box]) -> float:
+    """Lowest centre at or above ``box``'s own at which it overlaps none of ``obstacles``."""
+    x0, x1, y, half = box
+    moved = True
+    while moved:
+        moved = False
+        for a0, a1, ay, ah in obstacles:
+            if x0 < a1 and a0 < x1 and abs(y - ay) < half + ah:
+                y = ay + half + ah
+                moved = True
+    return y
+
+
 def _place_labels(ax: Axes, fig: Figure, points: list[tuple[float, float, str, float]]) -> None:
-    """Label each ``(x, y, text, marker_area)`` point to its right, pushing labels upwards
-    until no two label boxes overlap; a displaced label gets a leader line."""
+    """Label each ``(x, y, text, marker_area)`` point to its right, pushed upwards until it
+    overlaps no other marker and no earlier label; a displaced label gets a leader line."""
     renderer = fig.canvas.get_renderer()
     px_per_pt = fig.dpi / 72
-    placed: list[tuple[float, float, float, float]] = []  # x0, x1, y_center, half height (px)
-    for x, y, text, area in sorted(points, key=lambda p: p[1]):
-        px, py = ax.transData.transform((x, y))
-        dx_pt = math.sqrt(area) / 2 + 4
+    centres = [ax.transData.transform((x, y)) for x, y, _, _ in points]
+    radii = [math.sqrt(area) / 2 * px_per_pt for *_, area in points]
+    markers = [(px - r, px + r, py, r) for (px, py), r in zip(centres, radii)]
+    labels: list[Box] = []
+    for i in sorted(range(len(points)), key=lambda j: points[j][1]):
+        x, y, text, _ = points[i]
+        (px, py), r = centres[i], radii[i]
         probe = ax.text(0, 0, text, fontsize=9)
         bbox = probe.get_window_extent(renderer)
         probe.remove()
-        x0 = px + dx_pt * px_per_pt
-        x1 = x0 + bbox.width
+        x0 = px + r + 4 * px_per_pt
         half = bbox.height / 2 + 1
-        label_y = py
-        moved = True
-        while moved:
-            moved = False
-            for a0, a1, ay, ah in placed:
-                if x0 < a1 and a0 < x1 and abs(label_y - ay) < half + ah:
-                    label_y = ay + half + ah
-                    moved = True
-        placed.append((x0, x1, label_y, half))
-        displaced = label_y - py > half
+        others = [m for j, m in enumerate(markers) if j != i]
+        label_y = _push_up((x0, x0 + bbox.width, py, half), others + labels)
+        labels.append((x0, x0 + bbox.width, label_y, half))
         ax.annotate(
             text,
             xy=(x, y),
-            xytext=(dx_pt, (label_y - py) / px_per_pt),
+            xytext=((x0 - px) / px_per_pt, (label_y - py) / px_per_pt),
             textcoords="offset points",
             fontsize=9,
             va="center",
             ha="left",
-            arrowprops={"arrowstyle": "-", "color": "0.55", "lw": 0.6} if displaced else None,
+            arrowprops=LEADER_LINE if label_y - py > half else None,
         )
 
 
@@ -182,6 +199,8 @@ def _set_limits(ax: Axes, gflops: list[float], top1: list[float]) -> None:
     if lo > 0 and hi / lo > 10:
         ax.set_xscale("log")
         ax.set_xlim(lo / 1.6, hi * 4)
+        ax.xaxis.set_major_locator(LogLocator(subs=(1, 2, 5)))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
     else:
         span = (hi - lo) or max(hi, 1e-3)
         ax.set_xlim(max(lo - 0.15 * span, 0), hi + 0.6 * span)
@@ -191,6 +210,7 @@ def _set_limits(ax: Axes, gflops: list[float], top1: list[float]) -> None:
 
 
 def _size_groups(models: list[Model], summary: Summary, hr: bool) -> str:
+    """Input sizes of the HR (or LR) models for the legend, largest first: ``"112 px, 56 px"``."""
     sizes = sorted({m["input_size"] for m in models if _is_hr(m, summary) == hr}, reverse=True)
     return ", ".join(f"{s} px" for s in sizes)
 
@@ -247,11 +267,8 @@ def plot_accuracy_vs_gflops(summary: Summary) -> bytes:
     )
     fig.draw_without_rendering()
     fig.set_layout_engine("none")
-    _place_labels(
-        ax,
-        fig,
-        [(g, t, f"{m['name']} ({m['input_size']} px)", a) for g, t, m, a in zip(gflops, top1, models, areas)],
-    )
+    labels = [f"{m['name']} ({m['input_size']} px)" for m in models]
+    _place_labels(ax, fig, list(zip(gflops, top1, labels, areas)))
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     return buf.getvalue()

@@ -36,7 +36,6 @@ from kd_lib.io.manifest import IncompleteOutputError, finished_with_key, read_ma
 from kd_lib.models import build_classifier
 from kd_lib.models.store import MODEL_FILE, load_classifier, save_classifier
 
-log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.parquet"
 #: Fields that say where things go or how fast they run, not what is computed.

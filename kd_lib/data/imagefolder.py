@@ -8,7 +8,6 @@ palette, CMYK and alpha images included).
 from __future__ import annotations
 
 import io
-import logging
 import posixpath
 from dataclasses import dataclass
 
@@ -16,7 +15,6 @@ from PIL import Image, UnidentifiedImageError
 
 from kd_lib.io.fs import filesystem, join, list_folders
 
-log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 SPLITS = ("train", "val")

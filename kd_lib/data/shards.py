@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import logging
 import uuid
 
 import pyarrow as pa
@@ -24,7 +23,6 @@ from kd_lib.data.imagefolder import SPLITS, decode_rgb, list_classes, list_image
 from kd_lib.io.fs import filesystem, join, read_bytes, remove, write_bytes
 from kd_lib.io.manifest import published_files, read_manifest, stage_key, write_manifest
 
-log = logging.getLogger(__name__)
 
 SCHEMA = pa.schema([("image", pa.binary()), ("label", pa.int32()), ("path", pa.string())])
 READ_BATCH = 256

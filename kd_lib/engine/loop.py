@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import logging
 import math
 import signal
 import sys
@@ -40,7 +39,6 @@ from kd_lib.eval.accuracy import evaluate_classifier
 from kd_lib.io import checkpoint
 from kd_lib.io.fs import exists, join, write_bytes
 
-log = logging.getLogger(__name__)
 
 CHECKPOINT = "last.pt"
 METRICS = "metrics.parquet"
@@ -138,8 +136,6 @@ def fit(task: torch.nn.Module, train_set, val_set, settings: TrainSettings, chec
         scheduler.load_state_dict(state["scheduler"])
         epoch, start_batch, step, rows = state["epoch"], state["batch"], state["step"], state["rows"]
         sums.update(state["sums"])
-        log.warning("%s: resumed from %s at epoch %d, batch %d (step %d)", desc, ckpt_uri,
-                    epoch + 1, start_batch, step)
         print(f"{desc}: resumed from {ckpt_uri} at epoch {epoch + 1}, batch {start_batch}",
               file=sys.stderr, flush=True)
     torch.manual_seed(settings.seed + step)  # dropout and other in-model randomness

@@ -64,7 +64,7 @@ def model_view(name: str, input_size: int, config: EvaluateConfig) -> str:
 
 def evaluate_model(name: str, uri: str, classes: list[str], loader, config: EvaluateConfig,
                    device: torch.device) -> dict:
-    model, meta, _ = load_upstream(uri, name, classes)
+    model, meta, fingerprint = load_upstream(uri, name, classes)
     size = meta["input_size"]
     view = model_view(name, size, config)
     model.to(device)
@@ -73,7 +73,7 @@ def evaluate_model(name: str, uri: str, classes: list[str], loader, config: Eval
             "top1": accuracy["top1"], "top5": accuracy["top5"], "params": count_params(model),
             "gflops": count_gflops(model, size), "input_bytes": input_bytes(size),
             "latency_ms": latency_profile(model, size, device, repeats=config.latency_repeats),
-            "uri": uri}
+            "uri": uri, "fingerprint": fingerprint}
 
 
 def run(config: EvaluateConfig) -> dict:
@@ -95,7 +95,7 @@ def run(config: EvaluateConfig) -> dict:
                    {f"latency_ms_{k}": v for k, v in m["latency_ms"].items()} for m in models],
                   join(config.out, METRICS_FILE))
     write_report(summary, config.out)
-    inputs = {name: read_manifest(uri)["fingerprint"] for name, uri in config.models.items()}
+    inputs = {m["name"]: m["fingerprint"] for m in models}
     write_manifest(config.out, stage="evaluate", key=stage_key("evaluate", asdict(config), inputs),
                    files=[SUMMARY_FILE, METRICS_FILE, REPORT_FILE], info={"config": asdict(config)})
     print(format_table(summary))

@@ -68,22 +68,15 @@ def _coerce(value: Any, kind: Any, field: str) -> Any:
         if not isinstance(value, bool):
             raise ConfigError(field, f"must be true or false, got {value!r}")
         return value
-    if kind is int:
-        if isinstance(value, float) and value.is_integer():  # JSON/protobuf numbers (KFP structs)
-            return int(value)
-        if isinstance(value, bool) or not isinstance(value, (int, str)):
-            raise ConfigError(field, f"must be an integer, got {value!r}")
+    if kind in (int, float):
+        noun = "an integer" if kind is int else "a number"
+        fractional = kind is int and isinstance(value, float) and not value.is_integer()
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)) or fractional:
+            raise ConfigError(field, f"must be {noun}, got {value!r}")
         try:
-            return int(value)
+            return kind(value)  # an integral float (JSON/protobuf numbers of KFP structs) gives an int
         except ValueError:
-            raise ConfigError(field, f"must be an integer, got {value!r}") from None
-    if kind is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-            raise ConfigError(field, f"must be a number, got {value!r}")
-        try:
-            return float(value)
-        except ValueError:
-            raise ConfigError(field, f"must be a number, got {value!r}") from None
+            raise ConfigError(field, f"must be {noun}, got {value!r}") from None
     if kind is str:
         if not isinstance(value, str):
             raise ConfigError(field, f"must be a string, got {value!r}")
@@ -116,10 +109,6 @@ def from_dict(cls: type[T], data: Mapping[str, Any], where: str | None = None) -
         except ConfigError as err:
             raise ConfigError(err.field, err.message, where) from None
     return config
-
-
-def to_dict(config: Any) -> dict[str, Any]:
-    return dataclasses.asdict(config)
 
 
 def load_yaml(uri: str) -> dict[str, Any]:

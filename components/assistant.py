@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from components.common import StagePlan, TrainStageConfig, run_training_stage, stage_cli
 from kd_lib.config import check
 from kd_lib.distill.distiller import Distiller
+from kd_lib.distill.terms import LogitKD
 from kd_lib.models import build_classifier
 
 
@@ -29,7 +30,8 @@ def run(config: AssistantConfig) -> dict:
     def plan(classes, models):
         teacher, _ = models["teacher"]
         student = build_classifier(config.arch, len(classes))
-        task = Distiller(student, "hr", teacher, kd_alpha=config.kd_alpha, temperature=config.temperature)
+        task = Distiller(student, "hr", teacher, [LogitKD(config.kd_alpha, config.temperature)],
+                         ce_weight=1 - config.kd_alpha)
         return StagePlan(task, config.arch, "hr")
 
     return run_training_stage("assistant", config, {"teacher": config.teacher}, plan)

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from kd_lib.config import ConfigError
-from pipelines.pixel_distillation import DEFAULT_SETTINGS
+from pipelines.pixel_distillation import DEFAULT_SETTINGS, STUDENT_METHODS
 
 STAGE_MODULES = {
     "prepare-data": "components.prepare_data",
@@ -83,8 +83,9 @@ def check_params(params: dict) -> None:
     wiring = {"data": "-", "out": "-", **shared}
     stage_config("teacher", params.get("teacher_settings", {}), **wiring)
     stage_config("assistant", params.get("assistant_settings", {}), teacher="-", **wiring)
-    stage_config("student", params.get("student_settings", {}), assistant="-", method="tas", **wiring)
-    stage_config("student", params.get("onestage_settings", {}), teacher="-", method="isrd", **wiring)
+    for key, source in (("student", "assistant"), ("onestage", "teacher")):
+        settings = {"method": STUDENT_METHODS[key], **params.get(f"{key}_settings", {})}
+        stage_config("student", settings, **{source: "-"}, **wiring)
     stage_config("lr-baseline", params.get("lr_baseline_settings", {}), **wiring)
     stage_config("evaluate", params.get("evaluate_settings", {}), data="-", out="-", models={"m": "-"},
                  **{k: v for k, v in shared.items() if k != "seed"})

@@ -1,7 +1,7 @@
 """The classification pipeline as KFP v2 lightweight components.
 
-    prepare-data -> teacher -> assistant -> student (TAS)
-                         \\-> student-onestage (ISRD from the teacher)
+    prepare-data -> teacher -> assistant -> student (TAS: method tas from the assistant)
+                         \\-> student-onestage (method kd+isrd from the teacher)
                  -> lr-baseline
     all of them -> evaluate
 
@@ -16,7 +16,8 @@ local runs): it is an input of every task, so new code misses the cache.
 
 Pipeline parameters: the shared fields (``hr_size``, ``ratio``, ``seed``,
 the two architectures) and, per stage, a ``*_settings`` mapping of that
-stage's config fields (``{"epochs": 30, "lr": 0.05}``); unknown or bad fields
+stage's config fields (``{"epochs": 30, "lr": 0.05}``, and for the two
+students ``{"method": "crkd"}`` to change the method); unknown or bad fields
 fail the stage with an error naming the field.
 """
 
@@ -38,6 +39,11 @@ DEFAULT_SETTINGS = {
     "lr_baseline": {"epochs": 10, "lr": 0.05},
     "evaluate": {},
 }
+
+
+#: The two students' methods unless their settings say otherwise: TAS from the assistant, and
+#: one-stage pixel distillation (KD + ISRD) from the teacher.
+STUDENT_METHODS = {"student": "tas", "onestage": "kd+isrd"}
 
 
 def prepare_data_op(source: str, settings: dict, code_version: str, data: Output[Dataset]) -> str:
@@ -63,14 +69,14 @@ def assistant_op(data: Input[Dataset], data_fingerprint: str, code_version: str,
               hr_size=hr_size, ratio=ratio, seed=seed, checkpoint_root=checkpoint_root)
 
 
-def student_op(data: Input[Dataset], data_fingerprint: str, code_version: str, source: Input[Model], method: str,
-               settings: dict, arch: str, hr_size: int, ratio: int, seed: int, checkpoint_root: str,
-               model: Output[Model], metrics: Output[Metrics]):
-    """student: the small model at LR, distilled from the assistant (TAS) or the teacher (ISRD)."""
+def student_op(data: Input[Dataset], data_fingerprint: str, code_version: str, source: Input[Model],
+               source_field: str, default_method: str, settings: dict, arch: str, hr_size: int, ratio: int,
+               seed: int, checkpoint_root: str, model: Output[Model], metrics: Output[Metrics]):
+    """student: the small model at LR, distilled from ``source`` (the assistant or the teacher)
+    with ``default_method`` unless the settings name another ``method``."""
     from components.kfp_entry import run_stage
-    source_field = "assistant" if method == "tas" else "teacher"
-    run_stage("student", settings, metrics, data=data.uri, out=model.uri, method=method, arch=arch,
-              hr_size=hr_size, ratio=ratio, seed=seed, checkpoint_root=checkpoint_root,
+    run_stage("student", {"method": default_method, **settings}, metrics, data=data.uri, out=model.uri,
+              arch=arch, hr_size=hr_size, ratio=ratio, seed=seed, checkpoint_root=checkpoint_root,
               **{source_field: source.uri})
 
 
@@ -129,9 +135,11 @@ def build_pipeline(image: str = DEFAULT_IMAGE):
         teacher = train_teacher(settings=teacher_settings, arch=teacher_arch, **common)
         assistant = train_assistant(teacher=teacher.outputs["model"], settings=assistant_settings,
                                     arch=student_arch, **common)
-        student = train_student(source=assistant.outputs["model"], method="tas", settings=student_settings,
+        student = train_student(source=assistant.outputs["model"], source_field="assistant",
+                                default_method=STUDENT_METHODS["student"], settings=student_settings,
                                 arch=student_arch, **common)
-        onestage = train_student(source=teacher.outputs["model"], method="isrd", settings=onestage_settings,
+        onestage = train_student(source=teacher.outputs["model"], source_field="teacher",
+                                 default_method=STUDENT_METHODS["onestage"], settings=onestage_settings,
                                  arch=student_arch, **common)
         baseline = train_lr_baseline(settings=lr_baseline_settings, arch=student_arch, **common)
         for task, name in ((teacher, "teacher"), (assistant, "assistant"), (student, "student"),

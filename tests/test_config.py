@@ -56,12 +56,16 @@ def test_stage_configs_check_values():
         from_dict(TeacherConfig, {"out": "o"})
     with pytest.raises(ConfigError, match="'assistant'.*required with method tas"):
         from_dict(StudentConfig, base)
-    with pytest.raises(ConfigError, match="'assistant'.*not used with method isrd"):
-        from_dict(StudentConfig, {**base, "method": "isrd", "teacher": "t", "assistant": "a"})
+    with pytest.raises(ConfigError, match="'teacher'.*not both"):
+        from_dict(StudentConfig, {**base, "method": "kd+isrd", "teacher": "t", "assistant": "a"})
+    with pytest.raises(ConfigError, match="'teacher'.*required with method 'at'"):
+        from_dict(StudentConfig, {**base, "method": "at"})
+    with pytest.raises(ConfigError, match="'teacher'.*not used with method 'ce'"):
+        from_dict(StudentConfig, {**base, "method": "ce", "teacher": "t"})
     with pytest.raises(ConfigError, match="'milestones'"):
         from_dict(TeacherConfig, {**base, "schedule": "step"})
-    with pytest.raises(ConfigError, match="'method'.*one of"):
-        from_dict(StudentConfig, {**base, "method": "fitnet", "assistant": "a"})
+    with pytest.raises(ConfigError, match="'method'.*'fitnets' is not a method"):
+        from_dict(StudentConfig, {**base, "method": "fitnets", "assistant": "a"})
 
 
 def test_yaml_file_and_flags_flags_win(tmp_path):

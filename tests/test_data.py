@@ -99,6 +99,15 @@ def test_fingerprint_depends_on_content_not_location(imagefolder, tmp_path):
     assert prepare_imagefolder(str(imagefolder), str(tmp_path / "b"))["data_fingerprint"] != first["data_fingerprint"]
 
 
+def test_max_per_class_keeps_the_first_images_of_each_class(imagefolder, tmp_path):
+    full = prepare_imagefolder(str(imagefolder), str(tmp_path / "full"))
+    subset = prepare_imagefolder(str(imagefolder), str(tmp_path / "subset"), max_per_class=3)
+    assert (subset["splits"]["train"]["images"], subset["splits"]["val"]["images"]) == (9, 9)
+    dataset = ShardedImageDataset(str(tmp_path / "subset"), "train", PairedTransform(32, 4, train=False))
+    assert dataset.paths == [f"train/class{c}/{i:03d}.png" for c in range(3) for i in range(3)]
+    assert subset["data_fingerprint"] != full["data_fingerprint"]
+
+
 def assert_nothing_published(out):
     assert not out.exists() or not any(out.iterdir()), sorted(p.name for p in out.iterdir())
 

@@ -12,6 +12,7 @@ from kd_lib.data.imagefolder import DataError
 from kd_lib.data.shards import ShardedImageDataset
 from kd_lib.data.transforms import PairedTransform
 from kd_lib.distill.distiller import Distiller
+from kd_lib.distill.methods import DistillSettings, build_distiller
 from kd_lib.engine.loop import NonFiniteLossError, TrainingInterrupted, fit
 from kd_lib.io.manifest import IncompleteOutputError, read_manifest
 from kd_lib.models import build_classifier
@@ -42,23 +43,31 @@ class KillAt(Distiller):
         return super().forward(hr, lr, labels)
 
 
-def train_student(data, tmp_path, name, kill_step=None):
+def train_student(data, tmp_path, name, method, kill_step=None):
     torch.manual_seed(0)
     model = build_classifier("resnet18", 3)
-    task = KillAt(model, "lr", step=kill_step) if kill_step else Distiller(model, "lr")
+    source = None if method == "ce" else build_classifier("resnet18", 3)
+    task = build_distiller(DistillSettings(method=method, isrd_weight=1.0), model, source, hr_size=32,
+                           student_input_size=8)
+    if kill_step:
+        task = KillAt(model, "lr", task.teacher, list(task.terms), task.ce_weight, step=kill_step)
     settings = from_dict(teacher.TeacherConfig, {**TINY, "data": data, "out": "x", "epochs": 3})
     return task, fit(task, *datasets(data), settings, str(tmp_path / name), val_view="lr")
 
 
-def test_an_interrupted_run_resumes_to_the_same_weights(prepared, tmp_path):
-    reference, reference_rows = train_student(prepared, tmp_path, "straight")
+@pytest.mark.parametrize("method", ["ce", "crkd+isrd"])
+def test_an_interrupted_run_resumes_to_the_same_weights(prepared, tmp_path, method):
+    reference, reference_rows = train_student(prepared, tmp_path, "straight", method)
     with pytest.raises(TrainingInterrupted, match="SIGTERM"):
-        train_student(prepared, tmp_path, "resumed", kill_step=13)  # mid-epoch 2 (9 batches an epoch)
+        train_student(prepared, tmp_path, "resumed", method, kill_step=13)  # mid-epoch 2 (9 batches an epoch)
     state = torch.load(tmp_path / "resumed" / "last.pt", weights_only=True)
     assert (state["epoch"], state["batch"], state["step"]) == (1, 4, 13)
-    resumed, rows = train_student(prepared, tmp_path, "resumed")
-    for (name, a), b in zip(reference.student.state_dict().items(), resumed.student.state_dict().values()):
+    resumed, rows = train_student(prepared, tmp_path, "resumed", method)
+    for (name, a), b in zip(reference.trainable_state_dict()["student"].items(),
+                            resumed.trainable_state_dict()["student"].values()):
         torch.testing.assert_close(a, b, msg=name)
+    for (name, a), b in zip(reference.terms.state_dict().items(), resumed.terms.state_dict().values()):
+        torch.testing.assert_close(a, b, msg=name)  # ISRD decoder, discriminator
     assert [r["epoch"] for r in rows] == [1, 2, 3]
     assert rows[-1]["train_loss"] == pytest.approx(reference_rows[-1]["train_loss"])
 
@@ -88,11 +97,11 @@ def test_students_of_both_methods_train_from_upstream_outputs(prepared, trained_
                              epochs=1))
     s = student.run(config(student.StudentConfig, prepared, tmp_path / "s", assistant=str(tmp_path / "a"),
                            epochs=1, isrd_weight=5.0))
-    o = student.run(config(student.StudentConfig, prepared, tmp_path / "o", method="isrd",
+    o = student.run(config(student.StudentConfig, prepared, tmp_path / "o", method="kd+isrd",
                            teacher=trained_teacher, epochs=1, isrd_weight=1.0))
     assert {"train_ce", "train_kd", "train_feature", "train_isrd"} <= set(s["final"])
     assert {"train_ce", "train_kd", "train_isrd"} <= set(o["final"]) and "train_feature" not in o["final"]
-    assert a["stage"] == "assistant" and o["stage"] == "student-onestage"
+    assert a["stage"] == "assistant" and o["stage"] == "student"
     summary = evaluate.run(from_dict(evaluate.EvaluateConfig, {
         "data": prepared, "out": str(tmp_path / "eval"), "hr_size": 32, "ratio": 4, "latency_repeats": 1,
         "models": {"teacher": trained_teacher, "student": str(tmp_path / "s")}}))
@@ -102,7 +111,7 @@ def test_students_of_both_methods_train_from_upstream_outputs(prepared, trained_
 
 
 def test_tas_student_must_keep_the_assistants_architecture(prepared, trained_teacher, tmp_path):
-    with pytest.raises(Exception, match="TAS trains the assistant's architecture"):
+    with pytest.raises(Exception, match="starts from the assistant.s weights, so it has the assistant.s architecture"):
         student.run(config(student.StudentConfig, prepared, tmp_path / "s", assistant=trained_teacher,
                            arch="mobilenet_v3_small"))
     assert not (tmp_path / "s").exists()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import io
 import uuid
+from collections import Counter
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -38,8 +39,11 @@ def _write_shard(out: str, name: str, rows: dict[str, list]) -> None:
     write_bytes(join(out, name), buffer.getvalue())
 
 
-def prepare_imagefolder(source: str, out: str, shard_size: int = 4096) -> dict:
+def prepare_imagefolder(source: str, out: str, shard_size: int = 4096, max_per_class: int = 0) -> dict:
     """Validate the ImageFolder at ``source`` and publish it as shards under ``out``.
+
+    ``max_per_class > 0`` keeps the first ``max_per_class`` images (in sorted
+    path order) of each class in each split: a quick, reproducible subset.
 
     On any error, the shards written so far are removed and no manifest is
     written; the error names the offending file or folder. Shard names carry
@@ -48,6 +52,14 @@ def prepare_imagefolder(source: str, out: str, shard_size: int = 4096) -> dict:
     """
     classes = list_classes(source)
     records = list_images(source, classes)
+    if max_per_class:
+        seen: Counter = Counter()
+        kept = []
+        for record in records:
+            seen[record.split, record.label] += 1
+            if seen[record.split, record.label] <= max_per_class:
+                kept.append(record)
+        records = kept
     fs, root = filesystem(source)
     digest = hashlib.sha256("\n".join(classes).encode())
     written: list[str] = []

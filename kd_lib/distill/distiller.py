@@ -1,20 +1,20 @@
-"""How one training step wires student, teacher and losses, for every stage.
+"""How one training step wires student, teacher and loss terms, for every stage.
 
 The loss of a step is
 
-    L = (1 - alpha) CE(z_s, y) + alpha L_kd(z_s, z_t) + eta L_isrd + beta L_feat
+    L = (1 - alpha) CE(z_s, y) + sum_i w_i L_i
 
-- teacher and LR baseline: no teacher, ``alpha = 0``: cross-entropy alone;
+over the method's terms (:mod:`kd_lib.distill.terms`, chosen by
+:mod:`kd_lib.distill.methods`), ``alpha`` the logit-KD weight:
+
+- teacher and LR baseline: no teacher, no terms: cross-entropy alone;
 - assistant (model compression): HR student, HR teacher, Hinton KD;
-- student, TAS input compression: LR student initialised from the HR
-  assistant, KD from it, its intermediate features upsampled to the
-  assistant's and matched by MSE (``beta``), and ISRD (``eta``);
-- student, one-stage pixel distillation: LR student, HR teacher, KD + ISRD.
+- student (input compression): LR student, HR teacher or assistant, any
+  method of :mod:`kd_lib.distill.methods`.
 
-(Guo et al., Pixel Distillation, TPAMI 2024; METHODS.md.) Features are taken
-by forward hooks for the duration of the step; forwards are never rewritten.
-The teacher is frozen and kept in eval mode whatever ``train()`` is called
-with, so its BatchNorm statistics never drift.
+Features are taken by forward hooks for the duration of the step; forwards
+are never rewritten. The teacher is frozen and kept in eval mode whatever
+``train()`` is called with, so its BatchNorm statistics never drift.
 """
 
 from __future__ import annotations
@@ -25,35 +25,39 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kd_lib.losses import ISRDLoss, KDLoss, UpsampledFeatureMSE
-from kd_lib.models import FeatureCapture, feature_shapes, input_module_name
+from kd_lib.distill.terms import StepOutputs, Term
+from kd_lib.losses import AdversarialLoss
+from kd_lib.models import FeatureCapture, classifier_module_name
 
 View = Literal["hr", "lr"]
 
 
 class Distiller(nn.Module):
-    """``forward(hr, lr, labels) -> (loss, terms)`` for one batch (see the module docstring)."""
+    """``forward(hr, lr, labels) -> (loss, terms)`` for one batch (see the module docstring).
 
-    def __init__(self, student: nn.Module, student_view: View, teacher: nn.Module | None = None, *,
-                 kd_alpha: float = 0.0, temperature: float = 4.0,
-                 isrd_weight: float = 0.0, hr_size: int = 0, student_input_size: int = 0,
-                 feature_layers: list[str] | None = None, feature_weight: float = 0.0):
+    Args:
+        student: the model trained.
+        student_view: which image the student sees, ``"hr"`` or ``"lr"``.
+        teacher: the frozen model that sees the HR image; needed by every
+            term but ISRD.
+        terms: the loss terms besides cross-entropy.
+        ce_weight: weight of the cross-entropy, ``1 - alpha``.
+    """
+
+    def __init__(self, student: nn.Module, student_view: View, teacher: nn.Module | None = None,
+                 terms: list[Term] = (), ce_weight: float = 1.0):
         super().__init__()
-        if teacher is None and (kd_alpha or feature_weight):
-            raise ValueError("knowledge distillation (kd_alpha, feature_weight) needs a teacher")
+        if teacher is None and any(term.needs_teacher for term in terms):
+            raise ValueError("these loss terms distil from a teacher: give one")
         self.student, self.student_view, self.teacher = student, student_view, teacher
-        self.kd_alpha = kd_alpha
-        self.kd = KDLoss(temperature) if kd_alpha else None
         if teacher is not None:
             teacher.requires_grad_(False).eval()
-        self.isrd_weight, self.isrd, self.input_module = isrd_weight, None, None
-        if isrd_weight:
-            self.input_module = input_module_name(student)
-            shape = feature_shapes(student, [self.input_module], student_input_size)[self.input_module]
-            self.isrd = ISRDLoss(shape[0], shape[-1], hr_size)
-        self.feature_weight = feature_weight
-        self.feature_layers = list(feature_layers or []) if feature_weight else []
-        self.feature = UpsampledFeatureMSE() if self.feature_layers else None
+        self.terms = nn.ModuleList(terms)
+        self.ce_weight = ce_weight
+        self.student_layers = list(dict.fromkeys(n for t in terms for n in t.student_layers))
+        self.teacher_layers = list(dict.fromkeys(n for t in terms for n in t.teacher_layers))
+        self.embeddings = any(term.needs_embeddings for term in terms)
+        self.progress = 0.0
 
     def train(self, mode: bool = True) -> Distiller:
         super().train(mode)
@@ -61,37 +65,54 @@ class Distiller(nn.Module):
             self.teacher.eval()
         return self
 
+    def set_progress(self, epochs: float) -> None:
+        """Tell the terms how many epochs are done (for warm-ups and ramps)."""
+        self.progress = epochs
+
+    def _run(self, model: nn.Module, image: torch.Tensor, layers: list[str]):
+        embedding_at = [classifier_module_name(model)] if self.embeddings else []
+        with FeatureCapture(model, layers) as features, \
+                FeatureCapture(model, embedding_at, inputs=True) as embedding:
+            logits = model(image)
+        return logits, features, embedding[embedding_at[0]] if embedding_at else None
+
     def forward(self, hr: torch.Tensor, lr: torch.Tensor, labels: torch.Tensor
                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         student_input = hr if self.student_view == "hr" else lr
-        names = ([self.input_module] if self.isrd else []) + self.feature_layers
-        with FeatureCapture(self.student, names) as student_features:
-            logits = self.student(student_input)
-        terms = {"ce": F.cross_entropy(logits, labels)}
-        loss = (1 - self.kd_alpha) * terms["ce"]
-        if self.teacher is not None:
-            with torch.no_grad(), FeatureCapture(self.teacher, self.feature_layers) as teacher_features:
-                teacher_logits = self.teacher(hr)
-            if self.kd is not None:
-                terms["kd"] = self.kd(logits, teacher_logits)
-                loss = loss + self.kd_alpha * terms["kd"]
-            if self.feature is not None:
-                terms["feature"] = self.feature([student_features[n] for n in self.feature_layers],
-                                                [teacher_features[n] for n in self.feature_layers])
-                loss = loss + self.feature_weight * terms["feature"]
-        if self.isrd is not None:
-            terms["isrd"] = self.isrd(student_features[self.input_module], hr)
-            loss = loss + self.isrd_weight * terms["isrd"]
-        return loss, {name: value.detach() for name, value in terms.items()}
+        logits, student_features, student_embedding = self._run(self.student, student_input, self.student_layers)
+        values = {"ce": F.cross_entropy(logits, labels)}
+        loss = self.ce_weight * values["ce"]
+        teacher_logits, teacher_features, teacher_embedding = None, {}, None
+        if self.teacher is not None and self.terms:
+            with torch.no_grad():
+                teacher_logits, teacher_features, teacher_embedding = self._run(self.teacher, hr, self.teacher_layers)
+        step = StepOutputs(hr, labels, logits, teacher_logits, student_features, teacher_features,
+                           student_embedding, teacher_embedding, self.progress)
+        for term in self.terms:
+            for name, value in term(step).items():
+                values[name] = value
+                weight = term.weights.get(name, 0.0)
+                if weight:
+                    loss = loss + weight * value
+        return loss, {name: value.detach() for name, value in values.items()}
+
+    def _adversaries(self) -> list[AdversarialLoss]:
+        return [m for m in self.modules() if isinstance(m, AdversarialLoss)]
+
+    def optimized_parameters(self) -> list[nn.Parameter]:
+        """What the training loop's optimizer updates: everything trainable but the
+        adversarial discriminators, which step with their own optimizers."""
+        own = {id(p) for adversary in self._adversaries() for p in adversary.parameters()}
+        return [p for p in self.parameters() if p.requires_grad and id(p) not in own]
 
     def trainable_state_dict(self) -> dict:
-        """Everything that training changes: the student and the ISRD decoder."""
-        state = {"student": self.student.state_dict()}
-        if self.isrd is not None:
-            state["isrd"] = self.isrd.state_dict()
-        return state
+        """Everything that training changes: the student, the terms' modules (ISRD decoder,
+        adapters, discriminator) and the discriminators' optimizers."""
+        return {"student": self.student.state_dict(), "terms": self.terms.state_dict(),
+                "adversaries": [a.optimizer_state_dict() for a in self._adversaries()]}
 
     def load_trainable_state_dict(self, state: dict) -> None:
         self.student.load_state_dict(state["student"])
-        if self.isrd is not None:
-            self.isrd.load_state_dict(state["isrd"])
+        self.terms.load_state_dict(state["terms"])
+        for adversary, optimizer_state in zip(self._adversaries(), state["adversaries"], strict=True):
+            adversary.load_optimizer_state_dict(optimizer_state)

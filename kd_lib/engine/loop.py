@@ -1,7 +1,8 @@
 """The one training loop of every classification stage.
 
 ``fit`` trains a :class:`~kd_lib.distill.distiller.Distiller` (any module with
-``forward(hr, lr, labels) -> (loss, terms)``, a ``student`` and
+``forward(hr, lr, labels) -> (loss, terms)``, a ``student``,
+``optimized_parameters``, ``set_progress`` and
 ``trainable_state_dict``/``load_trainable_state_dict``):
 
 - seeded: model init, batch order and every crop come from ``settings.seed``;
@@ -123,7 +124,7 @@ def fit(task: torch.nn.Module, train_set, val_set, settings: TrainSettings, chec
     """Train ``task`` and return its metrics rows (see the module docstring)."""
     device = resolve_device(settings.device)
     task.to(device)
-    params = [p for p in task.parameters() if p.requires_grad]
+    params = task.optimized_parameters()
     optimizer = build_optimizer(params, settings)
     steps_per_epoch = len(EpochBatchSampler(len(train_set), settings.batch_size, settings.seed, 0))
     scheduler = build_scheduler(optimizer, settings, steps_per_epoch)
@@ -157,6 +158,7 @@ def fit(task: torch.nn.Module, train_set, val_set, settings: TrainSettings, chec
                        mininterval=0.5 if sys.stderr.isatty() else 10, dynamic_ncols=True)
             for batch, (hr, lr_images, labels) in enumerate(bar, start=start_batch):
                 hr, lr_images, labels = (t.to(device, non_blocking=True) for t in (hr, lr_images, labels))
+                task.set_progress(step / steps_per_epoch)
                 with autocast(device, settings.amp):
                     loss, terms = task(hr, lr_images, labels)
                 if not torch.isfinite(loss):

@@ -3,6 +3,7 @@
 from kd_lib.models.backbones import (
     available_architectures,
     build_classifier,
+    classifier_module_name,
     default_feature_layers,
     input_module_name,
 )
@@ -14,6 +15,7 @@ __all__ = [
     "ISRDDecoder",
     "available_architectures",
     "build_classifier",
+    "classifier_module_name",
     "default_feature_layers",
     "feature_shapes",
     "input_module_name",

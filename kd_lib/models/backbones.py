@@ -1,17 +1,24 @@
 """Classification backbones by name, and the layers distillation reads from them.
 
-Teacher, assistant and student are all torchvision classification models,
-built from scratch (``weights=None``): nothing is downloaded.
+An architecture is a torchvision classification model name (``resnet18``) or a
+timm model with keyword arguments, ``timm:NAME,key=value,...``, for example
+``timm:vit_tiny_patch16_224,patch_size=4,img_size=64`` (a ViT-Tiny with 4 px
+patches). Everything is built from scratch (no pretrained weights): nothing is
+downloaded. The architecture string alone rebuilds the model, so it is what
+stage outputs record.
 """
 
 from __future__ import annotations
 
+import ast
 import difflib
 
+import timm
 import torch.nn as nn
 import torchvision
 
 RESNET_FEATURE_LAYERS: tuple[str, ...] = ("layer1", "layer2", "layer3", "layer4")
+TIMM_PREFIX = "timm:"
 
 
 def available_architectures() -> list[str]:
@@ -19,27 +26,74 @@ def available_architectures() -> list[str]:
     return torchvision.models.list_models(module=torchvision.models)
 
 
-def build_classifier(arch: str, num_classes: int) -> nn.Module:
-    """A randomly initialised torchvision classifier ``arch`` with ``num_classes`` outputs.
+def _unknown(arch: str, names: list[str], where: str) -> ValueError:
+    close = difflib.get_close_matches(arch, names, n=5)
+    hint = f"close matches: {', '.join(close)}" if close else "no close match"
+    return ValueError(f"unknown architecture {arch!r} ({hint}); see {where}")
 
-    ResNets and MobileNetV3 end in adaptive average pooling, so they run at any
-    input side from 8 px up, which the LR student needs (HR / K with K up to 8
-    on 64 px data). Models with a fixed input size (the ViTs) keep it.
+
+def parse_timm_arch(arch: str) -> tuple[str, dict]:
+    """``"timm:NAME,k=v,..."`` -> ``(NAME, {k: v})``; values are Python literals, else strings.
 
     Raises:
-        ValueError: ``arch`` is not a torchvision classification model; the
-            message lists close matches.
+        ValueError: a keyword argument is not ``key=value``.
     """
-    names = available_architectures()
-    if arch not in names:
-        close = difflib.get_close_matches(arch, names, n=5)
-        hint = f"close matches: {', '.join(close)}" if close else "no close match"
-        raise ValueError(
-            f"unknown architecture {arch!r} ({hint}); "
-            "see torchvision.models.list_models(module=torchvision.models)"
-        )
+    name, *pairs = arch[len(TIMM_PREFIX):].split(",")
+    kwargs = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"architecture {arch!r}: {pair!r} is not key=value")
+        try:
+            kwargs[key.strip()] = ast.literal_eval(value.strip())
+        except (ValueError, SyntaxError):
+            kwargs[key.strip()] = value.strip()
+    return name.strip(), kwargs
+
+
+def _build_timm(arch: str, num_classes: int) -> nn.Module:
+    """timm model ``NAME`` with ``num_classes`` and the arch's keyword arguments.
+
+    ``dynamic_img_size=True`` is added for models that take it (the ViTs), so
+    one model runs at any input size, its position embedding resampled to the
+    patch grid: the HR assistant's weights then initialise the LR student.
+    An explicit ``dynamic_img_size`` in the arch string wins.
+    """
+    name, kwargs = parse_timm_arch(arch)
+    if name not in timm.list_models():
+        raise _unknown(name, timm.list_models(), "timm.list_models()")
+    if "dynamic_img_size" in kwargs:
+        return timm.create_model(name, pretrained=False, num_classes=num_classes, **kwargs)
+    try:
+        return timm.create_model(name, pretrained=False, num_classes=num_classes,
+                                 dynamic_img_size=True, **kwargs)
+    except TypeError as err:
+        if "dynamic_img_size" not in str(err):
+            raise
+        return timm.create_model(name, pretrained=False, num_classes=num_classes, **kwargs)
+
+
+def build_classifier(arch: str, num_classes: int) -> nn.Module:
+    """A randomly initialised classifier ``arch`` with ``num_classes`` outputs.
+
+    ``arch`` is a torchvision model name or ``timm:NAME,key=value,...`` (see
+    the module docstring). ResNets and MobileNetV3 end in adaptive average
+    pooling, so they run at any input side from 8 px up, which the LR student
+    needs (HR / K with K up to 8 on 64 px data); timm ViTs run at any multiple
+    of their patch size; torchvision's ViTs keep their fixed input size.
+
+    Raises:
+        ValueError: ``arch`` is unknown (the message lists close matches), its
+            keyword arguments are malformed, or ``num_classes < 1``.
+        TypeError: timm rejects a keyword argument.
+    """
     if num_classes < 1:
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+    if arch.startswith(TIMM_PREFIX):
+        return _build_timm(arch, num_classes)
+    names = available_architectures()
+    if arch not in names:
+        raise _unknown(arch, names, "torchvision.models.list_models(module=torchvision.models)")
     return torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
 
 
@@ -49,9 +103,10 @@ def input_module_name(model: nn.Module) -> str:
     The output of this module is the ISRD feature (Guo et al., Pixel
     Distillation, TPAMI 2024; official code gyguo/PixelDistillation): for a
     ResNet ``"conv1"``, whose output is taken before BN and ReLU; for
-    MobileNetV3 ``"features.0.0"``; for a torchvision ViT ``"conv_proj"``, the
-    patch embedding as a ``D x sqrt(N) x sqrt(N)`` map before the class token
-    and position embedding.
+    MobileNetV3 ``"features.0.0"``; for a ViT (timm ``"patch_embed.proj"``,
+    torchvision ``"conv_proj"``) the patch embedding as a
+    ``D x sqrt(N) x sqrt(N)`` map before the class token and the position
+    embedding.
 
     Raises:
         ValueError: the model has no ``nn.Conv2d``.
@@ -62,6 +117,22 @@ def input_module_name(model: nn.Module) -> str:
     raise ValueError(
         f"{type(model).__name__} has no nn.Conv2d, so no input module for ISRD"
     )
+
+
+def classifier_module_name(model: nn.Module) -> str:
+    """Name of the model's classifier: its last ``nn.Linear`` in ``named_modules()`` order.
+
+    The classifier's *input* is the embedding that CRKD distils (the pooled
+    penultimate feature): ResNet ``"fc"``, timm ViT ``"head"`` (after the class
+    token pooling and the final norm), MobileNetV3 ``"classifier.3"``.
+
+    Raises:
+        ValueError: the model has no ``nn.Linear``.
+    """
+    names = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+    if not names:
+        raise ValueError(f"{type(model).__name__} has no nn.Linear, so no classifier input to distil")
+    return names[-1]
 
 
 def default_feature_layers(model: nn.Module) -> list[str]:

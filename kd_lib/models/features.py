@@ -24,6 +24,9 @@ class FeatureCapture(Mapping[str, Any]):
             logits = model(x)
             feats["conv1"]  # the conv1 output, before BN and ReLU
 
+    With ``inputs=True`` a pre-hook keeps each module's first positional
+    *input* instead (for example the embedding that enters a classifier).
+
     Leaving the ``with`` block, or ``close()``, removes the hooks; the outputs
     already captured stay readable.
 
@@ -32,20 +35,27 @@ class FeatureCapture(Mapping[str, Any]):
             lists the unknown names and close matches.
     """
 
-    def __init__(self, model: nn.Module, names: Sequence[str]) -> None:
+    def __init__(self, model: nn.Module, names: Sequence[str], inputs: bool = False) -> None:
         modules = dict(model.named_modules())
         unknown = [name for name in names if name not in modules]
         if unknown:
             raise ValueError(_unknown_names_message(unknown, list(modules)))
         self._outputs: dict[str, Any] = {}
         self._handles: list[RemovableHandle] = [
-            modules[name].register_forward_hook(self._store(name))
+            modules[name].register_forward_pre_hook(self._store_input(name)) if inputs
+            else modules[name].register_forward_hook(self._store_output(name))
             for name in dict.fromkeys(names)
         ]
 
-    def _store(self, name: str) -> Callable[[nn.Module, tuple[Any, ...], Any], None]:
+    def _store_output(self, name: str) -> Callable[[nn.Module, tuple[Any, ...], Any], None]:
         def hook(module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
             self._outputs[name] = output
+
+        return hook
+
+    def _store_input(self, name: str) -> Callable[[nn.Module, tuple[Any, ...]], None]:
+        def hook(module: nn.Module, inputs: tuple[Any, ...]) -> None:
+            self._outputs[name] = inputs[0]
 
         return hook
 

@@ -1,0 +1,170 @@
+"""Distillation methods: parsing, wiring of every method, the adversarial update, ViT students."""
+
+import copy
+import re
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from components import evaluate, student, teacher
+from kd_lib.config import ConfigError, from_dict
+from kd_lib.distill.methods import METHODS, DistillSettings, build_distiller
+from kd_lib.distill.terms import CrossResolutionKD
+from kd_lib.eval.cost import count_gflops
+from kd_lib.models import build_classifier, classifier_module_name, input_module_name
+from kd_lib.models.store import load_classifier
+
+VIT = "timm:vit_tiny_patch16_224,patch_size=4,img_size=64,depth=1,num_heads=2,embed_dim=32"
+
+
+def settings(method, **fields):
+    config = DistillSettings(method=method, **fields)
+    config.validate()
+    return config
+
+
+@pytest.mark.parametrize("method, words", [
+    ("fitnets", "'fitnets' is not a method"),
+    ("kd+kd", "names a method twice"),
+    ("ce+isrd", "ce (cross-entropy alone) combines with nothing"),
+    ("kd+dkd", "kd and dkd each carry the logit term"),
+    ("tas+crkd", "tas and crkd each carry the logit term"),
+])
+def test_bad_methods_are_named(method, words):
+    with pytest.raises(ConfigError, match=re.escape(words)) as err:
+        settings(method)
+    assert err.value.field == "method"
+
+
+def test_method_parts_expand_aliases_and_decide_the_ce_weight():
+    assert settings("tas+at").components == ("kd", "feature", "isrd", "at")
+    assert settings("ce").components == () and not settings("ce").needs_teacher
+    assert not settings("isrd").needs_teacher and settings("kd+isrd").needs_teacher
+    assert settings("crkd", kd_alpha=0.7).logit_alpha == 0.7
+    assert settings("dkd").logit_alpha == 0.0 and settings("at").logit_alpha == 0.0
+
+
+@pytest.fixture(scope="module")
+def batch():
+    torch.manual_seed(0)
+    hr = torch.randn(6, 3, 32, 32)
+    return hr, F.interpolate(hr, size=8, mode="bilinear", antialias=True), torch.randint(0, 3, (6,))
+
+
+EXPECTED_TERMS = {
+    "ce": set(), "kd": {"kd"}, "dkd": {"dkd"}, "fitnet": {"fitnet"}, "at": {"at"}, "sp": {"sp"},
+    "crkd": {"kd", "embed", "pair", "mmd", "adv", "discriminator"}, "isrd": {"isrd"},
+    "feature": {"feature"}, "tas": {"kd", "feature", "isrd"},
+}
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_trains_the_student_and_never_the_teacher(method, batch):
+    torch.manual_seed(0)
+    model, teacher_model = build_classifier("resnet18", 3), build_classifier("resnet18", 3)
+    frozen = copy.deepcopy(teacher_model.state_dict())
+    task = build_distiller(settings(method), model, teacher_model, hr_size=32, student_input_size=8)
+    task.train()
+    assert task.teacher is None or not task.teacher.training
+    loss, terms = task(*batch)
+    loss.backward()
+    assert set(terms) == {"ce"} | EXPECTED_TERMS[method] and torch.isfinite(loss)
+    weighted = sum(w * terms[n] for term in task.terms for n, w in term.weights.items() if w)
+    torch.testing.assert_close(loss.detach(), task.ce_weight * terms["ce"] + weighted)
+    assert all(p.grad is None for p in teacher_model.parameters())
+    assert model.conv1.weight.grad is not None and model.conv1.weight.grad.abs().sum() > 0
+    for name, value in teacher_model.state_dict().items():
+        torch.testing.assert_close(value, frozen[name], msg=name)  # BatchNorm statistics included
+
+
+def test_feature_pairing_needs_one_architecture():
+    with pytest.raises(ConfigError, match="'layer1' has 64 channels in the student and 256 in the teacher"):
+        build_distiller(settings("feature"), build_classifier("resnet18", 3), build_classifier("resnet50", 3),
+                        hr_size=32, student_input_size=8)
+
+
+def test_default_layers_need_a_resnet_or_an_explicit_list():
+    with pytest.raises(ConfigError, match="no default feature layers for VisionTransformer") as err:
+        build_distiller(settings("at"), build_classifier(VIT, 3), build_classifier("resnet18", 3),
+                        hr_size=32, student_input_size=8)
+    assert err.value.field == "at_layers"
+
+
+def test_dkd_warms_up_linearly(batch):
+    task = build_distiller(settings("dkd", dkd_warmup=2.0), build_classifier("resnet18", 3),
+                           build_classifier("resnet18", 3), hr_size=32, student_input_size=8).eval()
+    values = []
+    for progress in (0.0, 1.0, 2.0, 5.0):
+        task.set_progress(progress)
+        values.append(task(*batch)[1]["dkd"].item())
+    assert values[0] == 0.0
+    assert values[1] == pytest.approx(values[2] / 2) and values[2] == pytest.approx(values[3])
+
+
+def test_crkd_discriminator_steps_with_its_own_optimizer_only(batch):
+    torch.manual_seed(0)
+    task = build_distiller(settings("crkd", crkd_adv_lr=1e-2), build_classifier("resnet18", 3),
+                           build_classifier("resnet34", 3), hr_size=32, student_input_size=8).train()
+    crkd = next(t for t in task.terms if isinstance(t, CrossResolutionKD))
+    adversary = crkd.adversary
+    discriminator = set(map(id, adversary.parameters()))
+    main = task.optimized_parameters()
+    assert not discriminator & set(map(id, main))
+    assert set(map(id, crkd.adapter.parameters())) <= set(map(id, main))  # 512 -> 512: Identity, no params
+    assert {id(p) for group in adversary.optimizer.param_groups for p in group["params"]} == discriminator
+    before = copy.deepcopy(adversary.discriminator.state_dict())
+    optimizer = torch.optim.SGD(main, lr=0.1)
+    loss, _ = task(*batch)
+    after_step = copy.deepcopy(adversary.discriminator.state_dict())
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    assert any(not torch.equal(before[n], after_step[n]) for n in before)  # its own step, in the forward
+    for name, value in adversary.discriminator.state_dict().items():
+        torch.testing.assert_close(value, after_step[name], msg=name)  # the student's step left it alone
+    assert all(p.grad is None for p in adversary.parameters())  # the generator loss wrote no gradient
+    state = task.trainable_state_dict()
+    assert state["adversaries"][0]["state"]  # the discriminator's Adam moments are checkpointed
+    task.eval()
+    frozen = copy.deepcopy(adversary.discriminator.state_dict())
+    task(*batch)
+    for name, value in adversary.discriminator.state_dict().items():
+        torch.testing.assert_close(value, frozen[name], msg=name)  # no update outside training
+
+
+def test_timm_architectures_parse_and_run_at_any_size():
+    model = build_classifier(VIT, 5)
+    assert (input_module_name(model), classifier_module_name(model)) == ("patch_embed.proj", "head")
+    for side in (8, 16, 32):
+        assert model(torch.randn(2, 3, side, side)).shape == (2, 5)
+    assert count_gflops(model, 16) < count_gflops(model, 32)
+    with pytest.raises(ValueError, match="unknown architecture 'vit_tiny_patch16_22'.*vit_tiny_patch16_224"):
+        build_classifier("timm:vit_tiny_patch16_22", 5)
+    with pytest.raises(ValueError, match="'patch_size' is not key=value"):
+        build_classifier("timm:vit_tiny_patch16_224,patch_size", 5)
+    assert classifier_module_name(build_classifier("timm:resnet18", 5)) == "fc"
+
+
+@pytest.fixture(scope="module")
+def small_teacher(prepared, tmp_path_factory):
+    out = tmp_path_factory.mktemp("teacher")
+    teacher.run(from_dict(teacher.TeacherConfig, {"data": prepared, "out": str(out), "arch": "resnet18",
+                                                  "epochs": 1, "batch_size": 8, "hr_size": 64,
+                                                  "num_workers": 0}))
+    return str(out)
+
+
+@pytest.mark.parametrize("ratio", [4, 2])
+def test_a_vit_student_trains_through_isrd_at_16_and_32_px(prepared, small_teacher, tmp_path, ratio):
+    out = tmp_path / "vit"
+    manifest = student.run(from_dict(student.StudentConfig, {
+        "data": prepared, "out": str(out), "arch": VIT, "method": "kd+isrd", "teacher": small_teacher,
+        "hr_size": 64, "ratio": ratio, "epochs": 1, "batch_size": 8, "num_workers": 0, "lr": 0.001}))
+    assert {"train_kd", "train_isrd"} <= set(manifest["final"])
+    model, meta = load_classifier(str(out))
+    assert meta["input_size"] == 64 // ratio and meta["arch"] == VIT
+    summary = evaluate.run(from_dict(evaluate.EvaluateConfig, {
+        "data": prepared, "out": str(tmp_path / "eval"), "hr_size": 64, "ratio": ratio, "latency_repeats": 1,
+        "models": {"vit": str(out)}}))
+    assert summary["models"][0]["input_size"] == 64 // ratio and summary["models"][0]["gflops"] > 0

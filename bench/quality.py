@@ -12,9 +12,9 @@ alone). Every LR student sees the same data, settings and epochs:
   pair layer to layer), ``kd+isrd`` being one-stage pixel distillation.
 
 Stage outputs are reused: a rerun skips what is done, so an interrupted
-benchmark resumes where it stopped. Writes ``bench/results/quality.json``
-and ``bench/results/quality.md`` (with ``--quick``: ``quality-quick.*``) and
-prints the table::
+benchmark resumes where it stopped. Writes ``bench/results/quality.json``,
+``quality.md`` (the table) and ``quality.png`` (the plot); with ``--quick``
+``quality-quick.*``. Prints the table::
 
     python bench/quality.py            # the full table
     python bench/quality.py --quick    # a few minutes: 20 images per class, 1 epoch, 2 seeds
@@ -23,6 +23,7 @@ prints the table::
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import math
 import statistics
@@ -114,6 +115,42 @@ def markdown(results: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def plot(results: list[dict]) -> bytes:
+    """PNG: top-1 of each LR method per ratio (mean, and one std as an error bar),
+    against the HR assistant and each ratio's LR baseline."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    students = [r for r in results if r["ratio"] > 1]
+    methods = list(dict.fromkeys(r["method"] for r in students))
+    ratios = sorted({r["ratio"] for r in students})
+    fig = Figure(figsize=(7, 0.45 * len(methods) + 1.5))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    height = 0.8 / len(ratios)
+    for k, ratio in enumerate(ratios):
+        rows = {r["method"]: r for r in students if r["ratio"] == ratio}
+        ys = [i + (k - (len(ratios) - 1) / 2) * height for i, m in enumerate(methods) if m in rows]
+        shown = [rows[m] for m in methods if m in rows]
+        side = math.isqrt(shown[0]["input_bytes"] // 3)
+        bars = ax.barh(ys, [r["top1_mean"] for r in shown], height, xerr=[r["top1_std"] or 0 for r in shown],
+                       label=f"ratio {ratio} ({side} px)", capsize=2)
+        if "lr_baseline" in rows:
+            ax.axvline(rows["lr_baseline"]["top1_mean"], color=bars.patches[0].get_facecolor(), ls=":", lw=1)
+    for r in results:
+        if r["ratio"] == 1:
+            ax.axvline(r["top1_mean"], color="black", ls="--" if r["method"] == "assistant" else "-.", lw=1,
+                       label=f"{r['method']} (HR, {r['arch']})")
+    ax.set_yticks(range(len(methods)), methods)
+    ax.invert_yaxis()
+    ax.set_xlabel("validation top-1 % (dotted: each ratio's LR baseline)")
+    ax.legend(loc="lower right", fontsize="small")
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    return buffer.getvalue()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "tiny-imagenet-10"))
@@ -180,8 +217,9 @@ def main(argv: list[str] | None = None) -> int:
              "wall_seconds": time.monotonic() - started}
     (results_dir / f"{name}.json").write_text(json.dumps({"setup": setup, "results": results}, indent=2) + "\n")
     (results_dir / f"{name}.md").write_text(table)
+    (results_dir / f"{name}.png").write_bytes(plot(results))
     print(table)
-    print(f"wrote {results_dir / name}.json and .md in {setup['wall_seconds'] / 60:.1f} min", file=sys.stderr)
+    print(f"wrote {results_dir / name}.json, .md and .png in {setup['wall_seconds'] / 60:.1f} min", file=sys.stderr)
     return 0
 
 

@@ -145,7 +145,8 @@ USER_ERRORS = (ConfigError, DataError, IncompleteOutputError, StorageError, NonF
 def stage_cli(config_cls: type, run: Callable[[Any], Any], argv: list[str] | None, prog: str,
               description: str) -> int:
     """Parse ``--config``/flags into ``config_cls``, call ``run`` and map errors to exit codes."""
-    parser = argparse.ArgumentParser(prog=prog, description=description, allow_abbrev=False)
+    parser = argparse.ArgumentParser(prog=prog, description=description, allow_abbrev=False,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser, config_cls)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")

@@ -31,3 +31,4 @@ def test_quick_quality_benchmark_writes_every_row(tmp_path):
     assert by_ratio[4] < by_ratio[2] < results[1]["gflops"]
     table = (tmp_path / "quality-quick.md").read_text().splitlines()
     assert len(table) == 2 + len(results) and "beats LR baseline?" in table[0]
+    assert (tmp_path / "quality-quick.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -1,0 +1,192 @@
+"""Detection datasets over fsspec: COCO JSON, and YOLO txt labels converted on read.
+
+Both readers give a :class:`DetectionSet`: category names in label order and,
+per image, its relative path, size and annotations, boxes as absolute
+``(x1, y1, x2, y2)`` pixels. Boxes are handled as COCO's tools do:
+
+- a box that crosses the image border is clipped to the image (torchvision's
+  COCO reference clamps boxes the same way);
+- a box with no area left (``x2 <= x1`` or ``y2 <= y1``, before or after
+  clipping) is dropped: nothing can match it (torchvision's reference keeps
+  only boxes with ``x2 > x1`` and ``y2 > y1``);
+- a crowd box (``iscrowd: 1``) is kept and flagged: COCO evaluation uses it as
+  an ignore region (a detection on it is neither a hit nor a false positive),
+  and training leaves it out of the targets.
+
+Nothing is dropped or changed silently: :attr:`DetectionSet.adjusted` counts
+each case, and the readers log the counts with the file they came from.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import posixpath
+from collections import Counter
+from dataclasses import dataclass, field
+
+import yaml
+from PIL import Image
+
+from kd_lib.data.imagefolder import IMAGE_EXTENSIONS, DataError
+from kd_lib.io.fs import exists, filesystem, join, read_bytes, read_text
+
+log = logging.getLogger(__name__)
+
+Box = tuple[float, float, float, float]
+
+
+@dataclass
+class DetectionImage:
+    """One image: ``path`` relative to the image root, its size, and its annotations."""
+
+    image_id: int
+    path: str
+    width: int
+    height: int
+    boxes: list[Box] = field(default_factory=list)
+    labels: list[int] = field(default_factory=list)
+    crowd: list[bool] = field(default_factory=list)
+    areas: list[float] = field(default_factory=list)
+
+
+@dataclass
+class DetectionSet:
+    """Category names (index = label), the images under ``root``, and what reading adjusted."""
+
+    root: str
+    categories: list[str]
+    images: list[DetectionImage]
+    adjusted: Counter = field(default_factory=Counter)
+
+
+def clip_box(box: Box, width: int, height: int) -> Box | None:
+    """``box`` clipped to the ``width x height`` image, or ``None`` when no area is left."""
+    x1, y1, x2, y2 = max(box[0], 0.0), max(box[1], 0.0), min(box[2], float(width)), min(box[3], float(height))
+    return (x1, y1, x2, y2) if x2 > x1 and y2 > y1 else None
+
+
+def _add(image: DetectionImage, box: Box, label: int, crowd: bool, area: float | None,
+         adjusted: Counter) -> None:
+    """Append one annotation to ``image`` after clipping, counting what was changed."""
+    clipped = clip_box(box, image.width, image.height)
+    if clipped is None:
+        adjusted["degenerate boxes dropped"] += 1
+        return
+    if clipped != box:
+        adjusted["boxes clipped to the image"] += 1
+    if crowd:
+        adjusted["crowd boxes (ignored by evaluation, left out of training)"] += 1
+    image.boxes.append(clipped)
+    image.labels.append(label)
+    image.crowd.append(crowd)
+    image.areas.append(area if area is not None and clipped == box
+                       else (clipped[2] - clipped[0]) * (clipped[3] - clipped[1]))
+
+
+def _log_adjusted(source: str, dataset: DetectionSet) -> None:
+    for reason, count in sorted(dataset.adjusted.items()):
+        log.warning("%s: %d %s", source, count, reason)
+
+
+def _field(record: dict, key: str, where: str):
+    try:
+        return record[key]
+    except (KeyError, TypeError):
+        raise DataError(f"{where}: missing {key!r}") from None
+
+
+def read_coco(annotations: str, images: str) -> DetectionSet:
+    """A COCO ``instances_*.json`` at ``annotations``, its images under ``images``.
+
+    Labels follow the categories sorted by COCO id (so ``label + 1`` is the
+    id for the usual contiguous 1..80 ids); ``area`` is COCO's own when the
+    box was not clipped, since COCO's size ranges (small, medium, large) use it.
+
+    Raises:
+        DataError: the file is not JSON, a required key is missing, or an
+            annotation names an unknown image or category (the message names
+            the file and the annotation's id).
+    """
+    try:
+        data = json.loads(read_text(annotations))
+    except json.JSONDecodeError as err:
+        raise DataError(f"{annotations}: not JSON ({err})") from None
+    categories = sorted(_field(data, "categories", annotations), key=lambda c: _field(c, "id", annotations))
+    label_of = {c["id"]: label for label, c in enumerate(categories)}
+    by_id: dict[int, DetectionImage] = {}
+    for record in _field(data, "images", annotations):
+        where = f"{annotations}: image {record.get('id')!r}"
+        by_id[_field(record, "id", where)] = DetectionImage(
+            record["id"], _field(record, "file_name", where), int(_field(record, "width", where)),
+            int(_field(record, "height", where)))
+    dataset = DetectionSet(images, [_field(c, "name", annotations) for c in categories], list(by_id.values()))
+    for record in _field(data, "annotations", annotations):
+        where = f"{annotations}: annotation {record.get('id')!r}"
+        image = by_id.get(_field(record, "image_id", where))
+        if image is None:
+            raise DataError(f"{where} names image {record['image_id']!r}, which is not in 'images'")
+        if _field(record, "category_id", where) not in label_of:
+            raise DataError(f"{where} names category {record['category_id']!r}, which is not in 'categories'")
+        x, y, w, h = (float(v) for v in _field(record, "bbox", where))
+        _add(image, (x, y, x + w, y + h), label_of[record["category_id"]], bool(record.get("iscrowd", 0)),
+             record.get("area"), dataset.adjusted)
+    _log_adjusted(annotations, dataset)
+    return dataset
+
+
+def _yolo_names(root: str) -> list[str]:
+    """Class names from ``data.yaml`` (``names``: a list or an index mapping) or ``classes.txt``."""
+    if exists(join(root, "data.yaml")):
+        names = yaml.safe_load(read_text(join(root, "data.yaml"))).get("names")
+        if isinstance(names, dict):
+            names = [names[k] for k in sorted(names)]
+        if not isinstance(names, list) or not names:
+            raise DataError(f"{join(root, 'data.yaml')}: 'names' must be a non-empty list or mapping")
+        return [str(n) for n in names]
+    if exists(join(root, "classes.txt")):
+        return [line.strip() for line in read_text(join(root, "classes.txt")).splitlines() if line.strip()]
+    raise DataError(f"{root}: no data.yaml or classes.txt with the class names")
+
+
+def read_yolo(root: str, split: str) -> DetectionSet:
+    """YOLO layout: ``images/SPLIT/*`` and ``labels/SPLIT/<stem>.txt`` under ``root``.
+
+    Each label line is ``class cx cy w h``, the centre and size normalized by
+    the image's side; they become absolute corner boxes (the image's size is
+    read from its header). An image without a label file has no objects.
+
+    Raises:
+        DataError: no images, a malformed line (the message names the file
+            and line), or a class index outside the names.
+    """
+    names = _yolo_names(root)
+    fs, base = filesystem(root)
+    image_dir = posixpath.join(base, "images", split)
+    paths = sorted(p for p in fs.find(image_dir) if p.lower().endswith(IMAGE_EXTENSIONS))
+    if not paths:
+        raise DataError(f"{join(root, 'images', split)}: no images")
+    dataset = DetectionSet(root, names, [])
+    for image_id, path in enumerate(paths):
+        relative = posixpath.relpath(path, base)
+        with fs.open(path, "rb") as f:
+            width, height = Image.open(f).size
+        image = DetectionImage(image_id, relative, width, height)
+        stem = posixpath.splitext(posixpath.relpath(path, image_dir))[0]
+        label_uri = join(root, "labels", split, f"{stem}.txt")
+        if exists(label_uri):
+            for number, line in enumerate(read_bytes(label_uri).decode().splitlines(), start=1):
+                if not line.strip():
+                    continue
+                try:
+                    cls, cx, cy, w, h = line.split()
+                    label, cx, cy, w, h = int(cls), float(cx), float(cy), float(w), float(h)
+                except ValueError:
+                    raise DataError(f"{label_uri}:{number}: expected 'class cx cy w h', got {line!r}") from None
+                if not 0 <= label < len(names):
+                    raise DataError(f"{label_uri}:{number}: class {label} is not in 0..{len(names) - 1}")
+                box = ((cx - w / 2) * width, (cy - h / 2) * height, (cx + w / 2) * width, (cy + h / 2) * height)
+                _add(image, box, label, False, None, dataset.adjusted)
+        dataset.images.append(image)
+    _log_adjusted(join(root, "labels", split), dataset)
+    return dataset

@@ -1,5 +1,6 @@
 """bench/quality.py --quick: the whole benchmark on a small subset of the real images."""
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -9,6 +10,34 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "tiny-imagenet-10"
+
+
+def load_bench():
+    spec = importlib.util.spec_from_file_location("quality", ROOT / "bench" / "quality.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def result(method, top1, ratio=4):
+    mean = sum(top1) / len(top1)
+    std = (sum((x - mean) ** 2 for x in top1) / (len(top1) - 1)) ** 0.5 if len(top1) > 1 else None
+    return {"method": method, "ratio": ratio, "arch": "resnet18", "seeds": list(range(len(top1))),
+            "diverged_seeds": [], "top1": top1, "top1_mean": mean, "top1_std": std, "gflops": 0.031,
+            "input_bytes": 3 * (64 // ratio) ** 2, "train_seconds": 1.0}
+
+
+def test_the_table_says_when_a_method_does_not_beat_the_baseline():
+    bench = load_bench()
+    baseline = result("lr_baseline", [40.0, 41.0, 42.0])  # mean 41, std 1
+    assert bench.verdict(result("kd", [45.0, 46.0, 47.0]), baseline) == "yes (+5.0)"
+    assert bench.verdict(result("at", [35.0, 36.0, 37.0]), baseline) == "no (-5.0)"
+    # a difference under two standard errors (2 * sqrt(1/3 + 1/3) = 1.63) is noise
+    assert bench.verdict(result("sp", [41.0, 42.0, 43.0]), baseline) == "within noise (+1.0)"
+    rows = [result("assistant", [50.0], ratio=1), baseline, result("at", [35.0, 36.0, 37.0])]
+    table = bench.markdown(rows).splitlines()
+    assert table[2].startswith("| assistant | 1 | 64 | 50.0 | 1 | 100 % | – |")
+    assert table[4].startswith("| at | 4 | 16 | 36.0 ± 1.0 | 3 | 72 % | no (-5.0) |")
 
 
 @pytest.mark.slow

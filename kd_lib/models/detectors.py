@@ -1,0 +1,156 @@
+"""torchvision detectors whose pyramid levels are chosen per input resolution.
+
+A RetinaNet or FCOS head reads five consecutive FPN levels, ``P_first`` to
+``P_first+4`` (``P3``-``P7`` in torchvision), level ``P_l`` having stride
+``2^l``. On an image ``K = 2^s`` times smaller, level ``P_l`` has the grid
+that ``P_{l+s}`` has on the full image. So one architecture whose pyramid runs
+from ``lowest_level`` to ``highest_level`` serves every resolution, and each
+model picks its window of five levels:
+
+- AFP (Pixel Distillation's aligned feature for preservation, our
+  reconstruction): the LR student reads ``P3``-``P7``; the HR assistant reads
+  ``P(3+s)``-``P(7+s)``, so both heads predict on the same grids, level by
+  level, and their outputs pair one to one;
+- MSAD (Qi et al., CVPR 2021): the HR branch reads ``P3``-``P7`` and the LR
+  branch ``P2``-``P6`` (``K = 2``).
+
+The models share one parameter set whatever their window, so the LR student
+starts from the assistant's (or the teacher's) weights as they are. The
+anchors (RetinaNet: sizes ``4 * 2^l * 2^(j/3)``, ``j = 0, 1, 2``, aspect ratios
+1:2, 1:1, 2:1; FCOS: one point per cell, size ``2^l``) follow the level, so an
+HR anchor on ``P_{l+s}`` is exactly ``K`` times the LR anchor on ``P_l``, at
+the same place. Built by configuring and wrapping torchvision's modules:
+:class:`~torchvision.models.detection.backbone_utils.BackboneWithFPN`, its
+detectors and their anchor generator.
+
+Our choices:
+
+- Levels above ``P5`` come from stride-2 3x3 convolutions on ``P5``, one per
+  level with ReLU between (torchvision's ``LastLevelP6P7``, extended to as many
+  levels as the window needs). METHODS.md allows pooling the assistant's
+  feature where a level has no partner; extra levels give the assistant a real
+  feature there instead, for a negligible cost (the top maps are 1x1 to 4x4).
+  A model computes every level of the architecture; those outside its window
+  cost a few MFLOPs.
+- Anchor sizes are exact powers of two times ``2^(j/3)``, and the cell
+  anchors are not rounded to whole pixels: torchvision rounds both (sizes 32,
+  40, 50; corners to integers), which puts an HR anchor up to a pixel away from
+  K times its LR partner. :class:`ExactAnchorGenerator` drops the rounding.
+- The images are fed at their size: the detector's transform normalizes
+  (ImageNet mean and std) and neither resizes nor pads (``size_divisible=1``);
+  grids then line up whenever the HR side is a multiple of ``K``.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Literal
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+from torchvision.models.detection import FCOS, RetinaNet
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.backbone_utils import BackboneWithFPN
+from torchvision.ops.feature_pyramid_network import ExtraFPNBlock
+
+DetectorKind = Literal["retinanet", "fcos"]
+HEAD_LEVELS = 5
+FPN_CHANNELS = 256
+
+
+class ExtraLevels(ExtraFPNBlock):
+    """``P6``, ``P7``, ... from ``P5``: ``count`` stride-2 3x3 convs, ReLU between them."""
+
+    def __init__(self, channels: int, count: int):
+        super().__init__()
+        self.convs = nn.ModuleList(nn.Conv2d(channels, channels, 3, 2, 1) for _ in range(count))
+        for conv in self.convs:
+            nn.init.kaiming_uniform_(conv.weight, a=1)
+            nn.init.constant_(conv.bias, 0)
+
+    def forward(self, p: list[torch.Tensor], c: list[torch.Tensor], names: list[str]
+                ) -> tuple[list[torch.Tensor], list[str]]:
+        x = p[-1]
+        for index, conv in enumerate(self.convs):
+            x = conv(x if index == 0 else F.relu(x))
+            p.append(x)
+            names.append(f"p{6 + index}")
+        return p, names
+
+
+class LevelWindow(nn.Module):
+    """A feature pyramid ``P_lowest``..``P_highest`` that returns only ``P_first``..``P_first+4``."""
+
+    def __init__(self, pyramid: BackboneWithFPN, lowest_level: int, first_level: int):
+        super().__init__()
+        self.pyramid, self.lowest_level, self.first_level = pyramid, lowest_level, first_level
+        self.out_channels = pyramid.out_channels
+
+    def forward(self, images: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
+        levels = list(self.pyramid(images).values())
+        start = self.first_level - self.lowest_level
+        return OrderedDict((f"p{self.first_level + i}", levels[start + i]) for i in range(HEAD_LEVELS))
+
+
+class ExactAnchorGenerator(AnchorGenerator):
+    """torchvision's anchor generator with the cell anchors left unrounded.
+
+    A cell anchor of size ``s`` and aspect ratio ``r`` is the box
+    ``(-w/2, -h/2, w/2, h/2)`` with ``h = s sqrt(r)`` and ``w = s / sqrt(r)``,
+    as in torchvision, which then rounds it to whole pixels.
+    """
+
+    def generate_anchors(self, scales, aspect_ratios, dtype: torch.dtype = torch.float32,
+                         device: torch.device = torch.device("cpu")) -> torch.Tensor:
+        scales = torch.as_tensor(scales, dtype=dtype, device=device)
+        h_ratios = torch.sqrt(torch.as_tensor(aspect_ratios, dtype=dtype, device=device))
+        ws = (scales[None, :] / h_ratios[:, None]).reshape(-1)
+        hs = (scales[None, :] * h_ratios[:, None]).reshape(-1)
+        return torch.stack([-ws, -hs, ws, hs], dim=1) / 2
+
+
+def anchor_generator(kind: DetectorKind, first_level: int) -> AnchorGenerator:
+    """The anchors (RetinaNet) or points (FCOS) of the window ``P_first``..``P_first+4``."""
+    levels = range(first_level, first_level + HEAD_LEVELS)
+    if kind == "retinanet":
+        sizes = tuple(tuple(4.0 * 2**level * 2 ** (j / 3) for j in range(3)) for level in levels)
+        return ExactAnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * HEAD_LEVELS)
+    return ExactAnchorGenerator(tuple((float(2**level),) for level in levels), ((1.0,),) * HEAD_LEVELS)
+
+
+def build_detector(kind: DetectorKind, backbone: str, num_classes: int, *, image_size: int,
+                   first_level: int = 3, lowest_level: int = 3, highest_level: int = 7) -> nn.Module:
+    """A randomly initialised RetinaNet or FCOS on a torchvision ResNet with an FPN.
+
+    ``lowest_level``..``highest_level`` fix the architecture (and so the
+    parameters); ``first_level`` picks the five levels the head reads (see the
+    module docstring). ``image_size`` is the side of the images it is fed.
+
+    Raises:
+        ValueError: an unknown kind, a backbone that is not a torchvision
+            ResNet, or a window outside the pyramid (``lowest_level`` must be
+            2 or 3, ``highest_level`` at least 6).
+    """
+    if kind not in ("retinanet", "fcos"):
+        raise ValueError(f"unknown detector {kind!r}: choose retinanet or fcos")
+    if lowest_level not in (2, 3) or highest_level < 6:
+        raise ValueError(f"the pyramid must start at P2 or P3 and reach P6 or above, got "
+                         f"P{lowest_level}..P{highest_level}")
+    if not lowest_level <= first_level <= highest_level - HEAD_LEVELS + 1:
+        raise ValueError(f"the head's levels P{first_level}..P{first_level + HEAD_LEVELS - 1} are not all "
+                         f"in the pyramid P{lowest_level}..P{highest_level}")
+    resnet = torchvision.models.get_model(backbone, weights=None) if backbone in \
+        torchvision.models.list_models(module=torchvision.models) else None
+    if not isinstance(resnet, torchvision.models.ResNet):
+        raise ValueError(f"detector backbone {backbone!r} is not a torchvision ResNet")
+    stages = range(lowest_level - 1, 5)  # layer1 gives P2, layer4 gives P5
+    stem_channels = resnet.inplanes // 8
+    pyramid = BackboneWithFPN(resnet, {f"layer{k}": str(k) for k in stages},
+                              [stem_channels * 2 ** (k - 1) for k in stages], FPN_CHANNELS,
+                              extra_blocks=ExtraLevels(FPN_CHANNELS, highest_level - 5))
+    window = LevelWindow(pyramid, lowest_level, first_level)
+    detector = RetinaNet if kind == "retinanet" else FCOS
+    return detector(window, num_classes, min_size=image_size, max_size=image_size, size_divisible=1,
+                    anchor_generator=anchor_generator(kind, first_level))

@@ -46,7 +46,7 @@ from kd_lib.models.store import load_classifier  # noqa: E402
 #: Student methods in table order; ``lr_baseline`` is the LR student with CE alone.
 METHODS = ("lr_baseline", "kd", "fitnet", "at", "sp", "dkd", "crkd", "kd+isrd", "tas")
 TEACHER_ARCH, STUDENT_ARCH = "resnet34", "resnet18"
-FULL = {"max_per_class": 0, "teacher_epochs": 12, "assistant_epochs": 10, "student_epochs": 6,
+FULL = {"max_per_class": 0, "teacher_epochs": 12, "assistant_epochs": 10, "student_epochs": 4,
         "seeds": [0, 1, 2]}
 QUICK = {"max_per_class": 20, "teacher_epochs": 1, "assistant_epochs": 1, "student_epochs": 1,
          "seeds": [0, 1]}

@@ -48,6 +48,9 @@ METHODS = ("lr_baseline", "kd", "fitnet", "at", "sp", "dkd", "crkd", "kd+isrd", 
 TEACHER_ARCH, STUDENT_ARCH = "resnet34", "resnet18"
 FULL = {"max_per_class": 0, "teacher_epochs": 12, "assistant_epochs": 10, "student_epochs": 4,
         "seeds": [0, 1, 2]}
+#: Every LR student's learning rate (Pixel Distillation's official CNN lr), and DKD's warm-up:
+#: mdistiller ramps over 20 of 240 epochs; ours over the first epoch of a short schedule.
+STUDENT_LR, DKD_WARMUP_EPOCHS = 0.01, 1.0
 QUICK = {"max_per_class": 20, "teacher_epochs": 1, "assistant_epochs": 1, "student_epochs": 1,
          "seeds": [0, 1]}
 
@@ -191,15 +194,15 @@ def main(argv: list[str] | None = None) -> int:
             uris, seconds = [], []
             for seed in plan["seeds"]:
                 fields = {"data": data, "hr_size": args.hr_size, "ratio": ratio, "seed": seed, "arch": STUDENT_ARCH,
-                          "epochs": epochs, "lr": 0.01}
+                          "epochs": epochs, "lr": STUDENT_LR}
                 uri = join(out, f"ratio{ratio}", method.replace("+", "_"), f"seed{seed}")
                 try:
                     if method == "lr_baseline":
                         done = train("lr-baseline", uri, **fields)
                     else:
                         source = {"assistant" if method == "tas" else "teacher": assistant_uri}
-                        # DKD's warm-up: mdistiller ramps over 20 of 240 epochs; ours over the first epoch.
-                        done = train("student", uri, method=method, dkd_warmup=1.0, **source, **fields)
+                        done = train("student", uri, method=method, dkd_warmup=DKD_WARMUP_EPOCHS, **source,
+                                     **fields)
                 except NonFiniteLossError as err:
                     print(f"ratio {ratio} {method} seed {seed} diverged: {err}", file=sys.stderr, flush=True)
                     uris.append(None)
@@ -214,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     results_dir = Path(args.results)
     results_dir.mkdir(parents=True, exist_ok=True)
     setup = {"data": args.data, "hr_size": args.hr_size, "ratios": args.ratios, "teacher_arch": TEACHER_ARCH,
-             "student_arch": STUDENT_ARCH, **plan, "student_lr": 0.01, "dkd_warmup_epochs": 1.0,
+             "student_arch": STUDENT_ARCH, **plan, "student_lr": STUDENT_LR, "dkd_warmup_epochs": DKD_WARMUP_EPOCHS,
              "wall_seconds": time.monotonic() - started}
     (results_dir / f"{name}.json").write_text(json.dumps({"setup": setup, "results": results}, indent=2) + "\n")
     (results_dir / f"{name}.md").write_text(table)

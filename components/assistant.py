@@ -8,8 +8,7 @@ from dataclasses import dataclass
 
 from components.common import StagePlan, TrainStageConfig, run_training_stage, stage_cli
 from kd_lib.config import check
-from kd_lib.distill.distiller import Distiller
-from kd_lib.distill.terms import LogitKD
+from kd_lib.distill.methods import DistillSettings, build_distiller
 from kd_lib.models import build_classifier
 
 
@@ -30,8 +29,9 @@ def run(config: AssistantConfig) -> dict:
     def plan(classes, models):
         teacher, _ = models["teacher"]
         student = build_classifier(config.arch, len(classes))
-        task = Distiller(student, "hr", teacher, [LogitKD(config.kd_alpha, config.temperature)],
-                         ce_weight=1 - config.kd_alpha)
+        kd = DistillSettings(method="kd", kd_alpha=config.kd_alpha, temperature=config.temperature)
+        task = build_distiller(kd, student, teacher, hr_size=config.hr_size, student_input_size=config.hr_size,
+                               student_view="hr")
         return StagePlan(task, config.arch, "hr")
 
     return run_training_stage("assistant", config, {"teacher": config.teacher}, plan)

@@ -29,7 +29,7 @@ import yaml
 from PIL import Image
 
 from kd_lib.data.imagefolder import IMAGE_EXTENSIONS, DataError
-from kd_lib.io.fs import exists, filesystem, join, read_bytes, read_text
+from kd_lib.io.fs import exists, filesystem, join, read_text
 
 log = logging.getLogger(__name__)
 
@@ -175,7 +175,7 @@ def read_yolo(root: str, split: str) -> DetectionSet:
         stem = posixpath.splitext(posixpath.relpath(path, image_dir))[0]
         label_uri = join(root, "labels", split, f"{stem}.txt")
         if exists(label_uri):
-            for number, line in enumerate(read_bytes(label_uri).decode().splitlines(), start=1):
+            for number, line in enumerate(read_text(label_uri).splitlines(), start=1):
                 if not line.strip():
                     continue
                 try:

@@ -56,7 +56,9 @@ class Distiller(nn.Module):
         self.ce_weight = ce_weight
         self.student_layers = list(dict.fromkeys(n for t in terms for n in t.student_layers))
         self.teacher_layers = list(dict.fromkeys(n for t in terms for n in t.teacher_layers))
-        self.embeddings = any(term.needs_embeddings for term in terms)
+        embeddings = any(term.needs_embeddings for term in terms)
+        self.classifiers = {id(model): classifier_module_name(model) for model in (student, teacher)
+                            if embeddings and model is not None}
         self.progress = 0.0
 
     def train(self, mode: bool = True) -> Distiller:
@@ -70,11 +72,12 @@ class Distiller(nn.Module):
         self.progress = epochs
 
     def _run(self, model: nn.Module, image: torch.Tensor, layers: list[str]):
-        embedding_at = [classifier_module_name(model)] if self.embeddings else []
+        """Logits, the named layers' outputs and, if a term needs it, the classifier's input."""
+        classifier = self.classifiers.get(id(model))
         with FeatureCapture(model, layers) as features, \
-                FeatureCapture(model, embedding_at, inputs=True) as embedding:
+                FeatureCapture(model, [classifier] if classifier else [], inputs=True) as embedding:
             logits = model(image)
-        return logits, features, embedding[embedding_at[0]] if embedding_at else None
+        return logits, features, embedding[classifier] if classifier else None
 
     def forward(self, hr: torch.Tensor, lr: torch.Tensor, labels: torch.Tensor
                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

@@ -161,9 +161,8 @@ def build_terms(settings: DistillSettings, student: nn.Module, teacher: nn.Modul
             terms.append(SimilarityPreserving(settings.sp_weight, layers))
         elif part == "fitnet":
             layer = settings.fitnet_layer or _layers([], student, "fitnet_layer", slice(1, 2))[0]
-            (student_shape,), (teacher_shape,) = (feature_shapes(model, [layer], size).values() for model, size
-                                                  in ((student, student_input_size), (teacher, hr_size)))
-            terms.append(FitNet(settings.fitnet_weight, layer, student_shape[0], teacher_shape[0]))
+            terms.append(FitNet(settings.fitnet_weight, layer, _channels(student, [layer], student_input_size)[layer],
+                                _channels(teacher, [layer], hr_size)[layer]))
         elif part == "crkd":
             terms.append(LogitKD(settings.kd_alpha, settings.temperature))
             terms.append(CrossResolutionKD(
@@ -179,13 +178,18 @@ def _embedding_dim(model: nn.Module) -> int:
     return dict(model.named_modules())[classifier_module_name(model)].in_features
 
 
+def _channels(model: nn.Module, layers: list[str], input_size: int) -> dict[str, int]:
+    """The channel count of each named layer's output at ``input_size``."""
+    return {layer: shape[0] for layer, shape in feature_shapes(model, layers, input_size).items()}
+
+
 def _check_channels(student: nn.Module, teacher: nn.Module, layers: list[str], student_size: int,
                     teacher_size: int, field_name: str) -> None:
-    ours, theirs = feature_shapes(student, layers, student_size), feature_shapes(teacher, layers, teacher_size)
+    ours, theirs = _channels(student, layers, student_size), _channels(teacher, layers, teacher_size)
     for layer in layers:
-        if ours[layer][0] != theirs[layer][0]:
-            raise ConfigError(field_name, f"layer {layer!r} has {ours[layer][0]} channels in the student "
-                              f"and {theirs[layer][0]} in the teacher: this term pairs layers of one "
+        if ours[layer] != theirs[layer]:
+            raise ConfigError(field_name, f"layer {layer!r} has {ours[layer]} channels in the student "
+                              f"and {theirs[layer]} in the teacher: this term pairs layers of one "
                               "architecture (TAS: distil from the assistant)")
 
 

@@ -60,8 +60,9 @@ def _build_timm(arch: str, num_classes: int) -> nn.Module:
     An explicit ``dynamic_img_size`` in the arch string wins.
     """
     name, kwargs = parse_timm_arch(arch)
-    if name not in timm.list_models():
-        raise _unknown(name, timm.list_models(), "timm.list_models()")
+    names = timm.list_models()
+    if name not in names:
+        raise _unknown(name, names, "timm.list_models()")
     if "dynamic_img_size" in kwargs:
         return timm.create_model(name, pretrained=False, num_classes=num_classes, **kwargs)
     try:

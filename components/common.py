@@ -31,11 +31,11 @@ from kd_lib.data.transforms import PairedTransform, ResizeMode
 from kd_lib.distill.distiller import Distiller, View
 from kd_lib.engine.loop import NonFiniteLossError, TrainingInterrupted, fit, write_metrics
 from kd_lib.engine.settings import TrainSettings
+from kd_lib.eval.accuracy import classifier_validation
 from kd_lib.io.fs import StorageError, join, remove, remove_if_empty
 from kd_lib.io.manifest import IncompleteOutputError, finished_with_key, read_manifest, stage_key, unpublish, write_manifest
 from kd_lib.models import build_classifier
 from kd_lib.models.store import MODEL_FILE, load_classifier, save_classifier
-
 
 METRICS_FILE = "metrics.parquet"
 #: Fields that say where things go or how fast they run, not what is computed.
@@ -89,6 +89,39 @@ class StagePlan:
     view: View
 
 
+@dataclass
+class StageRun:
+    """One run of a stage: its key (stage, settings, input fingerprints) and its checkpoint folder."""
+
+    stage: str
+    key: str
+    checkpoint_root: str
+    checkpoint_dir: str
+    owns_root: bool  # the root is the default one under ``out``, removed once empty
+
+    @classmethod
+    def of(cls, stage: str, config, inputs: dict[str, str]) -> StageRun:
+        settings = {k: v for k, v in asdict(config).items() if k not in NOT_IN_KEY}
+        key = stage_key(stage, settings, inputs)
+        root = config.checkpoint_root or join(config.out, "checkpoints")
+        return cls(stage, key, root, join(root, f"{stage}-{key[:16]}"), not config.checkpoint_root)
+
+    def finished(self, out: str) -> dict | None:
+        """The manifest under ``out`` if this very run already published there."""
+        done = finished_with_key(out, self.key)
+        if done is not None:
+            print(f"{self.stage}: up to date at {out} (key {self.key[:12]})", file=sys.stderr)
+        return done
+
+    def publish(self, out: str, files: list[str], info: dict) -> dict:
+        """Write the manifest over the files already written under ``out``, then drop the checkpoints."""
+        manifest = write_manifest(out, stage=self.stage, key=self.key, files=files, info=info)
+        remove(self.checkpoint_dir, recursive=True)
+        if self.owns_root:
+            remove_if_empty(self.checkpoint_root)
+        return manifest
+
+
 def run_training_stage(stage: str, config: TrainStageConfig, upstream: dict[str, str],
                        plan: Callable[[list[str], dict[str, tuple]], StagePlan]) -> dict[str, Any]:
     """Run one training stage end to end (see the module docstring).
@@ -100,33 +133,25 @@ def run_training_stage(stage: str, config: TrainStageConfig, upstream: dict[str,
     data_manifest = read_manifest(config.data)
     classes = data_manifest["classes"]
     loaded = {name: load_upstream(uri, name, classes) for name, uri in upstream.items()}
-    settings = {k: v for k, v in asdict(config).items() if k not in NOT_IN_KEY}
     inputs = {"data": data_manifest["data_fingerprint"], **{n: fp for n, (_, _, fp) in loaded.items()}}
-    key = stage_key(stage, settings, inputs)
-    done = finished_with_key(config.out, key)
+    run = StageRun.of(stage, config, inputs)
+    done = run.finished(config.out)
     if done is not None:
-        print(f"{stage}: up to date at {config.out} (key {key[:12]})", file=sys.stderr)
         return done
-    checkpoint_root = config.checkpoint_root or join(config.out, "checkpoints")
-    checkpoint_dir = join(checkpoint_root, f"{stage}-{key[:16]}")
     torch.manual_seed(config.seed)
     planned = plan(classes, {name: (model, meta) for name, (model, meta, _) in loaded.items()})
     train_set, val_set = (ShardedImageDataset(config.data, split, PairedTransform(
         config.hr_size, config.ratio, train=split == "train", resize=config.resize,
         crop_scale=config.crop_scale)) for split in ("train", "val"))
-    rows = fit(planned.task, train_set, val_set, config, checkpoint_dir, val_view=planned.view, desc=stage)
+    rows = fit(planned.task, train_set, config, run.checkpoint_dir,
+               classifier_validation(val_set, planned.view, config.num_workers), desc=stage)
     unpublish(config.out)
     input_size = config.hr_size if planned.view == "hr" else config.lr_size
     save_classifier(config.out, planned.task.student.cpu(), arch=planned.arch, classes=classes,
                     input_size=input_size, stage=stage, hr_size=config.hr_size, ratio=config.ratio)
     write_metrics(rows, join(config.out, METRICS_FILE))
-    manifest = write_manifest(config.out, stage=stage, key=key, files=[MODEL_FILE, METRICS_FILE],
-                              info={"config": asdict(config), "inputs": {"data": config.data, **upstream},
-                                    "final": rows[-1]})
-    remove(checkpoint_dir, recursive=True)
-    if not config.checkpoint_root:
-        remove_if_empty(checkpoint_root)
-    return manifest
+    return run.publish(config.out, [MODEL_FILE, METRICS_FILE],
+                       {"config": asdict(config), "inputs": {"data": config.data, **upstream}, "final": rows[-1]})
 
 
 def run_supervised(stage: str, config: TrainStageConfig, view: View) -> dict[str, Any]:

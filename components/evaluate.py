@@ -1,9 +1,14 @@
 """evaluate: every model on the validation split at its own input size.
 
-For each model: top-1/top-5, parameters, GFLOPs and latency (median of
-repeated batch-1 and batch-64 forwards on the current device) at its input
-size, and the input bytes per image (``3 * side^2``, 8-bit). LR models see the
-HR validation crop downsampled by the ratio, exactly as in training.
+For each model: its accuracy, parameters, GFLOPs and latency (median of
+repeated forwards at each of ``latency_batch_sizes`` on the current device)
+at its input size, and the input bytes per image (``3 * side^2``, 8-bit). LR
+models see the HR validation image downsampled by the ratio, exactly as in
+training. The accuracy follows the data:
+
+- classification: top-1/top-5 on the HR crop or its LR version;
+- detection: COCO mAP (AP, AP50, AP75, APs/m/l) against the HR ground truth,
+  an LR detector's boxes scaled back by its ratio (read from its input side).
 
 Writes under ``out``: ``summary.json``, ``metrics.parquet`` (one row per
 model), ``report.html`` (table and a plot of top-1 against GFLOPs), and
@@ -19,12 +24,15 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from components.common import load_upstream, stage_cli
+from components.detection_common import load_upstream_detector
 from kd_lib.config import ConfigError, check
+from kd_lib.data.detection_shards import DetectionShardDataset, collate_detection
 from kd_lib.data.shards import ShardedImageDataset
 from kd_lib.data.transforms import PairedTransform, ResizeMode
 from kd_lib.engine.loop import resolve_device, write_metrics
 from kd_lib.eval.accuracy import evaluate_classifier
 from kd_lib.eval.cost import count_gflops, count_params, input_bytes, latency_profile
+from kd_lib.eval.detection import coco_map, detect
 from kd_lib.eval.report import format_table, write_report
 from kd_lib.io.fs import join, write_text
 from kd_lib.io.manifest import read_manifest, stage_key, unpublish, write_manifest
@@ -44,6 +52,7 @@ class EvaluateConfig:
     device: str = "auto"
     num_workers: int = 1
     latency_repeats: int = 10
+    latency_batch_sizes: list[int] = field(default_factory=lambda: [1, 64])
 
     def validate(self) -> None:
         check(bool(self.data), "data", "is required: the prepare-data output URI")
@@ -51,6 +60,8 @@ class EvaluateConfig:
         check(bool(self.models), "models", "is required: name=URI of each model to evaluate")
         check(self.hr_size % self.ratio == 0, "hr_size", f"{self.hr_size} is not divisible by ratio {self.ratio}")
         check(self.latency_repeats >= 1, "latency_repeats", f"must be >= 1, got {self.latency_repeats}")
+        check(bool(self.latency_batch_sizes) and all(b >= 1 for b in self.latency_batch_sizes),
+              "latency_batch_sizes", f"must be batch sizes >= 1, got {self.latency_batch_sizes}")
 
 
 def model_view(name: str, input_size: int, config: EvaluateConfig) -> str:
@@ -62,6 +73,13 @@ def model_view(name: str, input_size: int, config: EvaluateConfig) -> str:
     return sizes[input_size]
 
 
+def deployment_cost(model: torch.nn.Module, size: int, config: EvaluateConfig, device: torch.device) -> dict:
+    """Parameters, GFLOPs, input bytes and latency of ``model`` (already on ``device``) at ``size``."""
+    return {"params": count_params(model), "gflops": count_gflops(model, size), "input_bytes": input_bytes(size),
+            "latency_ms": latency_profile(model, size, device, config.latency_batch_sizes,
+                                          repeats=config.latency_repeats)}
+
+
 def evaluate_model(name: str, uri: str, classes: list[str], loader, config: EvaluateConfig,
                    device: torch.device) -> dict:
     model, meta, fingerprint = load_upstream(uri, name, classes)
@@ -70,25 +88,51 @@ def evaluate_model(name: str, uri: str, classes: list[str], loader, config: Eval
     model.to(device)
     accuracy = evaluate_classifier(model, loader, view, device)
     return {"name": name, "arch": meta["arch"], "input_size": size, "view": view,
-            "top1": accuracy["top1"], "top5": accuracy["top5"], "params": count_params(model),
-            "gflops": count_gflops(model, size), "input_bytes": input_bytes(size),
-            "latency_ms": latency_profile(model, size, device, repeats=config.latency_repeats),
+            "top1": accuracy["top1"], "top5": accuracy["top5"], **deployment_cost(model, size, config, device),
             "uri": uri, "fingerprint": fingerprint}
+
+
+def evaluate_detector(name: str, uri: str, classes: list[str], image_size: int, config: EvaluateConfig,
+                      device: torch.device) -> dict:
+    model, spec, fingerprint = load_upstream_detector(uri, name, classes)
+    size = spec.image_size
+    if image_size % size:
+        raise ConfigError("models", f"{name} reads {size} px images, which is not the data's {image_size} px "
+                          "divided by a whole ratio")
+    ratio = image_size // size
+    val_set = DetectionShardDataset(config.data, "val", ratio, resize=config.resize)
+    loader = torch.utils.data.DataLoader(val_set, batch_size=8, num_workers=config.num_workers,
+                                         collate_fn=collate_detection)
+    view = "hr" if ratio == 1 else "lr"
+    model.to(device)
+    metrics = coco_map(val_set.ground_truth(), detect(model, loader, view, device))
+    return {"name": name, "arch": f"{spec.kind} {spec.backbone}", "input_size": size, "view": view,
+            "ratio": ratio, **metrics, **deployment_cost(model, size, config, device), "uri": uri,
+            "fingerprint": fingerprint}
 
 
 def run(config: EvaluateConfig) -> dict:
     data = read_manifest(config.data)
     classes = data["classes"]
     device = resolve_device(config.device)
-    val_set = ShardedImageDataset(config.data, "val", PairedTransform(
-        config.hr_size, config.ratio, train=False, resize=config.resize))
-    loader = torch.utils.data.DataLoader(val_set, batch_size=config.batch_size, num_workers=config.num_workers)
-    models = [evaluate_model(name, uri, classes, loader, config, device) for name, uri in config.models.items()]
-    summary = {"dataset": {"uri": data["source"], "fingerprint": data["data_fingerprint"],
+    task = data.get("task", "classification")
+    if task == "detection":  # each model has its own ratio, given by its input side
+        hr_size = data["image_size"]
+        models = [evaluate_detector(name, uri, classes, hr_size, config, device)
+                  for name, uri in config.models.items()]
+        ratio = ", ".join(str(r) for r in sorted({m["ratio"] for m in models} - {1}))
+    else:
+        hr_size, ratio = config.hr_size, config.ratio
+        val_set = ShardedImageDataset(config.data, "val", PairedTransform(
+            config.hr_size, config.ratio, train=False, resize=config.resize))
+        loader = torch.utils.data.DataLoader(val_set, batch_size=config.batch_size, num_workers=config.num_workers)
+        models = [evaluate_model(name, uri, classes, loader, config, device) for name, uri in config.models.items()]
+    summary = {"task": task,
+               "dataset": {"uri": data["source"], "fingerprint": data["data_fingerprint"],
                            "num_classes": data["num_classes"],
                            "train_images": data["splits"]["train"]["images"],
                            "val_images": data["splits"]["val"]["images"]},
-               "hr_size": config.hr_size, "ratio": config.ratio, "device": str(device), "models": models}
+               "hr_size": hr_size, "ratio": ratio, "device": str(device), "models": models}
     unpublish(config.out)
     write_text(join(config.out, SUMMARY_FILE), json.dumps(summary, indent=2))
     write_metrics([{k: v for k, v in m.items() if k != "latency_ms"} |

@@ -1,39 +1,93 @@
-"""prepare-data: validate an ImageFolder (any fsspec URI) and publish it as
-Parquet shards with a manifest holding the class names and a content
-fingerprint. Every image is decoded once: a corrupt image, an empty class
-folder or classes that differ between train/ and val/ stop the stage with an
-error naming the file or folder, and nothing is published. ``max_per_class``
-keeps the first N images of each class in each split (0: all)."""
+"""prepare-data: validate a dataset (any fsspec URI) and publish it as Parquet
+shards with a manifest holding the class names and a content fingerprint.
+Every image is decoded once: a corrupt image, an empty class folder or
+classes that differ between splits stop the stage with an error naming the
+file or folder, and nothing is published.
+
+Classification: ``source`` is an ImageFolder root with train/ and val/;
+``max_per_class`` keeps the first N images of each class in each split (0:
+all).
+
+Detection: ``source`` is a COCO ``instances_*.json`` (its images under
+``images``) or a YOLO root (``data.yaml`` or ``classes.txt``, ``images/`` and
+``labels/``). Images are letterboxed to ``image_size`` px. The val split is
+``val_annotations``/``val_images`` (COCO) or ``images/val`` (YOLO) when
+given, else a stable ``val_fraction`` of the images chosen by a hash of
+their paths. Boxes crossing the image are clipped, empty ones dropped and
+crowd boxes kept as ignore regions; every such change is counted in the log
+and the manifest (``adjusted``).
+"""
 
 from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
+from typing import Literal
 
 from components.common import stage_cli
 from kd_lib.config import check
+from kd_lib.data.detection import DetectionSet, read_coco, read_yolo
+from kd_lib.data.detection_shards import prepare_detection
 from kd_lib.data.shards import prepare_imagefolder
+from kd_lib.io.fs import exists, join
 
 
 @dataclass
 class PrepareDataConfig:
     source: str = ""
     out: str = ""
+    format: Literal["auto", "imagefolder", "coco", "yolo"] = "auto"
     shard_size: int = 4096
     max_per_class: int = 0
+    images: str = ""
+    val_annotations: str = ""
+    val_images: str = ""
+    image_size: int = 256
+    val_fraction: float = 0.2
 
     def validate(self) -> None:
-        check(bool(self.source), "source", "is required: an ImageFolder root with train/ and val/")
+        check(bool(self.source), "source", "is required: an ImageFolder root, a COCO JSON file or a YOLO root")
         check(bool(self.out), "out", "is required: where the shards and manifest go")
+        check(self.format in ("auto", "imagefolder", "coco", "yolo"), "format",
+              f"must be auto, imagefolder, coco or yolo, got {self.format!r}")
         check(self.shard_size >= 1, "shard_size", f"must be >= 1, got {self.shard_size}")
         check(self.max_per_class >= 0, "max_per_class", f"must be >= 0 (0: all), got {self.max_per_class}")
+        check(self.image_size >= 32, "image_size", f"must be >= 32, got {self.image_size}")
+        check(0 < self.val_fraction < 1, "val_fraction", f"must be in (0, 1), got {self.val_fraction}")
+        if self.resolved_format() == "coco":
+            check(bool(self.images), "images", "is required with a COCO source: the folder of its images")
+            check(not self.val_annotations or bool(self.val_images), "val_images",
+                  "is required with val_annotations: the folder of the val images")
+
+    def resolved_format(self) -> str:
+        if self.format != "auto":
+            return self.format
+        if self.source.lower().endswith(".json"):
+            return "coco"
+        if exists(join(self.source, "data.yaml")) or exists(join(self.source, "classes.txt")):
+            return "yolo"
+        return "imagefolder"
+
+
+def read_detection(config: PrepareDataConfig) -> tuple[DetectionSet, DetectionSet | None]:
+    """The detection set at ``source`` and its val split, if the source has one."""
+    if config.resolved_format() == "coco":
+        val = read_coco(config.val_annotations, config.val_images) if config.val_annotations else None
+        return read_coco(config.source, config.images), val
+    val = read_yolo(config.source, "val") if exists(join(config.source, "images", "val")) else None
+    return read_yolo(config.source, "train"), val
 
 
 def run(config: PrepareDataConfig) -> dict:
-    manifest = prepare_imagefolder(config.source, config.out, config.shard_size, config.max_per_class)
-    print(f"prepare-data: {manifest['num_classes']} classes, "
-          f"{manifest['splits']['train']['images']} train / {manifest['splits']['val']['images']} val images, "
-          f"fingerprint {manifest['data_fingerprint'][:12]}", file=sys.stderr)
+    if config.resolved_format() == "imagefolder":
+        manifest = prepare_imagefolder(config.source, config.out, config.shard_size, config.max_per_class)
+    else:
+        train, val = read_detection(config)
+        manifest = prepare_detection(train, config.out, config.image_size, source=config.source, val=val,
+                                     val_fraction=config.val_fraction, shard_size=config.shard_size)
+    splits = manifest["splits"]
+    print(f"prepare-data: {manifest['num_classes']} classes, {splits['train']['images']} train / "
+          f"{splits['val']['images']} val images, fingerprint {manifest['data_fingerprint'][:12]}", file=sys.stderr)
     return manifest
 
 

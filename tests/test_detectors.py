@@ -1,4 +1,4 @@
-"""Detector level and anchor alignment between an HR model and an LR one (AFP, MSAD)."""
+"""Detector level and anchor alignment between an HR model and an LR one (AFP, MSAD), on ResNets and MobileNets."""
 
 import math
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 from torchvision.models.detection.image_list import ImageList
 
-from kd_lib.models.detectors import build_detector
+from kd_lib.models.detectors import MOBILENETS, build_detector
 
 HR = 128
 
@@ -19,11 +19,12 @@ def grids_and_anchors(model, side):
 
 
 @pytest.mark.parametrize("kind", ["retinanet", "fcos"])
+@pytest.mark.parametrize("backbone", ["resnet18", "mobilenet_v3_large"])
 @pytest.mark.parametrize("ratio", [2, 4])
-def test_afp_assistant_levels_and_anchors_pair_one_to_one_with_the_students(kind, ratio):
+def test_afp_assistant_levels_and_anchors_pair_one_to_one_with_the_students(kind, backbone, ratio):
     shift = int(math.log2(ratio))
-    assistant = build_detector(kind, "resnet18", 3, image_size=HR, first_level=3 + shift, highest_level=7 + shift)
-    student = build_detector(kind, "resnet18", 3, image_size=HR // ratio, highest_level=7 + shift)
+    assistant = build_detector(kind, backbone, 3, image_size=HR, first_level=3 + shift, highest_level=7 + shift)
+    student = build_detector(kind, backbone, 3, image_size=HR // ratio, highest_level=7 + shift)
     student.load_state_dict(assistant.state_dict())  # one parameter set: the student starts from the assistant
     hr_grids, hr_anchors = grids_and_anchors(assistant, HR)
     lr_grids, lr_anchors = grids_and_anchors(student, HR // ratio)
@@ -32,13 +33,24 @@ def test_afp_assistant_levels_and_anchors_pair_one_to_one_with_the_students(kind
     torch.testing.assert_close(hr_anchors / ratio, lr_anchors, rtol=0, atol=1e-4)  # same regions, scaled by K
 
 
-def test_msad_lr_branch_reads_one_level_lower():
-    hr = build_detector("fcos", "resnet18", 3, image_size=HR, lowest_level=2)
-    lr = build_detector("fcos", "resnet18", 3, image_size=HR // 2, first_level=2, lowest_level=2)
+@pytest.mark.parametrize("backbone", ["resnet18", "mobilenet_v2"])
+def test_msad_lr_branch_reads_one_level_lower(backbone):
+    hr = build_detector("fcos", backbone, 3, image_size=HR, lowest_level=2)
+    lr = build_detector("fcos", backbone, 3, image_size=HR // 2, first_level=2, lowest_level=2)
     lr.load_state_dict(hr.state_dict())
     (hr_grids, hr_points), (lr_grids, lr_points) = grids_and_anchors(hr, HR), grids_and_anchors(lr, HR // 2)
-    assert hr_grids == lr_grids and hr_grids[0] == (HR // 8, HR // 8)
+    assert hr_grids == lr_grids and hr_grids[0] == (HR // 8, HR // 8) and lr_grids[0] == (HR // 2 // 4,) * 2
     torch.testing.assert_close(hr_points / 2, lr_points, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("backbone, taps", [
+    ("resnet18", {"layer1": "2", "layer2": "3", "layer3": "4", "layer4": "5"}),
+    ("mobilenet_v2", {"3": "2", "6": "3", "13": "4", "18": "5"}),
+    ("mobilenet_v3_small", {"1": "2", "3": "3", "8": "4", "12": "5"}),
+])
+def test_the_pyramid_reads_the_last_block_at_each_stride(backbone, taps):
+    pyramid = build_detector("fcos", backbone, 3, image_size=64, lowest_level=2).backbone.pyramid
+    assert pyramid.body.return_layers == taps
 
 
 def test_detectors_train_and_predict_on_their_own_sizes():
@@ -52,9 +64,26 @@ def test_detectors_train_and_predict_on_their_own_sizes():
     assert set(prediction) == {"boxes", "scores", "labels"}
 
 
+@pytest.mark.parametrize("backbone", MOBILENETS)
+def test_mobilenet_detectors_train_on_a_batch(backbone):
+    model = build_detector("fcos", backbone, 3, image_size=64)
+    model.train()
+    targets = [{"boxes": torch.tensor([[4.0, 8.0, 40.0, 50.0]]), "labels": torch.tensor([1])},
+               {"boxes": torch.tensor([[10.0, 2.0, 60.0, 30.0]]), "labels": torch.tensor([2])}]
+    losses = model([torch.rand(3, 64, 64), torch.rand(3, 64, 64)], targets)
+    assert set(losses) == {"classification", "bbox_regression", "bbox_ctrness"}
+    assert all(torch.isfinite(v) for v in losses.values())
+
+
+@pytest.mark.parametrize("backbone", ["vgg11", "nope", "vit_b_16"])
+def test_unknown_backbones_are_named_with_the_accepted_ones(backbone):
+    with pytest.raises(ValueError, match=rf"'{backbone}' is not a torchvision ResNet or MobileNet") as error:
+        build_detector("retinanet", backbone, 3, image_size=64)
+    assert all(name in str(error.value) for name in ("resnet18", "resnext50_32x4d", *MOBILENETS))
+
+
 @pytest.mark.parametrize("kwargs, words", [
     ({"kind": "yolo"}, "unknown detector 'yolo'"),
-    ({"backbone": "vit_b_16"}, "'vit_b_16' is not a torchvision ResNet"),
     ({"first_level": 4}, "the head's levels P4..P8 are not all in the pyramid P3..P7"),
     ({"lowest_level": 1}, "must start at P2 or P3"),
 ])

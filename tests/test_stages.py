@@ -14,6 +14,7 @@ from kd_lib.data.transforms import PairedTransform
 from kd_lib.distill.distiller import Distiller
 from kd_lib.distill.methods import DistillSettings, build_distiller
 from kd_lib.engine.loop import NonFiniteLossError, TrainingInterrupted, fit
+from kd_lib.eval.accuracy import classifier_validation
 from kd_lib.io.manifest import IncompleteOutputError, read_manifest
 from kd_lib.models import build_classifier
 
@@ -52,7 +53,8 @@ def train_student(data, tmp_path, name, method, kill_step=None):
     if kill_step:
         task = KillAt(model, "lr", task.teacher, list(task.terms), task.ce_weight, step=kill_step)
     settings = from_dict(teacher.TeacherConfig, {**TINY, "data": data, "out": "x", "epochs": 3})
-    return task, fit(task, *datasets(data), settings, str(tmp_path / name), val_view="lr")
+    train, val = datasets(data)
+    return task, fit(task, train, settings, str(tmp_path / name), classifier_validation(val, "lr"))
 
 
 @pytest.mark.parametrize("method", ["ce", "crkd+isrd"])
@@ -165,7 +167,8 @@ def test_gradient_clipping_bounds_each_update(prepared, tmp_path):
         before = [p.detach().clone() for p in task.student.parameters()]
         settings = from_dict(teacher.TeacherConfig, {**TINY, "data": prepared, "out": "x", "epochs": 1,
                                                      "weight_decay": 0.0, "grad_clip_norm": clip})
-        fit(task, *datasets(prepared), settings, str(tmp_path / f"clip{clip}"), val_view="hr")
+        train, val = datasets(prepared)
+        fit(task, train, settings, str(tmp_path / f"clip{clip}"), classifier_validation(val, "hr"))
         return max((p - b).abs().max().item() for p, b in zip(task.student.parameters(), before))
 
     assert trained(1e-9) < 1e-7 < trained(0.0)

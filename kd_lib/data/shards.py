@@ -33,9 +33,9 @@ def _shard_name(split: str, index: int, run: str) -> str:
     return f"{split}-{index:05d}-{run}.parquet"
 
 
-def _write_shard(out: str, name: str, rows: dict[str, list]) -> None:
+def _write_shard(out: str, name: str, rows: dict[str, list], schema: pa.Schema = SCHEMA) -> None:
     buffer = io.BytesIO()
-    pq.write_table(pa.table(rows, schema=SCHEMA), buffer, compression="none")
+    pq.write_table(pa.table(rows, schema=schema), buffer, compression="none")
     write_bytes(join(out, name), buffer.getvalue())
 
 
@@ -100,7 +100,7 @@ def prepare_imagefolder(source: str, out: str, shard_size: int = 4096, max_per_c
         raise
     fingerprint = digest.hexdigest()
     manifest = write_manifest(out, stage="prepare-data", key=stage_key("prepare-data", {}, {"data": fingerprint}),
-                              files=written, info={"source": source, "classes": classes,
+                              files=written, info={"task": "classification", "source": source, "classes": classes,
                                                    "num_classes": len(classes), "splits": splits,
                                                    "data_fingerprint": fingerprint})
     for name in set(previous) - set(written):

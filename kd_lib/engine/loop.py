@@ -1,9 +1,12 @@
-"""The one training loop of every classification stage.
+"""The one training loop of every training stage, classification and detection.
 
-``fit`` trains a :class:`~kd_lib.distill.distiller.Distiller` (any module with
-``forward(hr, lr, labels) -> (loss, terms)``, a ``student``,
+``fit`` trains a task: a :class:`~kd_lib.distill.distiller.Distiller` or a
+detection task of :mod:`kd_lib.distill.detection`, that is any module with
+``forward(hr, lr, targets) -> (loss, terms)``, a ``student``,
 ``optimized_parameters``, ``set_progress`` and
-``trainable_state_dict``/``load_trainable_state_dict``):
+``trainable_state_dict``/``load_trainable_state_dict``. ``targets`` is
+whatever the training set yields third (class labels, or per-image box
+dictionaries through a ``collate_fn``), moved to the device:
 
 - seeded: model init, batch order and every crop come from ``settings.seed``;
 - bf16 autocast on CUDA devices that support it, full precision elsewhere;
@@ -12,8 +15,9 @@
   end and on SIGTERM/SIGINT, after which :class:`TrainingInterrupted` is
   raised; an existing ``last.pt`` is resumed from, mid-epoch included;
 - a progress bar per epoch and one metrics row per epoch (train loss and its
-  terms, learning rate, validation top-1/top-5, seconds), also written to
-  ``metrics.parquet`` beside the checkpoint after every epoch.
+  terms, learning rate, the ``validate`` callable's metrics prefixed ``val_``,
+  seconds), also written to ``metrics.parquet`` beside the checkpoint after
+  every epoch.
 
 The model kept is the last epoch's: the validation split is watched, never
 used to pick a checkpoint.
@@ -28,6 +32,8 @@ import signal
 import sys
 import time
 from collections import defaultdict
+from collections.abc import Callable
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -36,13 +42,13 @@ from tqdm import tqdm
 
 from kd_lib.data.sampler import EpochBatchSampler
 from kd_lib.engine.settings import TrainSettings
-from kd_lib.eval.accuracy import evaluate_classifier
 from kd_lib.io import checkpoint
 from kd_lib.io.fs import exists, join, write_bytes
 
-
 CHECKPOINT = "last.pt"
 METRICS = "metrics.parquet"
+#: ``validate(student, device) -> {metric: value}``, run after every epoch.
+Validate = Callable[[torch.nn.Module, torch.device], dict[str, float]]
 
 
 class TrainingInterrupted(RuntimeError):
@@ -113,14 +119,23 @@ def write_metrics(rows: list[dict], uri: str) -> None:
     write_bytes(uri, buffer.getvalue())
 
 
-def _loader(dataset, batch_sampler, settings: TrainSettings, device: torch.device):
-    return torch.utils.data.DataLoader(dataset, batch_sampler=batch_sampler,
-                                       num_workers=settings.num_workers,
-                                       pin_memory=device.type == "cuda")
+def to_device(batch: Any, device: torch.device) -> Any:
+    """Tensors in ``batch`` (nested in tuples, lists and dicts) moved to ``device``."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(to_device(item, device) for item in batch)
+    if isinstance(batch, dict):
+        return {key: to_device(value, device) for key, value in batch.items()}
+    return batch
 
 
-def fit(task: torch.nn.Module, train_set, val_set, settings: TrainSettings, checkpoint_dir: str,
-        val_view: str, desc: str = "train") -> list[dict]:
+def _describe(metrics: dict[str, float]) -> str:
+    return ", ".join(f"val {k} {100 * v:.1f}%" for k, v in metrics.items() if isinstance(v, float))
+
+
+def fit(task: torch.nn.Module, train_set, settings: TrainSettings, checkpoint_dir: str,
+        validate: Validate, desc: str = "train", collate_fn: Callable | None = None) -> list[dict]:
     """Train ``task`` and return its metrics rows (see the module docstring)."""
     device = resolve_device(settings.device)
     task.to(device)
@@ -147,20 +162,22 @@ def fit(task: torch.nn.Module, train_set, val_set, settings: TrainSettings, chec
                          "batch": next_batch, "step": step, "rows": rows, "sums": dict(sums)},
                         ckpt_uri)
 
-    val_loader = torch.utils.data.DataLoader(val_set, batch_size=256, num_workers=settings.num_workers)
     with StopOnSignal() as stop:
         while epoch < settings.epochs:
             started = time.monotonic()
             sampler = EpochBatchSampler(len(train_set), settings.batch_size, settings.seed, epoch, start_batch)
             task.train()
-            bar = tqdm(_loader(train_set, sampler, settings, device), total=len(sampler),
+            loader = torch.utils.data.DataLoader(train_set, batch_sampler=sampler, collate_fn=collate_fn,
+                                                 num_workers=settings.num_workers,
+                                                 pin_memory=device.type == "cuda")
+            bar = tqdm(loader, total=len(sampler),
                        desc=f"{desc} {epoch + 1}/{settings.epochs}", unit="batch",
                        mininterval=0.5 if sys.stderr.isatty() else 10, dynamic_ncols=True)
-            for batch, (hr, lr_images, labels) in enumerate(bar, start=start_batch):
-                hr, lr_images, labels = (t.to(device, non_blocking=True) for t in (hr, lr_images, labels))
+            for batch, (hr, lr_images, targets) in enumerate(bar, start=start_batch):
+                hr, lr_images, targets = to_device((hr, lr_images, targets), device)
                 task.set_progress(step / steps_per_epoch)
                 with autocast(device, settings.amp):
-                    loss, terms = task(hr, lr_images, labels)
+                    loss, terms = task(hr, lr_images, targets)
                 if not torch.isfinite(loss):
                     values = ", ".join(f"{k}={v.item():.4g}" for k, v in terms.items())
                     raise NonFiniteLossError(
@@ -185,13 +202,13 @@ def fit(task: torch.nn.Module, train_set, val_set, settings: TrainSettings, chec
                 if step % settings.checkpoint_every == 0:
                     save(epoch, batch + 1)
             bar.close()
-            accuracy = evaluate_classifier(task.student, val_loader, val_view, device)
+            metrics = validate(task.student, device)
             rows.append({"epoch": epoch + 1, "step": step, "lr": scheduler.get_last_lr()[0],
                          **{f"train_{k}": v / steps_per_epoch for k, v in sums.items()},
-                         "val_top1": accuracy["top1"], "val_top5": accuracy["top5"],
+                         **{f"val_{k}": v for k, v in metrics.items()},
                          "seconds": time.monotonic() - started})
             print(f"{desc} epoch {epoch + 1}/{settings.epochs}: loss {rows[-1]['train_loss']:.4f}, "
-                  f"val top-1 {100 * accuracy['top1']:.1f}%", file=sys.stderr, flush=True)
+                  f"{_describe(metrics)}", file=sys.stderr, flush=True)
             epoch, start_batch, sums = epoch + 1, 0, defaultdict(float)
             save(epoch, 0)
             write_metrics(rows, join(checkpoint_dir, METRICS))

@@ -82,3 +82,14 @@ def evaluate_classifier(
     if count == 0:
         raise ValueError("loader yielded no samples")
     return {"top1": correct[1] / count, "top5": correct[5] / count, "count": count}
+
+
+def classifier_validation(val_set, view: str, num_workers: int = 0, batch_size: int = 256):
+    """A ``validate(model, device)`` callable for the training loop: top-1 and top-5 on ``view``."""
+    loader = torch.utils.data.DataLoader(val_set, batch_size=batch_size, num_workers=num_workers)
+
+    def validate(model: nn.Module, device: torch.device) -> dict[str, float]:
+        result = evaluate_classifier(model, loader, view, device)
+        return {"top1": result["top1"], "top5": result["top5"]}
+
+    return validate

@@ -2,13 +2,18 @@
 
 The summary (``summary.json``) has the form::
 
-    {"dataset": {"uri", "fingerprint", "num_classes", "train_images", "val_images"},
+    {"task": "classification" | "detection",  # optional, "classification" when absent
+     "dataset": {"uri", "fingerprint", "num_classes", "train_images", "val_images"},
      "hr_size": int, "ratio": int,
-     "models": [{"name", "arch", "input_size", "top1", "top5", "params", "gflops",
+     "models": [{"name", "arch", "input_size", <accuracy keys>, "params", "gflops",
                  "input_bytes", "latency_ms": {"batch_1": ms, "batch_64": ms}}]}
 
-with ``top1``/``top5`` as fractions in [0, 1]. A model counts as HR when its
-input size is at least ``hr_size``, as LR otherwise.
+The accuracy keys depend on the task, see :data:`TASKS`: ``top1`` and ``top5``
+for classification; COCO's ``AP``, ``AP50``, ``AP75``, ``APs``, ``APm`` and
+``APl`` for detection, ``None`` where the data has no object of that size. All
+are fractions in [0, 1]; tables show them in percent and the plot puts the
+task's headline metric (top-1 or AP) against GFLOPs. A model counts as HR when
+its input size is at least ``hr_size``, as LR otherwise.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, LogLocator
 
+from kd_lib.eval.detection import METRICS
 from kd_lib.io.fs import join, write_text
 
 Summary = dict[str, Any]
@@ -45,6 +51,49 @@ class _Column:
     header: str
     numeric: bool
     cell: Callable[[Model], str]
+
+
+def _percent_column(header: str, key: str, decimals: int) -> _Column:
+    """Column of the fraction ``model[key]`` in percent; an em dash where it is ``None``."""
+
+    def cell(m: Model) -> str:
+        value = m[key]
+        return "\u2014" if value is None else f"{100 * value:.{decimals}f}"
+
+    return _Column(header, True, cell)
+
+
+@dataclass(frozen=True)
+class _Task:
+    """What a task reports: the model key of its headline metric, the metric's name in text
+    and in the plot's title, and the task's accuracy columns."""
+
+    key: str
+    name: str
+    title: str
+    columns: tuple[_Column, ...]
+
+
+#: Each summary task's headline metric and accuracy columns.
+TASKS = {
+    "classification": _Task(
+        "top1",
+        "top-1 accuracy",
+        "Top-1",
+        (_percent_column("top-1 %", "top1", 2), _percent_column("top-5 %", "top5", 2)),
+    ),
+    "detection": _Task(
+        "AP", "COCO AP", "COCO AP", tuple(_percent_column(key, key, 1) for key in METRICS)
+    ),
+}
+
+
+def _task(summary: Summary) -> _Task:
+    """The summary's task, ``"classification"`` when it names none."""
+    name = summary.get("task", "classification")
+    if name not in TASKS:
+        raise ValueError(f"unknown summary task {name!r}; expected one of {sorted(TASKS)}")
+    return TASKS[name]
 
 
 def _latency_keys(models: list[Model]) -> list[str]:
@@ -69,14 +118,15 @@ def _latency_column(key: str) -> _Column:
     return _Column(f"lat {label} ms", True, cell)
 
 
-def _columns(models: list[Model]) -> list[_Column]:
-    """The report's columns; numbers are formatted once here for every output format."""
+def _columns(summary: Summary) -> list[_Column]:
+    """The report's columns, with the task's accuracy columns; numbers are formatted once
+    here for every output format."""
+    models = summary["models"]
     return [
         _Column("name", False, lambda m: str(m["name"])),
         _Column("arch", False, lambda m: str(m["arch"])),
         _Column("input px", True, lambda m: str(m["input_size"])),
-        _Column("top-1 %", True, lambda m: f"{100 * m['top1']:.2f}"),
-        _Column("top-5 %", True, lambda m: f"{100 * m['top5']:.2f}"),
+        *_task(summary).columns,
         _Column("params M", True, lambda m: f"{m['params'] / 1e6:.2f}"),
         _Column("GFLOPs", True, lambda m: f"{m['gflops']:.3f}"),
         _Column("input bytes", True, lambda m: f"{m['input_bytes']:,}"),
@@ -87,9 +137,8 @@ def _columns(models: list[Model]) -> list[_Column]:
 def table_rows(summary: Summary) -> tuple[list[str], list[bool], list[list[str]]]:
     """``(headers, numeric, rows)``: column headers, which columns are right-aligned numbers,
     and one row of formatted cells per model, in summary order."""
-    models = summary["models"]
-    columns = _columns(models)
-    rows = [[c.cell(m) for c in columns] for m in models]
+    columns = _columns(summary)
+    rows = [[c.cell(m) for c in columns] for m in summary["models"]]
     return [c.header for c in columns], [c.numeric for c in columns], rows
 
 
@@ -193,7 +242,7 @@ def _place_labels(ax: Axes, fig: Figure, points: list[tuple[float, float, str, f
         )
 
 
-def _set_limits(ax: Axes, gflops: list[float], top1: list[float]) -> None:
+def _set_limits(ax: Axes, gflops: list[float], scores: list[float]) -> None:
     """Log x axis when ``max / min > 10`` GFLOPs; margins leave room for labels on the right."""
     lo, hi = min(gflops), max(gflops)
     if lo > 0 and hi / lo > 10:
@@ -204,7 +253,7 @@ def _set_limits(ax: Axes, gflops: list[float], top1: list[float]) -> None:
     else:
         span = (hi - lo) or max(hi, 1e-3)
         ax.set_xlim(max(lo - 0.15 * span, 0), hi + 0.6 * span)
-    y_lo, y_hi = min(top1), max(top1)
+    y_lo, y_hi = min(scores), max(scores)
     y_span = max(y_hi - y_lo, 2.0)
     ax.set_ylim(max(y_lo - 0.2 * y_span, 0), min(y_hi + 0.35 * y_span, 100))
 
@@ -215,12 +264,14 @@ def _size_groups(models: list[Model], summary: Summary, hr: bool) -> str:
     return ", ".join(f"{s} px" for s in sizes)
 
 
-def plot_accuracy_vs_gflops(summary: Summary) -> bytes:
-    """PNG of top-1 (%) against GFLOPs, one marker per model.
+def accuracy_vs_gflops_figure(summary: Summary) -> Figure:
+    """Figure of the task's headline metric (top-1 or AP, in %) against GFLOPs, one
+    marker per model.
 
     Marker area is proportional to input bytes (the largest gets
     ``MAX_MARKER_AREA`` pt^2); HR and LR models get two colours.
     """
+    task = _task(summary)
     models = summary["models"]
     if not models:
         raise ValueError("summary has no models to plot")
@@ -230,15 +281,15 @@ def plot_accuracy_vs_gflops(summary: Summary) -> bytes:
     ax = fig.add_subplot()
     max_bytes = max(m["input_bytes"] for m in models)
     gflops = [m["gflops"] for m in models]
-    top1 = [100 * m["top1"] for m in models]
+    scores = [100 * m[task.key] for m in models]
     areas = [MAX_MARKER_AREA * m["input_bytes"] / max_bytes for m in models]
-    _set_limits(ax, gflops, top1)
+    _set_limits(ax, gflops, scores)
     for hr, color, label in ((True, HR_COLOR, "HR input"), (False, LR_COLOR, "LR input")):
         idx = [i for i, m in enumerate(models) if _is_hr(m, summary) == hr]
         if idx:
             ax.scatter(
                 [gflops[i] for i in idx],
-                [top1[i] for i in idx],
+                [scores[i] for i in idx],
                 s=[areas[i] for i in idx],
                 c=color,
                 alpha=0.75,
@@ -248,9 +299,9 @@ def plot_accuracy_vs_gflops(summary: Summary) -> bytes:
                 zorder=3,
             )
     ax.set_xlabel("forward GFLOPs per image (at the model's input size)")
-    ax.set_ylabel("top-1 accuracy (%)")
+    ax.set_ylabel(f"{task.name} (%)")
     ax.set_title(
-        f"Top-1 vs compute: {dataset_name(summary)}, "
+        f"{task.title} vs compute: {dataset_name(summary)}, "
         f"HR {summary['hr_size']} px, ratio {summary['ratio']}"
     )
     ax.grid(True, which="major", alpha=0.3)
@@ -268,9 +319,14 @@ def plot_accuracy_vs_gflops(summary: Summary) -> bytes:
     fig.draw_without_rendering()
     fig.set_layout_engine("none")
     labels = [f"{m['name']} ({m['input_size']} px)" for m in models]
-    _place_labels(ax, fig, list(zip(gflops, top1, labels, areas)))
+    _place_labels(ax, fig, list(zip(gflops, scores, labels, areas)))
+    return fig
+
+
+def plot_accuracy_vs_gflops(summary: Summary) -> bytes:
+    """PNG of :func:`accuracy_vs_gflops_figure`."""
     buf = io.BytesIO()
-    fig.savefig(buf, format="png")
+    accuracy_vs_gflops_figure(summary).savefig(buf, format="png")
     return buf.getvalue()
 
 
@@ -301,6 +357,7 @@ def render_html(summary: Summary) -> str:
     """Self-contained HTML report: dataset line, embedded PNG plot, model table."""
     png = base64.b64encode(plot_accuracy_vs_gflops(summary)).decode("ascii")
     title = f"Low-resolution distillation report: {dataset_name(summary)}"
+    alt = f"{_task(summary).name} against GFLOPs per model"
     return f"""<!DOCTYPE html>
 <html lang="en">
 <head>
@@ -311,7 +368,7 @@ def render_html(summary: Summary) -> str:
 <body>
 <h1>{html.escape(title)}</h1>
 <p>{_dataset_line(summary)}</p>
-<img alt="top-1 accuracy against GFLOPs per model" src="data:image/png;base64,{png}">
+<img alt="{html.escape(alt)}" src="data:image/png;base64,{png}">
 {_html_table(summary)}
 <p class="note">Accuracy on the validation set at each model's own input size; cost
 (GFLOPs, input bytes, latency) for one forward at that size.</p>

@@ -23,6 +23,15 @@ the same place. Built by configuring and wrapping torchvision's modules:
 :class:`~torchvision.models.detection.backbone_utils.BackboneWithFPN`, its
 detectors and their anchor generator.
 
+The backbone is a torchvision ResNet (``resnet18``, ``resnext50_32x4d``,
+``wide_resnet50_2``, ...) or MobileNet (``mobilenet_v2``,
+``mobilenet_v3_large``, ``mobilenet_v3_small``), randomly initialised. The
+FPN reads ``P_l`` from the output of the last backbone block at stride
+``2^l``, ``l = lowest_level..5``: the ResNet stages ``layer1``-``layer4``, the
+matching blocks of a MobileNet's ``features``. Blocks and channels are found by
+running the backbone's blocks once on a dummy image, so no per-model table is
+kept.
+
 Our choices:
 
 - Levels above ``P5`` come from stride-2 3x3 convolutions on ``P5``, one per
@@ -57,7 +66,14 @@ from torchvision.ops.feature_pyramid_network import ExtraFPNBlock
 
 DetectorKind = Literal["retinanet", "fcos"]
 HEAD_LEVELS = 5
+#: Detections kept per image for evaluation: COCO's usual 0.05 score floor
+#: (torchvision's RetinaNet default; its FCOS default, 0.2, would cut the
+#: low-confidence tail that AP counts) and COCO's limit of 100 per image.
+SCORE_THRESHOLD, DETECTIONS_PER_IMAGE = 0.05, 100
 FPN_CHANNELS = 256
+TOP_BACKBONE_LEVEL = 5  # the backbones end at stride 32
+PROBE_SIDE = 64  # a dummy image this size leaves a 2x2 map at stride 32
+MOBILENETS = ("mobilenet_v2", "mobilenet_v3_large", "mobilenet_v3_small")
 
 
 class ExtraLevels(ExtraFPNBlock):
@@ -120,18 +136,80 @@ def anchor_generator(kind: DetectorKind, first_level: int) -> AnchorGenerator:
     return ExactAnchorGenerator(tuple((float(2**level),) for level in levels), ((1.0,),) * HEAD_LEVELS)
 
 
+def accepted_backbones() -> list[str]:
+    """The backbone names :func:`build_detector` takes: torchvision's ResNets and its three MobileNets."""
+    resnets = torchvision.models.list_models(module=torchvision.models,
+                                             include=["resnet*", "resnext*", "wide_resnet*"])
+    return resnets + list(MOBILENETS)
+
+
+def backbone_blocks(backbone: str) -> tuple[nn.Module, nn.Sequential]:
+    """A randomly initialised backbone: the module the FPN wraps, and its blocks from the stem to stride 32.
+
+    A MobileNet's ``features`` are both. A ResNet is wrapped whole, so its
+    parameter names keep the classifier's; its blocks are its children up to
+    ``layer4``, in the order its forward runs them (not ``avgpool`` and ``fc``).
+
+    Raises:
+        ValueError: ``backbone`` is not in :func:`accepted_backbones`.
+    """
+    accepted = accepted_backbones()
+    if backbone not in accepted:
+        raise ValueError(f"detector backbone {backbone!r} is not a torchvision ResNet or MobileNet; "
+                         f"choose one of {', '.join(accepted)}")
+    model = torchvision.models.get_model(backbone, weights=None)
+    if backbone in MOBILENETS:
+        return model.features, model.features
+    return model, nn.Sequential(OrderedDict(list(model.named_children())[:-2]))
+
+
+def last_block_per_level(blocks: nn.Sequential) -> dict[int, tuple[str, int]]:
+    """Level ``l`` -> (name, output channels) of the last of ``blocks`` whose output has stride ``2^l``.
+
+    The blocks run once, in order, on a ``PROBE_SIDE`` dummy image, in eval
+    mode and without gradients so that no batch-norm statistic moves; each
+    output's side gives its stride. The last block at a stride is the one a
+    feature pyramid reads: it has seen the most of the image at that grid.
+    """
+    was_training = blocks.training
+    blocks.eval()
+    found, x = {}, torch.zeros(1, 3, PROBE_SIDE, PROBE_SIDE)
+    with torch.no_grad():
+        for name, block in blocks.named_children():
+            x = block(x)
+            found[(PROBE_SIDE // x.shape[-1]).bit_length() - 1] = (name, x.shape[1])
+    blocks.train(was_training)
+    return found
+
+
+def pyramid_inputs(backbone: str, lowest_level: int) -> tuple[nn.Module, dict[str, str], list[int]]:
+    """What the FPN ``P_lowest``..``P5`` reads from ``backbone``: (module, return layers, in_channels).
+
+    In :class:`BackboneWithFPN`'s terms: the return layers map a block's name
+    to its level's name, and in_channels lists the blocks' channels, level by
+    level. Only these differ between a ResNet and a MobileNet.
+    """
+    body, blocks = backbone_blocks(backbone)
+    outputs = last_block_per_level(blocks)
+    levels = range(lowest_level, TOP_BACKBONE_LEVEL + 1)
+    return body, {outputs[level][0]: str(level) for level in levels}, [outputs[level][1] for level in levels]
+
+
 def build_detector(kind: DetectorKind, backbone: str, num_classes: int, *, image_size: int,
                    first_level: int = 3, lowest_level: int = 3, highest_level: int = 7) -> nn.Module:
-    """A randomly initialised RetinaNet or FCOS on a torchvision ResNet with an FPN.
+    """A randomly initialised RetinaNet or FCOS on a torchvision ResNet or MobileNet with an FPN.
 
-    ``lowest_level``..``highest_level`` fix the architecture (and so the
-    parameters); ``first_level`` picks the five levels the head reads (see the
-    module docstring). ``image_size`` is the side of the images it is fed.
+    ``backbone`` is one of :func:`accepted_backbones` (``resnet18``,
+    ``mobilenet_v3_large``, ...). ``lowest_level``..``highest_level`` fix the
+    architecture (and so the parameters); ``first_level`` picks the five levels
+    the head reads (see the module docstring). ``image_size`` is the side of
+    the images it is fed.
 
     Raises:
         ValueError: an unknown kind, a backbone that is not a torchvision
-            ResNet, or a window outside the pyramid (``lowest_level`` must be
-            2 or 3, ``highest_level`` at least 6).
+            ResNet or one of the three MobileNets, or a window outside the
+            pyramid (``lowest_level`` must be 2 or 3, ``highest_level`` at
+            least 6).
     """
     if kind not in ("retinanet", "fcos"):
         raise ValueError(f"unknown detector {kind!r}: choose retinanet or fcos")
@@ -141,16 +219,11 @@ def build_detector(kind: DetectorKind, backbone: str, num_classes: int, *, image
     if not lowest_level <= first_level <= highest_level - HEAD_LEVELS + 1:
         raise ValueError(f"the head's levels P{first_level}..P{first_level + HEAD_LEVELS - 1} are not all "
                          f"in the pyramid P{lowest_level}..P{highest_level}")
-    resnet = torchvision.models.get_model(backbone, weights=None) if backbone in \
-        torchvision.models.list_models(module=torchvision.models) else None
-    if not isinstance(resnet, torchvision.models.ResNet):
-        raise ValueError(f"detector backbone {backbone!r} is not a torchvision ResNet")
-    stages = range(lowest_level - 1, 5)  # layer1 gives P2, layer4 gives P5
-    stem_channels = resnet.inplanes // 8
-    pyramid = BackboneWithFPN(resnet, {f"layer{k}": str(k) for k in stages},
-                              [stem_channels * 2 ** (k - 1) for k in stages], FPN_CHANNELS,
-                              extra_blocks=ExtraLevels(FPN_CHANNELS, highest_level - 5))
+    body, return_layers, in_channels = pyramid_inputs(backbone, lowest_level)
+    pyramid = BackboneWithFPN(body, return_layers, in_channels, FPN_CHANNELS,
+                              extra_blocks=ExtraLevels(FPN_CHANNELS, highest_level - TOP_BACKBONE_LEVEL))
     window = LevelWindow(pyramid, lowest_level, first_level)
     detector = RetinaNet if kind == "retinanet" else FCOS
     return detector(window, num_classes, min_size=image_size, max_size=image_size, size_divisible=1,
-                    anchor_generator=anchor_generator(kind, first_level))
+                    anchor_generator=anchor_generator(kind, first_level), score_thresh=SCORE_THRESHOLD,
+                    detections_per_img=DETECTIONS_PER_IMAGE)

@@ -1,0 +1,166 @@
+"""afp: a low-resolution detector distilled through an aligned HR assistant (AFP) or MSAD.
+
+From the detection teacher (HR, stage ``detector``), in two phases, each
+checkpointed and resumable:
+
+``method: afp`` (Pixel Distillation's AFP, our reconstruction)
+    1. the assistant: the student's architecture at HR, its head reading
+       ``P(3+s)``..``P(7+s)`` (``K = 2^s``), so that its grids and anchors are
+       the LR student's; trained with its detection loss plus AFP's dense KD
+       from the teacher on the levels both read;
+    2. the student: the same parameters at LR, reading ``P3``..``P7``,
+       initialized from the assistant and fine-tuned with its detection loss
+       plus AFP's dense KD from the assistant on all five aligned levels
+       (classification logits at temperature ``afp_temperature``, decoded
+       boxes by GIoU, features by MSE; :mod:`kd_lib.losses.afp`).
+
+``method: msad`` (Qi et al., CVPR 2021)
+    1. the aligned multi-scale teacher in the student's architecture: HR branch
+       ``P(2+s)``..``P(6+s)``, LR branch ``P2``..``P6``, C-FF fusion, trained
+       with ``L_HR + L_LR + msad_fused_weight * L_fused``; its HR branch also
+       gets AFP's dense KD from the detection teacher (set the ``afp_*``
+       weights to 0 for the paper's teacher);
+    2. the student at LR reading ``P2``..``P6``, initialized from it, with its
+       detection loss plus ``min(1, iter / msad_ramp_iters) * msad_alpha T^2
+       L1(s/T, t/T)`` per level against the frozen teacher's fused levels.
+
+Publishes ``assistant/`` (the HR assistant, or the MSAD teacher's HR branch)
+and ``student/`` under ``out``, each a detector folder with its own manifest,
+and ``manifest.json`` last. Nothing is published until both phases are done;
+a failed run leaves the previous output as it was.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+import torch
+
+from components.common import StageRun, stage_cli
+from components.detection_common import (DetectionData, DetectionStageConfig, load_upstream_detector, read_rows,
+                                          train, write_detector)
+from kd_lib.config import ConfigError, check
+from kd_lib.distill.detection import AFPDistiller, MSADDistiller, MSADTeacher, MSADTeacherTraining
+from kd_lib.io.fs import join
+from kd_lib.io.manifest import MANIFEST, finished_with_key, unpublish, write_manifest
+from kd_lib.losses.afp import DenseOutputKD
+from kd_lib.losses.msad import CrossFeatureFusion, MSADDistillLoss
+from kd_lib.models.detector_store import DetectorSpec, load_detector
+from kd_lib.models.detectors import FPN_CHANNELS
+
+PHASES = ("assistant", "student")
+
+
+@dataclass
+class AFPConfig(DetectionStageConfig):
+    teacher: str = ""
+    method: Literal["afp", "msad"] = "afp"
+    assistant_epochs: int = 0
+    afp_temperature: float = 2.0
+    afp_cls_weight: float = 1.0
+    afp_box_weight: float = 1.0
+    afp_feature_weight: float = 1.0
+    msad_fused_weight: float = 0.4
+    msad_alpha: float = 0.2
+    msad_temperature: float = 3.0
+    msad_ramp_iters: int = 500
+
+    def validate(self) -> None:
+        super().validate()
+        check(bool(self.teacher), "teacher", "is required: the detection teacher's output URI")
+        check(self.method in ("afp", "msad"), "method", f"must be afp or msad, got {self.method!r}")
+        check(self.ratio >= 2, "ratio", f"must be 2, 4 or 8 for a low-resolution student, got {self.ratio}")
+        check(self.assistant_epochs >= 0, "assistant_epochs", "must be >= 0 (0: as many as epochs)")
+        check(self.afp_temperature > 0, "afp_temperature", f"must be > 0, got {self.afp_temperature}")
+        check(self.msad_temperature > 0, "msad_temperature", f"must be > 0, got {self.msad_temperature}")
+        check(self.msad_ramp_iters >= 0, "msad_ramp_iters", f"must be >= 0, got {self.msad_ramp_iters}")
+
+    def dense_kd(self) -> DenseOutputKD:
+        return DenseOutputKD(self.afp_temperature, self.afp_cls_weight, self.afp_box_weight,
+                             self.afp_feature_weight)
+
+
+def aligned_specs(config: AFPConfig, num_classes: int, hr_size: int) -> tuple[DetectorSpec, DetectorSpec]:
+    """The assistant's (HR) and the student's (LR) windows on one architecture (module docstring)."""
+    shift = int(math.log2(config.ratio))
+    low = 3 if config.method == "afp" else 2
+    hr = DetectorSpec(config.kind, config.backbone, num_classes, hr_size, first_level=low + shift,
+                      lowest_level=low, highest_level=low + 4 + shift)
+    return hr, hr.window(low, hr_size // config.ratio)
+
+
+def train_assistant(config: AFPConfig, data: DetectionData, teacher: torch.nn.Module, spec: DetectorSpec,
+                    lr_spec: DetectorSpec, job: StageRun) -> tuple[torch.nn.Module, MSADTeacher | None]:
+    """Phase 1, or its result when a run with this key finished it already."""
+    folder = join(job.checkpoint_dir, "assistant")
+    fusion = CrossFeatureFusion(FPN_CHANNELS) if config.method == "msad" else None
+    if finished_with_key(folder, job.key) is not None:
+        assistant, _, meta = load_detector(folder)
+        print(f"afp: assistant phase already done ({folder})", file=sys.stderr)
+        rows = read_rows(folder)
+        if fusion is not None:
+            fusion.load_state_dict(meta["info"]["fusion"])
+    else:
+        assistant = spec.build()
+        if fusion is None:
+            task = AFPDistiller(assistant, "hr", teacher, config.dense_kd())
+        else:
+            task = MSADTeacherTraining(MSADTeacher(assistant, lr_spec.build(), fusion), config.msad_fused_weight,
+                                       teacher, config.dense_kd())
+        rows = train(task, data, config, join(job.checkpoint_dir, "assistant-train"), f"{config.method} assistant",
+                     epochs=config.assistant_epochs or config.epochs)
+        extra = {"fusion": fusion.state_dict()} if fusion is not None else {}
+        files = write_detector(folder, assistant, spec, data, rows, stage="afp-assistant", **extra)
+        write_manifest(folder, stage="afp-assistant", key=job.key, files=files, info={"final": rows[-1]})
+    assistant.rows = rows
+    return assistant, (MSADTeacher(assistant, lr_spec.build(), fusion) if fusion is not None else None)
+
+
+def run(config: AFPConfig) -> dict:
+    data = DetectionData.load(config)
+    teacher, teacher_spec, teacher_fingerprint = load_upstream_detector(config.teacher, "teacher", data.classes)
+    if teacher_spec.kind != config.kind:
+        raise ConfigError("kind", f"the teacher is a {teacher_spec.kind} and the student a {config.kind}: dense "
+                          "distillation pairs their outputs anchor by anchor, so they must be the same kind")
+    if teacher_spec.image_size != data.image_size:
+        raise ConfigError("teacher", f"the teacher reads {teacher_spec.image_size} px images, the data is "
+                          f"{data.image_size} px")
+    job = StageRun.of("afp", config, {"data": data.fingerprint, "teacher": teacher_fingerprint})
+    done = job.finished(config.out)
+    if done is not None:
+        return done
+    torch.manual_seed(config.seed)
+    spec, lr_spec = aligned_specs(config, len(data.classes), data.image_size)
+    assistant, msad = train_assistant(config, data, teacher, spec, lr_spec, job)
+    student = lr_spec.build()
+    student.load_state_dict(assistant.state_dict())
+    if msad is None:
+        task = AFPDistiller(student, "lr", assistant, config.dense_kd())
+    else:
+        task = MSADDistiller(student, msad, MSADDistillLoss(config.msad_alpha, config.msad_temperature),
+                             config.msad_ramp_iters)
+    rows = train(task, data, config, join(job.checkpoint_dir, "student-train"), f"{config.method} student")
+    unpublish(config.out)
+    files = []
+    for phase, model, model_spec, phase_rows in (("assistant", assistant, spec, assistant.rows),
+                                                 ("student", student, lr_spec, rows)):
+        folder = join(config.out, phase)
+        written = write_detector(folder, model, model_spec, data, phase_rows, stage=f"afp-{phase}",
+                                 method=config.method, ratio=config.ratio)
+        write_manifest(folder, stage=f"afp-{phase}", key=job.key, files=written, info={"final": phase_rows[-1]})
+        files += [f"{phase}/{name}" for name in (*written, MANIFEST)]
+    return job.publish(config.out, files, {"config": asdict(config),
+                                           "inputs": {"data": config.data, "teacher": config.teacher},
+                                           "final": {f"{phase}_{k}": v for phase, r in zip(PHASES, (assistant.rows, rows))
+                                                     for k, v in r[-1].items()}})
+
+
+def main(argv: list[str] | None = None) -> int:
+    return stage_cli(AFPConfig, run, argv, "kdp stage afp", __doc__)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,119 @@
+"""What the detection stages share: their config fields, data, training and publishing.
+
+A detection stage reads prepared detection data (prepare-data with a COCO or
+YOLO source: letterboxed HR images of side ``S`` and their boxes) and trains
+a torchvision RetinaNet or FCOS with the shared training loop; the validation
+metric is COCO mAP on the held-out split, on HR boxes. An LR model sees the
+HR image downsampled by ``ratio`` and its boxes are scaled back to HR.
+
+A model is published as a folder with ``model.pt`` (architecture spec,
+classes, state dict), ``metrics.parquet`` and ``manifest.json`` last, keyed
+like every stage (see :mod:`components.common`).
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+import pyarrow.parquet as pq
+import torch
+
+from kd_lib.config import check
+from kd_lib.data.detection_shards import DetectionShardDataset, collate_detection
+from kd_lib.data.imagefolder import DataError
+from kd_lib.data.transforms import ResizeMode
+from kd_lib.distill.detection import DetectorTraining
+from kd_lib.engine.loop import fit, write_metrics
+from kd_lib.engine.settings import TrainSettings
+from kd_lib.eval.detection import detector_validation
+from kd_lib.io.fs import join, read_bytes
+from kd_lib.io.manifest import read_manifest
+from kd_lib.models.detector_store import MODEL_FILE, DetectorSpec, load_detector, save_detector
+
+METRICS_FILE = "metrics.parquet"
+#: The LR side must be a multiple of this, so that every level up to P5 has an exact grid and the
+#: HR and LR anchors line up (P5 has stride 32).
+SIDE_MULTIPLE = 32
+
+
+@dataclass
+class DetectionStageConfig(TrainSettings):
+    """Fields of every detection stage. Defaults: SGD lr 0.01, batch 8, weight decay 1e-4 and
+    the gradient norm clipped at 10, a common from-scratch recipe for RetinaNet and FCOS."""
+
+    data: str = ""
+    out: str = ""
+    kind: Literal["retinanet", "fcos"] = "fcos"
+    backbone: str = "resnet18"
+    ratio: int = 2
+    resize: ResizeMode = "bilinear"
+    checkpoint_root: str = ""
+    batch_size: int = 8
+    weight_decay: float = 1e-4
+    grad_clip_norm: float = 10.0
+
+    def validate(self) -> None:
+        super().validate()
+        check(bool(self.data), "data", "is required: the prepare-data output URI (detection data)")
+        check(bool(self.out), "out", "is required: where this stage writes its outputs")
+        check(self.kind in ("retinanet", "fcos"), "kind", f"must be retinanet or fcos, got {self.kind!r}")
+        check(self.ratio in (1, 2, 4, 8), "ratio", f"must be 1, 2, 4 or 8 (a power of two), got {self.ratio}")
+
+
+@dataclass
+class DetectionData:
+    """The prepared data's class names, HR side, fingerprint and the two splits at one ratio."""
+
+    classes: list[str]
+    image_size: int
+    fingerprint: str
+    train: DetectionShardDataset
+    val: DetectionShardDataset
+
+    @classmethod
+    def load(cls, config: DetectionStageConfig) -> DetectionData:
+        manifest = read_manifest(config.data)
+        if manifest.get("task") != "detection":
+            raise DataError(f"{config.data} holds {manifest.get('task', 'classification')} data: prepare a COCO "
+                            "or YOLO dataset for the detection stages")
+        size = manifest["image_size"]
+        if size % (config.ratio * SIDE_MULTIPLE):
+            raise DataError(f"{config.data}: images of {size} px at ratio {config.ratio} give an LR side of "
+                            f"{size / config.ratio:g} px; it must be a multiple of {SIDE_MULTIPLE}: prepare the "
+                            f"data at a multiple of {config.ratio * SIDE_MULTIPLE} px")
+        train, val = (DetectionShardDataset(config.data, split, config.ratio, train=split == "train",
+                                            resize=config.resize) for split in ("train", "val"))
+        return cls(manifest["classes"], size, manifest["data_fingerprint"], train, val)
+
+
+def load_upstream_detector(uri: str, field: str, classes: list[str]) -> tuple[torch.nn.Module, DetectorSpec, str]:
+    """An upstream detector, its spec and its fingerprint, checked against the data's classes."""
+    manifest = read_manifest(uri)
+    model, spec, meta = load_detector(uri)
+    if meta["classes"] != classes:
+        raise DataError(f"{field} at {uri} detects {len(meta['classes'])} classes, but the data has "
+                        f"{len(classes)}: they must be the same classes in the same order")
+    return model, spec, manifest["fingerprint"]
+
+
+def train(task: DetectorTraining, data: DetectionData, config: DetectionStageConfig, checkpoint_dir: str,
+          desc: str, epochs: int | None = None) -> list[dict]:
+    """Train ``task`` with the shared loop; validation is COCO mAP of its student on its view."""
+    settings = config if epochs is None else type(config)(**{**asdict(config), "epochs": epochs})
+    validate = detector_validation(data.val, task.view, num_workers=config.num_workers)
+    return fit(task, data.train, settings, checkpoint_dir, validate, desc=desc, collate_fn=collate_detection)
+
+
+def write_detector(out: str, model: torch.nn.Module, spec: DetectorSpec, data: DetectionData, rows: list[dict],
+                   **info) -> list[str]:
+    """Write ``model.pt`` and ``metrics.parquet`` under ``out``; returns their names."""
+    save_detector(out, model.cpu(), spec, data.classes, hr_size=data.image_size, **info)
+    write_metrics(rows, join(out, METRICS_FILE))
+    return [MODEL_FILE, METRICS_FILE]
+
+
+def read_rows(out: str) -> list[dict]:
+    """The metrics rows that :func:`write_detector` wrote under ``out``."""
+    return pq.read_table(io.BytesIO(read_bytes(join(out, METRICS_FILE)))).to_pylist()

@@ -1,0 +1,57 @@
+"""detector: a detector trained with its detection loss alone, on the HR or the LR image.
+
+The detection teacher (``view: hr``, on the letterboxed HR images) and the LR
+baseline (``view: lr``, the same images downsampled by ``ratio``, boxes
+divided by it) that the distilled students are compared with. The head reads
+the usual FPN levels P3-P7.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import asdict, dataclass, replace
+
+import torch
+
+from components.common import StageRun, stage_cli
+from components.detection_common import DetectionData, DetectionStageConfig, train, write_detector
+from kd_lib.config import check
+from kd_lib.distill.detection import DetectorTraining
+from kd_lib.io.manifest import unpublish
+from kd_lib.models.detector_store import DetectorSpec
+
+
+@dataclass
+class DetectorConfig(DetectionStageConfig):
+    view: str = "hr"
+
+    def validate(self) -> None:
+        super().validate()
+        check(self.view in ("hr", "lr"), "view", f"must be hr (the teacher) or lr (the LR baseline), got {self.view!r}")
+
+
+def run(config: DetectorConfig) -> dict:
+    data = DetectionData.load(config)
+    stage = "detector"
+    keyed = replace(config, ratio=1) if config.view == "hr" else config  # an HR model ignores the ratio
+    job = StageRun.of(stage, keyed, {"data": data.fingerprint})
+    done = job.finished(config.out)
+    if done is not None:
+        return done
+    side = data.image_size if config.view == "hr" else data.image_size // config.ratio
+    spec = DetectorSpec(config.kind, config.backbone, len(data.classes), side)
+    torch.manual_seed(config.seed)
+    model = spec.build()
+    rows = train(DetectorTraining(model, config.view), data, config, job.checkpoint_dir, f"detector-{config.view}")
+    unpublish(config.out)
+    files = write_detector(config.out, model, spec, data, rows, stage=stage, view=config.view, ratio=config.ratio)
+    return job.publish(config.out, files, {"config": asdict(config), "inputs": {"data": config.data},
+                                           "final": rows[-1]})
+
+
+def main(argv: list[str] | None = None) -> int:
+    return stage_cli(DetectorConfig, run, argv, "kdp stage detector", __doc__)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

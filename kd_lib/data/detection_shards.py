@@ -1,0 +1,267 @@
+"""Prepared detection data: a :class:`DetectionSet` letterboxed and packed into Parquet shards.
+
+``prepare_detection`` reads every image once, letterboxes it to a square of
+``image_size`` pixels (scaled so its longer side fits, pasted at the top-left
+of a canvas of the ImageNet mean colour) and writes
+``{split}-{i:05d}-{run}.parquet`` files plus ``manifest.json`` last, with the
+same atomicity as :func:`kd_lib.data.shards.prepare_imagefolder`. Boxes are
+stored in the letterboxed pixel coordinates, so teacher (HR) and student (LR)
+detections are evaluated on one frame: a detection ``d`` on the letterboxed
+image is at ``d / scale`` on the source image.
+
+:class:`DetectionShardDataset` gives ``(hr, lr, target)`` items for training
+and the split's ground truth for :func:`kd_lib.eval.detection.coco_map`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import posixpath
+import random
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from itertools import islice
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+import torchvision.transforms.v2.functional as TF
+from PIL import Image
+from tqdm import tqdm
+
+from kd_lib.data.detection import DetectionImage, DetectionSet
+from kd_lib.data.imagefolder import SPLITS, DataError, decode_rgb
+from kd_lib.data.shards import READ_BATCH, _shard_name, _write_shard
+from kd_lib.data.transforms import ResizeMode, downsample
+from kd_lib.io.fs import filesystem, join, read_bytes, remove
+from kd_lib.io.manifest import published_files, read_manifest, stage_key, write_manifest
+
+log = logging.getLogger(__name__)
+
+SCHEMA = pa.schema([("image", pa.binary()), ("image_id", pa.int64()), ("path", pa.string()),
+                    ("scale", pa.float32()), ("boxes", pa.list_(pa.float32())), ("labels", pa.list_(pa.int32())),
+                    ("crowd", pa.list_(pa.bool_())), ("areas", pa.list_(pa.float32()))])
+#: The ImageNet mean as 8-bit RGB: the padding is what a normalized input reads as zero.
+PAD_COLOUR = (124, 116, 104)
+JPEG_QUALITY = 95
+DEGENERATE = "boxes degenerate after letterboxing, dropped"
+
+
+def in_val(path: str, val_fraction: float) -> bool:
+    """Whether ``path`` goes to the val split: a hash of the path, so adding images moves none."""
+    return int(hashlib.sha256(path.encode()).hexdigest()[:8], 16) / 2**32 < val_fraction
+
+
+def _splits(dataset: DetectionSet, val: DetectionSet | None,
+            val_fraction: float) -> dict[str, tuple[DetectionSet, list[DetectionImage]]]:
+    """Each split's source set and images; :class:`DataError` if a split is empty."""
+    if val is not None:
+        if val.categories != dataset.categories:
+            raise DataError(f"{val.root}: val categories differ from those of {dataset.root}")
+        splits = {"train": (dataset, dataset.images), "val": (val, val.images)}
+    else:
+        splits = {split: (dataset, [i for i in dataset.images if in_val(i.path, val_fraction) == (split == "val")])
+                  for split in SPLITS}
+    for split, (source, images) in splits.items():
+        if not images:
+            if val is not None:
+                hint = f"the {split} set has no images"
+            elif split == "val":
+                hint = f"no image's path hash falls under val_fraction {val_fraction}: raise it, or pass val"
+            else:
+                hint = f"every image went to val with val_fraction {val_fraction}: lower it"
+            raise DataError(f"{source.root}: the {split} split is empty ({hint})")
+    return splits
+
+
+def letterbox(image: Image.Image, size: int) -> tuple[Image.Image, float]:
+    """``image`` scaled so its longer side is ``size`` and pasted at the top-left of a
+    ``size x size`` canvas of :data:`PAD_COLOUR`; the canvas and the scale."""
+    scale = size / max(image.width, image.height)
+    resized = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))),
+                           Image.Resampling.BILINEAR)
+    canvas = Image.new("RGB", (size, size), PAD_COLOUR)
+    canvas.paste(resized, (0, 0))
+    return canvas, scale
+
+
+def _row(image: DetectionImage, data: bytes, uri: str, size: int, adjusted: Counter) -> dict:
+    """The shard row of one image: letterboxed JPEG bytes and its scaled annotations."""
+    decoded = decode_rgb(data, uri)
+    if decoded.size != (image.width, image.height):
+        raise DataError(f"{uri}: the image is {decoded.width}x{decoded.height} but its annotations say "
+                        f"{image.width}x{image.height}")
+    canvas, scale = letterbox(decoded, size)
+    buffer = io.BytesIO()
+    canvas.save(buffer, format="JPEG", quality=JPEG_QUALITY)
+    boxes = np.clip(np.asarray(image.boxes, dtype=np.float64).reshape(-1, 4) * scale, 0, size).astype(np.float32)
+    keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+    if not keep.all():
+        adjusted[DEGENERATE] += int((~keep).sum())
+        log.warning("%s: %d %s to %d px", uri, int((~keep).sum()), DEGENERATE, size)
+    areas = (np.asarray(image.areas, dtype=np.float64) * scale**2).astype(np.float32)
+    return {"image": buffer.getvalue(), "image_id": image.image_id, "path": image.path, "scale": scale,
+            "boxes": boxes[keep].reshape(-1).tolist(), "labels": np.asarray(image.labels)[keep].tolist(),
+            "crowd": np.asarray(image.crowd, dtype=bool)[keep].tolist(), "areas": areas[keep].tolist()}
+
+
+def _rows(split: str, source: DetectionSet, images: list[DetectionImage], size: int, digest,
+          adjusted: Counter, progress: tqdm) -> Iterator[dict]:
+    """The rows of one split, read in batches; each image's content goes into ``digest``."""
+    fs, base = filesystem(source.root)
+    for start in range(0, len(images), READ_BATCH):
+        batch = images[start:start + READ_BATCH]
+        blobs = fs.cat([posixpath.join(base, image.path) for image in batch])
+        for image in batch:
+            data = blobs[posixpath.join(base, image.path)]
+            digest.update(json.dumps([split, image.path, hashlib.sha256(data).hexdigest(), image.image_id,
+                                      image.boxes, image.labels, image.crowd, image.areas]).encode() + b"\n")
+            yield _row(image, data, join(source.root, image.path), size, adjusted)
+            progress.update()
+
+
+def prepare_detection(dataset: DetectionSet, out: str, image_size: int, *, source: str,
+                      val: DetectionSet | None = None, val_fraction: float = 0.2,
+                      shard_size: int = 1024) -> dict:
+    """Letterbox ``dataset`` to ``image_size`` and publish it as shards under ``out``.
+
+    ``val`` is the val split when given (``dataset`` is then all train);
+    otherwise an image goes to val when a hash of its path falls under
+    ``val_fraction``. ``source`` is recorded in the manifest (where the data
+    came from). The fingerprint covers ``image_size``, the category names
+    and every image's split, path, bytes hash and annotations, so the same
+    data at another URI has the same fingerprint.
+
+    On any error, the shards written so far are removed and no manifest is
+    written; the error names the offending file. Shard names carry a token of
+    this run, so an earlier output under ``out`` stays whole until the new
+    manifest replaces it; its shards are removed after that.
+
+    Raises:
+        DataError: a split is empty, the val categories differ, an image is
+            corrupt or its size differs from its annotations.
+    """
+    splits = _splits(dataset, val, val_fraction)
+    digest = hashlib.sha256(json.dumps({"image_size": image_size, "categories": dataset.categories}).encode())
+    adjusted = Counter(dataset.adjusted) + Counter(val.adjusted if val is not None else {})
+    written: list[str] = []
+    info: dict[str, dict] = {}
+    run = uuid.uuid4().hex[:8]
+    previous = published_files(out)
+    try:
+        progress = tqdm(total=sum(len(images) for _, images in splits.values()), desc="prepare-data", unit="img")
+        for split, (split_source, images) in splits.items():
+            rows = _rows(split, split_source, images, image_size, digest, adjusted, progress)
+            shards, boxes = [], 0
+            while chunk := list(islice(rows, shard_size)):
+                shards.append(_shard_name(split, len(shards), run))
+                _write_shard(out, shards[-1], {name: [row[name] for row in chunk] for name in SCHEMA.names}, SCHEMA)
+                written.append(shards[-1])
+                boxes += sum(len(row["labels"]) for row in chunk)
+            info[split] = {"images": len(images), "boxes": boxes, "shards": shards}
+        progress.close()
+    except BaseException:
+        for name in written:
+            remove(join(out, name))
+        raise
+    fingerprint = digest.hexdigest()
+    manifest = write_manifest(out, stage="prepare-data", key=stage_key("prepare-data", {}, {"data": fingerprint}),
+                              files=written, info={"task": "detection", "source": source,
+                                                   "classes": dataset.categories,
+                                                   "num_classes": len(dataset.categories),
+                                                   "image_size": image_size, "splits": info,
+                                                   "adjusted": dict(sorted(adjusted.items())),
+                                                   "data_fingerprint": fingerprint})
+    for name in set(previous) - set(written):
+        remove(join(out, name))
+    return manifest
+
+
+def _ragged(column: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
+    """A list column as its flat values and per-row offsets (row ``i`` is ``values[o[i]:o[i + 1]]``)."""
+    array = column.combine_chunks()
+    lengths = array.value_lengths().to_numpy(zero_copy_only=False)
+    return array.flatten().to_numpy(zero_copy_only=False), np.concatenate([[0], np.cumsum(lengths)])
+
+
+class DetectionShardDataset(torch.utils.data.Dataset):
+    """One split of prepared detection data; items are ``(hr, lr, target)``.
+
+    ``hr`` is the letterboxed image as a float (3, S, S) tensor in [0, 1],
+    ``lr`` the same image downsampled by ``ratio`` with ``resize`` (``hr``
+    itself at ratio 1), and ``target`` holds the non-crowd ``boxes`` (float32
+    (M, 4), HR pixels), their ``labels`` (int64) and the ``image_id``. With
+    ``train``, a horizontal flip with probability 1/2 drawn from the item's
+    seed, as in :class:`kd_lib.data.transforms.PairedTransform`. Indices are
+    ``(index, seed)`` pairs or plain ints (seed 0).
+
+    The encoded images and annotations of the split are held in memory;
+    decoding happens per item, in the loader's workers.
+    """
+
+    def __init__(self, data: str, split: str, ratio: int = 1, train: bool = False, resize: ResizeMode = "bilinear"):
+        self.data, self.manifest = data, read_manifest(data)
+        if self.manifest.get("task") != "detection":
+            raise DataError(f"{data}: not prepared detection data (task {self.manifest.get('task')!r}); "
+                            "prepare it with prepare_detection")
+        if split not in self.manifest["splits"]:
+            raise DataError(f"{data}: no split {split!r} (it has {sorted(self.manifest['splits'])})")
+        self.image_size: int = self.manifest["image_size"]
+        if ratio < 1 or self.image_size % ratio:
+            raise DataError(f"{data}: image_size {self.image_size} is not divisible by ratio {ratio}")
+        self.classes: list[str] = self.manifest["classes"]
+        self.ratio, self.train, self.resize = ratio, train, resize
+        table = pa.concat_tables([pq.read_table(io.BytesIO(read_bytes(join(data, name))))
+                                  for name in self.manifest["splits"][split]["shards"]])
+        self.images = table.column("image")
+        self.image_ids: list[int] = table.column("image_id").to_pylist()
+        self.paths: list[str] = table.column("path").to_pylist()
+        self.labels, self.offsets = _ragged(table.column("labels"))
+        self.boxes = _ragged(table.column("boxes"))[0].reshape(-1, 4)
+        self.crowd = _ragged(table.column("crowd"))[0]
+        self.areas = _ragged(table.column("areas"))[0]
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def _annotations(self, index: int) -> slice:
+        """Where image ``index``'s boxes are in the flat annotation arrays."""
+        return slice(self.offsets[index], self.offsets[index + 1])
+
+    def __getitem__(self, item):
+        index, seed = item if isinstance(item, tuple) else (item, 0)
+        image = decode_rgb(self.images[index].as_py(), join(self.data, self.paths[index]))
+        hr = TF.pil_to_tensor(image).to(torch.float32) / 255
+        rows = self._annotations(index)
+        keep = ~self.crowd[rows]
+        boxes = torch.from_numpy(self.boxes[rows][keep].copy())
+        labels = torch.from_numpy(self.labels[rows][keep].astype(np.int64))
+        if self.train and random.Random(seed).random() < 0.5:
+            hr = hr.flip(-1)
+            size = self.image_size
+            boxes = torch.stack([size - boxes[:, 2], boxes[:, 1], size - boxes[:, 0], boxes[:, 3]], dim=1)
+        lr = hr if self.ratio == 1 else downsample(hr[None], self.ratio, self.resize)[0]
+        return hr, lr, {"boxes": boxes, "labels": labels, "image_id": self.image_ids[index]}
+
+    def ground_truth(self) -> DetectionSet:
+        """The split in letterboxed coordinates (``S x S`` images), crowd boxes included and
+        flagged: ``coco_map(dataset.ground_truth(), detections)`` scores detections on ``hr``."""
+        images = []
+        for index, (image_id, path) in enumerate(zip(self.image_ids, self.paths)):
+            rows = self._annotations(index)
+            images.append(DetectionImage(image_id, path, self.image_size, self.image_size,
+                                         [tuple(box) for box in self.boxes[rows].tolist()],
+                                         self.labels[rows].tolist(), self.crowd[rows].tolist(),
+                                         self.areas[rows].tolist()))
+        return DetectionSet(self.data, self.classes, images)
+
+
+def collate_detection(batch) -> tuple[torch.Tensor, torch.Tensor, list[dict]]:
+    """Items of :class:`DetectionShardDataset` -> stacked ``hr``, stacked ``lr``, the targets as a list."""
+    hr, lr, targets = zip(*batch)
+    return torch.stack(hr), torch.stack(lr), list(targets)

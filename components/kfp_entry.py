@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 
-from components import assistant, evaluate, lr_baseline, prepare_data, student, teacher
+from components import afp, assistant, detector, evaluate, lr_baseline, prepare_data, student, teacher
 from kd_lib.config import from_dict
 
 STAGES = {
@@ -19,6 +19,8 @@ STAGES = {
     "assistant": (assistant.AssistantConfig, assistant.run),
     "student": (student.StudentConfig, student.run),
     "lr-baseline": (lr_baseline.LRBaselineConfig, lr_baseline.run),
+    "detector": (detector.DetectorConfig, detector.run),
+    "afp": (afp.AFPConfig, afp.run),
     "evaluate": (evaluate.EvaluateConfig, evaluate.run),
 }
 
@@ -36,9 +38,10 @@ def stage_config(stage: str, overrides: dict, **fields):
 
 def final_metrics(result: dict) -> dict[str, float]:
     """The numbers a stage reports to KFP: a training stage's last metrics row,
-    or the top-1/top-5 of each evaluated model."""
+    or the top-1/top-5 (classification) or AP/AP50 (detection) of each evaluated model."""
     if "models" in result:
-        return {f"{m['name']}_{k}": m[k] for m in result["models"] for k in ("top1", "top5")}
+        keys = ("AP", "AP50") if result.get("task") == "detection" else ("top1", "top5")
+        return {f"{m['name']}_{k}": m[k] for m in result["models"] for k in keys}
     return {k: v for k, v in result.get("final", {}).items() if isinstance(v, (int, float))}
 
 

@@ -1,6 +1,7 @@
 """kdp: the command line of the pipeline.
 
     kdp run [--data URI] [--out DIR] [...]   the whole pipeline, locally, with kfp.local
+    kdp detect --data COCO_JSON --images DIR  the detection pipeline, locally (or --data YOLO_ROOT)
     kdp stage NAME [flags]                    one stage (the per-stage rerun)
     kdp demo-data DEST                        write the generated demo ImageFolder
 
@@ -16,6 +17,7 @@ import sys
 from pathlib import Path
 
 from kd_lib.config import ConfigError
+from pipelines import detection
 from pipelines.pixel_distillation import DEFAULT_SETTINGS, STUDENT_METHODS
 
 STAGE_MODULES = {
@@ -24,6 +26,8 @@ STAGE_MODULES = {
     "assistant": "components.assistant",
     "student": "components.student",
     "lr-baseline": "components.lr_baseline",
+    "detector": "components.detector",
+    "afp": "components.afp",
     "evaluate": "components.evaluate",
 }
 #: ``--set STAGE.FIELD=VALUE`` stage names -> keys of the pipeline's ``*_settings`` parameters.
@@ -37,6 +41,10 @@ SETTINGS_KEYS = {
     "evaluate": "evaluate",
 }
 TRAINING_STAGES = ("teacher", "assistant", "student", "student-onestage", "lr-baseline")
+#: The same for the detection pipeline.
+DETECTION_SETTINGS_KEYS = {"prepare-data": "prepare", "teacher": "teacher", "afp": "afp", "msad": "msad",
+                           "lr-baseline": "lr_baseline", "evaluate": "evaluate"}
+DETECTION_TRAINING_STAGES = ("teacher", "afp", "msad", "lr-baseline")
 
 #: The demo: the generated dataset at 64 px, students at 16 px, a few minutes on 2 CPU cores.
 DEMO_DATA = {"seed": 0, "num_classes": 8, "train_per_class": 150, "val_per_class": 30, "size": 64}
@@ -44,34 +52,51 @@ DEMO_SETTINGS = {"teacher": {"epochs": 8}, "assistant": {"epochs": 6}, "student"
                  "onestage": {"epochs": 6}, "lr_baseline": {"epochs": 6}, "evaluate": {"latency_repeats": 5}}
 
 
-def parse_setting(text: str) -> tuple[str, str, str]:
+def parse_setting(text: str, keys: dict[str, str] = SETTINGS_KEYS) -> tuple[str, str, str]:
     """``STAGE.FIELD=VALUE`` -> (settings key, field, value)."""
     target, sep, value = text.partition("=")
     stage, dot, field = target.partition(".")
-    if not sep or not dot or stage not in SETTINGS_KEYS:
+    if not sep or not dot or stage not in keys:
         raise ConfigError("--set", f"expected STAGE.FIELD=VALUE with STAGE one of "
-                          f"{', '.join(SETTINGS_KEYS)}, got {text!r}")
-    return SETTINGS_KEYS[stage], field, value
+                          f"{', '.join(keys)}, got {text!r}")
+    return keys[stage], field, value
+
+
+def merged_settings(args: argparse.Namespace, defaults: dict, keys: dict[str, str], training: tuple[str, ...],
+                    overrides: dict | None = None) -> dict[str, dict]:
+    """Each stage's settings: ``defaults``, then ``overrides``, then ``--epochs`` and ``--set``."""
+    settings = {key: dict(value) for key, value in defaults.items()}
+    for key, value in (overrides or {}).items():
+        settings[key].update(value)
+    if args.epochs is not None:
+        for stage in training:
+            settings[keys[stage]]["epochs"] = args.epochs
+    for text in args.set:
+        key, field, value = parse_setting(text, keys)
+        settings[key][field] = value
+    return {f"{key}_settings": value for key, value in settings.items()}
+
+
+def shared_params(args: argparse.Namespace, names: tuple[str, ...]) -> dict:
+    return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
 
 
 def pipeline_params(args: argparse.Namespace, source: str) -> dict:
     """The pipeline's parameters: its defaults, the demo's when there is no
     ``--data``, then the command line, merged field by field."""
-    settings = {key: dict(value) for key, value in DEFAULT_SETTINGS.items()}
-    if args.data is None:
-        for key, value in DEMO_SETTINGS.items():
-            settings[key].update(value)
-    if args.epochs is not None:
-        for stage in TRAINING_STAGES:
-            settings[SETTINGS_KEYS[stage]]["epochs"] = args.epochs
-    for text in args.set:
-        key, field, value = parse_setting(text)
-        settings[key][field] = value
-    params = {"source": source, **{f"{key}_settings": value for key, value in settings.items()}}
-    for name in ("hr_size", "ratio", "seed", "teacher_arch", "student_arch"):
-        if getattr(args, name) is not None:
-            params[name] = getattr(args, name)
-    return params
+    settings = merged_settings(args, DEFAULT_SETTINGS, SETTINGS_KEYS, TRAINING_STAGES,
+                               DEMO_SETTINGS if args.data is None else None)
+    return {"source": source, **settings,
+            **shared_params(args, ("hr_size", "ratio", "seed", "teacher_arch", "student_arch"))}
+
+
+def detection_params(args: argparse.Namespace) -> dict:
+    """The detection pipeline's parameters: its defaults, then the command line."""
+    source = args.data if "://" in args.data else str(Path(args.data).resolve())
+    images = args.images and (args.images if "://" in args.images else str(Path(args.images).resolve()))
+    return {"source": source, **({"images": images} if images else {}),
+            **merged_settings(args, detection.DEFAULT_SETTINGS, DETECTION_SETTINGS_KEYS, DETECTION_TRAINING_STAGES),
+            **shared_params(args, ("image_size", "ratio", "seed", "kind", "teacher_backbone", "student_backbone"))}
 
 
 def check_params(params: dict) -> None:
@@ -91,8 +116,40 @@ def check_params(params: dict) -> None:
                  **{k: v for k, v in shared.items() if k != "seed"})
 
 
-def cmd_run(args: argparse.Namespace) -> int:
+def check_detection_params(params: dict) -> None:
+    """Build every detection stage's config once before anything runs."""
+    from components.kfp_entry import stage_config
+
+    shared = {k: params[k] for k in ("ratio", "seed", "kind") if k in params}
+    prepare = {k: params[k] for k in ("images", "image_size") if k in params}
+    stage_config("prepare-data", params["prepare_settings"], source=params["source"], out="-", **prepare)
+    stage_config("detector", params["teacher_settings"], data="-", out="-", view="hr", **shared)
+    for key, method in (("afp", "afp"), ("msad", "msad")):
+        stage_config("afp", params[f"{key}_settings"], data="-", out="-", teacher="-", method=method, **shared)
+    stage_config("detector", params["lr_baseline_settings"], data="-", out="-", view="lr", **shared)
+    stage_config("evaluate", params["evaluate_settings"], data="-", out="-", models={"m": "-"})
+
+
+def print_result(paths: dict[str, Path]) -> None:
     from kd_lib.eval.report import format_table
+
+    summary = json.loads(paths["summary.json"].read_text())
+    print()
+    print(format_table(summary))
+    print(f"\nsummary: {paths['summary.json']}\nreport:  {paths['report.html']}")
+
+
+def cmd_detect(args: argparse.Namespace) -> int:
+    from pipelines.local import run_pipeline
+
+    params = detection_params(args)
+    check_detection_params(params)
+    name = Path(args.data.rstrip("/")).stem if args.data.endswith(".json") else Path(args.data.rstrip("/")).name
+    print_result(run_pipeline(params, args.out or f"runs/detection-{name}", detection.build_pipeline))
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
     from pipelines.local import run_pipeline
 
     out = Path(args.out or ("runs/demo" if args.data is None else f"runs/{Path(args.data.rstrip('/')).name}"))
@@ -106,11 +163,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         source = str(Path(source).resolve())
     params = pipeline_params(args, source)
     check_params(params)
-    paths = run_pipeline(params, out)
-    summary = json.loads(paths["summary.json"].read_text())
-    print()
-    print(format_table(summary))
-    print(f"\nsummary: {paths['summary.json']}\nreport:  {paths['report.html']}")
+    print_result(run_pipeline(params, out))
     return 0
 
 
@@ -143,6 +196,19 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--epochs", type=int, help="epochs of every training stage")
     run.add_argument("--set", action="append", default=[], metavar="STAGE.FIELD=VALUE",
                      help="a stage setting, e.g. --set teacher.lr=0.1 (repeatable)")
+    detect = sub.add_parser("detect", help="run the detection pipeline locally (kfp.local)")
+    detect.add_argument("--data", required=True, help="COCO instances JSON, or a YOLO root (path or URI)")
+    detect.add_argument("--images", help="the folder of the COCO JSON's images")
+    detect.add_argument("--out", help="run folder (default: runs/detection-<data name>)")
+    detect.add_argument("--image-size", type=int, help="letterbox side of the HR images (default 256)")
+    detect.add_argument("--ratio", type=int)
+    detect.add_argument("--seed", type=int)
+    detect.add_argument("--kind", choices=("fcos", "retinanet"))
+    detect.add_argument("--teacher-backbone")
+    detect.add_argument("--student-backbone")
+    detect.add_argument("--epochs", type=int, help="epochs of every training stage")
+    detect.add_argument("--set", action="append", default=[], metavar="STAGE.FIELD=VALUE",
+                        help=f"a stage setting; STAGE is one of {', '.join(DETECTION_SETTINGS_KEYS)}")
     stage = sub.add_parser("stage", help="run one stage; `kdp stage NAME --help` lists its fields",
                            add_help=False)
     stage.add_argument("name", choices=sorted(STAGE_MODULES))
@@ -160,7 +226,8 @@ def main(argv: list[str] | None = None) -> int:
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     try:
-        return cmd_run(args) if args.command == "run" else cmd_demo_data(args)
+        commands = {"run": cmd_run, "detect": cmd_detect, "demo-data": cmd_demo_data}
+        return commands[args.command](args)
     except ConfigError as err:
         print(f"kdp: error: {err}", file=sys.stderr)
         return 2

@@ -22,7 +22,7 @@ from pathlib import Path
 from kfp import local
 
 from kd_lib.io.fs import join, read_bytes
-from pipelines.pixel_distillation import build_pipeline
+from pipelines import pixel_distillation
 
 RESULT_FILES = ("summary.json", "report.html")
 PACKAGES = ("kd_lib", "components", "pipelines")
@@ -69,8 +69,10 @@ class ExecutorInputFilter(io.TextIOBase):
         self.target.flush()
 
 
-def run_pipeline(params: dict, out: str | os.PathLike) -> dict[str, Path]:
-    """Run the pipeline with ``params`` and copy its summary and report into ``out``.
+def run_pipeline(params: dict, out: str | os.PathLike, build_pipeline=pixel_distillation.build_pipeline
+                 ) -> dict[str, Path]:
+    """Run the pipeline that ``build_pipeline()`` makes (the classification one unless told
+    otherwise) with ``params`` and copy its summary and report into ``out``.
 
     Returns the paths of the copied ``summary.json`` and ``report.html``.
     Raises RuntimeError if a task fails (its error is in the log above).

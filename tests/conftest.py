@@ -45,3 +45,43 @@ def prepared(tmp_path_factory) -> str:
     source = write_imagefolder(root / "src", train=24, val=6)
     prepare_imagefolder(str(source), str(root / "data"))
     return str(root / "data")
+
+
+def write_coco(root: Path, images: int = 16, size: int = 64, seed: int = 0) -> tuple[Path, Path]:
+    """A COCO dataset of noise images with one or two filled rectangles each, class 1 red and
+    class 2 blue; returns the annotation file and the image folder."""
+    import json
+
+    rng = np.random.default_rng(seed)
+    folder = root / "images"
+    folder.mkdir(parents=True, exist_ok=True)
+    records, annotations = [], []
+    for index in range(images):
+        pixels = rng.integers(60, 140, (size, size, 3)).astype(np.uint8)
+        for _ in range(rng.integers(1, 3)):
+            category = int(rng.integers(1, 3))
+            w, h = (int(v) for v in rng.integers(size // 6, size // 2, 2))
+            x, y = int(rng.integers(0, size - w)), int(rng.integers(0, size - h))
+            pixels[y:y + h, x:x + w] = (220, 30, 30) if category == 1 else (30, 30, 220)
+            annotations.append({"id": len(annotations) + 1, "image_id": index + 1, "category_id": category,
+                                "bbox": [x, y, w, h], "area": w * h, "iscrowd": 0})
+        Image.fromarray(pixels).save(folder / f"{index:03d}.png")
+        records.append({"id": index + 1, "file_name": f"{index:03d}.png", "width": size, "height": size})
+    path = root / "instances.json"
+    path.write_text(json.dumps({"images": records, "annotations": annotations,
+                                "categories": [{"id": 1, "name": "red"}, {"id": 2, "name": "blue"}]}))
+    return path, folder
+
+
+@pytest.fixture(scope="session")
+def prepared_detection(tmp_path_factory) -> str:
+    """A prepared 2-class detection dataset at 128 px (about 18 train, 6 val images)."""
+    from kd_lib.config import from_dict
+    from components import prepare_data
+
+    root = tmp_path_factory.mktemp("detection")
+    annotations, images = write_coco(root / "src", images=24, size=128)
+    prepare_data.run(from_dict(prepare_data.PrepareDataConfig, {
+        "source": str(annotations), "images": str(images), "out": str(root / "data"), "image_size": 128,
+        "val_fraction": 0.25}))
+    return str(root / "data")

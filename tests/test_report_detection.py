@@ -83,3 +83,10 @@ def test_classification_without_a_task_renders_as_before():
 def test_an_unknown_task_is_refused():
     with pytest.raises(ValueError, match="segmentation"):
         format_table({**classification_summary(), "task": "segmentation"})
+
+
+def test_a_label_pushed_above_a_marker_stays_there_despite_rounding():
+    from kd_lib.eval.report import _push_up
+
+    marker = (0.0, 10.0, 83.40430625000003, 20.412414523193153)  # (ay + half + ah) - ay rounds below half + ah
+    assert _push_up((5.0, 50.0, 83.40430625000003, 8.6982421875), [marker]) == 83.40430625000003 + 8.6982421875 + 20.412414523193153

@@ -96,23 +96,39 @@ def decode_boxes(detector: nn.Module, outputs: DenseOutputs) -> Tensor:
 
 
 def aligned_levels(student: DenseOutputs, teacher: DenseOutputs) -> list[tuple[int, int]]:
-    """``(student level, teacher level)`` index pairs whose grids are the same.
+    """``(student level, teacher level)`` index pairs whose grids and anchors are the same.
+
+    A level pairs with the teacher level of its grid whose anchors, scaled by
+    the ratio of the input sides, have its anchors' size: on a small image the
+    top levels are all 1x1, and only the anchor size tells them apart.
 
     Raises:
         ValueError: no level pairs, or paired levels differ in anchors per cell.
     """
-    teacher_grids = {tuple(f.shape[-2:]): j for j, f in enumerate(teacher.features)}
-    pairs = [(i, teacher_grids[tuple(f.shape[-2:])]) for i, f in enumerate(student.features)
-             if tuple(f.shape[-2:]) in teacher_grids]
+    s_sizes, t_sizes = student.level_sizes(), teacher.level_sizes()
+    scale = student.images.tensors.shape[-1] / teacher.images.tensors.shape[-1]
+    s_extents, t_extents = _anchor_extents(student), _anchor_extents(teacher) * scale
+    pairs = []
+    for i, f in enumerate(student.features):
+        same_grid = [j for j, g in enumerate(teacher.features) if g.shape[-2:] == f.shape[-2:]]
+        for j in same_grid:
+            if s_sizes[i] != t_sizes[j]:
+                raise ValueError(f"student level {i} has {s_sizes[i]} anchors and teacher level {j} {t_sizes[j]}: "
+                                 "both must be the same detector kind")
+        same_anchors = [j for j in same_grid if torch.allclose(s_extents[i], t_extents[j], rtol=1e-3, atol=0)]
+        if same_anchors:
+            pairs.append((i, same_anchors[0]))
     if not pairs:
         raise ValueError(f"no pyramid level of the student (grids {[tuple(f.shape[-2:]) for f in student.features]})"
-                         f" has the grid of a teacher level ({list(teacher_grids)}): the windows are not aligned")
-    s_sizes, t_sizes = student.level_sizes(), teacher.level_sizes()
-    for i, j in pairs:
-        if s_sizes[i] != t_sizes[j]:
-            raise ValueError(f"student level {i} has {s_sizes[i]} anchors and teacher level {j} {t_sizes[j]}: "
-                             "both must be the same detector kind")
+                         f" has the grid and anchors of a teacher level (grids "
+                         f"{[tuple(f.shape[-2:]) for f in teacher.features]}): the windows are not aligned")
     return pairs
+
+
+def _anchor_extents(outputs: DenseOutputs) -> Tensor:
+    """Per level, the width and height of its first anchor ``(levels, 2)`` (the cell anchors of a level)."""
+    firsts = [level[0] for level in outputs.anchors[0].split(outputs.level_sizes())]
+    return torch.stack([a[2:] - a[:2] for a in firsts])
 
 
 def _select(dense: Tensor, sizes: list[int], levels: list[int]) -> Tensor:

@@ -204,8 +204,11 @@ def _push_up(box: Box, obstacles: list[Box]) -> float:
     while moved:
         moved = False
         for a0, a1, ay, ah in obstacles:
-            if x0 < a1 and a0 < x1 and abs(y - ay) < half + ah:
-                y = ay + half + ah
+            above = ay + half + ah
+            # ``above > y``, not only the overlap test: ``above - ay`` may round to just under
+            # ``half + ah``, and the label would be "moved" to where it already is, forever.
+            if x0 < a1 and a0 < x1 and abs(y - ay) < half + ah and above > y:
+                y = above
                 moved = True
     return y
 

@@ -11,7 +11,7 @@ the Bernoulli KL per anchor and class at temperature ``T``::
 
     p = sigmoid(t / T),  q = sigmoid(s / T)
     L_cls = T^2 * sum_{a,c} [p log(p / q) + (1 - p) log((1 - p) / (1 - q))] / max(1, sum_a w_a)
-    L_box = sum_a w_a * (1 - GIoU(b_s, b_t)) / max(eps, sum_a w_a)
+    L_box = sum_a w_a * (1 - GIoU(b_s, b_t)) / max(eps, sum_a w_a)   (a: teacher boxes of non-zero area)
     L_feat = mean over levels of MSE(f_s, f_t)
 
 with ``w_a = max_c sigmoid(t_ac)`` the teacher's confidence that anchor ``a``
@@ -23,6 +23,9 @@ holds an object. Our choices, where the abstract says nothing:
   background anchors;
 - boxes are weighted by ``w_a``: the box a teacher regresses at a background
   anchor carries no information;
+- anchors where the teacher's box has no area (FCOS's ReLU'd distances can be
+  0) are left out of the box term: GIoU is undefined there, and torchvision's
+  gives a loss of 1 and a gradient of ``1 / eps`` even on identical boxes;
 - GIoU (not L1) on the decoded boxes, since it is scale-free: the teacher's HR
   boxes divided by ``K`` and the student's LR boxes are compared in the
   student's pixels;
@@ -78,8 +81,11 @@ class DenseOutputKD(nn.Module):
             kl = sigmoid_kd(student_logits, teacher_logits, self.temperature)
             terms["afp_cls"] = kl.sum() / confidence.sum().clamp(min=1.0)
         if self.weights["afp_box"]:
-            giou = generalized_box_iou_loss(student_boxes.reshape(-1, 4), teacher_boxes.reshape(-1, 4), eps=1e-7)
-            terms["afp_box"] = (confidence.reshape(-1) * giou).sum() / confidence.sum().clamp(min=EPS)
+            kept = (teacher_boxes[..., 2:] > teacher_boxes[..., :2]).all(dim=-1).reshape(-1)
+            weight = confidence.reshape(-1)[kept]
+            giou = generalized_box_iou_loss(student_boxes.reshape(-1, 4)[kept], teacher_boxes.reshape(-1, 4)[kept],
+                                            eps=1e-7)
+            terms["afp_box"] = (weight * giou).sum() / weight.sum().clamp(min=EPS)
         if self.weights["afp_feature"]:
             if len(student_features) != len(teacher_features) or not student_features:
                 raise ValueError(f"{len(student_features)} student and {len(teacher_features)} teacher "

@@ -1,0 +1,123 @@
+"""The detection pipeline as KFP v2 lightweight components.
+
+    prepare-data (COCO or YOLO) -> teacher (detector, HR) -> afp (method afp: assistant + student)
+                                                          \\-> afp (method msad: MSAD teacher + student)
+                                -> lr-baseline (detector, LR)
+    all of them -> evaluate (COCO mAP, GFLOPs, latency, input bytes)
+
+Built like :mod:`pipelines.pixel_distillation`: each component runs one
+stage of ``components/`` in the project's image, stage outputs are the
+output artifacts' URIs, the data fingerprint and ``code_version`` are inputs
+of every training task so that the cache follows data and code. Parameters:
+the shared fields (``ratio``, ``seed``, ``kind``, the two backbones), the
+letterbox side ``image_size``, and a ``*_settings`` mapping per stage.
+"""
+
+from kfp import dsl
+from kfp.dsl import HTML, Artifact, Dataset, Input, Metrics, Model, Output
+
+from pipelines.pixel_distillation import DEFAULT_IMAGE
+
+PIPELINE_NAME = "detection-distillation"
+#: Per-stage settings unless told otherwise.
+DEFAULT_SETTINGS = {
+    "prepare": {},
+    "teacher": {"epochs": 24},
+    "afp": {"epochs": 12},
+    "msad": {"epochs": 12},
+    "lr_baseline": {"epochs": 24},
+    "evaluate": {"latency_batch_sizes": [1, 8]},
+}
+#: Models in the summary: name -> (task, subfolder of its output).
+EVALUATED = {"teacher": ("teacher", ""), "assistant": ("afp", "assistant"), "student_afp": ("afp", "student"),
+             "msad_teacher": ("msad", "assistant"), "student_msad": ("msad", "student"),
+             "lr_baseline": ("lr_baseline", "")}
+
+
+def prepare_detection_op(source: str, images: str, image_size: int, settings: dict, code_version: str,
+                         data: Output[Dataset]) -> str:
+    """prepare-data: read COCO JSON (``images``: its image folder) or YOLO, letterbox, write shards."""
+    from components.kfp_entry import run_stage
+    fields = {"images": images} if images else {}
+    return run_stage("prepare-data", settings, source=source, out=data.uri, image_size=image_size,
+                     **fields)["data_fingerprint"]
+
+
+def detector_op(data: Input[Dataset], data_fingerprint: str, code_version: str, settings: dict, view: str,
+                kind: str, backbone: str, ratio: int, seed: int, checkpoint_root: str, model: Output[Model],
+                metrics: Output[Metrics]):
+    """detector: a detector trained with its detection loss alone on the HR or LR image."""
+    from components.kfp_entry import run_stage
+    run_stage("detector", settings, metrics, data=data.uri, out=model.uri, view=view, kind=kind,
+              backbone=backbone, ratio=ratio, seed=seed, checkpoint_root=checkpoint_root)
+
+
+def afp_op(data: Input[Dataset], data_fingerprint: str, code_version: str, teacher: Input[Model], method: str,
+           settings: dict, kind: str, backbone: str, ratio: int, seed: int, checkpoint_root: str,
+           model: Output[Model], metrics: Output[Metrics]):
+    """afp: the aligned HR assistant (or MSAD teacher) and the LR student distilled through it."""
+    from components.kfp_entry import run_stage
+    run_stage("afp", settings, metrics, data=data.uri, out=model.uri, teacher=teacher.uri, method=method,
+              kind=kind, backbone=backbone, ratio=ratio, seed=seed, checkpoint_root=checkpoint_root)
+
+
+def evaluate_detection_op(data: Input[Dataset], code_version: str, teacher: Input[Model], afp: Input[Model],
+                          msad: Input[Model], lr_baseline: Input[Model], settings: dict,
+                          summary: Output[Artifact], report: Output[HTML], metrics: Output[Metrics]):
+    """evaluate: COCO mAP, FLOPs, latency and input bytes of every detector; summary and report."""
+    from components.kfp_entry import run_stage
+    from kd_lib.io.fs import join, read_bytes
+    from pipelines.detection import EVALUATED
+    outputs = {"teacher": teacher.uri, "afp": afp.uri, "msad": msad.uri, "lr_baseline": lr_baseline.uri}
+    models = {name: join(outputs[task], folder) if folder else outputs[task]
+              for name, (task, folder) in EVALUATED.items()}
+    run_stage("evaluate", settings, metrics, data=data.uri, out=summary.uri, models=models)
+    with open(report.path, "wb") as f:
+        f.write(read_bytes(join(summary.uri, "report.html")))
+
+
+def build_pipeline(image: str = DEFAULT_IMAGE):
+    """The detection pipeline function, its components built for ``image``."""
+    component = dsl.component(base_image=image, install_kfp_package=False)
+    prepare, train_detector, train_afp, evaluate = (
+        component(op) for op in (prepare_detection_op, detector_op, afp_op, evaluate_detection_op))
+
+    @dsl.pipeline(name=PIPELINE_NAME, description=__doc__.split("\n\n")[0])
+    def detection_distillation(
+        source: str,
+        checkpoint_root: str,
+        images: str = "",
+        image_size: int = 256,
+        ratio: int = 2,
+        seed: int = 0,
+        kind: str = "fcos",
+        teacher_backbone: str = "resnet34",
+        student_backbone: str = "resnet18",
+        prepare_settings: dict = DEFAULT_SETTINGS["prepare"],
+        teacher_settings: dict = DEFAULT_SETTINGS["teacher"],
+        afp_settings: dict = DEFAULT_SETTINGS["afp"],
+        msad_settings: dict = DEFAULT_SETTINGS["msad"],
+        lr_baseline_settings: dict = DEFAULT_SETTINGS["lr_baseline"],
+        evaluate_settings: dict = DEFAULT_SETTINGS["evaluate"],
+        code_version: str = "",
+    ) -> Artifact:
+        data = prepare(source=source, images=images, image_size=image_size, settings=prepare_settings,
+                       code_version=code_version)
+        data.set_display_name("prepare-data")
+        common = dict(data=data.outputs["data"], data_fingerprint=data.outputs["Output"], kind=kind, ratio=ratio,
+                      seed=seed, checkpoint_root=checkpoint_root, code_version=code_version)
+        teacher = train_detector(settings=teacher_settings, view="hr", backbone=teacher_backbone, **common)
+        afp = train_afp(teacher=teacher.outputs["model"], method="afp", settings=afp_settings,
+                        backbone=student_backbone, **common)
+        msad = train_afp(teacher=teacher.outputs["model"], method="msad", settings=msad_settings,
+                         backbone=student_backbone, **common)
+        baseline = train_detector(settings=lr_baseline_settings, view="lr", backbone=student_backbone, **common)
+        for task, name in ((teacher, "teacher"), (afp, "afp"), (msad, "msad"), (baseline, "lr-baseline")):
+            task.set_display_name(name)
+        report = evaluate(data=data.outputs["data"], code_version=code_version, teacher=teacher.outputs["model"],
+                          afp=afp.outputs["model"], msad=msad.outputs["model"],
+                          lr_baseline=baseline.outputs["model"], settings=evaluate_settings)
+        report.set_display_name("evaluate")
+        return report.outputs["summary"]
+
+    return detection_distillation

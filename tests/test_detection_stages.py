@@ -1,0 +1,150 @@
+"""The detection stages: detector (teacher, LR baseline), afp (AFP and MSAD), evaluate, and the pipeline."""
+
+import json
+import os
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+
+from components import afp, detector, evaluate
+from kd_lib.config import ConfigError, from_dict
+from kd_lib.data.imagefolder import DataError
+from kd_lib.distill.detection import AFPDistiller
+from kd_lib.engine.loop import TrainingInterrupted
+from kd_lib.io.manifest import IncompleteOutputError, read_manifest
+from kd_lib.models.detector_store import load_detector
+
+COCO128 = Path(__file__).parents[1].parent / "shared/data/coco128"
+TINY = {"epochs": 1, "batch_size": 4, "num_workers": 0, "device": "cpu", "seed": 0}
+
+
+def run_detector(data, out, **fields):
+    return detector.run(from_dict(detector.DetectorConfig, {**TINY, "data": data, "out": str(out), **fields}))
+
+
+def run_afp(data, out, teacher, **fields):
+    return afp.run(from_dict(afp.AFPConfig, {**TINY, "data": data, "out": str(out), "teacher": teacher,
+                                             "msad_ramp_iters": 2, **fields}))
+
+
+@pytest.fixture(scope="module")
+def teacher(prepared_detection, tmp_path_factory):
+    out = tmp_path_factory.mktemp("teacher") / "teacher"
+    run_detector(prepared_detection, out)
+    return str(out)
+
+
+def test_the_teacher_is_published_and_a_rerun_is_a_no_op(prepared_detection, teacher, capsys):
+    manifest = read_manifest(teacher)
+    model, spec, meta = load_detector(teacher)
+    assert (spec.kind, spec.backbone, spec.image_size, spec.first_level) == ("fcos", "resnet18", 128, 3)
+    assert meta["classes"] == ["red", "blue"] and set(manifest["files"]) == {"model.pt", "metrics.parquet"}
+    assert 0 <= manifest["final"]["val_AP"] <= 1
+    assert run_detector(prepared_detection, teacher)["key"] == manifest["key"]
+    assert "up to date" in capsys.readouterr().err
+    assert run_detector(prepared_detection, teacher, ratio=4)["key"] == manifest["key"]  # HR ignores the ratio
+
+
+@pytest.mark.parametrize("method, ratio", [("afp", 2), ("afp", 4), ("msad", 2), ("msad", 4)])
+def test_afp_publishes_an_aligned_assistant_and_student(prepared_detection, teacher, tmp_path, method, ratio):
+    manifest = run_afp(prepared_detection, tmp_path / "out", teacher, method=method, ratio=ratio)
+    assistant, a_spec, _ = load_detector(str(tmp_path / "out" / "assistant"))
+    student, s_spec, meta = load_detector(str(tmp_path / "out" / "student"))
+    shift = {2: 1, 4: 2}[ratio]
+    low = 3 if method == "afp" else 2
+    assert (a_spec.image_size, a_spec.first_level) == (128, low + shift)
+    assert (s_spec.image_size, s_spec.first_level, s_spec.lowest_level) == (128 // ratio, low, low)
+    assert assistant.state_dict().keys() == student.state_dict().keys()  # one architecture, two windows
+    assert meta["info"]["method"] == method
+    assert {"assistant/manifest.json", "student/manifest.json", "student/model.pt"} <= set(manifest["files"])
+    assert not (tmp_path / "out" / "checkpoints").exists()
+    with torch.no_grad():  # the published student detects on LR images
+        found = student([torch.rand(3, 128 // ratio, 128 // ratio)])[0]
+    assert set(found) == {"boxes", "scores", "labels"}
+
+
+class KillInStudentPhase(AFPDistiller):
+    """Sends itself SIGTERM at the 3rd training step of the LR student."""
+
+    calls = 0
+
+    def forward(self, hr, lr, targets):
+        if self.view == "lr" and self.training:
+            type(self).calls += 1
+            if type(self).calls == 3:
+                os.kill(os.getpid(), signal.SIGTERM)
+        return super().forward(hr, lr, targets)
+
+
+def test_an_interrupted_afp_run_resumes_in_the_student_phase(prepared_detection, teacher, tmp_path, monkeypatch,
+                                                             capsys):
+    fields = {"epochs": 2, "checkpoint_root": str(tmp_path / "ckpt")}
+    run_afp(prepared_detection, tmp_path / "straight", teacher, **fields)
+    monkeypatch.setattr(afp, "AFPDistiller", KillInStudentPhase)
+    with pytest.raises(TrainingInterrupted):
+        run_afp(prepared_detection, tmp_path / "resumed", teacher, **fields)
+    with pytest.raises(IncompleteOutputError):
+        read_manifest(str(tmp_path / "resumed"))  # nothing published
+    capsys.readouterr()
+    run_afp(prepared_detection, tmp_path / "resumed", teacher, **fields)
+    assert "assistant phase already done" in capsys.readouterr().err
+    for part in ("assistant", "student"):
+        straight, _, _ = load_detector(str(tmp_path / "straight" / part))
+        resumed, _, _ = load_detector(str(tmp_path / "resumed" / part))
+        for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+            torch.testing.assert_close(a, b, msg=f"{part} {name}")
+
+
+def test_bad_detection_inputs_are_named(prepared_detection, prepared, teacher, tmp_path):
+    with pytest.raises(ConfigError, match="kind.*the teacher is a fcos and the student a retinanet"):
+        run_afp(prepared_detection, tmp_path / "a", teacher, kind="retinanet")
+    with pytest.raises(DataError, match="classification data"):
+        run_detector(prepared, tmp_path / "b")
+    with pytest.raises(DataError, match="LR side of 16 px; it must be a multiple of 32"):
+        run_detector(prepared_detection, tmp_path / "c", ratio=8, view="lr")
+    with pytest.raises(IncompleteOutputError):
+        run_afp(prepared_detection, tmp_path / "d", str(tmp_path / "missing"))
+    with pytest.raises(ConfigError, match="ratio"):
+        run_afp(prepared_detection, tmp_path / "e", teacher, ratio=1)
+    assert not any((tmp_path / name / "manifest.json").exists() for name in "abcde")
+
+
+def test_evaluate_scores_detectors_by_coco_map_against_hr_boxes(prepared_detection, teacher, tmp_path):
+    baseline = tmp_path / "baseline"
+    run_detector(prepared_detection, baseline, view="lr", ratio=4)
+    summary = evaluate.run(from_dict(evaluate.EvaluateConfig, {
+        "data": prepared_detection, "out": str(tmp_path / "eval"), "device": "cpu", "num_workers": 0,
+        "models": {"teacher": teacher, "lr_baseline": str(baseline)}, "latency_repeats": 1,
+        "latency_batch_sizes": [1]}))
+    assert summary["task"] == "detection" and summary["hr_size"] == 128 and summary["ratio"] == "4"
+    teacher_row, baseline_row = summary["models"]
+    assert (teacher_row["view"], teacher_row["ratio"], baseline_row["view"], baseline_row["ratio"]) == ("hr", 1, "lr", 4)
+    assert teacher_row["input_bytes"] == 16 * baseline_row["input_bytes"]
+    assert teacher_row["gflops"] > 4 * baseline_row["gflops"]
+    for row in summary["models"]:
+        assert all(row[k] is None or 0 <= row[k] <= 1 for k in ("AP", "AP50", "AP75", "APs", "APm", "APl"))
+    assert json.loads((tmp_path / "eval" / "summary.json").read_text()) == summary
+    assert "AP50" in (tmp_path / "eval" / "report.html").read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not COCO128.is_dir(), reason=f"{COCO128} is not here (the shared test data)")
+def test_the_detection_pipeline_runs_end_to_end_on_coco128(tmp_path):
+    from pipelines.cli import main
+
+    out = tmp_path / "run"
+    assert main(["detect", "--data", str(COCO128 / "annotations" / "instances_train2017.json"), "--images",
+                 str(COCO128 / "train2017"), "--image-size", "64", "--ratio", "2", "--epochs", "1",
+                 "--set", "teacher.batch_size=8", "--set", "evaluate.latency_repeats=1",
+                 "--out", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    names = [m["name"] for m in summary["models"]]
+    assert names == ["teacher", "assistant", "student_afp", "msad_teacher", "student_msad", "lr_baseline"]
+    assert summary["dataset"]["train_images"] + summary["dataset"]["val_images"] == 128
+    sizes = {m["name"]: m["input_size"] for m in summary["models"]}
+    assert sizes == {"teacher": 64, "assistant": 64, "msad_teacher": 64, "student_afp": 32, "student_msad": 32,
+                     "lr_baseline": 32}
+    assert all(0 <= m["AP"] <= 1 for m in summary["models"])
+    assert (out / "report.html").stat().st_size > 10_000

@@ -36,11 +36,14 @@ from kd_lib.eval.report import markdown_table, plot_accuracy_vs_gflops  # noqa: 
 from kd_lib.io.fs import join  # noqa: E402
 
 TEACHER_BACKBONE, STUDENT_BACKBONE, KIND = "resnet34", "resnet18", "fcos"
-FULL = {"teacher_epochs": 30, "baseline_epochs": 30, "assistant_epochs": 15, "student_epochs": 15}
+FULL = {"teacher_epochs": 24, "baseline_epochs": 24, "assistant_epochs": 12, "student_epochs": 12}
 QUICK = {"teacher_epochs": 1, "baseline_epochs": 1, "assistant_epochs": 1, "student_epochs": 1}
+#: Every stage's optimizer: on 104 images, batch 4 at lr 0.02 learned faster than the stages'
+#: default batch 8 at lr 0.01 (a teacher at 128 px, 30 epochs, stayed at 0.0 AP on train and val).
+TRAIN = {"batch_size": 4, "lr": 0.02}
 #: The KD ramp of the MSAD student in iterations: MSAD's 500 is a fifth of a 90k-iteration schedule;
-#: ours is about one epoch of coco128 at batch 8.
-MSAD_RAMP_ITERS = 13
+#: ours is one epoch of coco128 at batch 4.
+MSAD_RAMP_ITERS = 26
 #: What each evaluated model is: name -> (method, stage output subfolder).
 PARTS = {"assistant": ("afp", "assistant"), "student_afp": ("afp", "student"),
          "msad_teacher": ("msad", "assistant"), "student_msad": ("msad", "student")}
@@ -71,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     data = join(out, "data")
     run_stage("prepare-data", source=args.annotations, images=args.images, out=data, image_size=args.image_size)
-    shared = {"data": data, "kind": KIND, "seed": 0, "num_workers": 0}
+    shared = {"data": data, "kind": KIND, "seed": 0, "num_workers": 0, **TRAIN}
     teacher = join(out, "teacher")
     run_stage("detector", out=teacher, view="hr", backbone=TEACHER_BACKBONE, epochs=plan["teacher_epochs"], **shared)
     models, described = {"teacher": teacher}, {"teacher": ("teacher", "supervised", 1)}
@@ -100,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
                                               "input_bytes", "params", "latency_ms")}})
     setup = {"annotations": args.annotations, "image_size": args.image_size, "ratios": args.ratios, "kind": KIND,
              "teacher_backbone": TEACHER_BACKBONE, "student_backbone": STUDENT_BACKBONE, **plan,
-             "msad_ramp_iters": MSAD_RAMP_ITERS, "dataset": summary["dataset"], "device": summary["device"],
+             **TRAIN, "msad_ramp_iters": MSAD_RAMP_ITERS, "dataset": summary["dataset"], "device": summary["device"],
              "wall_seconds": time.monotonic() - started}
     results_dir = Path(args.results)
     results_dir.mkdir(parents=True, exist_ok=True)

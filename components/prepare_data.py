@@ -13,7 +13,8 @@ Detection: ``source`` is a COCO ``instances_*.json`` (its images under
 ``labels/``). Images are letterboxed to ``image_size`` px. The val split is
 ``val_annotations``/``val_images`` (COCO) or ``images/val`` (YOLO) when
 given, else a stable ``val_fraction`` of the images chosen by a hash of
-their paths. Boxes crossing the image are clipped, empty ones dropped and
+their paths. ``categories`` keeps only the named categories (``[person]``: a
+person detector), in that order; images without them stay as backgrounds. Boxes crossing the image are clipped, empty ones dropped and
 crowd boxes kept as ignore regions; every such change is counted in the log
 and the manifest (``adjusted``).
 """
@@ -21,12 +22,12 @@ and the manifest (``adjusted``).
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from components.common import stage_cli
 from kd_lib.config import check
-from kd_lib.data.detection import DetectionSet, read_coco, read_yolo
+from kd_lib.data.detection import DetectionSet, keep_categories, read_coco, read_yolo
 from kd_lib.data.detection_shards import prepare_detection
 from kd_lib.data.shards import prepare_imagefolder
 from kd_lib.io.fs import exists, join
@@ -44,6 +45,7 @@ class PrepareDataConfig:
     val_images: str = ""
     image_size: int = 256
     val_fraction: float = 0.2
+    categories: list[str] = field(default_factory=list)
 
     def validate(self) -> None:
         check(bool(self.source), "source", "is required: an ImageFolder root, a COCO JSON file or a YOLO root")
@@ -70,12 +72,17 @@ class PrepareDataConfig:
 
 
 def read_detection(config: PrepareDataConfig) -> tuple[DetectionSet, DetectionSet | None]:
-    """The detection set at ``source`` and its val split, if the source has one."""
+    """The detection set at ``source`` and its val split, if the source has one, with only
+    ``categories`` when they are given."""
     if config.resolved_format() == "coco":
         val = read_coco(config.val_annotations, config.val_images) if config.val_annotations else None
-        return read_coco(config.source, config.images), val
-    val = read_yolo(config.source, "val") if exists(join(config.source, "images", "val")) else None
-    return read_yolo(config.source, "train"), val
+        train = read_coco(config.source, config.images)
+    else:
+        val = read_yolo(config.source, "val") if exists(join(config.source, "images", "val")) else None
+        train = read_yolo(config.source, "train")
+    if config.categories:
+        train, val = (keep_categories(d, config.categories) if d is not None else None for d in (train, val))
+    return train, val
 
 
 def run(config: PrepareDataConfig) -> dict:

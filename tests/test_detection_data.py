@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from kd_lib.data.detection import read_coco, read_yolo
+from kd_lib.data.detection import keep_categories, read_coco, read_yolo
 from kd_lib.data.imagefolder import DataError
 from kd_lib.eval.detection import Detection, coco_map
 
@@ -118,3 +118,20 @@ def test_ground_truth_as_predictions_gives_ap_one_on_coco128():
              for box, label, crowd in zip(image.boxes, image.labels, image.crowd) if not crowd]
     result = coco_map(dataset, truth)
     assert result == {"AP": 1.0, "AP50": 1.0, "AP75": 1.0, "APs": 1.0, "APm": 1.0, "APl": 1.0}
+
+
+def test_keeping_some_categories_relabels_them_and_counts_the_rest(tmp_path, caplog):
+    uri = write_coco(tmp_path / "instances.json", [
+        annotation(1, [10, 20, 30, 40]), annotation(2, [0, 0, 20, 20], category=3),
+        annotation(3, [5, 5, 10, 10], category=3, image=9)])
+    dataset = read_coco(uri, str(tmp_path))
+    with caplog.at_level(logging.WARNING):
+        cars = keep_categories(dataset, ["car"])
+    assert cars.categories == ["car"] and len(cars.images) == 2  # an image without cars stays, as background
+    assert [(image.boxes, image.labels) for image in cars.images] == [([(0, 0, 20, 20)], [0]),
+                                                                     ([(5, 5, 15, 15)], [0])]
+    assert cars.adjusted["annotations of other categories left out"] == 1
+    assert "1 annotations of other categories left out (keeping car)" in caplog.text
+    assert keep_categories(dataset, ["car", "person"]).images[0].labels == [1, 0]
+    with pytest.raises(DataError, match=r"no categories \['dog'\]; it has \['person', 'car'\]"):
+        keep_categories(dataset, ["dog"])

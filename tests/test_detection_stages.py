@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from components import afp, detector, evaluate
+from components import afp, detector, evaluate, prepare_data
 from kd_lib.config import ConfigError, from_dict
+from kd_lib.data.detection_shards import DetectionShardDataset
 from kd_lib.data.imagefolder import DataError
 from kd_lib.distill.detection import AFPDistiller
 from kd_lib.engine.loop import TrainingInterrupted
@@ -47,9 +48,12 @@ def test_the_teacher_is_published_and_a_rerun_is_a_no_op(prepared_detection, tea
     assert run_detector(prepared_detection, teacher, ratio=4)["key"] == manifest["key"]  # HR ignores the ratio
 
 
-@pytest.mark.parametrize("method, ratio", [("afp", 2), ("afp", 4), ("msad", 2), ("msad", 4)])
-def test_afp_publishes_an_aligned_assistant_and_student(prepared_detection, teacher, tmp_path, method, ratio):
-    manifest = run_afp(prepared_detection, tmp_path / "out", teacher, method=method, ratio=ratio)
+@pytest.mark.parametrize("method, ratio, backbone", [("afp", 2, "resnet18"), ("afp", 4, "resnet18"),
+                                                     ("msad", 2, "resnet18"), ("msad", 4, "resnet18"),
+                                                     ("afp", 2, "mobilenet_v3_large")])
+def test_afp_publishes_an_aligned_assistant_and_student(prepared_detection, teacher, tmp_path, method, ratio,
+                                                        backbone):
+    manifest = run_afp(prepared_detection, tmp_path / "out", teacher, method=method, ratio=ratio, backbone=backbone)
     assistant, a_spec, _ = load_detector(str(tmp_path / "out" / "assistant"))
     student, s_spec, meta = load_detector(str(tmp_path / "out" / "student"))
     shift = {2: 1, 4: 2}[ratio]
@@ -95,6 +99,25 @@ def test_an_interrupted_afp_run_resumes_in_the_student_phase(prepared_detection,
         resumed, _, _ = load_detector(str(tmp_path / "resumed" / part))
         for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
             torch.testing.assert_close(a, b, msg=f"{part} {name}")
+
+
+def test_prepare_data_reads_yolo_labels(tmp_path):
+    from PIL import Image
+
+    for split, count in (("train", 3), ("val", 1)):
+        (tmp_path / "yolo" / "images" / split).mkdir(parents=True)
+        (tmp_path / "yolo" / "labels" / split).mkdir(parents=True)
+        for i in range(count):
+            Image.new("RGB", (80, 40), (90, 90, 90)).save(tmp_path / "yolo" / "images" / split / f"{i}.jpg")
+            (tmp_path / "yolo" / "labels" / split / f"{i}.txt").write_text("1 0.5 0.5 0.5 0.5\n")
+    (tmp_path / "yolo" / "data.yaml").write_text("names: [cat, dog]\n")
+    manifest = prepare_data.run(from_dict(prepare_data.PrepareDataConfig, {
+        "source": str(tmp_path / "yolo"), "out": str(tmp_path / "data"), "image_size": 64}))
+    assert (manifest["task"], manifest["classes"], manifest["image_size"]) == ("detection", ["cat", "dog"], 64)
+    assert {s: (v["images"], v["boxes"]) for s, v in manifest["splits"].items()} == {"train": (3, 3), "val": (1, 1)}
+    target = DetectionShardDataset(str(tmp_path / "data"), "val")[0][2]
+    torch.testing.assert_close(target["boxes"], torch.tensor([[16.0, 8.0, 48.0, 24.0]]))  # 80x40 -> 64x32
+    assert target["labels"].tolist() == [1]
 
 
 def test_bad_detection_inputs_are_named(prepared_detection, prepared, teacher, tmp_path):
@@ -148,3 +171,17 @@ def test_the_detection_pipeline_runs_end_to_end_on_coco128(tmp_path):
                      "lr_baseline": 32}
     assert all(0 <= m["AP"] <= 1 for m in summary["models"])
     assert (out / "report.html").stat().st_size > 10_000
+
+
+def test_kdp_detect_checks_every_stage_setting_before_running(tmp_path, capsys):
+    from pipelines.cli import main
+
+    args = ["detect", "--data", str(tmp_path / "instances.json"), "--images", str(tmp_path), "--out",
+            str(tmp_path / "run")]
+    assert main([*args, "--set", "msad.msad_alpah=0.5"]) == 2
+    assert "msad_alpah" in capsys.readouterr().err
+    assert main([*args, "--set", "afp.afp_temperature=0"]) == 2
+    assert "afp_temperature" in capsys.readouterr().err
+    assert main([*args, "--set", "nope.epochs=1"]) == 2
+    assert "STAGE one of prepare-data, teacher, afp, msad" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()

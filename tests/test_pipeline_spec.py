@@ -38,3 +38,31 @@ def test_source_fingerprint_follows_the_code(tmp_path, monkeypatch):
     assert local.source_fingerprint() == first
     (tmp_path / "kd_lib" / "loss.py").write_text("y = 2\n")
     assert local.source_fingerprint() != first
+
+
+def test_the_detection_pipeline_compiles_with_its_stages_wired(tmp_path):
+    from pipelines import detection
+
+    path = tmp_path / "detection.yaml"
+    compiler.Compiler().compile(detection.build_pipeline("registry.example/kdp:1.2.3"), str(path))
+    spec = yaml.safe_load(path.read_text())
+    tasks = spec["root"]["dag"]["tasks"]
+    assert set(tasks) == {"prepare-detection-op", "detector-op", "afp-op", "afp-op-2", "detector-op-2",
+                          "evaluate-detection-op"}
+
+    def producer(task, artifact):
+        return tasks[task]["inputs"]["artifacts"][artifact]["taskOutputArtifact"]["producerTask"]
+
+    def constant(task, name):
+        return tasks[task]["inputs"]["parameters"][name]["runtimeValue"]["constant"]
+
+    assert producer("afp-op", "teacher") == producer("afp-op-2", "teacher") == "detector-op"
+    assert (constant("afp-op", "method"), constant("afp-op-2", "method")) == ("afp", "msad")
+    assert (constant("detector-op", "view"), constant("detector-op-2", "view")) == ("hr", "lr")
+    assert [producer("evaluate-detection-op", a) for a in ("teacher", "afp", "msad", "lr_baseline")] == [
+        "detector-op", "afp-op", "afp-op-2", "detector-op-2"]
+    for name in ("detector-op", "afp-op", "afp-op-2", "detector-op-2"):
+        fingerprint = tasks[name]["inputs"]["parameters"]["data_fingerprint"]["taskOutputParameter"]
+        assert fingerprint["producerTask"] == "prepare-detection-op"
+    assert set(detection.EVALUATED) == {"teacher", "assistant", "student_afp", "msad_teacher", "student_msad",
+                                        "lr_baseline"}

@@ -40,13 +40,13 @@ def classification_summary():
 def test_detection_tables_show_coco_ap_in_percent_and_a_dash_for_missing_sizes():
     header, _, *rows = format_table(detection_summary()).splitlines()
     assert header.split()[4:10] == AP_HEADERS and "top-1" not in header
-    assert rows[0].split()[3:9] == ["41.2", "61.2", "36.2", "25.0", "41.2", "51.2"]
-    assert rows[1].split()[3:9] == ["30.5", "50.5", "25.5", "\u2014", "30.5", "40.5"]
-    assert rows[2].split()[3:9] == ["25.5", "45.5", "20.5", "\u2014", "25.5", "35.5"]
+    assert rows[0].split()[3:9] == ["41.23", "61.23", "36.23", "25.00", "41.23", "51.23"]
+    assert rows[1].split()[3:9] == ["30.51", "50.51", "25.51", "\u2014", "30.51", "40.51"]
+    assert rows[2].split()[3:9] == ["25.49", "45.49", "20.49", "\u2014", "25.49", "35.49"]
     assert rows[1].split()[9:] == ["28.30", "2.600", "12,288", "12.50"]
     markdown = markdown_table(detection_summary()).splitlines()
     assert markdown[0].startswith("| name | arch | input px | AP | AP50 | AP75 | APs | APm | APl | params M |")
-    assert "| 30.5 | 50.5 | 25.5 | \u2014 | 30.5 | 40.5 |" in markdown[3]
+    assert "| 30.51 | 50.51 | 25.51 | \u2014 | 30.51 | 40.51 |" in markdown[3]
 
 
 def test_detection_plot_puts_coco_ap_against_gflops():

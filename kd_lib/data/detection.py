@@ -190,3 +190,30 @@ def read_yolo(root: str, split: str) -> DetectionSet:
         dataset.images.append(image)
     _log_adjusted(join(root, "labels", split), dataset)
     return dataset
+
+
+def keep_categories(dataset: DetectionSet, names: list[str]) -> DetectionSet:
+    """``dataset`` with only the categories ``names``, relabelled in that order.
+
+    Every image stays (one with none of these objects is a background image);
+    the annotations of other categories are left out, and counted.
+
+    Raises:
+        DataError: a name that is not a category of the dataset.
+    """
+    unknown = [name for name in names if name not in dataset.categories]
+    if unknown:
+        raise DataError(f"{dataset.root}: no categories {unknown}; it has {dataset.categories}")
+    new_label = {dataset.categories.index(name): label for label, name in enumerate(names)}
+    adjusted = Counter(dataset.adjusted)
+    images = []
+    for image in dataset.images:
+        kept = [i for i, label in enumerate(image.labels) if label in new_label]
+        adjusted["annotations of other categories left out"] += len(image.labels) - len(kept)
+        images.append(DetectionImage(image.image_id, image.path, image.width, image.height,
+                                     [image.boxes[i] for i in kept], [new_label[image.labels[i]] for i in kept],
+                                     [image.crowd[i] for i in kept], [image.areas[i] for i in kept]))
+    result = DetectionSet(dataset.root, list(names), images, adjusted)
+    log.warning("%s: %d annotations of other categories left out (keeping %s)", dataset.root,
+                adjusted["annotations of other categories left out"], ", ".join(names))
+    return result

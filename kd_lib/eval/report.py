@@ -83,7 +83,7 @@ TASKS = {
         (_percent_column("top-1 %", "top1", 2), _percent_column("top-5 %", "top5", 2)),
     ),
     "detection": _Task(
-        "AP", "COCO AP", "COCO AP", tuple(_percent_column(key, key, 1) for key in METRICS)
+        "AP", "COCO AP", "COCO AP", tuple(_percent_column(key, key, 2) for key in METRICS)
     ),
 }
 

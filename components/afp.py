@@ -93,8 +93,9 @@ def aligned_specs(config: AFPConfig, num_classes: int, hr_size: int) -> tuple[De
 
 
 def train_assistant(config: AFPConfig, data: DetectionData, teacher: torch.nn.Module, spec: DetectorSpec,
-                    lr_spec: DetectorSpec, job: StageRun) -> tuple[torch.nn.Module, MSADTeacher | None]:
-    """Phase 1, or its result when a run with this key finished it already."""
+                    lr_spec: DetectorSpec, job: StageRun) -> tuple[torch.nn.Module, MSADTeacher | None, list[dict]]:
+    """Phase 1, or its result when a run with this key finished it already: the assistant,
+    the MSAD teacher around it (``method: msad``) and the phase's metrics rows."""
     folder = join(job.checkpoint_dir, "assistant")
     fusion = CrossFeatureFusion(FPN_CHANNELS) if config.method == "msad" else None
     if finished_with_key(folder, job.key) is not None:
@@ -115,8 +116,7 @@ def train_assistant(config: AFPConfig, data: DetectionData, teacher: torch.nn.Mo
         extra = {"fusion": fusion.state_dict()} if fusion is not None else {}
         files = write_detector(folder, assistant, spec, data, rows, stage="afp-assistant", **extra)
         write_manifest(folder, stage="afp-assistant", key=job.key, files=files, info={"final": rows[-1]})
-    assistant.rows = rows
-    return assistant, (MSADTeacher(assistant, lr_spec.build(), fusion) if fusion is not None else None)
+    return assistant, (MSADTeacher(assistant, lr_spec.build(), fusion) if fusion is not None else None), rows
 
 
 def run(config: AFPConfig) -> dict:
@@ -134,7 +134,7 @@ def run(config: AFPConfig) -> dict:
         return done
     torch.manual_seed(config.seed)
     spec, lr_spec = aligned_specs(config, len(data.classes), data.image_size)
-    assistant, msad = train_assistant(config, data, teacher, spec, lr_spec, job)
+    assistant, msad, assistant_rows = train_assistant(config, data, teacher, spec, lr_spec, job)
     student = lr_spec.build()
     student.load_state_dict(assistant.state_dict())
     if msad is None:
@@ -145,7 +145,7 @@ def run(config: AFPConfig) -> dict:
     rows = train(task, data, config, join(job.checkpoint_dir, "student-train"), f"{config.method} student")
     unpublish(config.out)
     files = []
-    for phase, model, model_spec, phase_rows in (("assistant", assistant, spec, assistant.rows),
+    for phase, model, model_spec, phase_rows in (("assistant", assistant, spec, assistant_rows),
                                                  ("student", student, lr_spec, rows)):
         folder = join(config.out, phase)
         written = write_detector(folder, model, model_spec, data, phase_rows, stage=f"afp-{phase}",
@@ -154,7 +154,7 @@ def run(config: AFPConfig) -> dict:
         files += [f"{phase}/{name}" for name in (*written, MANIFEST)]
     return job.publish(config.out, files, {"config": asdict(config),
                                            "inputs": {"data": config.data, "teacher": config.teacher},
-                                           "final": {f"{phase}_{k}": v for phase, r in zip(PHASES, (assistant.rows, rows))
+                                           "final": {f"{phase}_{k}": v for phase, r in zip(PHASES, (assistant_rows, rows))
                                                      for k, v in r[-1].items()}})
 
 

@@ -21,7 +21,6 @@ import json
 import logging
 import posixpath
 import random
-import uuid
 from collections import Counter
 from collections.abc import Iterator
 from itertools import islice
@@ -36,10 +35,10 @@ from tqdm import tqdm
 
 from kd_lib.data.detection import DetectionImage, DetectionSet
 from kd_lib.data.imagefolder import SPLITS, DataError, decode_rgb
-from kd_lib.data.shards import READ_BATCH, _shard_name, _write_shard
+from kd_lib.data.shards import READ_BATCH, ShardWriter
 from kd_lib.data.transforms import ResizeMode, downsample
-from kd_lib.io.fs import filesystem, join, read_bytes, remove
-from kd_lib.io.manifest import published_files, read_manifest, stage_key, write_manifest
+from kd_lib.io.fs import filesystem, join, read_bytes
+from kd_lib.io.manifest import read_manifest
 
 log = logging.getLogger(__name__)
 
@@ -149,37 +148,21 @@ def prepare_detection(dataset: DetectionSet, out: str, image_size: int, *, sourc
     splits = _splits(dataset, val, val_fraction)
     digest = hashlib.sha256(json.dumps({"image_size": image_size, "categories": dataset.categories}).encode())
     adjusted = Counter(dataset.adjusted) + Counter(val.adjusted if val is not None else {})
-    written: list[str] = []
     info: dict[str, dict] = {}
-    run = uuid.uuid4().hex[:8]
-    previous = published_files(out)
-    try:
+    with ShardWriter(out, SCHEMA) as writer:
         progress = tqdm(total=sum(len(images) for _, images in splits.values()), desc="prepare-data", unit="img")
         for split, (split_source, images) in splits.items():
             rows = _rows(split, split_source, images, image_size, digest, adjusted, progress)
             shards, boxes = [], 0
             while chunk := list(islice(rows, shard_size)):
-                shards.append(_shard_name(split, len(shards), run))
-                _write_shard(out, shards[-1], {name: [row[name] for row in chunk] for name in SCHEMA.names}, SCHEMA)
-                written.append(shards[-1])
+                shards.append(writer.write(split, len(shards), {name: [row[name] for row in chunk]
+                                                                for name in SCHEMA.names}))
                 boxes += sum(len(row["labels"]) for row in chunk)
             info[split] = {"images": len(images), "boxes": boxes, "shards": shards}
         progress.close()
-    except BaseException:
-        for name in written:
-            remove(join(out, name))
-        raise
-    fingerprint = digest.hexdigest()
-    manifest = write_manifest(out, stage="prepare-data", key=stage_key("prepare-data", {}, {"data": fingerprint}),
-                              files=written, info={"task": "detection", "source": source,
-                                                   "classes": dataset.categories,
-                                                   "num_classes": len(dataset.categories),
-                                                   "image_size": image_size, "splits": info,
-                                                   "adjusted": dict(sorted(adjusted.items())),
-                                                   "data_fingerprint": fingerprint})
-    for name in set(previous) - set(written):
-        remove(join(out, name))
-    return manifest
+    return writer.publish(digest.hexdigest(), {"task": "detection", "source": source, "classes": dataset.categories,
+                                               "num_classes": len(dataset.categories), "image_size": image_size,
+                                               "splits": info, "adjusted": dict(sorted(adjusted.items()))})
 
 
 def _ragged(column: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:

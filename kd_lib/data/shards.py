@@ -29,14 +29,47 @@ SCHEMA = pa.schema([("image", pa.binary()), ("label", pa.int32()), ("path", pa.s
 READ_BATCH = 256
 
 
-def _shard_name(split: str, index: int, run: str) -> str:
-    return f"{split}-{index:05d}-{run}.parquet"
+class ShardWriter:
+    """Writes one prepare-data output: Parquet shards, then the manifest.
 
+    Shard names carry a token of this run, so an earlier output under ``out``
+    stays whole until the new manifest replaces it; :meth:`publish` writes the
+    manifest last, then removes the earlier output's shards. Used as a context
+    manager: an error inside the block removes the shards written so far, so
+    nothing is published.
+    """
 
-def _write_shard(out: str, name: str, rows: dict[str, list], schema: pa.Schema = SCHEMA) -> None:
-    buffer = io.BytesIO()
-    pq.write_table(pa.table(rows, schema=schema), buffer, compression="none")
-    write_bytes(join(out, name), buffer.getvalue())
+    def __init__(self, out: str, schema: pa.Schema = SCHEMA):
+        self.out, self.schema = out, schema
+        self.run = uuid.uuid4().hex[:8]
+        self.written: list[str] = []
+        self.previous = published_files(out)
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, traceback) -> None:
+        if exc_type is not None:
+            for name in self.written:
+                remove(join(self.out, name))
+
+    def write(self, split: str, index: int, rows: dict[str, list]) -> str:
+        """Write shard ``index`` of ``split``; returns its file name."""
+        name = f"{split}-{index:05d}-{self.run}.parquet"
+        buffer = io.BytesIO()
+        pq.write_table(pa.table(rows, schema=self.schema), buffer, compression="none")
+        write_bytes(join(self.out, name), buffer.getvalue())
+        self.written.append(name)
+        return name
+
+    def publish(self, fingerprint: str, info: dict) -> dict:
+        """Write the manifest (``info`` plus the data fingerprint), then drop the earlier shards."""
+        manifest = write_manifest(self.out, stage="prepare-data",
+                                  key=stage_key("prepare-data", {}, {"data": fingerprint}), files=self.written,
+                                  info={**info, "data_fingerprint": fingerprint})
+        for name in set(self.previous) - set(self.written):
+            remove(join(self.out, name))
+        return manifest
 
 
 def prepare_imagefolder(source: str, out: str, shard_size: int = 4096, max_per_class: int = 0) -> dict:
@@ -62,11 +95,8 @@ def prepare_imagefolder(source: str, out: str, shard_size: int = 4096, max_per_c
         records = kept
     fs, root = filesystem(source)
     digest = hashlib.sha256("\n".join(classes).encode())
-    written: list[str] = []
     splits: dict[str, dict] = {}
-    run = uuid.uuid4().hex[:8]
-    previous = published_files(out)
-    try:
+    with ShardWriter(out) as writer:
         progress = tqdm(total=len(records), desc="prepare-data", unit="img")
         for split in SPLITS:
             split_records = [r for r in records if r.split == split]
@@ -83,29 +113,15 @@ def prepare_imagefolder(source: str, out: str, shard_size: int = 4096, max_per_c
                     rows["label"].append(record.label)
                     rows["path"].append(record.path)
                     if len(rows["image"]) == shard_size:
-                        shards.append(_shard_name(split, len(shards), run))
-                        _write_shard(out, shards[-1], rows)
-                        written.append(shards[-1])
+                        shards.append(writer.write(split, len(shards), rows))
                         rows = {"image": [], "label": [], "path": []}
                 progress.update(len(batch))
             if rows["image"]:
-                shards.append(_shard_name(split, len(shards), run))
-                _write_shard(out, shards[-1], rows)
-                written.append(shards[-1])
+                shards.append(writer.write(split, len(shards), rows))
             splits[split] = {"images": len(split_records), "shards": shards}
         progress.close()
-    except BaseException:
-        for name in written:
-            remove(join(out, name))
-        raise
-    fingerprint = digest.hexdigest()
-    manifest = write_manifest(out, stage="prepare-data", key=stage_key("prepare-data", {}, {"data": fingerprint}),
-                              files=written, info={"task": "classification", "source": source, "classes": classes,
-                                                   "num_classes": len(classes), "splits": splits,
-                                                   "data_fingerprint": fingerprint})
-    for name in set(previous) - set(written):
-        remove(join(out, name))
-    return manifest
+    return writer.publish(digest.hexdigest(), {"task": "classification", "source": source, "classes": classes,
+                                               "num_classes": len(classes), "splits": splits})
 
 
 class ShardedImageDataset(torch.utils.data.Dataset):

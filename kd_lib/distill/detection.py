@@ -38,7 +38,7 @@ from torch import Tensor, nn
 from torchvision.models.detection import FCOS
 from torchvision.models.detection.image_list import ImageList
 
-from kd_lib.distill.distiller import View
+from kd_lib.distill.distiller import TeacherStudentTask, View
 from kd_lib.losses.afp import DenseOutputKD
 from kd_lib.losses.msad import CrossFeatureFusion, MSADDistillLoss
 
@@ -136,24 +136,12 @@ def _select(dense: Tensor, sizes: list[int], levels: list[int]) -> Tensor:
     return torch.cat([parts[level] for level in levels], dim=1)
 
 
-class DetectorTraining(nn.Module):
+class DetectorTraining(TeacherStudentTask):
     """A detector trained with its own detection loss on one view (the base of every task)."""
 
     def __init__(self, student: nn.Module, view: View, teacher: nn.Module | None = None):
-        super().__init__()
-        self.student, self.view, self.teacher = student, view, teacher
-        if teacher is not None:
-            teacher.requires_grad_(False).eval()
-        self.progress = 0.0
-
-    def train(self, mode: bool = True) -> DetectorTraining:
-        super().train(mode)
-        if self.teacher is not None:
-            self.teacher.eval()
-        return self
-
-    def set_progress(self, epochs: float) -> None:
-        self.progress = epochs
+        super().__init__(student, teacher)
+        self.view = view
 
     def optimized_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]

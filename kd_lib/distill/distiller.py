@@ -32,7 +32,30 @@ from kd_lib.models import FeatureCapture, classifier_module_name
 View = Literal["hr", "lr"]
 
 
-class Distiller(nn.Module):
+class TeacherStudentTask(nn.Module):
+    """What every training task shares: a ``student``, an optional ``teacher`` frozen and
+    kept in eval mode whatever ``train()`` is called with (its BatchNorm statistics never
+    drift), and the training progress in epochs, for warm-ups and ramps."""
+
+    def __init__(self, student: nn.Module, teacher: nn.Module | None = None):
+        super().__init__()
+        self.student, self.teacher = student, teacher
+        if teacher is not None:
+            teacher.requires_grad_(False).eval()
+        self.progress = 0.0
+
+    def train(self, mode: bool = True) -> TeacherStudentTask:
+        super().train(mode)
+        if self.teacher is not None:
+            self.teacher.eval()
+        return self
+
+    def set_progress(self, epochs: float) -> None:
+        """Tell the task how many epochs are done."""
+        self.progress = epochs
+
+
+class Distiller(TeacherStudentTask):
     """``forward(hr, lr, labels) -> (loss, terms)`` for one batch (see the module docstring).
 
     Args:
@@ -46,12 +69,10 @@ class Distiller(nn.Module):
 
     def __init__(self, student: nn.Module, student_view: View, teacher: nn.Module | None = None,
                  terms: list[Term] = (), ce_weight: float = 1.0):
-        super().__init__()
         if teacher is None and any(term.needs_teacher for term in terms):
             raise ValueError("these loss terms distil from a teacher: give one")
-        self.student, self.student_view, self.teacher = student, student_view, teacher
-        if teacher is not None:
-            teacher.requires_grad_(False).eval()
+        super().__init__(student, teacher)
+        self.student_view = student_view
         self.terms = nn.ModuleList(terms)
         self.ce_weight = ce_weight
         self.student_layers = list(dict.fromkeys(n for t in terms for n in t.student_layers))
@@ -59,17 +80,6 @@ class Distiller(nn.Module):
         embeddings = any(term.needs_embeddings for term in terms)
         self.classifiers = {id(model): classifier_module_name(model) for model in (student, teacher)
                             if embeddings and model is not None}
-        self.progress = 0.0
-
-    def train(self, mode: bool = True) -> Distiller:
-        super().train(mode)
-        if self.teacher is not None:
-            self.teacher.eval()
-        return self
-
-    def set_progress(self, epochs: float) -> None:
-        """Tell the terms how many epochs are done (for warm-ups and ramps)."""
-        self.progress = epochs
 
     def _run(self, model: nn.Module, image: torch.Tensor, layers: list[str]):
         """Logits, the named layers' outputs and, if a term needs it, the classifier's input."""

@@ -131,7 +131,14 @@ def test_bad_detection_inputs_are_named(prepared_detection, prepared, teacher, t
         run_afp(prepared_detection, tmp_path / "d", str(tmp_path / "missing"))
     with pytest.raises(ConfigError, match="ratio"):
         run_afp(prepared_detection, tmp_path / "e", teacher, ratio=1)
-    assert not any((tmp_path / name / "manifest.json").exists() for name in "abcde")
+    manifest = read_manifest(prepared_detection)
+    reds = str(tmp_path / "reds")
+    prepare_data.run(from_dict(prepare_data.PrepareDataConfig, {
+        "source": manifest["source"], "images": str(Path(manifest["source"]).parent / "images"), "out": reds,
+        "image_size": 128, "val_fraction": 0.25, "categories": ["red"]}))
+    with pytest.raises(DataError, match="teacher at .* detects 2 classes, but the data has 1"):
+        run_afp(reds, tmp_path / "f", teacher)
+    assert not any((tmp_path / name / "manifest.json").exists() for name in "abcdef")
 
 
 def test_evaluate_scores_detectors_by_coco_map_against_hr_boxes(prepared_detection, teacher, tmp_path):

@@ -39,7 +39,7 @@ from typing import Literal
 
 import torch
 
-from components.common import StageRun, stage_cli
+from components.common import StageRun, publish_on_main, stage_cli
 from components.detection_common import (DetectionData, DetectionStageConfig, load_upstream_detector, read_rows,
                                           train, write_detector)
 from kd_lib.config import ConfigError, check
@@ -114,8 +114,12 @@ def train_assistant(config: AFPConfig, data: DetectionData, teacher: torch.nn.Mo
         rows = train(task, data, config, join(job.checkpoint_dir, "assistant-train"), f"{config.method} assistant",
                      epochs=config.assistant_epochs or config.epochs)
         extra = {"fusion": fusion.state_dict()} if fusion is not None else {}
-        files = write_detector(folder, assistant, spec, data, rows, stage="afp-assistant", **extra)
-        write_manifest(folder, stage="afp-assistant", key=job.key, files=files, info={"final": rows[-1]})
+
+        def write() -> dict:
+            files = write_detector(folder, assistant, spec, data, rows, stage="afp-assistant", **extra)
+            return write_manifest(folder, stage="afp-assistant", key=job.key, files=files, info={"final": rows[-1]})
+
+        publish_on_main(folder, write)
     return assistant, (MSADTeacher(assistant, lr_spec.build(), fusion) if fusion is not None else None), rows
 
 
@@ -143,19 +147,24 @@ def run(config: AFPConfig) -> dict:
         task = MSADDistiller(student, msad, MSADDistillLoss(config.msad_alpha, config.msad_temperature),
                              config.msad_ramp_iters)
     rows = train(task, data, config, join(job.checkpoint_dir, "student-train"), f"{config.method} student")
-    unpublish(config.out)
-    files = []
-    for phase, model, model_spec, phase_rows in (("assistant", assistant, spec, assistant_rows),
-                                                 ("student", student, lr_spec, rows)):
-        folder = join(config.out, phase)
-        written = write_detector(folder, model, model_spec, data, phase_rows, stage=f"afp-{phase}",
-                                 method=config.method, ratio=config.ratio)
-        write_manifest(folder, stage=f"afp-{phase}", key=job.key, files=written, info={"final": phase_rows[-1]})
-        files += [f"{phase}/{name}" for name in (*written, MANIFEST)]
-    return job.publish(config.out, files, {"config": asdict(config),
-                                           "inputs": {"data": config.data, "teacher": config.teacher},
-                                           "final": {f"{phase}_{k}": v for phase, r in zip(PHASES, (assistant_rows, rows))
-                                                     for k, v in r[-1].items()}})
+
+    def write() -> dict:
+        unpublish(config.out)
+        files = []
+        for phase, model, model_spec, phase_rows in (("assistant", assistant, spec, assistant_rows),
+                                                     ("student", student, lr_spec, rows)):
+            folder = join(config.out, phase)
+            written = write_detector(folder, model, model_spec, data, phase_rows, stage=f"afp-{phase}",
+                                     method=config.method, ratio=config.ratio)
+            write_manifest(folder, stage=f"afp-{phase}", key=job.key, files=written, info={"final": phase_rows[-1]})
+            files += [f"{phase}/{name}" for name in (*written, MANIFEST)]
+        return job.publish(config.out, files, {"config": asdict(config),
+                                               "inputs": {"data": config.data, "teacher": config.teacher},
+                                               "final": {f"{phase}_{k}": v
+                                                         for phase, r in zip(PHASES, (assistant_rows, rows))
+                                                         for k, v in r[-1].items()}})
+
+    return publish_on_main(config.out, write)
 
 
 def main(argv: list[str] | None = None) -> int:

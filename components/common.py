@@ -10,11 +10,16 @@ the result and the fingerprints of its inputs:
 - a checkpoint exists under ``checkpoint_root/<stage>-<key>``: resume it;
 - on success the checkpoint folder is removed; on failure nothing is
   published and earlier outputs stay as they were.
+
+Under ``torchrun`` every process trains (data-parallel, see
+:mod:`kd_lib.engine.distributed`) and only the main one writes; the CLI joins
+the process group for the run and leaves it afterwards.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import signal
 import sys
@@ -29,7 +34,8 @@ from kd_lib.data.imagefolder import DataError
 from kd_lib.data.shards import ShardedImageDataset
 from kd_lib.data.transforms import PairedTransform, ResizeMode
 from kd_lib.distill.distiller import Distiller, View
-from kd_lib.engine.loop import NonFiniteLossError, TrainingInterrupted, fit, write_metrics
+from kd_lib.engine import distributed
+from kd_lib.engine.loop import NonFiniteLossError, TrainingInterrupted, fit, resolve_device, write_metrics
 from kd_lib.engine.settings import TrainSettings
 from kd_lib.eval.accuracy import classifier_validation
 from kd_lib.io.fs import StorageError, join, remove, remove_if_empty
@@ -122,6 +128,14 @@ class StageRun:
         return manifest
 
 
+def publish_on_main(out: str, write: Callable[[], dict]) -> dict:
+    """Call ``write``, which writes the outputs under ``out`` and returns their manifest, on the main
+    process only; under ``torchrun`` the others wait for it and return the manifest it wrote."""
+    manifest = write() if distributed.is_main() else None
+    distributed.barrier()
+    return manifest if manifest is not None else read_manifest(out)
+
+
 def run_training_stage(stage: str, config: TrainStageConfig, upstream: dict[str, str],
                        plan: Callable[[list[str], dict[str, tuple]], StagePlan]) -> dict[str, Any]:
     """Run one training stage end to end (see the module docstring).
@@ -145,13 +159,18 @@ def run_training_stage(stage: str, config: TrainStageConfig, upstream: dict[str,
         crop_scale=config.crop_scale)) for split in ("train", "val"))
     rows = fit(planned.task, train_set, config, run.checkpoint_dir,
                classifier_validation(val_set, planned.view, config.num_workers), desc=stage)
-    unpublish(config.out)
-    input_size = config.hr_size if planned.view == "hr" else config.lr_size
-    save_classifier(config.out, planned.task.student.cpu(), arch=planned.arch, classes=classes,
-                    input_size=input_size, stage=stage, hr_size=config.hr_size, ratio=config.ratio)
-    write_metrics(rows, join(config.out, METRICS_FILE))
-    return run.publish(config.out, [MODEL_FILE, METRICS_FILE],
-                       {"config": asdict(config), "inputs": {"data": config.data, **upstream}, "final": rows[-1]})
+
+    def write() -> dict:
+        unpublish(config.out)
+        input_size = config.hr_size if planned.view == "hr" else config.lr_size
+        save_classifier(config.out, planned.task.student.cpu(), arch=planned.arch, classes=classes,
+                        input_size=input_size, stage=stage, hr_size=config.hr_size, ratio=config.ratio)
+        write_metrics(rows, join(config.out, METRICS_FILE))
+        return run.publish(config.out, [MODEL_FILE, METRICS_FILE],
+                           {"config": asdict(config), "inputs": {"data": config.data, **upstream},
+                            "final": rows[-1]})
+
+    return publish_on_main(config.out, write)
 
 
 def run_supervised(stage: str, config: TrainStageConfig, view: View) -> dict[str, Any]:
@@ -167,6 +186,13 @@ USER_ERRORS = (ConfigError, DataError, IncompleteOutputError, StorageError, NonF
                FileNotFoundError)
 
 
+def _process_group(config) -> contextlib.AbstractContextManager:
+    """Torchrun's process group for the run of a training stage (nothing to join for other stages)."""
+    if isinstance(config, TrainSettings):
+        return distributed.process_group(resolve_device(config.device))
+    return contextlib.nullcontext()
+
+
 def stage_cli(config_cls: type, run: Callable[[Any], Any], argv: list[str] | None, prog: str,
               description: str) -> int:
     """Parse ``--config``/flags into ``config_cls``, call ``run`` and map errors to exit codes."""
@@ -176,7 +202,9 @@ def stage_cli(config_cls: type, run: Callable[[Any], Any], argv: list[str] | Non
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        run(from_args(config_cls, args))
+        config = from_args(config_cls, args)
+        with _process_group(config):
+            run(config)
     except TrainingInterrupted as err:
         print(f"{prog}: {err}; run the same command again to resume", file=sys.stderr)
         return 128 + err.signum

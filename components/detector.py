@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, replace
 
 import torch
 
-from components.common import StageRun, stage_cli
+from components.common import StageRun, publish_on_main, stage_cli
 from components.detection_common import DetectionData, DetectionStageConfig, train, write_detector
 from kd_lib.config import check
 from kd_lib.distill.detection import DetectorTraining
@@ -43,10 +43,15 @@ def run(config: DetectorConfig) -> dict:
     torch.manual_seed(config.seed)
     model = spec.build()
     rows = train(DetectorTraining(model, config.view), data, config, job.checkpoint_dir, f"detector-{config.view}")
-    unpublish(config.out)
-    files = write_detector(config.out, model, spec, data, rows, stage=stage, view=config.view, ratio=config.ratio)
-    return job.publish(config.out, files, {"config": asdict(config), "inputs": {"data": config.data},
-                                           "final": rows[-1]})
+
+    def write() -> dict:
+        unpublish(config.out)
+        files = write_detector(config.out, model, spec, data, rows, stage=stage, view=config.view,
+                               ratio=config.ratio)
+        return job.publish(config.out, files, {"config": asdict(config), "inputs": {"data": config.data},
+                                               "final": rows[-1]})
+
+    return publish_on_main(config.out, write)
 
 
 def main(argv: list[str] | None = None) -> int:

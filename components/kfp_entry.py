@@ -4,14 +4,24 @@ KFP serializes a lightweight component's function source, so those functions
 stay three lines long and call :func:`run_stage` here, in the image. The
 stage's output URI is the output artifact's URI (a local path under the
 pipeline root, or ``gs://...`` on a cluster), read and written through fsspec.
+
+A training task either runs its stage in its own process (``launcher``
+``{"kind": "pod"}``) or starts it as a TorchX job with the stage's
+``kdp stage`` flags and waits for it (``{"kind": "torchx", ...}``: see
+:class:`Launcher`); the job publishes its manifest under the same output URI.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+from dataclasses import dataclass
+from typing import Literal
 
 from components import afp, assistant, detector, evaluate, lr_baseline, prepare_data, student, teacher
-from kd_lib.config import from_dict
+from kd_lib.config import check, from_dict
+from kd_lib.io.fs import join
+from kd_lib.io.manifest import read_manifest
 
 STAGES = {
     "prepare-data": (prepare_data.PrepareDataConfig, prepare_data.run),
@@ -23,6 +33,22 @@ STAGES = {
     "afp": (afp.AFPConfig, afp.run),
     "evaluate": (evaluate.EvaluateConfig, evaluate.run),
 }
+
+
+#: The detection pipeline's evaluated models: name -> (task, subfolder of the task's output).
+DETECTION_MODELS = {"teacher": ("teacher", ""), "assistant": ("afp", "assistant"),
+                    "student_afp": ("afp", "student"), "msad_teacher": ("msad", "assistant"),
+                    "student_msad": ("msad", "student"), "lr_baseline": ("lr_baseline", "")}
+
+
+def detection_models(**outputs: str) -> dict[str, str]:
+    """The URI of each evaluated detector, from the output URIs of the detection tasks.
+
+    Here, not in :mod:`pipelines.detection`: a component runs with KFP's
+    runtime ``kfp.dsl``, which lacks what the pipeline modules import.
+    """
+    return {name: join(outputs[task], folder) if folder else outputs[task]
+            for name, (task, folder) in DETECTION_MODELS.items()}
 
 
 def stage_config(stage: str, overrides: dict, **fields):
@@ -45,14 +71,64 @@ def final_metrics(result: dict) -> dict[str, float]:
     return {k: v for k, v in result.get("final", {}).items() if isinstance(v, (int, float))}
 
 
-def run_stage(stage: str, overrides: dict, metrics=None, **fields) -> dict:
-    """Run ``stage``; log its final numbers on the KFP ``metrics`` artifact, if given.
+@dataclass
+class Launcher:
+    """Where a training stage runs: ``pod`` (in this process) or ``torchx`` (a TorchX job of
+    ``nnodes`` x ``nproc_per_node`` processes of ``image`` on ``scheduler``, run config ``cfg``)."""
+
+    kind: Literal["pod", "torchx"] = "pod"
+    scheduler: str = "kubernetes"
+    nnodes: int = 1
+    nproc_per_node: int = 1
+    image: str = ""
+    cfg: str = ""
+
+    def validate(self) -> None:
+        check(self.kind == "pod" or bool(self.image), "image", "is required with kind torchx: the job's image")
+        check(self.nnodes >= 1, "nnodes", f"must be >= 1, got {self.nnodes}")
+        check(self.nproc_per_node >= 1, "nproc_per_node", f"must be >= 1, got {self.nproc_per_node}")
+
+
+def flag_value(value) -> str:
+    """A config value as a ``kdp stage`` flag value (see :func:`kd_lib.config.add_arguments`)."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, (list, tuple)):
+        return ",".join(str(v) for v in value)
+    return str(value)
+
+
+def stage_flags(config) -> list[str]:
+    """The ``kdp stage`` flags that rebuild ``config``: one per field that differs from its default."""
+    flags = []
+    for spec in dataclasses.fields(config):
+        default = spec.default if spec.default is not dataclasses.MISSING else spec.default_factory()
+        value = getattr(config, spec.name)
+        if value != default:
+            flags += ["--" + spec.name.replace("_", "-"), flag_value(value)]
+    return flags
+
+
+def launch_with_torchx(stage: str, config, launcher: Launcher) -> dict:
+    """Run ``stage`` as a TorchX job and wait for it; its result is the manifest it published."""
+    from components.torchx_apps import launch_and_wait
+
+    launch_and_wait(stage, stage_flags(config), scheduler=launcher.scheduler, nnodes=launcher.nnodes,
+                    nproc_per_node=launcher.nproc_per_node, image=launcher.image, cfg=launcher.cfg)
+    return read_manifest(config.out)
+
+
+def run_stage(stage: str, overrides: dict, metrics=None, launcher: dict | None = None, **fields) -> dict:
+    """Run ``stage`` where ``launcher`` says (:class:`Launcher`; None: in this process); log its
+    final numbers on the KFP ``metrics`` artifact, if given.
 
     A file is always written at the metrics artifact's path: KFP's local cache
     treats a task whose output file is missing as a miss.
     """
     _, run = STAGES[stage]
-    result = run(stage_config(stage, overrides, **fields))
+    config = stage_config(stage, overrides, **fields)
+    launch = from_dict(Launcher, launcher or {}, where="launcher")
+    result = launch_with_torchx(stage, config, launch) if launch.kind == "torchx" else run(config)
     if metrics is not None:
         numbers = final_metrics(result)
         for name, value in numbers.items():

@@ -4,6 +4,9 @@
     kdp detect --data COCO_JSON --images DIR  the detection pipeline, locally (or --data YOLO_ROOT)
     kdp stage NAME [flags]                    one stage (the per-stage rerun)
     kdp demo-data DEST                        write the generated demo ImageFolder
+    kdp compile --image IMAGE [-o FILE]       the KFP pipeline YAML for a cluster (GPUs, secrets, ...)
+    kdp schedule --host URL --pipeline-package FILE --experiment NAME --cron CRON --name NAME
+                                              a recurring run on a KFP server
 
 Without --data, kdp run generates the demo dataset and uses the demo
 settings, sized to finish in minutes on a laptop CPU.
@@ -17,8 +20,9 @@ import sys
 from pathlib import Path
 
 from kd_lib.config import ConfigError
-from pipelines import detection
-from pipelines.pixel_distillation import DEFAULT_SETTINGS, STUDENT_METHODS
+from pipelines import detection, pixel_distillation
+from pipelines.cluster import ClusterOptions, add_cluster_arguments, options_from_args
+from pipelines.pixel_distillation import DEFAULT_IMAGE, DEFAULT_SETTINGS, STUDENT_METHODS
 
 STAGE_MODULES = {
     "prepare-data": "components.prepare_data",
@@ -45,6 +49,12 @@ TRAINING_STAGES = ("teacher", "assistant", "student", "student-onestage", "lr-ba
 DETECTION_SETTINGS_KEYS = {"prepare-data": "prepare", "teacher": "teacher", "afp": "afp", "msad": "msad",
                            "lr-baseline": "lr_baseline", "evaluate": "evaluate"}
 DETECTION_TRAINING_STAGES = ("teacher", "afp", "msad", "lr-baseline")
+
+#: ``kdp compile --pipeline NAME``: the pipeline builder and its checked-in YAML.
+PIPELINES = {
+    "classification": (pixel_distillation.build_pipeline, "pipelines/pixel_distillation.yaml"),
+    "detection": (detection.build_pipeline, "pipelines/detection_distillation.yaml"),
+}
 
 #: The demo: the generated dataset at 64 px, students at 16 px, a few minutes on 2 CPU cores.
 DEMO_DATA = {"seed": 0, "num_classes": 8, "train_per_class": 150, "val_per_class": 30, "size": 64}
@@ -167,6 +177,65 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def compile_pipeline(pipeline: str, path: str | Path, image: str = DEFAULT_IMAGE,
+                     options: ClusterOptions | None = None) -> Path:
+    """Compile ``pipeline`` (a :data:`PIPELINES` key) for ``image`` with ``options`` (default:
+    :class:`ClusterOptions`' defaults) to the YAML file ``path``. The same inputs give the same bytes."""
+    from kfp import compiler
+
+    build, _ = PIPELINES[pipeline]
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    compiler.Compiler().compile(build(image, options or ClusterOptions()), str(path))
+    stabilize_header(path)
+    return path
+
+
+def stabilize_header(path: Path) -> None:
+    """Rewrite the comment KFP puts on top of a compiled pipeline from the YAML below it.
+
+    KFP prints dict defaults there in protobuf map order, which changes from one
+    process to the next; the YAML itself is written with sorted keys.
+    """
+    import yaml
+    from kfp.compiler.pipeline_spec_builder import extract_comments_from_pipeline_spec
+
+    lines = path.read_text().splitlines(keepends=True)
+    header = next(i for i, line in enumerate(lines) if not line.startswith("#"))
+    body = "".join(lines[header:])
+    spec = next(yaml.safe_load_all(body))
+    path.write_text(extract_comments_from_pipeline_spec(spec, spec["pipelineInfo"].get("description")) + body)
+
+
+def cmd_compile(args: argparse.Namespace) -> int:
+    path = compile_pipeline(args.pipeline, args.output or PIPELINES[args.pipeline][1], args.image,
+                            options_from_args(args))
+    print(f"{args.pipeline} pipeline for {args.image}: {path}")
+    return 0
+
+
+def cmd_schedule(args: argparse.Namespace, client_factory=None) -> int:
+    """Create the recurring run (``client_factory``: ``kfp.Client`` unless told otherwise), or print it."""
+    from pipelines import schedule
+
+    if args.max_concurrency < 1:
+        raise ConfigError("--max-concurrency", f"must be >= 1, got {args.max_concurrency}", "kdp schedule")
+    plan = schedule.Schedule(
+        host=args.host, package=args.pipeline_package, experiment=args.experiment,
+        cron=schedule.check_cron(args.cron), name=args.name, max_concurrency=args.max_concurrency,
+        params=schedule.parse_params(args.param, schedule.package_parameters(args.pipeline_package)))
+    if args.dry_run:
+        print(schedule.dry_run_text(plan))
+        return 0
+    if client_factory is None:
+        import kfp
+
+        client_factory = kfp.Client
+    run = schedule.create(plan, client_factory)
+    print(f"recurring run {args.name!r}: {run.recurring_run_id}")
+    return 0
+
+
 def cmd_stage(args: argparse.Namespace, rest: list[str]) -> int:
     import importlib
 
@@ -215,6 +284,25 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo-data", help="write the generated demo dataset to DEST")
     demo.add_argument("dest")
     demo.add_argument("--seed", type=int, default=0)
+    compile_ = sub.add_parser("compile", help="compile a pipeline to KFP v2 YAML for a cluster")
+    compile_.add_argument("--pipeline", choices=sorted(PIPELINES), default="classification")
+    compile_.add_argument("--image", default=DEFAULT_IMAGE,
+                          help=f"REGISTRY/IMAGE:TAG of every task (default: {DEFAULT_IMAGE})")
+    compile_.add_argument("-o", "--output", help="the YAML file (default: "
+                          + "; ".join(f"{name}: {path}" for name, (_, path) in PIPELINES.items()) + ")")
+    add_cluster_arguments(compile_)
+    sched = sub.add_parser("schedule", help="create a KFP recurring run of a compiled pipeline")
+    sched.add_argument("--host", required=True, help="the KFP API endpoint, e.g. http://localhost:8080")
+    sched.add_argument("--pipeline-package", required=True, help="the compiled YAML (kdp compile)")
+    sched.add_argument("--experiment", required=True, help="experiment name (created if missing)")
+    sched.add_argument("--cron", required=True,
+                       help="KFP cron expression, 6 fields, seconds first: '0 0 3 * * *' is 03:00 daily")
+    sched.add_argument("--name", required=True, help="the recurring run's name")
+    sched.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
+                       help="a pipeline parameter (repeatable); STRUCT values are JSON")
+    sched.add_argument("--max-concurrency", type=int, default=1, help="runs at once (default: 1)")
+    sched.add_argument("--dry-run", action="store_true",
+                       help="print the kfp recurring-run create command and the parameters instead")
     return parser
 
 
@@ -226,7 +314,8 @@ def main(argv: list[str] | None = None) -> int:
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     try:
-        commands = {"run": cmd_run, "detect": cmd_detect, "demo-data": cmd_demo_data}
+        commands = {"run": cmd_run, "detect": cmd_detect, "demo-data": cmd_demo_data, "compile": cmd_compile,
+                    "schedule": cmd_schedule}
         return commands[args.command](args)
     except ConfigError as err:
         print(f"kdp: error: {err}", file=sys.stderr)

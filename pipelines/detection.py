@@ -10,12 +10,15 @@ stage of ``components/`` in the project's image, stage outputs are the
 output artifacts' URIs, the data fingerprint and ``code_version`` are inputs
 of every training task so that the cache follows data and code. Parameters:
 the shared fields (``ratio``, ``seed``, ``kind``, the two backbones), the
-letterbox side ``image_size``, and a ``*_settings`` mapping per stage.
+letterbox side ``image_size``, a ``*_settings`` mapping per stage, and a
+``rerun_*`` token per stage (a new value reruns that stage and what reads its
+output; see :mod:`pipelines.cluster`).
 """
 
 from kfp import dsl
 from kfp.dsl import HTML, Artifact, Dataset, Input, Metrics, Model, Output
 
+from pipelines.cluster import ClusterOptions, configure_task, launcher_input
 from pipelines.pixel_distillation import DEFAULT_IMAGE
 
 PIPELINE_NAME = "detection-distillation"
@@ -28,14 +31,10 @@ DEFAULT_SETTINGS = {
     "lr_baseline": {"epochs": 24},
     "evaluate": {"latency_batch_sizes": [1, 8]},
 }
-#: Models in the summary: name -> (task, subfolder of its output).
-EVALUATED = {"teacher": ("teacher", ""), "assistant": ("afp", "assistant"), "student_afp": ("afp", "student"),
-             "msad_teacher": ("msad", "assistant"), "student_msad": ("msad", "student"),
-             "lr_baseline": ("lr_baseline", "")}
 
 
 def prepare_detection_op(source: str, images: str, image_size: int, settings: dict, code_version: str,
-                         data: Output[Dataset]) -> str:
+                         rerun_token: str, data: Output[Dataset]) -> str:
     """prepare-data: read COCO JSON (``images``: its image folder) or YOLO, letterbox, write shards."""
     from components.kfp_entry import run_stage
     fields = {"images": images} if images else {}
@@ -43,46 +42,46 @@ def prepare_detection_op(source: str, images: str, image_size: int, settings: di
                      **fields)["data_fingerprint"]
 
 
-def detector_op(data: Input[Dataset], data_fingerprint: str, code_version: str, settings: dict, view: str,
-                kind: str, backbone: str, ratio: int, seed: int, checkpoint_root: str, model: Output[Model],
-                metrics: Output[Metrics]):
+def detector_op(data: Input[Dataset], data_fingerprint: str, code_version: str, rerun_token: str, launcher: dict,
+                settings: dict, view: str, kind: str, backbone: str, ratio: int, seed: int, checkpoint_root: str,
+                model: Output[Model], metrics: Output[Metrics]):
     """detector: a detector trained with its detection loss alone on the HR or LR image."""
     from components.kfp_entry import run_stage
-    run_stage("detector", settings, metrics, data=data.uri, out=model.uri, view=view, kind=kind,
+    run_stage("detector", settings, metrics, launcher, data=data.uri, out=model.uri, view=view, kind=kind,
               backbone=backbone, ratio=ratio, seed=seed, checkpoint_root=checkpoint_root)
 
 
-def afp_op(data: Input[Dataset], data_fingerprint: str, code_version: str, teacher: Input[Model], method: str,
-           settings: dict, kind: str, backbone: str, ratio: int, seed: int, checkpoint_root: str,
+def afp_op(data: Input[Dataset], data_fingerprint: str, code_version: str, rerun_token: str, launcher: dict,
+           teacher: Input[Model], method: str, settings: dict, kind: str, backbone: str, ratio: int, seed: int, checkpoint_root: str,
            model: Output[Model], metrics: Output[Metrics]):
     """afp: the aligned HR assistant (or MSAD teacher) and the LR student distilled through it."""
     from components.kfp_entry import run_stage
-    run_stage("afp", settings, metrics, data=data.uri, out=model.uri, teacher=teacher.uri, method=method,
+    run_stage("afp", settings, metrics, launcher, data=data.uri, out=model.uri, teacher=teacher.uri, method=method,
               kind=kind, backbone=backbone, ratio=ratio, seed=seed, checkpoint_root=checkpoint_root)
 
 
-def evaluate_detection_op(data: Input[Dataset], code_version: str, teacher: Input[Model], afp: Input[Model],
-                          msad: Input[Model], lr_baseline: Input[Model], settings: dict,
+def evaluate_detection_op(data: Input[Dataset], code_version: str, rerun_token: str, teacher: Input[Model],
+                          afp: Input[Model], msad: Input[Model], lr_baseline: Input[Model], settings: dict,
                           summary: Output[Artifact], report: Output[HTML], metrics: Output[Metrics]):
     """evaluate: COCO mAP, FLOPs, latency and input bytes of every detector; summary and report."""
-    from components.kfp_entry import run_stage
+    from components.kfp_entry import detection_models, run_stage
     from kd_lib.io.fs import join, read_bytes
-    from pipelines.detection import EVALUATED
-    outputs = {"teacher": teacher.uri, "afp": afp.uri, "msad": msad.uri, "lr_baseline": lr_baseline.uri}
-    models = {name: join(outputs[task], folder) if folder else outputs[task]
-              for name, (task, folder) in EVALUATED.items()}
+    models = detection_models(teacher=teacher.uri, afp=afp.uri, msad=msad.uri, lr_baseline=lr_baseline.uri)
     run_stage("evaluate", settings, metrics, data=data.uri, out=summary.uri, models=models)
     with open(report.path, "wb") as f:
         f.write(read_bytes(join(summary.uri, "report.html")))
 
 
-def build_pipeline(image: str = DEFAULT_IMAGE):
-    """The detection pipeline function, its components built for ``image``."""
+def build_pipeline(image: str = DEFAULT_IMAGE, options: ClusterOptions | None = None):
+    """The detection pipeline function, its components built for ``image``, its tasks configured
+    with ``options`` (:func:`pipelines.cluster.configure_task`; None: no cluster settings, for kfp.local)."""
     component = dsl.component(base_image=image, install_kfp_package=False)
     prepare, train_detector, train_afp, evaluate = (
         component(op) for op in (prepare_detection_op, detector_op, afp_op, evaluate_detection_op))
+    launcher = launcher_input(options, image)
 
-    @dsl.pipeline(name=PIPELINE_NAME, description=__doc__.split("\n\n")[0])
+    @dsl.pipeline(name=PIPELINE_NAME, description=__doc__.split("\n\n")[0],
+                  pipeline_root=options.root if options else None)
     def detection_distillation(
         source: str,
         checkpoint_root: str,
@@ -100,24 +99,32 @@ def build_pipeline(image: str = DEFAULT_IMAGE):
         lr_baseline_settings: dict = DEFAULT_SETTINGS["lr_baseline"],
         evaluate_settings: dict = DEFAULT_SETTINGS["evaluate"],
         code_version: str = "",
+        rerun_prepare: str = "",
+        rerun_teacher: str = "",
+        rerun_afp: str = "",
+        rerun_msad: str = "",
+        rerun_lr_baseline: str = "",
+        rerun_evaluate: str = "",
     ) -> Artifact:
         data = prepare(source=source, images=images, image_size=image_size, settings=prepare_settings,
-                       code_version=code_version)
-        data.set_display_name("prepare-data")
+                       code_version=code_version, rerun_token=rerun_prepare)
         common = dict(data=data.outputs["data"], data_fingerprint=data.outputs["Output"], kind=kind, ratio=ratio,
-                      seed=seed, checkpoint_root=checkpoint_root, code_version=code_version)
-        teacher = train_detector(settings=teacher_settings, view="hr", backbone=teacher_backbone, **common)
+                      seed=seed, checkpoint_root=checkpoint_root, code_version=code_version, launcher=launcher)
+        teacher = train_detector(settings=teacher_settings, view="hr", backbone=teacher_backbone,
+                                 rerun_token=rerun_teacher, **common)
         afp = train_afp(teacher=teacher.outputs["model"], method="afp", settings=afp_settings,
-                        backbone=student_backbone, **common)
+                        backbone=student_backbone, rerun_token=rerun_afp, **common)
         msad = train_afp(teacher=teacher.outputs["model"], method="msad", settings=msad_settings,
-                         backbone=student_backbone, **common)
-        baseline = train_detector(settings=lr_baseline_settings, view="lr", backbone=student_backbone, **common)
-        for task, name in ((teacher, "teacher"), (afp, "afp"), (msad, "msad"), (baseline, "lr-baseline")):
-            task.set_display_name(name)
-        report = evaluate(data=data.outputs["data"], code_version=code_version, teacher=teacher.outputs["model"],
-                          afp=afp.outputs["model"], msad=msad.outputs["model"],
+                         backbone=student_backbone, rerun_token=rerun_msad, **common)
+        baseline = train_detector(settings=lr_baseline_settings, view="lr", backbone=student_backbone,
+                                  rerun_token=rerun_lr_baseline, **common)
+        report = evaluate(data=data.outputs["data"], code_version=code_version, rerun_token=rerun_evaluate,
+                          teacher=teacher.outputs["model"], afp=afp.outputs["model"], msad=msad.outputs["model"],
                           lr_baseline=baseline.outputs["model"], settings=evaluate_settings)
-        report.set_display_name("evaluate")
+        for task, name, training in ((data, "prepare-data", False), (teacher, "teacher", True), (afp, "afp", True),
+                                     (msad, "msad", True), (baseline, "lr-baseline", True),
+                                     (report, "evaluate", False)):
+            configure_task(task.set_display_name(name), options, training=training)
         return report.outputs["summary"]
 
     return detection_distillation

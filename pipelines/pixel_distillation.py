@@ -19,13 +19,19 @@ the two architectures) and, per stage, a ``*_settings`` mapping of that
 stage's config fields (``{"epochs": 30, "lr": 0.05}``, and for the two
 students ``{"method": "crkd"}`` to change the method); unknown or bad fields
 fail the stage with an error naming the field.
-"""
 
+Per-stage reruns: ``rerun_prepare``, ``rerun_teacher``, ... (one per
+``*_settings`` key): a new value reruns that stage and, through its new
+output, the stages that read it; everything else stays cached. Caching,
+resources and pod settings of each task: :mod:`pipelines.cluster`.
+"""
 
 from kfp import dsl
 from kfp.dsl import HTML, Artifact, Dataset, Input, Metrics, Model, Output
 
-DEFAULT_IMAGE = "ghcr.io/kd-pipeline/kdp:0.1.0"
+from components.image import DEFAULT_IMAGE
+from pipelines.cluster import ClusterOptions, configure_task, launcher_input
+
 PIPELINE_NAME = "pixel-distillation"
 #: Per-stage settings unless told otherwise, sized for real data trained from scratch. The ISRD
 #: students keep the official lr 0.01: with eta = 50, higher rates make the decoder and the first
@@ -46,52 +52,53 @@ DEFAULT_SETTINGS = {
 STUDENT_METHODS = {"student": "tas", "onestage": "kd+isrd"}
 
 
-def prepare_data_op(source: str, settings: dict, code_version: str, data: Output[Dataset]) -> str:
+def prepare_data_op(source: str, settings: dict, code_version: str, rerun_token: str, data: Output[Dataset]) -> str:
     """prepare-data: validate the ImageFolder at ``source``, write Parquet shards."""
     from components.kfp_entry import run_stage
     return run_stage("prepare-data", settings, source=source, out=data.uri)["data_fingerprint"]
 
 
-def teacher_op(data: Input[Dataset], data_fingerprint: str, code_version: str, settings: dict, arch: str, hr_size: int,
-               ratio: int, seed: int, checkpoint_root: str, model: Output[Model], metrics: Output[Metrics]):
+def teacher_op(data: Input[Dataset], data_fingerprint: str, code_version: str, rerun_token: str, launcher: dict,
+               settings: dict, arch: str, hr_size: int, ratio: int, seed: int, checkpoint_root: str,
+               model: Output[Model], metrics: Output[Metrics]):
     """teacher: the large model at HR, cross-entropy."""
     from components.kfp_entry import run_stage
-    run_stage("teacher", settings, metrics, data=data.uri, out=model.uri, arch=arch, hr_size=hr_size,
+    run_stage("teacher", settings, metrics, launcher, data=data.uri, out=model.uri, arch=arch, hr_size=hr_size,
               ratio=ratio, seed=seed, checkpoint_root=checkpoint_root)
 
 
-def assistant_op(data: Input[Dataset], data_fingerprint: str, code_version: str, teacher: Input[Model], settings: dict,
-                 arch: str, hr_size: int, ratio: int, seed: int, checkpoint_root: str,
-                 model: Output[Model], metrics: Output[Metrics]):
+def assistant_op(data: Input[Dataset], data_fingerprint: str, code_version: str, rerun_token: str, launcher: dict,
+                 teacher: Input[Model], settings: dict, arch: str, hr_size: int, ratio: int, seed: int,
+                 checkpoint_root: str, model: Output[Model], metrics: Output[Metrics]):
     """assistant: the small model at HR, distilled from the teacher."""
     from components.kfp_entry import run_stage
-    run_stage("assistant", settings, metrics, data=data.uri, out=model.uri, teacher=teacher.uri, arch=arch,
+    run_stage("assistant", settings, metrics, launcher, data=data.uri, out=model.uri, teacher=teacher.uri, arch=arch,
               hr_size=hr_size, ratio=ratio, seed=seed, checkpoint_root=checkpoint_root)
 
 
-def student_op(data: Input[Dataset], data_fingerprint: str, code_version: str, source: Input[Model],
-               source_field: str, default_method: str, settings: dict, arch: str, hr_size: int, ratio: int,
+def student_op(data: Input[Dataset], data_fingerprint: str, code_version: str, rerun_token: str, launcher: dict,
+               source: Input[Model], source_field: str, default_method: str, settings: dict, arch: str, hr_size: int, ratio: int,
                seed: int, checkpoint_root: str, model: Output[Model], metrics: Output[Metrics]):
     """student: the small model at LR, distilled from ``source`` (the assistant or the teacher)
     with ``default_method`` unless the settings name another ``method``."""
     from components.kfp_entry import run_stage
-    run_stage("student", {"method": default_method, **settings}, metrics, data=data.uri, out=model.uri,
+    run_stage("student", {"method": default_method, **settings}, metrics, launcher, data=data.uri, out=model.uri,
               arch=arch, hr_size=hr_size, ratio=ratio, seed=seed, checkpoint_root=checkpoint_root,
               **{source_field: source.uri})
 
 
-def lr_baseline_op(data: Input[Dataset], data_fingerprint: str, code_version: str, settings: dict, arch: str, hr_size: int,
-                   ratio: int, seed: int, checkpoint_root: str, model: Output[Model],
-                   metrics: Output[Metrics]):
+def lr_baseline_op(data: Input[Dataset], data_fingerprint: str, code_version: str, rerun_token: str, launcher: dict,
+                   settings: dict, arch: str, hr_size: int, ratio: int, seed: int, checkpoint_root: str,
+                   model: Output[Model], metrics: Output[Metrics]):
     """lr-baseline: the student's architecture at LR, cross-entropy only."""
     from components.kfp_entry import run_stage
-    run_stage("lr-baseline", settings, metrics, data=data.uri, out=model.uri, arch=arch, hr_size=hr_size,
+    run_stage("lr-baseline", settings, metrics, launcher, data=data.uri, out=model.uri, arch=arch, hr_size=hr_size,
               ratio=ratio, seed=seed, checkpoint_root=checkpoint_root)
 
 
-def evaluate_op(data: Input[Dataset], code_version: str, teacher: Input[Model], assistant: Input[Model], student: Input[Model],
-                student_onestage: Input[Model], lr_baseline: Input[Model], settings: dict, hr_size: int,
-                ratio: int, summary: Output[Artifact], report: Output[HTML], metrics: Output[Metrics]):
+def evaluate_op(data: Input[Dataset], code_version: str, rerun_token: str, teacher: Input[Model],
+                assistant: Input[Model], student: Input[Model], student_onestage: Input[Model],
+                lr_baseline: Input[Model], settings: dict, hr_size: int, ratio: int, summary: Output[Artifact], report: Output[HTML], metrics: Output[Metrics]):
     """evaluate: accuracy, FLOPs, latency and input bytes of every model; summary and report."""
     from components.kfp_entry import run_stage
     from kd_lib.io.fs import join, read_bytes
@@ -103,14 +110,17 @@ def evaluate_op(data: Input[Dataset], code_version: str, teacher: Input[Model], 
         f.write(read_bytes(join(summary.uri, "report.html")))
 
 
-def build_pipeline(image: str = DEFAULT_IMAGE):
-    """The pipeline function, its components built for ``image``."""
+def build_pipeline(image: str = DEFAULT_IMAGE, options: ClusterOptions | None = None):
+    """The pipeline function, its components built for ``image``, its tasks configured with
+    ``options`` (:func:`pipelines.cluster.configure_task`; None: no cluster settings, for kfp.local)."""
     component = dsl.component(base_image=image, install_kfp_package=False)
     prepare, train_teacher, train_assistant, train_student, train_lr_baseline, evaluate = (
         component(op) for op in (prepare_data_op, teacher_op, assistant_op, student_op, lr_baseline_op,
                                  evaluate_op))
+    launcher = launcher_input(options, image)
 
-    @dsl.pipeline(name=PIPELINE_NAME, description=__doc__.split("\n\n")[0])
+    @dsl.pipeline(name=PIPELINE_NAME, description=__doc__.split("\n\n")[0],
+                  pipeline_root=options.root if options else None)
     def pixel_distillation(
         source: str,
         checkpoint_root: str,
@@ -127,29 +137,40 @@ def build_pipeline(image: str = DEFAULT_IMAGE):
         lr_baseline_settings: dict = DEFAULT_SETTINGS["lr_baseline"],
         evaluate_settings: dict = DEFAULT_SETTINGS["evaluate"],
         code_version: str = "",
+        rerun_prepare: str = "",
+        rerun_teacher: str = "",
+        rerun_assistant: str = "",
+        rerun_student: str = "",
+        rerun_onestage: str = "",
+        rerun_lr_baseline: str = "",
+        rerun_evaluate: str = "",
     ) -> Artifact:
-        data = prepare(source=source, settings=prepare_settings, code_version=code_version)
-        data.set_display_name("prepare-data")
+        data = prepare(source=source, settings=prepare_settings, code_version=code_version,
+                       rerun_token=rerun_prepare)
         common = dict(data=data.outputs["data"], data_fingerprint=data.outputs["Output"], hr_size=hr_size,
-                      ratio=ratio, seed=seed, checkpoint_root=checkpoint_root, code_version=code_version)
-        teacher = train_teacher(settings=teacher_settings, arch=teacher_arch, **common)
+                      ratio=ratio, seed=seed, checkpoint_root=checkpoint_root, code_version=code_version,
+                      launcher=launcher)
+        teacher = train_teacher(settings=teacher_settings, arch=teacher_arch, rerun_token=rerun_teacher, **common)
         assistant = train_assistant(teacher=teacher.outputs["model"], settings=assistant_settings,
-                                    arch=student_arch, **common)
+                                    arch=student_arch, rerun_token=rerun_assistant, **common)
         student = train_student(source=assistant.outputs["model"], source_field="assistant",
                                 default_method=STUDENT_METHODS["student"], settings=student_settings,
-                                arch=student_arch, **common)
+                                arch=student_arch, rerun_token=rerun_student, **common)
         onestage = train_student(source=teacher.outputs["model"], source_field="teacher",
                                  default_method=STUDENT_METHODS["onestage"], settings=onestage_settings,
-                                 arch=student_arch, **common)
-        baseline = train_lr_baseline(settings=lr_baseline_settings, arch=student_arch, **common)
-        for task, name in ((teacher, "teacher"), (assistant, "assistant"), (student, "student"),
-                           (onestage, "student-onestage"), (baseline, "lr-baseline")):
-            task.set_display_name(name)
-        report = evaluate(data=data.outputs["data"], code_version=code_version, teacher=teacher.outputs["model"],
-                          assistant=assistant.outputs["model"], student=student.outputs["model"],
-                          student_onestage=onestage.outputs["model"], lr_baseline=baseline.outputs["model"],
-                          settings=evaluate_settings, hr_size=hr_size, ratio=ratio)
-        report.set_display_name("evaluate")
+                                 arch=student_arch, rerun_token=rerun_onestage, **common)
+        baseline = train_lr_baseline(settings=lr_baseline_settings, arch=student_arch, rerun_token=rerun_lr_baseline,
+                                     **common)
+        report = evaluate(data=data.outputs["data"], code_version=code_version, rerun_token=rerun_evaluate,
+                          teacher=teacher.outputs["model"], assistant=assistant.outputs["model"],
+                          student=student.outputs["model"], student_onestage=onestage.outputs["model"],
+                          lr_baseline=baseline.outputs["model"], settings=evaluate_settings, hr_size=hr_size,
+                          ratio=ratio)
+        for task, name, training in ((data, "prepare-data", False), (teacher, "teacher", True),
+                                     (assistant, "assistant", True), (student, "student", True),
+                                     (onestage, "student-onestage", True), (baseline, "lr-baseline", True),
+                                     (report, "evaluate", False)):
+            configure_task(task.set_display_name(name), options, training=training)
         return report.outputs["summary"]
 
     return pixel_distillation

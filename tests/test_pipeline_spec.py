@@ -1,9 +1,56 @@
-"""The pipeline compiles to KFP v2 IR with the stages wired as designed."""
+"""The pipelines compile to KFP v2 IR with the stages wired as designed, and the compiled YAML
+carries each task's resources, pod settings, caching and rerun parameter."""
 
+from pathlib import Path
+
+import pytest
 import yaml
 from kfp import compiler
 
+from components.kfp_entry import DETECTION_MODELS
+from pipelines import cli
+from pipelines.cluster import ClusterOptions
 from pipelines.pixel_distillation import DEFAULT_IMAGE, build_pipeline
+
+ROOT = Path(__file__).resolve().parents[1]
+#: Display name -> training task?, per pipeline.
+TASKS = {
+    "classification": {"prepare-data": False, "teacher": True, "assistant": True, "student": True,
+                       "student-onestage": True, "lr-baseline": True, "evaluate": False},
+    "detection": {"prepare-data": False, "teacher": True, "afp": True, "msad": True, "lr-baseline": True,
+                  "evaluate": False},
+}
+#: Display name -> the pipeline parameter that reruns it.
+RERUN = {"prepare-data": "rerun_prepare", "teacher": "rerun_teacher", "assistant": "rerun_assistant",
+         "student": "rerun_student", "student-onestage": "rerun_onestage", "afp": "rerun_afp",
+         "msad": "rerun_msad", "lr-baseline": "rerun_lr_baseline", "evaluate": "rerun_evaluate"}
+
+
+class Compiled:
+    """A compiled pipeline, looked up by task display name."""
+
+    def __init__(self, path: Path):
+        documents = list(yaml.safe_load_all(path.read_text()))
+        self.spec = documents[0]
+        self.platform = documents[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"] \
+            if len(documents) > 1 else {}
+        self.tasks = {task["taskInfo"]["name"]: task for task in self.spec["root"]["dag"]["tasks"].values()}
+
+    def executor_name(self, task: str) -> str:
+        component = self.tasks[task]["componentRef"]["name"]
+        return self.spec["components"][component]["executorLabel"]
+
+    def container(self, task: str) -> dict:
+        return self.spec["deploymentSpec"]["executors"][self.executor_name(task)]["container"]
+
+    def kubernetes(self, task: str) -> dict:
+        return self.platform.get(self.executor_name(task), {})
+
+
+def compiled(tmp_path, pipeline="classification", *flags) -> Compiled:
+    path = tmp_path / f"{pipeline}.yaml"
+    assert cli.main(["compile", "--pipeline", pipeline, "-o", str(path), *flags]) == 0
+    return Compiled(path)
 
 
 def test_pipeline_compiles_with_every_stage_wired(tmp_path):
@@ -64,5 +111,133 @@ def test_the_detection_pipeline_compiles_with_its_stages_wired(tmp_path):
     for name in ("detector-op", "afp-op", "afp-op-2", "detector-op-2"):
         fingerprint = tasks[name]["inputs"]["parameters"]["data_fingerprint"]["taskOutputParameter"]
         assert fingerprint["producerTask"] == "prepare-detection-op"
-    assert set(detection.EVALUATED) == {"teacher", "assistant", "student_afp", "msad_teacher", "student_msad",
+    assert set(DETECTION_MODELS) == {"teacher", "assistant", "student_afp", "msad_teacher", "student_msad",
                                         "lr_baseline"}
+
+
+@pytest.mark.parametrize("pipeline", sorted(cli.PIPELINES))
+def test_the_checked_in_yaml_is_a_fresh_compile_with_the_defaults(tmp_path, pipeline):
+    _, checked_in = cli.PIPELINES[pipeline]
+    fresh = cli.compile_pipeline(pipeline, tmp_path / "fresh.yaml")
+    again = cli.compile_pipeline(pipeline, tmp_path / "again.yaml")
+    assert fresh.read_bytes() == again.read_bytes(), "compiling is not deterministic"
+    assert fresh.read_text() == (ROOT / checked_in).read_text(), (
+        f"{checked_in} is out of date: run kdp compile --pipeline {pipeline}")
+
+
+@pytest.mark.parametrize("pipeline", sorted(TASKS))
+def test_training_tasks_ask_for_gpus_cpu_memory_and_gpu_nodes(tmp_path, pipeline):
+    spec = compiled(tmp_path, pipeline)
+    defaults = ClusterOptions()
+    for name in (n for n, training in TASKS[pipeline].items() if training):
+        resources = spec.container(name)["resources"]
+        assert resources["accelerator"]["resourceType"] == "nvidia.com/gpu", name
+        assert resources["accelerator"]["resourceCount"] == "1", name
+        assert (resources["resourceCpuRequest"], resources["resourceCpuLimit"]) == ("8", "8"), name
+        assert (resources["resourceMemoryRequest"], resources["resourceMemoryLimit"]) == ("32Gi", "32Gi"), name
+        k8s = spec.kubernetes(name)
+        assert k8s["nodeSelector"]["labels"] == defaults.node_selector, name
+        assert k8s["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+
+
+@pytest.mark.parametrize("pipeline", sorted(TASKS))
+def test_every_task_gets_shm_and_the_gcs_secret(tmp_path, pipeline):
+    spec = compiled(tmp_path, pipeline)
+    for name in TASKS[pipeline]:
+        k8s = spec.kubernetes(name)
+        assert k8s["emptyDirMounts"] == [{"volumeName": "dshm", "mountPath": "/dev/shm", "medium": "Memory",
+                                          "sizeLimit": "16Gi"}], name
+        [secret] = k8s["secretAsVolume"]
+        assert (secret["secretName"], secret["mountPath"]) == ("gcs-credentials", "/var/secrets/gcs"), name
+        env = {e["name"]: e["value"] for e in spec.container(name)["env"]}
+        assert env == {"GOOGLE_APPLICATION_CREDENTIALS": "/var/secrets/gcs/key.json"}, name
+
+
+@pytest.mark.parametrize("pipeline", sorted(TASKS))
+def test_prepare_data_and_evaluate_get_cpu_and_memory_but_no_gpu(tmp_path, pipeline):
+    spec = compiled(tmp_path, pipeline)
+    for name in ("prepare-data", "evaluate"):
+        resources = spec.container(name)["resources"]
+        assert "accelerator" not in resources, name
+        assert (resources["resourceCpuRequest"], resources["resourceMemoryLimit"]) == ("4", "16Gi"), name
+        assert "nodeSelector" not in spec.kubernetes(name) and "tolerations" not in spec.kubernetes(name)
+
+
+@pytest.mark.parametrize("pipeline", sorted(TASKS))
+def test_every_task_is_cached_and_rerun_by_its_own_parameter(tmp_path, pipeline):
+    spec = compiled(tmp_path, pipeline)
+    parameters = spec.spec["root"]["inputDefinitions"]["parameters"]
+    assert set(spec.tasks) == set(TASKS[pipeline])
+    fed = {}
+    for name, task in spec.tasks.items():
+        assert task["cachingOptions"] == {"enableCache": True}, name
+        source = task["inputs"]["parameters"]["rerun_token"]["componentInputParameter"]
+        fed.setdefault(source, []).append(name)
+        assert parameters[source] == {"defaultValue": "", "isOptional": True, "parameterType": "STRING"}
+    assert fed == {RERUN[name]: [name] for name in TASKS[pipeline]}
+    assert not [p for p in parameters if p.startswith("rerun_") and p not in fed]
+
+
+def test_the_ops_keep_the_rerun_token_from_the_stage(monkeypatch):
+    import components.kfp_entry as entry
+    from pipelines import detection, pixel_distillation
+
+    calls = []
+    monkeypatch.setattr(entry, "run_stage", lambda *args, **fields: calls.append((args, fields)))
+
+    class Uri:
+        uri, path = "memory://x", "/dev/null"
+
+    common = dict(data=Uri, data_fingerprint="f", code_version="c", rerun_token="again", launcher={"kind": "pod"},
+                  settings={}, ratio=4, seed=0, checkpoint_root="", model=Uri, metrics=Uri)
+    pixel_distillation.teacher_op(arch="resnet18", hr_size=64, **common)
+    detection.afp_op(teacher=Uri, method="afp", kind="fcos", backbone="resnet18", **common)
+    for args, fields in calls:
+        assert "again" not in args and "again" not in fields.values() and "rerun_token" not in fields
+        assert args[-1] == {"kind": "pod"}
+
+
+def test_compile_options_change_the_yaml(tmp_path):
+    spec = compiled(tmp_path, "classification", "--gpus", "2", "--accelerator", "nvidia.com/mig-1g.10gb",
+                    "--cpu", "16", "--memory", "64Gi", "--node-selector",
+                    "cloud.google.com/gke-accelerator=nvidia-l4", "--tolerations",
+                    "nvidia.com/gpu=present:NoSchedule,spot:NoExecute", "--shm-size", "4Gi",
+                    "--gcs-secret", "sa-key", "--gcs-secret-key", "sa.json", "--pipeline-root", "gs://runs/kfp")
+    assert spec.spec["defaultPipelineRoot"] == "gs://runs/kfp"
+    resources = spec.container("teacher")["resources"]
+    assert resources["accelerator"]["resourceType"] == "nvidia.com/mig-1g.10gb"
+    assert resources["accelerator"]["resourceCount"] == "2"
+    assert (resources["resourceCpuLimit"], resources["resourceMemoryLimit"]) == ("16", "64Gi")
+    k8s = spec.kubernetes("teacher")
+    assert k8s["nodeSelector"]["labels"] == {"cloud.google.com/gke-accelerator": "nvidia-l4"}
+    assert k8s["tolerations"] == [
+        {"key": "nvidia.com/gpu", "operator": "Equal", "value": "present", "effect": "NoSchedule"},
+        {"key": "spot", "operator": "Exists", "effect": "NoExecute"}]
+    assert k8s["emptyDirMounts"][0]["sizeLimit"] == "4Gi"
+    assert k8s["secretAsVolume"][0]["secretName"] == "sa-key"
+    assert spec.container("teacher")["env"] == [{"name": "GOOGLE_APPLICATION_CREDENTIALS",
+                                                 "value": "/var/secrets/gcs/sa.json"}]
+
+
+def test_empty_compile_options_turn_their_settings_off(tmp_path):
+    spec = compiled(tmp_path, "detection", "--gpus", "0", "--node-selector", "", "--tolerations", "",
+                    "--shm-size", "", "--gcs-secret", "", "--aux-cpu", "", "--aux-memory", "")
+    assert "accelerator" not in spec.container("teacher")["resources"]
+    assert spec.container("teacher")["resources"]["resourceCpuRequest"] == "8"
+    assert "resources" not in spec.container("evaluate") and "env" not in spec.container("teacher")
+    assert spec.platform == {}
+
+
+def test_the_torchx_launcher_hands_training_to_a_job_and_the_task_only_waits(tmp_path):
+    spec = compiled(tmp_path, "detection", "--launcher", "torchx", "--nnodes", "2", "--gpus", "4",
+                    "--image", "registry.example/kdp:2.0", "--torchx-cfg", "queue=gpu,namespace=ml")
+    for name, training in TASKS["detection"].items():
+        resources = spec.container(name)["resources"]
+        assert "accelerator" not in resources and resources["resourceCpuRequest"] == "4", name
+        assert "nodeSelector" not in spec.kubernetes(name) and spec.kubernetes(name)["secretAsVolume"]
+        if training:
+            launcher = spec.tasks[name]["inputs"]["parameters"]["launcher"]["runtimeValue"]["constant"]
+            assert launcher == {"kind": "torchx", "scheduler": "kubernetes", "nnodes": 2, "nproc_per_node": 4,
+                                "image": "registry.example/kdp:2.0", "cfg": "queue=gpu,namespace=ml"}
+    pod = compiled(tmp_path, "detection")
+    assert pod.tasks["afp"]["inputs"]["parameters"]["launcher"]["runtimeValue"]["constant"] == {"kind": "pod"}

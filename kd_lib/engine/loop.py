@@ -17,7 +17,13 @@ dictionaries through a ``collate_fn``), moved to the device:
 - a progress bar per epoch and one metrics row per epoch (train loss and its
   terms, learning rate, the ``validate`` callable's metrics prefixed ``val_``,
   seconds), also written to ``metrics.parquet`` beside the checkpoint after
-  every epoch.
+  every epoch;
+- data-parallel under ``torchrun`` (:mod:`kd_lib.engine.distributed`): each
+  process trains on its slice of every batch (``batch_size`` stays the whole
+  batch), gradients are averaged before each step and process 0's buffers
+  copied after it, so the replicas stay identical; the logged loss is the
+  mean over the processes, only process 0 writes, and every process resumes
+  from the same checkpoint and stops at the same step on a signal.
 
 The model kept is the last epoch's: the validation split is watched, never
 used to pick a checkpoint.
@@ -40,7 +46,9 @@ import pyarrow.parquet as pq
 import torch
 from tqdm import tqdm
 
+from kd_lib.config import check
 from kd_lib.data.sampler import EpochBatchSampler
+from kd_lib.engine import distributed
 from kd_lib.engine.settings import TrainSettings
 from kd_lib.io import checkpoint
 from kd_lib.io.fs import exists, join, write_bytes
@@ -134,10 +142,20 @@ def _describe(metrics: dict[str, float]) -> str:
     return ", ".join(f"val {k} {100 * v:.1f}%" for k, v in metrics.items() if isinstance(v, float))
 
 
+def _check_split(batch_size: int, world: int) -> None:
+    """Raise ConfigError naming ``batch_size`` unless it splits into per-process batches of at least 2
+    (in one process the settings' own check already holds)."""
+    check(world == 1 or (batch_size % world == 0 and batch_size // world >= 2), "batch_size",
+          f"{batch_size} is the whole batch of the {world} processes: it must split into equal batches "
+          f"of at least 2 (BatchNorm), so use a multiple of {world} of at least {2 * world}")
+
+
 def fit(task: torch.nn.Module, train_set, settings: TrainSettings, checkpoint_dir: str,
         validate: Validate, desc: str = "train", collate_fn: Callable | None = None) -> list[dict]:
     """Train ``task`` and return its metrics rows (see the module docstring)."""
-    device = resolve_device(settings.device)
+    rank, world, device = distributed.init_from_env(resolve_device(settings.device))
+    _check_split(settings.batch_size, world)
+    main = distributed.is_main()
     task.to(device)
     params = task.optimized_parameters()
     optimizer = build_optimizer(params, settings)
@@ -154,51 +172,63 @@ def fit(task: torch.nn.Module, train_set, settings: TrainSettings, checkpoint_di
         sums.update(state["sums"])
         print(f"{desc}: resumed from {ckpt_uri} at epoch {epoch + 1}, batch {start_batch}",
               file=sys.stderr, flush=True)
+    distributed.broadcast_state(task)
     torch.manual_seed(settings.seed + step)  # dropout and other in-model randomness
 
-    def save(next_epoch: int, next_batch: int) -> None:
-        checkpoint.save({"task": task.trainable_state_dict(), "optimizer": optimizer.state_dict(),
-                         "scheduler": scheduler.state_dict(), "epoch": next_epoch,
-                         "batch": next_batch, "step": step, "rows": rows, "sums": dict(sums)},
-                        ckpt_uri)
+    def save(next_epoch: int, next_batch: int, with_metrics: bool = False) -> None:
+        """Checkpoint (and the metrics rows so far) from the main process; every process waits for it."""
+        if main:
+            checkpoint.save({"task": task.trainable_state_dict(), "optimizer": optimizer.state_dict(),
+                             "scheduler": scheduler.state_dict(), "epoch": next_epoch,
+                             "batch": next_batch, "step": step, "rows": rows, "sums": dict(sums)},
+                            ckpt_uri)
+            if with_metrics:
+                write_metrics(rows, join(checkpoint_dir, METRICS))
+        distributed.barrier()
 
     with StopOnSignal() as stop:
         while epoch < settings.epochs:
             started = time.monotonic()
-            sampler = EpochBatchSampler(len(train_set), settings.batch_size, settings.seed, epoch, start_batch)
+            sampler = EpochBatchSampler(len(train_set), settings.batch_size, settings.seed, epoch, start_batch,
+                                        rank, world)
             task.train()
             loader = torch.utils.data.DataLoader(train_set, batch_sampler=sampler, collate_fn=collate_fn,
                                                  num_workers=settings.num_workers,
                                                  pin_memory=device.type == "cuda")
             bar = tqdm(loader, total=len(sampler),
                        desc=f"{desc} {epoch + 1}/{settings.epochs}", unit="batch",
-                       mininterval=0.5 if sys.stderr.isatty() else 10, dynamic_ncols=True)
+                       mininterval=0.5 if sys.stderr.isatty() else 10, dynamic_ncols=True, disable=not main)
             for batch, (hr, lr_images, targets) in enumerate(bar, start=start_batch):
                 hr, lr_images, targets = to_device((hr, lr_images, targets), device)
                 task.set_progress(step / steps_per_epoch)
                 with autocast(device, settings.amp):
                     loss, terms = task(hr, lr_images, targets)
-                if not torch.isfinite(loss):
+                batch_loss, *term_values = distributed.mean_over_processes([loss, *terms.values()])
+                terms = dict(zip(terms, term_values))
+                if not torch.isfinite(batch_loss):
                     values = ", ".join(f"{k}={v.item():.4g}" for k, v in terms.items())
                     raise NonFiniteLossError(
-                        f"{desc}: loss is {loss.item()} at epoch {epoch + 1}, batch {batch} ({values}); "
+                        f"{desc}: loss is {batch_loss.item()} at epoch {epoch + 1}, batch {batch} ({values}); "
                         f"the last good checkpoint is {ckpt_uri}; lower lr (now {settings.lr}), "
                         "set grad_clip_norm, or check the data")
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
+                distributed.average_gradients(params)
                 if settings.grad_clip_norm:
                     torch.nn.utils.clip_grad_norm_(params, settings.grad_clip_norm)
                 optimizer.step()
                 scheduler.step()
+                distributed.broadcast_buffers(task)
                 step += 1
-                sums["loss"] += loss.item()
+                sums["loss"] += batch_loss.item()
                 for name, value in terms.items():
                     sums[name] += value.item()
-                bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
-                if stop.signum is not None:
+                bar.set_postfix(loss=f"{batch_loss.item():.3f}", refresh=False)
+                signum = distributed.agreed_signal(stop.signum)
+                if signum is not None:
                     save(epoch, batch + 1)
                     bar.close()
-                    raise TrainingInterrupted(stop.signum, ckpt_uri)
+                    raise TrainingInterrupted(signum, ckpt_uri)
                 if step % settings.checkpoint_every == 0:
                     save(epoch, batch + 1)
             bar.close()
@@ -207,9 +237,13 @@ def fit(task: torch.nn.Module, train_set, settings: TrainSettings, checkpoint_di
                          **{f"train_{k}": v / steps_per_epoch for k, v in sums.items()},
                          **{f"val_{k}": v for k, v in metrics.items()},
                          "seconds": time.monotonic() - started})
-            print(f"{desc} epoch {epoch + 1}/{settings.epochs}: loss {rows[-1]['train_loss']:.4f}, "
-                  f"{_describe(metrics)}", file=sys.stderr, flush=True)
+            if main:
+                print(f"{desc} epoch {epoch + 1}/{settings.epochs}: loss {rows[-1]['train_loss']:.4f}, "
+                      f"{_describe(metrics)}", file=sys.stderr, flush=True)
             epoch, start_batch, sums = epoch + 1, 0, defaultdict(float)
-            save(epoch, 0)
-            write_metrics(rows, join(checkpoint_dir, METRICS))
+            save(epoch, 0, with_metrics=True)
+    if world > 1:
+        # one write, so that the processes' lines cannot interleave
+        sys.stderr.write(f"{desc}: rank {rank}/{world} final parameter digest {distributed.parameters_digest(task)}\n")
+        sys.stderr.flush()
     return rows

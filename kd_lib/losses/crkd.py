@@ -18,6 +18,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from kd_lib.engine.distributed import average_gradients
+
 DEFAULT_BANDWIDTH_FACTORS = (0.25, 0.5, 1.0, 2.0, 4.0)
 
 
@@ -331,8 +333,10 @@ class AdversarialLoss(nn.Module):
         """Update ``D`` once on ``(N, dim)`` teacher (real) and student (fake) embeddings.
 
         Both inputs are detached. Gradients are enabled inside, so the step
-        also runs in a ``torch.no_grad`` context. Returns ``L_D`` before the
-        update, detached.
+        also runs in a ``torch.no_grad`` context. Under data-parallel training
+        the gradients are averaged over the processes before the step, so
+        every process's ``D`` stays the same. Returns ``L_D`` before the
+        update (this process's batch), detached.
 
         Raises:
             ValueError: an input is not ``(N, dim)``.
@@ -345,6 +349,7 @@ class AdversarialLoss(nn.Module):
             ) + F.binary_cross_entropy_with_logits(fake_logits, torch.zeros_like(fake_logits))
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            average_gradients(self.discriminator.parameters())
             self.optimizer.step()
         # Drop the gradients now, so none is left for anything else to accumulate onto.
         self.optimizer.zero_grad(set_to_none=True)

@@ -1,0 +1,203 @@
+"""What a pipeline task asks of the cluster, and how each task is cached and rerun.
+
+Every option of :class:`ClusterOptions` is a ``kdp compile`` flag (``gpus`` is
+``--gpus``); an empty value turns an option off (``--node-selector ""``,
+``--gcs-secret ""``). Training tasks get the GPUs, the CPU and memory of
+``cpu``/``memory`` (request = limit), the node selector and the tolerations;
+prepare-data and evaluate get ``aux_cpu``/``aux_memory`` and no GPU. Every
+task gets a memory-backed ``/dev/shm`` (DataLoader workers share batches
+through it) and the GCS credentials secret, mounted as a volume with
+``GOOGLE_APPLICATION_CREDENTIALS`` pointing at its key file.
+
+With ``launcher: torchx`` a training task does not train: it starts the
+stage as a TorchX job (``nnodes`` x ``nproc_per_node`` processes, DDP) on
+``torchx_scheduler`` and waits for it, so the task itself gets the aux
+resources, no GPU, and the job's pods get the GPUs.
+
+Caching and per-stage reruns. Every task has caching on and a string input
+``rerun_token``, fed by one pipeline parameter per stage (``rerun_teacher``,
+...); the stage code never sees it. KFP's cache key for a task (the
+``CacheKey`` message of ``api/v2alpha1/cache_key.proto``, filled by
+``GenerateCacheKey`` in ``backend/src/v2/cacheutils/cache.go`` of
+kubeflow/pipelines) holds the input parameter values, the input artifacts'
+*names* (not their contents: ``toRuntimeArtifact`` in
+``backend/src/v2/metadata/converter.go`` names a runtime artifact after its
+MLMD artifact id), the output artifact and parameter specs, and the image,
+command and arguments (in newer backends also PVC names and env). So a new
+``rerun_teacher`` changes only the teacher's key; the teacher runs again and
+publishes a new artifact (a new MLMD id), which changes the keys of the tasks
+that read it (assistant, student-onestage, evaluate, and through the
+assistant the student), while prepare-data and lr-baseline stay cache hits.
+A cache hit hands the cached execution's artifacts (the same ids) downstream,
+so nothing after it reruns. ``kfp.local`` keys tasks the same way, on the
+component, image, command and arguments, input artifacts by name, URI and
+metadata (``kfp/local/cache.py``).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import MISSING, dataclass, field, fields
+from typing import Literal
+
+from kfp import kubernetes
+from kfp.dsl import PipelineTask
+
+from kd_lib.config import ConfigError, check, from_dict
+
+#: Where the GCS credentials secret is mounted in every task.
+GCS_SECRET_MOUNT = "/var/secrets/gcs"
+SHM_VOLUME = "dshm"
+TAINT_EFFECTS = ("NoSchedule", "PreferNoSchedule", "NoExecute")
+#: Kubernetes quantities as KFP accepts them for CPU and memory.
+CPU_PATTERN = re.compile(r"^([0-9]*[.])?[0-9]+m?$")
+MEMORY_PATTERN = re.compile(r"^[0-9]+(E|Ei|P|Pi|T|Ti|G|Gi|M|Mi|K|Ki)?$")
+
+
+def option(default, help: str):
+    """A dataclass field with its ``kdp compile`` help text."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class ClusterOptions:
+    """Resources and pod settings of the compiled pipeline's tasks (see the module docstring)."""
+
+    gpus: int = option(1, "GPUs of each training task (0: none)")
+    accelerator: str = option("nvidia.com/gpu", "accelerator resource of the GPUs ('': none)")
+    cpu: str = option("8", "CPU of each training task, request = limit ('': unset)")
+    memory: str = option("32Gi", "memory of each training task, request = limit ('': unset)")
+    aux_cpu: str = option("4", "CPU of prepare-data and evaluate ('': unset)")
+    aux_memory: str = option("16Gi", "memory of prepare-data and evaluate ('': unset)")
+    node_selector: dict[str, str] = option({"nvidia.com/gpu.present": "true"},
+                                           "node labels of training tasks, KEY=VALUE,... ('': none)")
+    tolerations: list[str] = option(["nvidia.com/gpu:NoSchedule"],
+                                    "taints training tasks tolerate, KEY[=VALUE]:EFFECT,... "
+                                    "(no VALUE: operator Exists; '': none)")
+    shm_size: str = option("16Gi", "size of the memory-backed /dev/shm of every task ('': none)")
+    gcs_secret: str = option("gcs-credentials", "Kubernetes secret with the GCS service-account key "
+                                                "('': none, e.g. with Workload Identity)")
+    gcs_secret_key: str = option("key.json", "the key file's name in that secret")
+    launcher: Literal["pod", "torchx"] = option("pod", "pod: train in the task's pod; torchx: the task "
+                                                       "launches the stage as a TorchX job and waits")
+    torchx_scheduler: str = option("kubernetes", "TorchX scheduler of launcher torchx")
+    nnodes: int = option(1, "nodes of each TorchX job")
+    nproc_per_node: int = option(0, "processes per node of each TorchX job (0: one per GPU)")
+    torchx_cfg: str = option("queue=default", "TorchX scheduler run config, KEY=VALUE,...")
+    pipeline_root: str = option("", "where runs write their artifacts, e.g. gs://BUCKET/kfp ('': the KFP "
+                                    "deployment's default root)")
+
+    def validate(self) -> None:
+        check(self.gpus >= 0, "gpus", f"must be >= 0, got {self.gpus}")
+        for name in ("cpu", "aux_cpu"):
+            value = getattr(self, name)
+            check(not value or bool(CPU_PATTERN.match(value)), name,
+                  f"must be a CPU quantity such as 8, 0.5 or 500m, got {value!r}")
+        for name in ("memory", "aux_memory", "shm_size"):
+            value = getattr(self, name)
+            check(not value or bool(MEMORY_PATTERN.match(value)), name,
+                  f"must be a memory quantity such as 32Gi or 512Mi, got {value!r}")
+        check(all(self.node_selector), "node_selector", f"a label needs a key, got {self.node_selector}")
+        for text in self.tolerations:
+            parse_toleration(text)
+        check(not self.gcs_secret or bool(self.gcs_secret_key), "gcs_secret_key",
+              "is required with gcs_secret: the key file's name in the secret")
+        check(self.nnodes >= 1, "nnodes", f"must be >= 1, got {self.nnodes}")
+        check(self.nproc_per_node >= 0, "nproc_per_node", f"must be >= 0, got {self.nproc_per_node}")
+
+    @property
+    def root(self) -> str | None:
+        """The ``pipeline_root`` of ``dsl.pipeline``: None leaves it to the deployment."""
+        return self.pipeline_root or None
+
+    @property
+    def uses_gpus(self) -> bool:
+        return self.gpus > 0 and bool(self.accelerator)
+
+
+def parse_toleration(text: str) -> dict[str, str]:
+    """``KEY[=VALUE]:EFFECT`` (``kubectl taint`` syntax) -> the arguments of
+    :func:`kfp.kubernetes.add_toleration`; no VALUE means operator Exists."""
+    target, sep, effect = text.rpartition(":")
+    key, has_value, value = target.partition("=")
+    if not sep or effect not in TAINT_EFFECTS or (has_value and not (key and value)):
+        raise ConfigError("tolerations", f"expected KEY[=VALUE]:EFFECT with EFFECT one of "
+                          f"{', '.join(TAINT_EFFECTS)}, got {text!r}", "ClusterOptions")
+    if has_value:
+        return {"key": key, "operator": "Equal", "value": value, "effect": effect}
+    return {"key": key, "operator": "Exists", "effect": effect}
+
+
+def add_cluster_arguments(parser) -> None:
+    """One ``--flag`` per :class:`ClusterOptions` field, with its help and default."""
+    group = parser.add_argument_group("cluster options (an empty value turns an option off)")
+    for spec in fields(ClusterOptions):
+        default = spec.default if spec.default is not MISSING else spec.default_factory()
+        group.add_argument("--" + spec.name.replace("_", "-"), dest=spec.name, metavar=spec.name.upper(),
+                           help=f"{spec.metadata['help']} (default: {show(default)})")
+
+
+def show(value) -> str:
+    """A default value as it is typed on the command line."""
+    if isinstance(value, dict):
+        return ",".join(f"{k}={v}" for k, v in value.items()) or "''"
+    if isinstance(value, list):
+        return ",".join(value) or "''"
+    return str(value) if value != "" else "''"
+
+
+def options_from_args(args) -> ClusterOptions:
+    """The :class:`ClusterOptions` of the flags given; the others keep their defaults."""
+    given = {spec.name: getattr(args, spec.name) for spec in fields(ClusterOptions)
+             if getattr(args, spec.name, None) is not None}
+    return from_dict(ClusterOptions, given)
+
+
+def launcher_input(options: ClusterOptions | None, image: str) -> dict:
+    """The ``launcher`` input of training tasks (see ``components.kfp_entry.Launcher``)."""
+    if options is None or options.launcher == "pod":
+        return {"kind": "pod"}
+    return {"kind": "torchx", "scheduler": options.torchx_scheduler, "nnodes": options.nnodes,
+            "nproc_per_node": options.nproc_per_node or max(options.gpus, 1), "image": image,
+            "cfg": options.torchx_cfg}
+
+
+def configure_task(task: PipelineTask, options: ClusterOptions | None, *, training: bool) -> PipelineTask:
+    """Turn caching on and apply ``options`` to ``task``; ``training``: a training stage's task.
+
+    ``options=None`` (the local runs of ``kfp.local``) applies no cluster settings.
+    """
+    task.set_caching_options(True)
+    if options is None:
+        return task
+    trains_here = training and options.launcher == "pod"
+    set_resources(task, *((options.cpu, options.memory) if trains_here else (options.aux_cpu, options.aux_memory)))
+    if trains_here:
+        set_gpus(task, options)
+    if options.shm_size:
+        kubernetes.empty_dir_mount(task, volume_name=SHM_VOLUME, mount_path="/dev/shm", medium="Memory",
+                                   size_limit=options.shm_size)
+    if options.gcs_secret:
+        kubernetes.use_secret_as_volume(task, secret_name=options.gcs_secret, mount_path=GCS_SECRET_MOUNT)
+        task.set_env_variable("GOOGLE_APPLICATION_CREDENTIALS", f"{GCS_SECRET_MOUNT}/{options.gcs_secret_key}")
+    return task
+
+
+def set_resources(task: PipelineTask, cpu: str, memory: str) -> None:
+    """CPU and memory, each its request and limit; an empty value leaves it unset."""
+    if cpu:
+        task.set_cpu_request(cpu).set_cpu_limit(cpu)
+    if memory:
+        task.set_memory_request(memory).set_memory_limit(memory)
+
+
+def set_gpus(task: PipelineTask, options: ClusterOptions) -> None:
+    """The GPUs, node selector and tolerations of a task that trains in its own pod."""
+    if options.uses_gpus:
+        task.set_accelerator_type(options.accelerator).set_accelerator_limit(options.gpus)
+    for key, value in options.node_selector.items():
+        kubernetes.add_node_selector(task, label_key=key, label_value=value)
+    for text in options.tolerations:
+        kubernetes.add_toleration(task, **parse_toleration(text))

@@ -1,0 +1,145 @@
+"""``kdp compile`` and ``kdp schedule`` on the command line, and the TorchX launcher of a training task."""
+
+import json
+import shlex
+from pathlib import Path
+from types import SimpleNamespace
+
+import yaml
+
+from pipelines import cli
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = str(ROOT / "pipelines" / "pixel_distillation.yaml")
+
+
+def schedule_args(*extra: str) -> list[str]:
+    return ["schedule", "--host", "http://kfp.example:8080", "--pipeline-package", PACKAGE, "--experiment",
+            "nightly", "--cron", "0 0 3 * * *", "--name", "retrain", "--param", "source=gs://b/imagenet",
+            "--param", "checkpoint_root=gs://b/ckpt", *extra]
+
+
+def test_kdp_compile_writes_the_pipeline_for_the_image(tmp_path, capsys):
+    path = tmp_path / "out" / "detection.yaml"
+    assert cli.main(["compile", "--pipeline", "detection", "--image", "registry.example/kdp:2.0", "-o",
+                     str(path)]) == 0
+    assert str(path) in capsys.readouterr().out
+    spec = next(yaml.safe_load_all(path.read_text()))
+    assert spec["pipelineInfo"]["name"] == "detection-distillation"
+    assert {e["container"]["image"] for e in spec["deploymentSpec"]["executors"].values()} == {
+        "registry.example/kdp:2.0"}
+
+
+def test_kdp_compile_refuses_bad_options_naming_them(tmp_path, capsys):
+    out = ["compile", "-o", str(tmp_path / "p.yaml")]
+    for flags, named in ((["--tolerations", "nvidia.com/gpu:Never"], "tolerations"), (["--gpus", "two"], "gpus"),
+                         (["--memory", "32GB"], "memory"), (["--launcher", "slurm"], "launcher"),
+                         (["--node-selector", "gpu"], "node_selector")):
+        assert cli.main([*out, *flags]) == 2, flags
+        assert f"field {named!r}" in capsys.readouterr().err, flags
+    assert not (tmp_path / "p.yaml").exists()
+
+
+def test_kdp_schedule_dry_run_prints_the_kfp_command_and_typed_parameters(capsys):
+    assert cli.main(schedule_args("--param", "hr_size=96", "--param", 'teacher_settings={"epochs": 30}',
+                                  "--param", "rerun_teacher=2026-01-01", "--max-concurrency", "2",
+                                  "--dry-run")) == 0
+    command, *rest = capsys.readouterr().out.splitlines()
+    assert shlex.split(command) == [
+        "kfp", "--endpoint", "http://kfp.example:8080", "recurring-run", "create", "--experiment-name", "nightly",
+        "--job-name", "retrain", "--cron-expression", "0 0 3 * * *", "--max-concurrency", "2",
+        "--pipeline-package-path", PACKAGE, "source=gs://b/imagenet", "checkpoint_root=gs://b/ckpt", "hr_size=96",
+        'teacher_settings={"epochs": 30}', "rerun_teacher=2026-01-01"]
+    params = json.loads("\n".join(rest[rest.index("parameters:") + 1:]))
+    assert params == {"source": "gs://b/imagenet", "checkpoint_root": "gs://b/ckpt", "hr_size": 96,
+                      "teacher_settings": {"epochs": 30}, "rerun_teacher": "2026-01-01"}
+
+
+def test_kdp_schedule_checks_its_arguments(capsys):
+    cases = (
+        (["--cron", "0 3 * * *"], "6 fields"),
+        (["--param", "hr_sise=96"], "got 'hr_sise=96'"),
+        (["--param", "hr_size=big"], "hr_size is a NUMBER_INTEGER parameter"),
+        (["--param", "teacher_settings=epochs"], "teacher_settings is a STRUCT parameter"),
+        (["--max-concurrency", "0"], "--max-concurrency"),
+        (["--pipeline-package", "missing.yaml"], "no such file"),
+    )
+    for extra, message in cases:
+        assert cli.main([*schedule_args(*extra), "--dry-run"]) == 2, extra
+        assert message in capsys.readouterr().err, extra
+    assert cli.main(["schedule", "--host", "h", "--pipeline-package", PACKAGE, "--experiment", "e", "--cron",
+                     "0 0 3 * * *", "--name", "n", "--dry-run"]) == 2
+    assert "the pipeline needs checkpoint_root, source" in capsys.readouterr().err
+
+
+def test_a_five_field_cron_is_refused_with_the_seconds_hint(capsys):
+    assert cli.main([*schedule_args("--cron", "0 3 * * *"), "--dry-run"]) == 2
+    assert "add the seconds first, e.g. '0 0 3 * * *'" in capsys.readouterr().err
+
+
+def test_kdp_schedule_creates_the_recurring_run_through_the_client(capsys):
+    """There is no KFP server here: a stand-in for ``kfp.Client`` records what kdp asks of it."""
+    calls = []
+
+    class StandInClient:
+        def __init__(self, host):
+            calls.append(("client", host))
+
+        def create_experiment(self, name):
+            calls.append(("experiment", name))
+            return SimpleNamespace(experiment_id="exp-1")
+
+        def create_recurring_run(self, **kwargs):
+            calls.append(("recurring run", kwargs))
+            return SimpleNamespace(recurring_run_id="rr-7")
+
+    args = cli.build_parser().parse_args(schedule_args("--param", "seed=3"))
+    assert cli.cmd_schedule(args, client_factory=StandInClient) == 0
+    assert calls == [("client", "http://kfp.example:8080"), ("experiment", "nightly"), ("recurring run", {
+        "experiment_id": "exp-1", "job_name": "retrain", "cron_expression": "0 0 3 * * *", "max_concurrency": 1,
+        "params": {"source": "gs://b/imagenet", "checkpoint_root": "gs://b/ckpt", "seed": 3},
+        "pipeline_package_path": PACKAGE, "enable_caching": True})]
+    assert "rr-7" in capsys.readouterr().out
+
+
+def test_stage_flags_rebuild_the_stage_config():
+    import argparse
+
+    from components.kfp_entry import stage_config, stage_flags
+    from kd_lib.config import add_arguments, from_args
+
+    config = stage_config("student", {"method": "kd+isrd", "epochs": 3.0, "amp": False, "milestones": [1, 2],
+                                      "schedule": "step", "lr": 2e-4}, data="gs://b/data", out="gs://b/s",
+                          teacher="gs://b/t", hr_size=64, ratio=4, seed=0, checkpoint_root="")
+    flags = stage_flags(config)
+    assert "--seed" not in flags and flags[flags.index("--amp") + 1] == "false"
+    parser = argparse.ArgumentParser()
+    add_arguments(parser, type(config))
+    assert from_args(type(config), parser.parse_args(flags)) == config
+
+
+def test_the_torchx_launcher_runs_the_stage_as_a_job_and_reads_its_manifest(tmp_path, monkeypatch):
+    import components.torchx_apps as torchx_apps
+    from components.kfp_entry import run_stage
+    from kd_lib.io.manifest import write_manifest
+
+    out = str(tmp_path / "teacher")
+    launched = []
+
+    def stand_in_launch(stage, args, **options):
+        launched.append((stage, args, options))
+        write_manifest(out, stage=stage, key="k", files=[], info={"final": {"val_top1": 0.5}})
+
+    monkeypatch.setattr(torchx_apps, "launch_and_wait", stand_in_launch)
+    metrics = SimpleNamespace(path=str(tmp_path / "metrics.json"), logged={})
+    metrics.log_metric = metrics.logged.__setitem__
+    launcher = {"kind": "torchx", "scheduler": "kubernetes", "nnodes": 2.0, "nproc_per_node": 4.0,
+                "image": "registry.example/kdp:2.0", "cfg": "queue=gpu"}
+    result = run_stage("lr-baseline", {"epochs": 2}, metrics, launcher, data="gs://b/data", out=out, hr_size=64,
+                       ratio=4, seed=0, checkpoint_root="")
+    [(stage, args, options)] = launched
+    assert stage == "lr-baseline" and args == ["--epochs", "2", "--data", "gs://b/data", "--out", out]
+    assert options == {"scheduler": "kubernetes", "nnodes": 2, "nproc_per_node": 4,
+                       "image": "registry.example/kdp:2.0", "cfg": "queue=gpu"}
+    assert result["final"] == {"val_top1": 0.5} and metrics.logged == {"val_top1": 0.5}
+    assert json.loads(Path(metrics.path).read_text()) == {"val_top1": 0.5}

@@ -19,7 +19,7 @@ from kfp import dsl
 from kfp.dsl import HTML, Artifact, Dataset, Input, Metrics, Model, Output
 
 from pipelines.cluster import ClusterOptions, configure_task, launcher_input
-from pipelines.pixel_distillation import DEFAULT_IMAGE
+from pipelines.pixel_distillation import DEFAULT_IMAGE, source_version_op
 
 PIPELINE_NAME = "detection-distillation"
 #: Per-stage settings unless told otherwise.
@@ -33,8 +33,8 @@ DEFAULT_SETTINGS = {
 }
 
 
-def prepare_detection_op(source: str, images: str, image_size: int, settings: dict, code_version: str,
-                         rerun_token: str, data: Output[Dataset]) -> str:
+def prepare_detection_op(source: str, images: str, source_version: str, image_size: int, settings: dict,
+                         code_version: str, rerun_token: str, data: Output[Dataset]) -> str:
     """prepare-data: read COCO JSON (``images``: its image folder) or YOLO, letterbox, write shards."""
     from components.kfp_entry import run_stage
     fields = {"images": images} if images else {}
@@ -76,8 +76,9 @@ def build_pipeline(image: str = DEFAULT_IMAGE, options: ClusterOptions | None = 
     """The detection pipeline function, its components built for ``image``, its tasks configured
     with ``options`` (:func:`pipelines.cluster.configure_task`; None: no cluster settings, for kfp.local)."""
     component = dsl.component(base_image=image, install_kfp_package=False)
-    prepare, train_detector, train_afp, evaluate = (
-        component(op) for op in (prepare_detection_op, detector_op, afp_op, evaluate_detection_op))
+    source_version, prepare, train_detector, train_afp, evaluate = (
+        component(op) for op in (source_version_op, prepare_detection_op, detector_op, afp_op,
+                                 evaluate_detection_op))
     launcher = launcher_input(options, image)
 
     @dsl.pipeline(name=PIPELINE_NAME, description=__doc__.split("\n\n")[0],
@@ -106,7 +107,9 @@ def build_pipeline(image: str = DEFAULT_IMAGE, options: ClusterOptions | None = 
         rerun_lr_baseline: str = "",
         rerun_evaluate: str = "",
     ) -> Artifact:
-        data = prepare(source=source, images=images, image_size=image_size, settings=prepare_settings,
+        version = source_version(source=source, images=images)
+        data = prepare(source=source, images=images, source_version=version.output, image_size=image_size,
+                       settings=prepare_settings,
                        code_version=code_version, rerun_token=rerun_prepare)
         common = dict(data=data.outputs["data"], data_fingerprint=data.outputs["Output"], kind=kind, ratio=ratio,
                       seed=seed, checkpoint_root=checkpoint_root, code_version=code_version, launcher=launcher)
@@ -125,6 +128,8 @@ def build_pipeline(image: str = DEFAULT_IMAGE, options: ClusterOptions | None = 
                                      (msad, "msad", True), (baseline, "lr-baseline", True),
                                      (report, "evaluate", False)):
             configure_task(task.set_display_name(name), options, training=training)
+        configure_task(version.set_display_name("source-version"), options, training=False)
+        version.set_caching_options(False)
         return report.outputs["summary"]
 
     return detection_distillation

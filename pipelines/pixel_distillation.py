@@ -52,7 +52,17 @@ DEFAULT_SETTINGS = {
 STUDENT_METHODS = {"student": "tas", "onestage": "kd+isrd"}
 
 
-def prepare_data_op(source: str, settings: dict, code_version: str, rerun_token: str, data: Output[Dataset]) -> str:
+def source_version_op(source: str, images: str) -> str:
+    """source-version: a fingerprint of the listing of ``source`` (and ``images``): every file's
+    path, size and checksum, read without downloading. The task is never cached and prepare-data
+    takes its output as an input, so prepare-data and everything after it are cache hits exactly
+    when the data did not change (a scheduled run on unchanged data retrains nothing)."""
+    from kd_lib.io.fs import listing_fingerprint
+    return listing_fingerprint(*(uri for uri in (source, images) if uri))
+
+
+def prepare_data_op(source: str, source_version: str, settings: dict, code_version: str, rerun_token: str,
+                    data: Output[Dataset]) -> str:
     """prepare-data: validate the ImageFolder at ``source``, write Parquet shards."""
     from components.kfp_entry import run_stage
     return run_stage("prepare-data", settings, source=source, out=data.uri)["data_fingerprint"]
@@ -114,8 +124,9 @@ def build_pipeline(image: str = DEFAULT_IMAGE, options: ClusterOptions | None = 
     """The pipeline function, its components built for ``image``, its tasks configured with
     ``options`` (:func:`pipelines.cluster.configure_task`; None: no cluster settings, for kfp.local)."""
     component = dsl.component(base_image=image, install_kfp_package=False)
-    prepare, train_teacher, train_assistant, train_student, train_lr_baseline, evaluate = (
-        component(op) for op in (prepare_data_op, teacher_op, assistant_op, student_op, lr_baseline_op,
+    source_version, prepare, train_teacher, train_assistant, train_student, train_lr_baseline, evaluate = (
+        component(op) for op in (source_version_op, prepare_data_op, teacher_op, assistant_op, student_op,
+                                 lr_baseline_op,
                                  evaluate_op))
     launcher = launcher_input(options, image)
 
@@ -145,7 +156,9 @@ def build_pipeline(image: str = DEFAULT_IMAGE, options: ClusterOptions | None = 
         rerun_lr_baseline: str = "",
         rerun_evaluate: str = "",
     ) -> Artifact:
-        data = prepare(source=source, settings=prepare_settings, code_version=code_version,
+        version = source_version(source=source, images="")
+        data = prepare(source=source, source_version=version.output, settings=prepare_settings,
+                       code_version=code_version,
                        rerun_token=rerun_prepare)
         common = dict(data=data.outputs["data"], data_fingerprint=data.outputs["Output"], hr_size=hr_size,
                       ratio=ratio, seed=seed, checkpoint_root=checkpoint_root, code_version=code_version,
@@ -171,6 +184,8 @@ def build_pipeline(image: str = DEFAULT_IMAGE, options: ClusterOptions | None = 
                                      (onestage, "student-onestage", True), (baseline, "lr-baseline", True),
                                      (report, "evaluate", False)):
             configure_task(task.set_display_name(name), options, training=training)
+        configure_task(version.set_display_name("source-version"), options, training=False)
+        version.set_caching_options(False)
         return report.outputs["summary"]
 
     return pixel_distillation

@@ -160,3 +160,21 @@ def test_unreachable_location_is_named(tmp_path):
     with pytest.raises(StorageError, match=r"cannot list http://127\.0\.0\.1:9/data/train"):
         prepare_imagefolder("http://127.0.0.1:9/data", str(tmp_path / "out"))
     assert not (tmp_path / "out").exists()
+
+
+def test_the_listing_fingerprint_changes_exactly_when_files_do(tmp_path):
+    from kd_lib.io.fs import listing_fingerprint
+
+    (tmp_path / "data" / "a").mkdir(parents=True)
+    (tmp_path / "data" / "a" / "1.txt").write_text("one")
+    (tmp_path / "labels.json").write_text("{}")
+    folder, file = str(tmp_path / "data"), str(tmp_path / "labels.json")
+    first = listing_fingerprint(folder, file)
+    assert listing_fingerprint(folder, file) == first
+    (tmp_path / "data" / "a" / "1.txt").write_text("uno!")  # rewritten: another size
+    second = listing_fingerprint(folder, file)
+    assert second != first
+    (tmp_path / "data" / "a" / "2.txt").write_text("two")
+    assert listing_fingerprint(folder, file) != second
+    with pytest.raises(FileNotFoundError, match="missing"):
+        listing_fingerprint(str(tmp_path / "missing"))

@@ -47,9 +47,15 @@ def test_local_pipeline_runs_end_to_end_then_caches(tmp_path, capsys):
         assert model["latency_ms"]["batch_1"] > 0 and model["latency_ms"]["batch_64"] > 0
     assert "<table" in (out / "report.html").read_text()
     first = executed_tasks(out / "pipeline_root")
-    assert first == sorted(["prepare-data-op", "teacher-op", "assistant-op", "student-op", "student-op-2",
-                            "lr-baseline-op", "evaluate-op"])
+    assert first == sorted(["source-version-op", "prepare-data-op", "teacher-op", "assistant-op", "student-op",
+                            "student-op-2", "lr-baseline-op", "evaluate-op"])
 
-    assert run_kdp(data, out) == 0
-    assert executed_tasks(out / "pipeline_root") == first, "the second run retrained something"
+    assert run_kdp(data, out) == 0  # only the listing of the unchanged data runs again
+    assert executed_tasks(out / "pipeline_root") == sorted([*first, "source-version-op"]), \
+        "the second run retrained something"
     assert json.loads((out / "summary.json").read_text()) == summary
+
+    (data / "train" / sorted(p.name for p in (data / "train").iterdir())[0] / "extra.png").write_bytes(
+        next((data / "val").rglob("*.png")).read_bytes())  # one more training image: new data
+    assert run_kdp(data, out) == 0
+    assert executed_tasks(out / "pipeline_root").count("prepare-data-op") == 2, "new data was not prepared"

@@ -15,9 +15,9 @@ from pipelines.pixel_distillation import DEFAULT_IMAGE, build_pipeline
 ROOT = Path(__file__).resolve().parents[1]
 #: Display name -> training task?, per pipeline.
 TASKS = {
-    "classification": {"prepare-data": False, "teacher": True, "assistant": True, "student": True,
+    "classification": {"source-version": False, "prepare-data": False, "teacher": True, "assistant": True, "student": True,
                        "student-onestage": True, "lr-baseline": True, "evaluate": False},
-    "detection": {"prepare-data": False, "teacher": True, "afp": True, "msad": True, "lr-baseline": True,
+    "detection": {"source-version": False, "prepare-data": False, "teacher": True, "afp": True, "msad": True, "lr-baseline": True,
                   "evaluate": False},
 }
 #: Display name -> the pipeline parameter that reruns it.
@@ -58,7 +58,7 @@ def test_pipeline_compiles_with_every_stage_wired(tmp_path):
     compiler.Compiler().compile(build_pipeline("registry.example/kdp:1.2.3"), str(path))
     spec = yaml.safe_load(path.read_text())
     tasks = spec["root"]["dag"]["tasks"]
-    assert set(tasks) == {"prepare-data-op", "teacher-op", "assistant-op", "student-op", "student-op-2",
+    assert set(tasks) == {"source-version-op", "prepare-data-op", "teacher-op", "assistant-op", "student-op", "student-op-2",
                           "lr-baseline-op", "evaluate-op"}
     assert tasks["student-op"]["inputs"]["artifacts"]["source"]["taskOutputArtifact"]["producerTask"] == "assistant-op"
     assert tasks["student-op-2"]["inputs"]["artifacts"]["source"]["taskOutputArtifact"]["producerTask"] == "teacher-op"
@@ -94,7 +94,7 @@ def test_the_detection_pipeline_compiles_with_its_stages_wired(tmp_path):
     compiler.Compiler().compile(detection.build_pipeline("registry.example/kdp:1.2.3"), str(path))
     spec = yaml.safe_load(path.read_text())
     tasks = spec["root"]["dag"]["tasks"]
-    assert set(tasks) == {"prepare-detection-op", "detector-op", "afp-op", "afp-op-2", "detector-op-2",
+    assert set(tasks) == {"source-version-op", "prepare-detection-op", "detector-op", "afp-op", "afp-op-2", "detector-op-2",
                           "evaluate-detection-op"}
 
     def producer(task, artifact):
@@ -169,12 +169,16 @@ def test_every_task_is_cached_and_rerun_by_its_own_parameter(tmp_path, pipeline)
     parameters = spec.spec["root"]["inputDefinitions"]["parameters"]
     assert set(spec.tasks) == set(TASKS[pipeline])
     fed = {}
+    version = spec.tasks.pop("source-version")  # lists the data in every run, so it is never cached
+    assert version["cachingOptions"] == {} and "rerun_token" not in version["inputs"]["parameters"]
+    source_version = spec.tasks["prepare-data"]["inputs"]["parameters"]["source_version"]["taskOutputParameter"]
+    assert source_version == {"outputParameterKey": "Output", "producerTask": "source-version-op"}
     for name, task in spec.tasks.items():
         assert task["cachingOptions"] == {"enableCache": True}, name
         source = task["inputs"]["parameters"]["rerun_token"]["componentInputParameter"]
         fed.setdefault(source, []).append(name)
         assert parameters[source] == {"defaultValue": "", "isOptional": True, "parameterType": "STRING"}
-    assert fed == {RERUN[name]: [name] for name in TASKS[pipeline]}
+    assert fed == {RERUN[name]: [name] for name in TASKS[pipeline] if name != "source-version"}
     assert not [p for p in parameters if p.startswith("rerun_") and p not in fed]
 
 

@@ -107,3 +107,37 @@ def remove_if_empty(uri: str) -> None:
 
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+#: Listing fields that change when a stored file changes, best first: object-store checksums and
+#: versions (GCS, S3), then the modification time of a local file.
+VERSION_FIELDS = ("md5Hash", "crc32c", "generation", "ETag", "etag", "mtime", "LastModified", "updated")
+
+
+def listing_fingerprint(*uris: str) -> str:
+    """SHA-256 over every file under ``uris`` (a folder, or one file): its path, size and version.
+
+    Lists, never reads: cheap for a large dataset in a bucket. The version is
+    the first of :data:`VERSION_FIELDS` that the store reports, so the result
+    changes when a file is added, removed or rewritten.
+
+    Raises:
+        FileNotFoundError: a URI names nothing.
+        StorageError: a URI cannot be listed (the message names it).
+    """
+    digest = hashlib.sha256()
+    for uri in uris:
+        fs, path = filesystem(uri)
+        try:
+            entries = fs.find(path, detail=True) if fs.isdir(path) else {path: fs.info(path)}
+        except FileNotFoundError:
+            raise FileNotFoundError(uri) from None
+        except OSError as err:
+            raise StorageError(f"cannot list {uri}: {err}") from err
+        if not entries:
+            raise FileNotFoundError(uri)
+        for name in sorted(entries):
+            info = entries[name]
+            version = next((str(info[key]) for key in VERSION_FIELDS if info.get(key)), "")
+            digest.update(f"{uri}\t{posixpath.relpath(name, path)}\t{info.get('size')}\t{version}\n".encode())
+    return digest.hexdigest()

@@ -13,13 +13,12 @@ A training task either runs its stage in its own process (``launcher``
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from dataclasses import dataclass
 from typing import Literal
 
 from components import afp, assistant, detector, evaluate, lr_baseline, prepare_data, student, teacher
-from kd_lib.config import check, from_dict
+from kd_lib.config import check, from_dict, to_flags
 from kd_lib.io.fs import join
 from kd_lib.io.manifest import read_manifest
 
@@ -89,31 +88,11 @@ class Launcher:
         check(self.nproc_per_node >= 1, "nproc_per_node", f"must be >= 1, got {self.nproc_per_node}")
 
 
-def flag_value(value) -> str:
-    """A config value as a ``kdp stage`` flag value (see :func:`kd_lib.config.add_arguments`)."""
-    if isinstance(value, bool):
-        return str(value).lower()
-    if isinstance(value, (list, tuple)):
-        return ",".join(str(v) for v in value)
-    return str(value)
-
-
-def stage_flags(config) -> list[str]:
-    """The ``kdp stage`` flags that rebuild ``config``: one per field that differs from its default."""
-    flags = []
-    for spec in dataclasses.fields(config):
-        default = spec.default if spec.default is not dataclasses.MISSING else spec.default_factory()
-        value = getattr(config, spec.name)
-        if value != default:
-            flags += ["--" + spec.name.replace("_", "-"), flag_value(value)]
-    return flags
-
-
 def launch_with_torchx(stage: str, config, launcher: Launcher) -> dict:
     """Run ``stage`` as a TorchX job and wait for it; its result is the manifest it published."""
     from components.torchx_apps import launch_and_wait
 
-    launch_and_wait(stage, stage_flags(config), scheduler=launcher.scheduler, nnodes=launcher.nnodes,
+    launch_and_wait(stage, to_flags(config), scheduler=launcher.scheduler, nnodes=launcher.nnodes,
                     nproc_per_node=launcher.nproc_per_node, image=launcher.image, cfg=launcher.cfg)
     return read_manifest(config.out)
 

@@ -121,19 +121,47 @@ def load_yaml(uri: str) -> dict[str, Any]:
     return data
 
 
-def _flag(name: str) -> str:
+def flag_name(name: str) -> str:
+    """The command-line flag of field ``name``: ``--batch-size`` for ``batch_size``."""
     return "--" + name.replace("_", "-")
+
+
+def flag_text(value: Any) -> str:
+    """``value`` as typed after its flag, as :func:`from_dict` reads it back: ``true``/``false``,
+    lists comma-separated, mappings as ``name=value`` pairs separated by commas."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, Mapping):
+        return ",".join(f"{k}={v}" for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return ",".join(str(v) for v in value)
+    return str(value)
+
+
+def field_default(field: dataclasses.Field) -> Any:
+    """A dataclass field's default value (None when it has none)."""
+    if field.default_factory is not dataclasses.MISSING:
+        return field.default_factory()
+    return None if field.default is dataclasses.MISSING else field.default
+
+
+def to_flags(config: Any) -> list[str]:
+    """The flags that :func:`add_arguments` and :func:`from_args` read back into ``config``:
+    one per field that differs from its default."""
+    flags = []
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        if value != field_default(field):
+            flags += [flag_name(field.name), flag_text(value)]
+    return flags
 
 
 def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
     """One ``--flag`` per field of ``cls`` (values are parsed by :func:`from_dict`)."""
     parser.add_argument("--config", metavar="YAML", help="config file; flags override its fields")
     for field in dataclasses.fields(cls):
-        default = field.default if field.default is not dataclasses.MISSING else None
-        if field.default_factory is not dataclasses.MISSING:
-            default = field.default_factory()
-        parser.add_argument(_flag(field.name), dest=field.name, default=argparse.SUPPRESS,
-                            metavar=field.name.upper(), help=f"(default: {default!r})")
+        parser.add_argument(flag_name(field.name), dest=field.name, default=argparse.SUPPRESS,
+                            metavar=field.name.upper(), help=f"(default: {field_default(field)!r})")
 
 
 def from_args(cls: type[T], args: argparse.Namespace) -> T:

@@ -37,13 +37,13 @@ metadata (``kfp/local/cache.py``).
 from __future__ import annotations
 
 import re
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from typing import Literal
 
 from kfp import kubernetes
 from kfp.dsl import PipelineTask
 
-from kd_lib.config import ConfigError, check, from_dict
+from kd_lib.config import ConfigError, check, field_default, flag_name, flag_text, from_dict
 
 #: Where the GCS credentials secret is mounted in every task.
 GCS_SECRET_MOUNT = "/var/secrets/gcs"
@@ -134,18 +134,8 @@ def add_cluster_arguments(parser) -> None:
     """One ``--flag`` per :class:`ClusterOptions` field, with its help and default."""
     group = parser.add_argument_group("cluster options (an empty value turns an option off)")
     for spec in fields(ClusterOptions):
-        default = spec.default if spec.default is not MISSING else spec.default_factory()
-        group.add_argument("--" + spec.name.replace("_", "-"), dest=spec.name, metavar=spec.name.upper(),
-                           help=f"{spec.metadata['help']} (default: {show(default)})")
-
-
-def show(value) -> str:
-    """A default value as it is typed on the command line."""
-    if isinstance(value, dict):
-        return ",".join(f"{k}={v}" for k, v in value.items()) or "''"
-    if isinstance(value, list):
-        return ",".join(value) or "''"
-    return str(value) if value != "" else "''"
+        group.add_argument(flag_name(spec.name), dest=spec.name, metavar=spec.name.upper(),
+                           help=f"{spec.metadata['help']} (default: {flag_text(field_default(spec)) or repr('')})")
 
 
 def options_from_args(args) -> ClusterOptions:

@@ -102,16 +102,16 @@ def test_kdp_schedule_creates_the_recurring_run_through_the_client(capsys):
     assert "rr-7" in capsys.readouterr().out
 
 
-def test_stage_flags_rebuild_the_stage_config():
+def test_flags_rebuild_the_stage_config():
     import argparse
 
-    from components.kfp_entry import stage_config, stage_flags
-    from kd_lib.config import add_arguments, from_args
+    from components.kfp_entry import stage_config
+    from kd_lib.config import add_arguments, from_args, to_flags
 
     config = stage_config("student", {"method": "kd+isrd", "epochs": 3.0, "amp": False, "milestones": [1, 2],
                                       "schedule": "step", "lr": 2e-4}, data="gs://b/data", out="gs://b/s",
                           teacher="gs://b/t", hr_size=64, ratio=4, seed=0, checkpoint_root="")
-    flags = stage_flags(config)
+    flags = to_flags(config)
     assert "--seed" not in flags and flags[flags.index("--amp") + 1] == "false"
     parser = argparse.ArgumentParser()
     add_arguments(parser, type(config))

@@ -76,7 +76,7 @@ def dense_forward(detector: nn.Module, images: Tensor, targets: Targets | None =
     """
     image_list, targets = detector.transform(list(images), targets)
     if features is None:
-        features = list(detector.backbone(image_list.tensors).values())
+        features = _levels(detector, image_list)
     head = detector.head(features)
     anchors = detector.anchor_generator(image_list, features)
     losses = {}
@@ -86,6 +86,16 @@ def dense_forward(detector: nn.Module, images: Tensor, targets: Targets | None =
         else:
             losses = detector.compute_loss(targets, head, anchors)
     return DenseOutputs(image_list, features, head, anchors, losses)
+
+
+def _levels(detector: nn.Module, image_list: ImageList) -> list[Tensor]:
+    return list(detector.backbone(image_list.tensors).values())
+
+
+def pyramid_levels(detector: nn.Module, images: Tensor) -> list[Tensor]:
+    """The pyramid levels ``detector``'s head reads on ``images`` (N, 3, H, W) in [0, 1], without
+    running the head: what a feature-only teacher needs."""
+    return _levels(detector, detector.transform(list(images))[0])
 
 
 def decode_boxes(detector: nn.Module, outputs: DenseOutputs) -> Tensor:
@@ -219,7 +229,7 @@ class MSADTeacher(nn.Module):
 
     def fused_features(self, hr: Tensor, lr: Tensor) -> list[Tensor]:
         """The fused levels for a batch (what the MSAD student imitates)."""
-        return self.fuse(dense_forward(self.hr, hr).features, dense_forward(self.lr, lr).features)
+        return self.fuse(pyramid_levels(self.hr, hr), pyramid_levels(self.lr, lr))
 
 
 class MSADTeacherTraining(DetectorTraining):

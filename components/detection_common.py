@@ -14,7 +14,7 @@ like every stage (see :mod:`components.common`).
 from __future__ import annotations
 
 import io
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import pyarrow.parquet as pq
@@ -101,7 +101,7 @@ def load_upstream_detector(uri: str, field: str, classes: list[str]) -> tuple[to
 def train(task: DetectorTraining, data: DetectionData, config: DetectionStageConfig, checkpoint_dir: str,
           desc: str, epochs: int | None = None) -> list[dict]:
     """Train ``task`` with the shared loop; validation is COCO mAP of its student on its view."""
-    settings = config if epochs is None else type(config)(**{**asdict(config), "epochs": epochs})
+    settings = config if epochs is None else replace(config, epochs=epochs)
     validate = detector_validation(data.val, task.view, num_workers=config.num_workers)
     return fit(task, data.train, settings, checkpoint_dir, validate, desc=desc, collate_fn=collate_detection)
 

@@ -154,12 +154,13 @@ def launcher_input(options: ClusterOptions | None, image: str) -> dict:
             "cfg": options.torchx_cfg}
 
 
-def configure_task(task: PipelineTask, options: ClusterOptions | None, *, training: bool) -> PipelineTask:
-    """Turn caching on and apply ``options`` to ``task``; ``training``: a training stage's task.
+def configure_task(task: PipelineTask, options: ClusterOptions | None, *, training: bool,
+                   cached: bool = True) -> PipelineTask:
+    """Set ``task``'s caching and apply ``options`` to it; ``training``: a training stage's task.
 
     ``options=None`` (the local runs of ``kfp.local``) applies no cluster settings.
     """
-    task.set_caching_options(True)
+    task.set_caching_options(cached)
     if options is None:
         return task
     trains_here = training and options.launcher == "pod"

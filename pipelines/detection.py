@@ -109,8 +109,7 @@ def build_pipeline(image: str = DEFAULT_IMAGE, options: ClusterOptions | None = 
     ) -> Artifact:
         version = source_version(source=source, images=images)
         data = prepare(source=source, images=images, source_version=version.output, image_size=image_size,
-                       settings=prepare_settings,
-                       code_version=code_version, rerun_token=rerun_prepare)
+                       settings=prepare_settings, code_version=code_version, rerun_token=rerun_prepare)
         common = dict(data=data.outputs["data"], data_fingerprint=data.outputs["Output"], kind=kind, ratio=ratio,
                       seed=seed, checkpoint_root=checkpoint_root, code_version=code_version, launcher=launcher)
         teacher = train_detector(settings=teacher_settings, view="hr", backbone=teacher_backbone,
@@ -128,8 +127,7 @@ def build_pipeline(image: str = DEFAULT_IMAGE, options: ClusterOptions | None = 
                                      (msad, "msad", True), (baseline, "lr-baseline", True),
                                      (report, "evaluate", False)):
             configure_task(task.set_display_name(name), options, training=training)
-        configure_task(version.set_display_name("source-version"), options, training=False)
-        version.set_caching_options(False)
+        configure_task(version.set_display_name("source-version"), options, training=False, cached=False)
         return report.outputs["summary"]
 
     return detection_distillation

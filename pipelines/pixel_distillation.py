@@ -158,8 +158,7 @@ def build_pipeline(image: str = DEFAULT_IMAGE, options: ClusterOptions | None = 
     ) -> Artifact:
         version = source_version(source=source, images="")
         data = prepare(source=source, source_version=version.output, settings=prepare_settings,
-                       code_version=code_version,
-                       rerun_token=rerun_prepare)
+                       code_version=code_version, rerun_token=rerun_prepare)
         common = dict(data=data.outputs["data"], data_fingerprint=data.outputs["Output"], hr_size=hr_size,
                       ratio=ratio, seed=seed, checkpoint_root=checkpoint_root, code_version=code_version,
                       launcher=launcher)
@@ -184,8 +183,7 @@ def build_pipeline(image: str = DEFAULT_IMAGE, options: ClusterOptions | None = 
                                      (onestage, "student-onestage", True), (baseline, "lr-baseline", True),
                                      (report, "evaluate", False)):
             configure_task(task.set_display_name(name), options, training=training)
-        configure_task(version.set_display_name("source-version"), options, training=False)
-        version.set_caching_options(False)
+        configure_task(version.set_display_name("source-version"), options, training=False, cached=False)
         return report.outputs["summary"]
 
     return pixel_distillation

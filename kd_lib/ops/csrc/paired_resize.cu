@@ -1,0 +1,153 @@
+// Paired resize (kd_lib/ops/paired_resize.py): uint8 (N, H, W, C) in; normalized HR (N, C, H, W)
+// and downsampled LR (N, C, h, w) out, in one kernel.
+//
+// One thread per LR pixel (n, oy, ox), all channels. It reads its taps window of the input
+// (separable weights: rows, then columns, from resize_taps) for the LR pixel, and writes the
+// normalized HR pixels of the block it owns: rows floor(oy H / h) .. floor((oy + 1) H / h) - 1,
+// columns likewise, which tile the HR image exactly. Neighbouring threads share most of their
+// windows, so the repeated reads hit the L1/L2 caches and DRAM sees each input byte about once.
+#include <ATen/Dispatch.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include "ops.h"
+
+namespace kd_lib_ops {
+namespace {
+
+constexpr int kMaxChannels = 4;
+constexpr int kThreads = 256;
+
+struct Normalization {
+  float scale[kMaxChannels];  // 1 / (255 std)
+  float shift[kMaxChannels];  // -mean / std
+};
+
+struct Strides {
+  int64_t n, c, y, x;
+};
+
+template <typename out_t>
+__global__ void paired_resize_kernel(
+    const uint8_t* __restrict__ images, int64_t batch, int height, int width, int channels,
+    int lr_height, int lr_width, const int* __restrict__ row_start,
+    const float* __restrict__ row_weight, int row_taps, const int* __restrict__ col_start,
+    const float* __restrict__ col_weight, int col_taps, Normalization norm, out_t* __restrict__ hr,
+    Strides hr_stride, out_t* __restrict__ lr, Strides lr_stride) {
+  const int64_t index = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (index >= batch * lr_height * lr_width) return;
+  const int ox = static_cast<int>(index % lr_width);
+  const int oy = static_cast<int>((index / lr_width) % lr_height);
+  const int64_t n = index / (static_cast<int64_t>(lr_width) * lr_height);
+  const uint8_t* image = images + n * height * width * channels;
+
+  float sum[kMaxChannels] = {0.f, 0.f, 0.f, 0.f};
+  for (int ty = 0; ty < row_taps; ++ty) {
+    const float wy = row_weight[oy * row_taps + ty];
+    if (wy == 0.f) continue;
+    const int y = min(row_start[oy] + ty, height - 1);
+    float row_sum[kMaxChannels] = {0.f, 0.f, 0.f, 0.f};
+    for (int tx = 0; tx < col_taps; ++tx) {
+      const float wx = col_weight[ox * col_taps + tx];
+      const int x = min(col_start[ox] + tx, width - 1);
+      const uint8_t* pixel = image + (static_cast<int64_t>(y) * width + x) * channels;
+#pragma unroll
+      for (int c = 0; c < kMaxChannels; ++c) {
+        if (c < channels) row_sum[c] += wx * static_cast<float>(__ldg(pixel + c));
+      }
+    }
+#pragma unroll
+    for (int c = 0; c < kMaxChannels; ++c) sum[c] += wy * row_sum[c];
+  }
+  out_t* lr_pixel = lr + n * lr_stride.n + oy * lr_stride.y + ox * lr_stride.x;
+#pragma unroll
+  for (int c = 0; c < kMaxChannels; ++c) {
+    if (c < channels) lr_pixel[c * lr_stride.c] = static_cast<out_t>(sum[c] * norm.scale[c] + norm.shift[c]);
+  }
+
+  const int y_begin = static_cast<int>(static_cast<int64_t>(oy) * height / lr_height);
+  const int y_end = static_cast<int>(static_cast<int64_t>(oy + 1) * height / lr_height);
+  const int x_begin = static_cast<int>(static_cast<int64_t>(ox) * width / lr_width);
+  const int x_end = static_cast<int>(static_cast<int64_t>(ox + 1) * width / lr_width);
+  for (int y = y_begin; y < y_end; ++y) {
+    for (int x = x_begin; x < x_end; ++x) {
+      const uint8_t* pixel = image + (static_cast<int64_t>(y) * width + x) * channels;
+      out_t* hr_pixel = hr + n * hr_stride.n + y * hr_stride.y + x * hr_stride.x;
+#pragma unroll
+      for (int c = 0; c < kMaxChannels; ++c) {
+        if (c < channels) {
+          hr_pixel[c * hr_stride.c] =
+              static_cast<out_t>(static_cast<float>(__ldg(pixel + c)) * norm.scale[c] + norm.shift[c]);
+        }
+      }
+    }
+  }
+}
+
+Strides strides_of(const at::Tensor& t) {
+  return {t.stride(0), t.stride(1), t.stride(2), t.stride(3)};
+}
+
+void check_taps(const at::Tensor& start, const at::Tensor& weight, int64_t size, const char* name) {
+  TORCH_CHECK(start.is_cuda() && weight.is_cuda(), name, " taps must be CUDA tensors");
+  TORCH_CHECK(start.scalar_type() == at::kInt && start.dim() == 1 && start.size(0) == size &&
+                  start.is_contiguous(),
+              name, "_start must be contiguous int32 (", size, ",)");
+  TORCH_CHECK(weight.scalar_type() == at::kFloat && weight.dim() == 2 && weight.size(0) == size &&
+                  weight.size(1) >= 1 && weight.is_contiguous(),
+              name, "_weight must be contiguous float32 (", size, ", taps)");
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> paired_resize(
+    const at::Tensor& images, const at::Tensor& row_start, const at::Tensor& row_weight,
+    const at::Tensor& col_start, const at::Tensor& col_weight, c10::ArrayRef<double> mean,
+    c10::ArrayRef<double> std, c10::ScalarType dtype, bool channels_last) {
+  TORCH_CHECK(images.is_cuda() && images.scalar_type() == at::kByte && images.dim() == 4 &&
+                  images.is_contiguous(),
+              "images must be a contiguous uint8 CUDA tensor (N, H, W, C)");
+  const int64_t batch = images.size(0), height = images.size(1), width = images.size(2);
+  const int64_t channels = images.size(3);
+  TORCH_CHECK(channels >= 1 && channels <= kMaxChannels, "at most ", kMaxChannels, " channels");
+  TORCH_CHECK(static_cast<int64_t>(mean.size()) == channels && static_cast<int64_t>(std.size()) == channels,
+              "mean and std need one value per channel");
+  const int64_t lr_height = row_start.size(0), lr_width = col_start.size(0);
+  check_taps(row_start, row_weight, lr_height, "row");
+  check_taps(col_start, col_weight, lr_width, "col");
+  TORCH_CHECK(lr_height >= 1 && lr_height <= height && lr_width >= 1 && lr_width <= width,
+              "the LR size must be from 1 to the HR size");
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf,
+              "dtype must be float32, bfloat16 or float16");
+
+  const c10::cuda::CUDAGuard guard(images.device());
+  const auto layout = channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+  const auto options = images.options().dtype(dtype).memory_format(layout);
+  at::Tensor hr = at::empty({batch, channels, height, width}, options);
+  at::Tensor lr = at::empty({batch, channels, lr_height, lr_width}, options);
+  const int64_t count = batch * lr_height * lr_width;
+  if (count == 0) return {hr, lr};
+
+  Normalization norm{};
+  for (int64_t c = 0; c < channels; ++c) {
+    norm.scale[c] = static_cast<float>(1.0 / (255.0 * std[c]));
+    norm.shift[c] = static_cast<float>(-mean[c] / std[c]);
+  }
+  const auto blocks = static_cast<unsigned int>((count + kThreads - 1) / kThreads);
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "paired_resize", [&] {
+    paired_resize_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(
+        images.data_ptr<uint8_t>(), batch, static_cast<int>(height), static_cast<int>(width),
+        static_cast<int>(channels), static_cast<int>(lr_height), static_cast<int>(lr_width),
+        row_start.data_ptr<int>(), row_weight.data_ptr<float>(), static_cast<int>(row_weight.size(1)),
+        col_start.data_ptr<int>(), col_weight.data_ptr<float>(), static_cast<int>(col_weight.size(1)),
+        norm, hr.data_ptr<scalar_t>(), strides_of(hr), lr.data_ptr<scalar_t>(), strides_of(lr));
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {hr, lr};
+}
+
+}  // namespace kd_lib_ops

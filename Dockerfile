@@ -4,8 +4,9 @@
 #   docker build -t ghcr.io/kd-pipeline/kdp:0.1.0 .
 #   docker run --gpus all ghcr.io/kd-pipeline/kdp:0.1.0 stage teacher --data gs://... --out gs://...
 # Stage "build": the CUDA toolkit (nvcc) and the virtual environment with the project installed,
-# its CUDA extensions (kd_lib/ops) compiled for A100 and H100. Stage "runtime": the CUDA base
-# image, the interpreter and that environment, run as a non-root user.
+# and the CUDA kernels of kd_lib.ops compiled for A100 and H100/H200 (with PTX for later GPUs).
+# Stage "runtime": the CUDA base image, the interpreter, that environment and the compiled
+# kernels, run as a non-root user.
 
 # The CUDA of the torch wheels (the cu130 index below): nvcc must have the same major version to
 # build extensions that torch loads.
@@ -37,27 +38,34 @@ ENV PATH=/opt/venv/bin:$PATH \
 # torch first, from PyTorch's index for the CUDA of nvcc above (PyPI's default build may target
 # another); `pip install .` below then finds the pins satisfied and keeps these builds
 RUN pip install --index-url ${TORCH_INDEX_URL} "torch==${TORCH_VERSION}" "torchvision==${TORCHVISION_VERSION}"
-# compute capabilities of A100 (8.0) and H100 (9.0): there is no GPU during the build to detect
-ENV TORCH_CUDA_ARCH_LIST="8.0;9.0"
+# compute capabilities of A100 (8.0) and H100/H200 (9.0, with PTX that later GPUs compile when
+# they load it): there is no GPU during the build to detect. KD_LIB_OPS_DIR: where
+# `python -m kd_lib.ops.build` puts the kernels and where kd_lib.ops looks for them.
+ENV TORCH_CUDA_ARCH_LIST="8.0;9.0+PTX" \
+    KD_LIB_OPS_DIR=/opt/kd_lib_ops
 WORKDIR /src
 # pyproject names README.md as the package's long description: the build reads it
 COPY pyproject.toml README.md ./
 COPY kd_lib kd_lib
 COPY components components
 COPY pipelines pipelines
-# --no-build-isolation: extensions compile against the torch installed above, which needs the
-# build backend (pyproject's build-system requires) in the venv itself
+# --no-build-isolation: build with the venv's own setuptools (pyproject's build-system requires)
+# instead of fetching a separate build environment
 RUN pip install "setuptools>=69" \
     && pip install --no-build-isolation .
+# the kernels, from the installed package (outside /src): the runtime stage has no compiler
+RUN cd / && python -m kd_lib.ops.build
 
 FROM nvidia/cuda:${CUDA_VERSION}-base-ubuntu22.04 AS runtime
 # base, not runtime or cudnn-runtime: the torch wheels carry their own cuBLAS, cuDNN and NCCL
 COPY --from=build /opt/python /opt/python
 COPY --from=build /opt/venv /opt/venv
+COPY --from=build /opt/kd_lib_ops /opt/kd_lib_ops
 # first on PATH: KFP runs its components with `python3 -m kfp.dsl.executor_main`, which must be
 # the venv's interpreter
 ENV PATH=/opt/venv/bin:$PATH \
-    PYTHONUNBUFFERED=1
+    PYTHONUNBUFFERED=1 \
+    KD_LIB_OPS_DIR=/opt/kd_lib_ops
 RUN useradd --create-home --uid 1000 kdp
 USER kdp
 # the project is installed in the venv, so `python -m components.<stage>` works from any folder;

@@ -161,3 +161,32 @@ def test_default_image_is_registry_name_and_tag():
     assert match, f"components/image.py: DEFAULT_IMAGE {DEFAULT_IMAGE!r} is not REGISTRY/NAME:TAG"
     assert match["tag"] == PYPROJECT["project"]["version"], (
         f"DEFAULT_IMAGE is tagged {match['tag']}, but the project is version {PYPROJECT['project']['version']}")
+
+
+def test_the_kernels_are_built_in_the_build_stage_and_found_at_run_time():
+    """`python -m kd_lib.ops.build` runs in the build stage with the KD_LIB_OPS_DIR that the
+    runtime stage sets and copies, so the runtime (which has no nvcc) loads the kernels."""
+    from kd_lib.ops import extension
+
+    runs = [arguments for keyword, arguments in DOCKERFILE if keyword == "RUN"]
+    assert any("python -m kd_lib.ops.build" in run for run in runs), "Dockerfile: the kernels are never built"
+    envs = [arguments for keyword, arguments in DOCKERFILE if keyword == "ENV"]
+    directories = {value for env in envs for name, _, value in
+                   (word.partition("=") for word in shlex.split(env)) if name == extension.DIRECTORY_VARIABLE}
+    assert len(directories) == 1, f"Dockerfile: {extension.DIRECTORY_VARIABLE} must be set to one folder in both stages"
+    [directory] = directories
+    assert sum(env.count(f"{extension.DIRECTORY_VARIABLE}=") for env in envs) == 2
+    copies = [arguments for keyword, arguments in DOCKERFILE if keyword == "COPY"]
+    assert f"--from=build {directory} {directory}" in copies, f"Dockerfile: the runtime stage lacks {directory}"
+
+
+def test_the_cuda_sources_are_package_data():
+    """A non-editable install (the image's) must carry every source the extension compiles."""
+    from kd_lib.ops import extension
+
+    globs = PYPROJECT["tool"]["setuptools"]["package-data"]["kd_lib.ops"]
+    package = extension.SOURCE_DIR.parent
+    for source in extension.sources():
+        relative = source.relative_to(package).as_posix()
+        assert any(fnmatch(relative, pattern) for pattern in globs), (
+            f"pyproject.toml: [tool.setuptools.package-data] leaves out {relative}")

@@ -6,6 +6,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from kd_lib.ops import kd_loss
+
 
 class KDLoss(nn.Module):
     """Temperature-scaled KL divergence from the teacher's to the student's softmax.
@@ -21,6 +23,9 @@ class KDLoss(nn.Module):
     gradient's scale independent of ``T``. The teacher's logits are detached
     here, so the loss never sends a gradient into the teacher (or into an
     assistant acting as teacher) even when its forward kept a graph.
+
+    Computed by :func:`kd_lib.ops.kd_loss` (a fused CUDA kernel on GPUs), in
+    float32 whatever the logits' dtype.
 
     Args:
         temperature: ``T`` > 0; Pixel Distillation's default 4.
@@ -43,11 +48,7 @@ class KDLoss(nn.Module):
                 "student and teacher logits must both be (N, num_classes) of one shape, got "
                 f"student {tuple(student_logits.shape)} and teacher {tuple(teacher_logits.shape)}"
             )
-        t = self.temperature
-        log_p_student = F.log_softmax(student_logits / t, dim=1)
-        log_p_teacher = F.log_softmax(teacher_logits.detach() / t, dim=1)
-        kl = F.kl_div(log_p_student, log_p_teacher, reduction="batchmean", log_target=True)
-        return t**2 * kl
+        return kd_loss(student_logits, teacher_logits, self.temperature)
 
 
 class DKDLoss(nn.Module):

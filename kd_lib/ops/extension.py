@@ -34,6 +34,11 @@ DIRECTORY_VARIABLE = "KD_LIB_OPS_DIR"
 #: compute capabilities compiled for when no GPU is visible and TORCH_CUDA_ARCH_LIST is unset:
 #: A100 and H100/H200, with PTX for later GPUs
 DEFAULT_ARCH_LIST = "8.0;9.0+PTX"
+#: compiler flags of the C++ and the CUDA sources (part of :func:`tag`)
+CXX_FLAGS = ("-O3",)
+CUDA_FLAGS = ("-O3", "-lineinfo")
+#: where CUDA toolkits install by default, the last place :func:`cuda_home` looks
+STANDARD_CUDA_HOME = "/usr/local/cuda"
 
 _loaded: bool | None = None  # None: not tried yet in this process
 
@@ -53,8 +58,8 @@ def sources() -> list[Path]:
 
 
 def tag() -> str:
-    """Digest of the sources and of the torch and CUDA versions they build against."""
-    digest = hashlib.sha256(f"{torch.__version__}|{torch.version.cuda}".encode())
+    """Digest of the sources, the flags and the torch and CUDA versions they build against."""
+    digest = hashlib.sha256(f"{torch.__version__}|{torch.version.cuda}|{CXX_FLAGS}|{CUDA_FLAGS}".encode())
     for path in sources():
         digest.update(path.name.encode() + b"\0" + path.read_bytes())
     return digest.hexdigest()[:16]
@@ -84,7 +89,7 @@ def cuda_home() -> Path:
     nvcc = shutil.which("nvcc")
     if nvcc:
         candidates.append(str(Path(nvcc).resolve().parent.parent))
-    candidates.append("/usr/local/cuda")
+    candidates.append(STANDARD_CUDA_HOME)
     for home in filter(None, candidates):
         if (Path(home) / "bin" / "nvcc").exists() and (Path(home) / "include" / "cuda_runtime.h").exists():
             return Path(home)
@@ -128,7 +133,7 @@ def build(verbose: bool = False) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     cpp_extension.load(
         name=NAME, sources=[str(p) for p in sources() if p.suffix != ".h"],
-        extra_cflags=["-O3"], extra_cuda_cflags=["-O3", "-lineinfo"],
+        extra_cflags=list(CXX_FLAGS), extra_cuda_cflags=list(CUDA_FLAGS),
         extra_include_paths=[str(SOURCE_DIR), *_wheel_include_paths()],
         build_directory=str(directory), is_python_module=False, verbose=verbose)
     _mark_loaded()

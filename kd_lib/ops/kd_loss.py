@@ -12,8 +12,9 @@ The forward keeps the two log-sum-exps of each row, so the backward is one
 elementwise pass. On CUDA one kernel computes a row's three running sums in a
 single read of both logit rows (online softmax: the running maximum rescales
 the sums as it grows), so no softmax or log-softmax tensor is ever written.
-All arithmetic is float32 whatever the logits' dtype; the loss is float32 and
-the gradient has the student's dtype. The teacher's logits are constants: no
+All arithmetic is float32 for float32, bfloat16 and float16 logits (float64
+for float64 ones, by the reference on every device); the loss has that
+dtype and the gradient the student's. The teacher's logits are constants: no
 gradient flows into them. Logits must be finite.
 """
 
@@ -24,11 +25,16 @@ import torch
 from kd_lib.ops import extension
 
 
+def compute_dtype(logits: torch.Tensor) -> torch.dtype:
+    """float64 for float64 logits, float32 for the others."""
+    return torch.promote_types(logits.dtype, torch.float32)
+
+
 def kd_loss_forward_reference(student: torch.Tensor, teacher: torch.Tensor, temperature: float
                               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(L, lse(a), lse(b))`` by the formula of the module docstring, in PyTorch."""
-    a = student.float() / temperature
-    b = teacher.float() / temperature
+    a = student.to(compute_dtype(student)) / temperature
+    b = teacher.to(compute_dtype(student)) / temperature
     lse_student, lse_teacher = torch.logsumexp(a, dim=1), torch.logsumexp(b, dim=1)
     p_teacher = torch.exp(b - lse_teacher[:, None])
     row_kl = (p_teacher * (b - a)).sum(dim=1) - lse_teacher + lse_student
@@ -39,9 +45,10 @@ def kd_loss_backward_reference(grad: torch.Tensor, student: torch.Tensor, teache
                                lse_student: torch.Tensor, lse_teacher: torch.Tensor,
                                temperature: float) -> torch.Tensor:
     """``grad * dL/ds`` by the formula of the module docstring, in the student's dtype."""
-    p_student = torch.exp(student.float() / temperature - lse_student[:, None])
-    p_teacher = torch.exp(teacher.float() / temperature - lse_teacher[:, None])
-    scale = grad.float() * (temperature / student.shape[0])
+    dtype = compute_dtype(student)
+    p_student = torch.exp(student.to(dtype) / temperature - lse_student[:, None])
+    p_teacher = torch.exp(teacher.to(dtype) / temperature - lse_teacher[:, None])
+    scale = grad.to(dtype) * (temperature / student.shape[0])
     return (scale * (p_student - p_teacher)).to(student.dtype)
 
 
@@ -53,13 +60,13 @@ def _forward(student: torch.Tensor, teacher: torch.Tensor, temperature: float
 
 @_forward.register_fake
 def _(student, teacher, temperature):
-    row = student.new_empty(student.shape[:1], dtype=torch.float32)
-    return student.new_empty((), dtype=torch.float32), row, torch.empty_like(row)
+    row = student.new_empty(student.shape[:1], dtype=compute_dtype(student))
+    return student.new_empty((), dtype=compute_dtype(student)), row, torch.empty_like(row)
 
 
 @_forward.register_kernel("cuda")
 def _(student, teacher, temperature):
-    if not extension.load():
+    if student.dtype == torch.float64 or not extension.load():
         return kd_loss_forward_reference(student, teacher, temperature)
     return tuple(torch.ops.kd_lib_cuda.kd_loss_forward(student.contiguous(), teacher.contiguous(),
                                                        temperature))
@@ -78,7 +85,7 @@ def _(grad, student, teacher, lse_student, lse_teacher, temperature):
 
 @_backward.register_kernel("cuda")
 def _(grad, student, teacher, lse_student, lse_teacher, temperature):
-    if not extension.load():
+    if student.dtype == torch.float64 or not extension.load():
         return kd_loss_backward_reference(grad, student, teacher, lse_student, lse_teacher, temperature)
     return torch.ops.kd_lib_cuda.kd_loss_backward(grad, student.contiguous(), teacher.contiguous(),
                                                   lse_student, lse_teacher, temperature)
@@ -103,7 +110,7 @@ _forward.register_autograd(_backward_formula, setup_context=_setup_context)
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float
             ) -> torch.Tensor:
-    """``T^2 * KL(softmax(t / T) || softmax(s / T))``, mean over the batch, as a float32 scalar.
+    """``T^2 * KL(softmax(t / T) || softmax(s / T))``, mean over the batch, as a scalar.
 
     See the module docstring. The teacher's logits are detached.
 
@@ -113,10 +120,10 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
     """
     if (student_logits.shape != teacher_logits.shape or student_logits.dim() != 2
             or not student_logits.numel() or not student_logits.is_floating_point()
-            or not teacher_logits.is_floating_point()):
+            or teacher_logits.dtype != student_logits.dtype):
         raise ValueError(
             "student and teacher logits must both be non-empty floating (N, num_classes) of one "
-            f"shape, got student {student_logits.dtype} {tuple(student_logits.shape)} and teacher "
+            f"shape and dtype, got student {student_logits.dtype} {tuple(student_logits.shape)} and teacher "
             f"{teacher_logits.dtype} {tuple(teacher_logits.shape)}")
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")

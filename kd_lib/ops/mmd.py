@@ -16,8 +16,9 @@ mean over bandwidths, as :func:`kd_lib.losses.gaussian_mmd2`)::
 matrix ``z z^T`` comes from one matrix product and a single kernel reduces
 ``w_ij k_ij`` over every pair and bandwidth (forward) or writes ``c_ij``
 (backward): one ``P x P`` matrix, never one per bandwidth as the reference
-and the plain formula build. All arithmetic is float32; the loss is float32
-and each gradient has its input's dtype. The bandwidths get no gradient.
+and the plain formula build. All arithmetic is float32 (float64 when an
+input is float64, by the reference on every device); the loss has that dtype
+and each gradient its input's. The bandwidths get no gradient.
 """
 
 from __future__ import annotations
@@ -27,14 +28,20 @@ import torch
 from kd_lib.ops import extension
 
 
+def compute_dtype(x: torch.Tensor, y: torch.Tensor) -> torch.dtype:
+    """float64 when ``x`` or ``y`` is float64, float32 otherwise."""
+    return torch.promote_types(torch.promote_types(x.dtype, y.dtype), torch.float32)
+
+
 def _pair_terms(x: torch.Tensor, y: torch.Tensor, bandwidths: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``z``, the per-bandwidth kernels ``exp(-d / (2 sigma_k^2))`` (K, P, P), ``1 / (2 sigma_k^2)``
-    and ``w``, in float32."""
-    z = torch.cat([x, y]).float()
+    and ``w``, in :func:`compute_dtype`."""
+    dtype = compute_dtype(x, y)
+    z = torch.cat([x, y]).to(dtype)
     squared = z.pow(2).sum(dim=1)
     distances = (squared[:, None] + squared[None, :] - 2 * z @ z.T).clamp_min(0)
-    inverse = 0.5 / bandwidths.float().pow(2)
+    inverse = 0.5 / bandwidths.to(dtype).pow(2)
     kernels = torch.exp(-distances[None] * inverse[:, None, None])
     n, m = x.shape[0], y.shape[0]
     in_x = torch.arange(n + m, device=z.device) < n
@@ -54,8 +61,9 @@ def mmd2_backward_reference(grad: torch.Tensor, x: torch.Tensor, y: torch.Tensor
     """``grad * dMMD^2/dx`` and ``grad * dMMD^2/dy`` by the formula of the module docstring."""
     z, kernels, inverse, weights = _pair_terms(x, y, bandwidths)
     coefficients = -weights * (kernels * inverse[:, None, None]).mean(dim=0)
-    grad_z = 4 * grad.float() * (z * coefficients.sum(dim=1, keepdim=True) - coefficients @ z)
-    return grad_z[: x.shape[0]].to(x.dtype), grad_z[x.shape[0]:].to(y.dtype)
+    grad_z = 4 * grad.to(z.dtype) * (z * coefficients.sum(dim=1, keepdim=True) - coefficients @ z)
+    # copies: an operator's outputs must not share memory
+    return grad_z[: x.shape[0]].to(x.dtype, copy=True), grad_z[x.shape[0]:].to(y.dtype, copy=True)
 
 
 @torch.library.custom_op("kd_lib::mmd2_forward", mutates_args=())
@@ -65,12 +73,12 @@ def _forward(x: torch.Tensor, y: torch.Tensor, bandwidths: torch.Tensor) -> torc
 
 @_forward.register_fake
 def _(x, y, bandwidths):
-    return x.new_empty((), dtype=torch.float32)
+    return x.new_empty((), dtype=compute_dtype(x, y))
 
 
 @_forward.register_kernel("cuda")
 def _(x, y, bandwidths):
-    if not extension.load():
+    if compute_dtype(x, y) == torch.float64 or not extension.load():
         return mmd2_forward_reference(x, y, bandwidths)
     return torch.ops.kd_lib_cuda.mmd2_forward(x, y, bandwidths)
 
@@ -89,7 +97,7 @@ def _(grad, x, y, bandwidths):
 
 @_backward.register_kernel("cuda")
 def _(grad, x, y, bandwidths):
-    if not extension.load():
+    if compute_dtype(x, y) == torch.float64 or not extension.load():
         return mmd2_backward_reference(grad, x, y, bandwidths)
     return tuple(torch.ops.kd_lib_cuda.mmd2_backward(grad, x, y, bandwidths))
 
@@ -110,7 +118,7 @@ _forward.register_autograd(_backward_formula, setup_context=_setup_context)
 def multi_bandwidth_mmd2(x: torch.Tensor, y: torch.Tensor, bandwidths: torch.Tensor) -> torch.Tensor:
     """Biased MMD^2 of ``x`` and ``y`` under the Gaussian kernel averaged over ``bandwidths``.
 
-    See the module docstring; float32 scalar, gradients for ``x`` and ``y``.
+    See the module docstring; a scalar, with gradients for ``x`` and ``y``.
 
     Raises:
         ValueError: ``x`` and ``y`` are not non-empty floating ``(N, D)`` and
@@ -123,4 +131,4 @@ def multi_bandwidth_mmd2(x: torch.Tensor, y: torch.Tensor, bandwidths: torch.Ten
     if bandwidths.dim() != 1 or not bandwidths.numel():
         raise ValueError(
             f"bandwidths must be a non-empty 1-D tensor, got shape {tuple(bandwidths.shape)}")
-    return _forward(x, y, bandwidths.detach().to(device=x.device, dtype=torch.float32))
+    return _forward(x, y, bandwidths.detach().to(device=x.device, dtype=compute_dtype(x, y)))

@@ -131,7 +131,9 @@ std::tuple<at::Tensor, at::Tensor> mmd2_backward(
   const at::Tensor grad_z = (pooled.z * coefficients.sum(1, /*keepdim=*/true) - at::mm(coefficients, pooled.z))
                                 .mul_(grad.to(at::kFloat) * 4);
   const int64_t n = x.size(0);
-  return {grad_z.narrow(0, 0, n).to(x.scalar_type()), grad_z.narrow(0, n, size - n).to(y.scalar_type())};
+  // copies: an operator's outputs must not share memory
+  return {grad_z.narrow(0, 0, n).to(x.scalar_type(), /*non_blocking=*/false, /*copy=*/true),
+          grad_z.narrow(0, n, size - n).to(y.scalar_type(), /*non_blocking=*/false, /*copy=*/true)};
 }
 
 }  // namespace kd_lib_ops

@@ -43,6 +43,26 @@ __device__ __forceinline__ void merge(State& s, const State& o) {
   merge_sum(s.teacher_max, s.teacher_sum, o.teacher_max, o.teacher_sum, &s.weighted, o.weighted);
 }
 
+// One logit into a running state: one exp per state, the running sums rescaled when the max grows.
+__device__ __forceinline__ void add(State& s, float a, float b) {
+  if (a > s.student_max) {
+    s.student_sum = s.student_sum * expf(s.student_max - a) + 1.f;
+    s.student_max = a;
+  } else {
+    s.student_sum += expf(a - s.student_max);
+  }
+  if (b > s.teacher_max) {
+    const float rescale = expf(s.teacher_max - b);
+    s.teacher_sum = s.teacher_sum * rescale + 1.f;
+    s.weighted = s.weighted * rescale + (b - a);
+    s.teacher_max = b;
+  } else {
+    const float e = expf(b - s.teacher_max);
+    s.teacher_sum += e;
+    s.weighted += e * (b - a);
+  }
+}
+
 __device__ __forceinline__ State shuffle_down(const State& s, int offset) {
   return {__shfl_down_sync(0xffffffffu, s.student_max, offset),
           __shfl_down_sync(0xffffffffu, s.student_sum, offset),
@@ -63,7 +83,7 @@ __global__ void kd_forward_kernel(const scalar_t* __restrict__ student,
   for (int64_t c = threadIdx.x; c < classes; c += blockDim.x) {
     const float a = static_cast<float>(s_row[c]) * inverse_temperature;
     const float b = static_cast<float>(t_row[c]) * inverse_temperature;
-    merge(state, State{a, 1.f, b, 1.f, b - a});
+    add(state, a, b);
   }
   for (int offset = kWarp / 2; offset > 0; offset /= 2) merge(state, shuffle_down(state, offset));
 

@@ -39,7 +39,8 @@ def have_nvcc() -> bool:
 @pytest.mark.skipif(not have_nvcc(), reason="no CUDA toolkit (nvcc) on this machine")
 def test_extension_compiles_and_registers_its_operators() -> None:
     """`python -m kd_lib.ops.build` compiles the sources (a compile error fails here) and prints
-    the library, which registers every kd_lib_cuda operator for CUDA tensors only."""
+    the library, which `extension.load()` then finds and loads without building again, and which
+    registers every kd_lib_cuda operator for CUDA tensors only."""
     built = subprocess.run([sys.executable, "-m", "kd_lib.ops.build"], capture_output=True, text=True,
                            timeout=900)
     assert built.returncode == 0, built.stderr[-4000:]
@@ -47,7 +48,8 @@ def test_extension_compiles_and_registers_its_operators() -> None:
     assert path == extension.library_path() and path.is_file()
     probe = textwrap.dedent(f"""
         import torch
-        torch.ops.load_library({str(path)!r})
+        from kd_lib.ops import extension
+        assert extension.load(), "the built library did not load"
         for name in {sorted(EXPECTED_SCHEMAS)!r}:
             print(getattr(torch.ops.kd_lib_cuda, name).default._schema)
         try:
@@ -57,6 +59,7 @@ def test_extension_compiles_and_registers_its_operators() -> None:
     """)
     loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300)
     assert loaded.returncode == 0, loaded.stderr[-4000:]
+    assert "compiling" not in loaded.stderr
     lines = loaded.stdout.splitlines()
     assert lines[:-1] == [EXPECTED_SCHEMAS[name] for name in sorted(EXPECTED_SCHEMAS)]
     assert "'CPU' backend" in lines[-1]

@@ -32,7 +32,7 @@ import torch
 from kd_lib.config import ConfigError, add_arguments, check, from_args
 from kd_lib.data.imagefolder import DataError
 from kd_lib.data.shards import ShardedImageDataset
-from kd_lib.data.transforms import PairedTransform, ResizeMode
+from kd_lib.data.transforms import CropTransform
 from kd_lib.distill.distiller import Distiller, View
 from kd_lib.engine import distributed
 from kd_lib.engine.loop import NonFiniteLossError, TrainingInterrupted, fit, resolve_device, write_metrics
@@ -42,6 +42,7 @@ from kd_lib.io.fs import StorageError, join, remove, remove_if_empty
 from kd_lib.io.manifest import IncompleteOutputError, finished_with_key, read_manifest, stage_key, unpublish, write_manifest
 from kd_lib.models import build_classifier
 from kd_lib.models.store import MODEL_FILE, load_classifier, save_classifier
+from kd_lib.ops import ResizeMode
 
 METRICS_FILE = "metrics.parquet"
 #: Fields that say where things go or how fast they run, not what is computed.
@@ -154,7 +155,7 @@ def run_training_stage(stage: str, config: TrainStageConfig, upstream: dict[str,
         return done
     torch.manual_seed(config.seed)
     planned = plan(classes, {name: (model, meta) for name, (model, meta, _) in loaded.items()})
-    train_set, val_set = (ShardedImageDataset(config.data, split, PairedTransform(
+    train_set, val_set = (ShardedImageDataset(config.data, split, CropTransform(
         config.hr_size, config.ratio, train=split == "train", resize=config.resize,
         crop_scale=config.crop_scale)) for split in ("train", "val"))
     rows = fit(planned.task, train_set, config, run.checkpoint_dir,

@@ -23,7 +23,6 @@ import torch
 from kd_lib.config import check
 from kd_lib.data.detection_shards import DetectionShardDataset, collate_detection
 from kd_lib.data.imagefolder import DataError
-from kd_lib.data.transforms import ResizeMode
 from kd_lib.distill.detection import DetectorTraining
 from kd_lib.engine.loop import fit, write_metrics
 from kd_lib.engine.settings import TrainSettings
@@ -31,6 +30,7 @@ from kd_lib.eval.detection import detector_validation
 from kd_lib.io.fs import join, read_bytes
 from kd_lib.io.manifest import read_manifest
 from kd_lib.models.detector_store import MODEL_FILE, DetectorSpec, load_detector, save_detector
+from kd_lib.ops import ResizeMode
 
 METRICS_FILE = "metrics.parquet"
 #: The LR side must be a multiple of this, so that every level up to P5 has an exact grid and the

@@ -28,7 +28,7 @@ from components.detection_common import load_upstream_detector
 from kd_lib.config import ConfigError, check
 from kd_lib.data.detection_shards import DetectionShardDataset, collate_detection
 from kd_lib.data.shards import ShardedImageDataset
-from kd_lib.data.transforms import PairedTransform, ResizeMode
+from kd_lib.data.transforms import CropTransform, PairedResize
 from kd_lib.engine.loop import resolve_device, write_metrics
 from kd_lib.eval.accuracy import evaluate_classifier
 from kd_lib.eval.cost import count_gflops, count_params, input_bytes, latency_profile
@@ -36,6 +36,7 @@ from kd_lib.eval.detection import coco_map, detect
 from kd_lib.eval.report import format_table, write_report
 from kd_lib.io.fs import join, write_text
 from kd_lib.io.manifest import read_manifest, stage_key, unpublish, write_manifest
+from kd_lib.ops import ResizeMode
 
 SUMMARY_FILE, REPORT_FILE, METRICS_FILE = "summary.json", "report.html", "metrics.parquet"
 
@@ -80,13 +81,16 @@ def deployment_cost(model: torch.nn.Module, size: int, config: EvaluateConfig, d
                                           repeats=config.latency_repeats)}
 
 
-def evaluate_model(name: str, uri: str, classes: list[str], loader, config: EvaluateConfig,
-                   device: torch.device) -> dict:
+def evaluate_model(name: str, uri: str, classes: list[str], loader, pairing: PairedResize,
+                   config: EvaluateConfig, device: torch.device) -> dict:
+    """Accuracy and deployment cost of the classifier at ``uri``; ``loader`` yields batches of
+    uint8 validation crops and labels, which ``pairing`` makes into the HR and LR batches on
+    ``device``."""
     model, meta, fingerprint = load_upstream(uri, name, classes)
     size = meta["input_size"]
     view = model_view(name, size, config)
     model.to(device)
-    accuracy = evaluate_classifier(model, loader, view, device)
+    accuracy = evaluate_classifier(model, loader, pairing, view, device)
     return {"name": name, "arch": meta["arch"], "input_size": size, "view": view,
             "top1": accuracy["top1"], "top5": accuracy["top5"], **deployment_cost(model, size, config, device),
             "uri": uri, "fingerprint": fingerprint}
@@ -105,7 +109,7 @@ def evaluate_detector(name: str, uri: str, classes: list[str], image_size: int, 
                                          collate_fn=collate_detection)
     view = "hr" if ratio == 1 else "lr"
     model.to(device)
-    metrics = coco_map(val_set.ground_truth(), detect(model, loader, view, device))
+    metrics = coco_map(val_set.ground_truth(), detect(model, loader, val_set.pairing, view, device))
     return {"name": name, "arch": f"{spec.kind} {spec.backbone}", "input_size": size, "view": view,
             "ratio": ratio, **metrics, **deployment_cost(model, size, config, device), "uri": uri,
             "fingerprint": fingerprint}
@@ -123,10 +127,11 @@ def run(config: EvaluateConfig) -> dict:
         ratio = ", ".join(str(r) for r in sorted({m["ratio"] for m in models} - {1}))
     else:
         hr_size, ratio = config.hr_size, config.ratio
-        val_set = ShardedImageDataset(config.data, "val", PairedTransform(
+        val_set = ShardedImageDataset(config.data, "val", CropTransform(
             config.hr_size, config.ratio, train=False, resize=config.resize))
         loader = torch.utils.data.DataLoader(val_set, batch_size=config.batch_size, num_workers=config.num_workers)
-        models = [evaluate_model(name, uri, classes, loader, config, device) for name, uri in config.models.items()]
+        models = [evaluate_model(name, uri, classes, loader, val_set.pairing, config, device)
+                  for name, uri in config.models.items()]
     summary = {"task": task,
                "dataset": {"uri": data["source"], "fingerprint": data["data_fingerprint"],
                            "num_classes": data["num_classes"],

@@ -4,13 +4,16 @@ import fsspec
 import numpy as np
 import pytest
 import torch
+import torchvision.transforms.v2.functional as TF
 from PIL import Image
 
 from kd_lib.data.imagefolder import DataError
 from kd_lib.data.sampler import EpochBatchSampler
 from kd_lib.data.shards import ShardedImageDataset, prepare_imagefolder
-from kd_lib.data.transforms import IMAGENET_MEAN, IMAGENET_STD, PairedTransform, downsample
+from kd_lib.data.transforms import IMAGENET_MEAN, IMAGENET_STD, CropTransform, PairedResize
+from kd_lib.engine.loop import paired_batches
 from kd_lib.io.manifest import read_manifest
+from kd_lib.ops import downsample
 
 
 def gradient_image(width=80, height=60) -> Image.Image:
@@ -24,21 +27,43 @@ def unnormalize(t):
     return t * torch.tensor(IMAGENET_STD).view(3, 1, 1) + torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
 
 
+def normalize(t):
+    return (t - torch.tensor(IMAGENET_MEAN).view(3, 1, 1)) / torch.tensor(IMAGENET_STD).view(3, 1, 1)
+
+
 @pytest.mark.parametrize("hr_size, ratio", [(64, 4), (64, 2), (32, 4), (48, 3), (56, 1)])
 @pytest.mark.parametrize("train", [True, False])
-def test_paired_transform_gives_exact_sizes(hr_size, ratio, train):
-    hr, lr = PairedTransform(hr_size, ratio, train=train)(gradient_image(), seed=5)
-    assert hr.shape == (3, hr_size, hr_size)
-    assert lr.shape == (3, hr_size // ratio, hr_size // ratio)
+def test_crop_is_uint8_hwc_and_pairs_to_exact_sizes(hr_size, ratio, train):
+    transform = CropTransform(hr_size, ratio, train=train)
+    crop = transform(gradient_image(), seed=5)
+    assert crop.dtype == torch.uint8 and crop.shape == (hr_size, hr_size, 3)
+    assert transform.pairing == PairedResize(ratio, "bilinear")
+    hr, lr = transform.pairing(crop[None])
+    assert hr.shape == (1, 3, hr_size, hr_size)
+    assert lr.shape == (1, 3, hr_size // ratio, hr_size // ratio)
 
 
 @pytest.mark.parametrize("mode", ["bilinear", "area", "bicubic", "nearest"])
 def test_lr_is_the_same_crop_downsampled(mode):
-    transform = PairedTransform(64, 4, train=True, resize=mode)
+    transform = CropTransform(64, 4, train=True, resize=mode)
     for seed in range(5):
-        hr, lr = transform(gradient_image(), seed)
-        expected = downsample(unnormalize(hr)[None], 4, mode)[0]
+        hr, lr = transform.pairing(transform(gradient_image(), seed)[None])
+        expected = downsample(unnormalize(hr), 4, mode)
         torch.testing.assert_close(unnormalize(lr), expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("mode", ["bilinear", "area", "bicubic", "nearest"])
+@pytest.mark.parametrize("ratio", [1, 2, 4])
+def test_pairing_a_batch_is_exactly_the_float_path(mode, ratio):
+    """The pair made on the device equals, bit for bit, normalizing the crop scaled to [0, 1]
+    (as ``TF.to_dtype(scale=True)``) and its downsampled copy, sample by sample."""
+    transform = CropTransform(64, ratio, train=True, resize=mode)
+    crops = torch.stack([transform(gradient_image(), seed) for seed in range(4)])
+    hr, lr = transform.pairing(crops)
+    for crop, hr_sample, lr_sample in zip(crops, hr, lr):
+        x = TF.to_dtype(crop.permute(2, 0, 1), torch.float32, scale=True)
+        assert torch.equal(hr_sample, normalize(x))
+        assert torch.equal(lr_sample, normalize(downsample(x[None], ratio, mode)[0]))
 
 
 def test_area_downsampling_is_the_block_mean_and_bilinear_is_antialiased():
@@ -52,15 +77,16 @@ def test_area_downsampling_is_the_block_mean_and_bilinear_is_antialiased():
 
 
 def test_crops_are_seeded():
-    transform = PairedTransform(32, 4, train=True)
+    transform = CropTransform(32, 4, train=True)
     image = gradient_image()
-    a, b, c = transform(image, 1)[0], transform(image, 1)[0], transform(image, 2)[0]
+    a, b, c = transform(image, 1), transform(image, 1), transform(image, 2)
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 
 def test_eval_transform_is_a_central_square():
-    hr, _ = PairedTransform(60, 4, train=False)(gradient_image(80, 60))
-    red = unnormalize(hr)[0]
+    transform = CropTransform(60, 4, train=False)
+    hr, _ = transform.pairing(transform(gradient_image(80, 60))[None])
+    red = unnormalize(hr[0])[0]
     # the central 60 of 80 columns: red runs from 10/80 to 70/80 of full scale
     assert abs(red[0, 0].item() - 10 / 80) < 0.02 and abs(red[0, -1].item() - 69 / 80) < 0.02
 
@@ -78,10 +104,25 @@ def test_prepare_reads_every_image_and_converts_to_rgb(imagefolder):
     manifest = prepare_imagefolder(str(imagefolder), str(imagefolder.parent / "data"))
     assert manifest["classes"] == ["class0", "class1", "class2"]
     assert manifest["splits"]["train"]["images"] == 3 * 12 + 2
-    dataset = ShardedImageDataset(str(imagefolder.parent / "data"), "train", PairedTransform(32, 4, train=False))
+    dataset = ShardedImageDataset(str(imagefolder.parent / "data"), "train", CropTransform(32, 4, train=False))
     index = dataset.paths.index("train/class1/cmyk.jpg")
-    hr, lr, label = dataset[index]
-    assert hr.shape == (3, 32, 32) and label == 1
+    image, label = dataset[index]
+    assert image.shape == (32, 32, 3) and image.dtype == torch.uint8 and label == 1
+    assert dataset.pairing == PairedResize(4)
+    hr, lr = dataset.pairing(image[None])
+    assert hr.shape == (1, 3, 32, 32) and lr.shape == (1, 3, 8, 8)
+
+
+def test_paired_batches_pair_each_uint8_batch_of_a_loader(prepared):
+    dataset = ShardedImageDataset(prepared, "val", CropTransform(32, 4, train=False))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=5)
+    count = 0
+    for (images, labels), (hr, lr, moved) in zip(loader, paired_batches(loader, dataset.pairing, "cpu")):
+        assert images.dtype == torch.uint8 and images.shape[1:] == (32, 32, 3)
+        expected_hr, expected_lr = dataset.pairing(images)
+        assert torch.equal(hr, expected_hr) and torch.equal(lr, expected_lr) and torch.equal(moved, labels)
+        count += len(labels)
+    assert count == len(dataset)
 
 
 def test_fingerprint_depends_on_content_not_location(imagefolder, tmp_path):
@@ -103,7 +144,7 @@ def test_max_per_class_keeps_the_first_images_of_each_class(imagefolder, tmp_pat
     full = prepare_imagefolder(str(imagefolder), str(tmp_path / "full"))
     subset = prepare_imagefolder(str(imagefolder), str(tmp_path / "subset"), max_per_class=3)
     assert (subset["splits"]["train"]["images"], subset["splits"]["val"]["images"]) == (9, 9)
-    dataset = ShardedImageDataset(str(tmp_path / "subset"), "train", PairedTransform(32, 4, train=False))
+    dataset = ShardedImageDataset(str(tmp_path / "subset"), "train", CropTransform(32, 4, train=False))
     assert dataset.paths == [f"train/class{c}/{i:03d}.png" for c in range(3) for i in range(3)]
     assert subset["data_fingerprint"] != full["data_fingerprint"]
 
@@ -148,7 +189,7 @@ def test_failed_prepare_leaves_the_earlier_output_whole(imagefolder, tmp_path):
         prepare_imagefolder(str(imagefolder), str(out), shard_size=10)
     assert sorted(p.name for p in out.iterdir()) == files
     assert read_manifest(str(out)) == first
-    assert len(ShardedImageDataset(str(out), "train", PairedTransform(32, 4, train=False))) == 36
+    assert len(ShardedImageDataset(str(out), "train", CropTransform(32, 4, train=False))) == 36
     (imagefolder / "train" / "class0" / "bad.png").unlink()
     second = prepare_imagefolder(str(imagefolder), str(out), shard_size=10)
     assert sorted(p.name for p in out.iterdir()) == sorted([*second["files"], "manifest.json"])

@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 from kd_lib.data.demo import DemoClass, generate_demo_dataset, image_rng, render_image
-from kd_lib.data.transforms import downsample
+from kd_lib.ops import downsample
 
 SMALL = {"num_classes": 4, "train_per_class": 3, "val_per_class": 2, "size": 32}
 

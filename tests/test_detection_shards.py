@@ -1,4 +1,4 @@
-"""Prepared detection data: letterboxed shards, HR/LR items with targets, and the ground truth."""
+"""Prepared detection data: letterboxed shards, uint8 items with targets, their HR/LR pairing, and the ground truth."""
 
 import json
 import logging
@@ -15,9 +15,9 @@ from kd_lib.data.detection_shards import (DEGENERATE, PAD_COLOUR, DetectionShard
                                           prepare_detection)
 from kd_lib.data.imagefolder import DataError
 from kd_lib.data.shards import prepare_imagefolder
-from kd_lib.data.transforms import downsample
 from kd_lib.eval.detection import Detection, coco_map
 from kd_lib.io.manifest import read_manifest
+from kd_lib.ops import downsample
 
 COCO128 = Path(__file__).parents[1].parent / "shared/data/coco128"
 SIZE = 64
@@ -80,8 +80,11 @@ def test_letterboxing_scales_boxes_and_pads_with_the_mean_colour(sets, tmp_path,
     assert re.search(rf"a\.png: 1 {DEGENERATE} to {SIZE} px", caplog.text)
 
     dataset = DetectionShardDataset(str(tmp_path / "data"), "train")
-    hr, lr, target = dataset[0]
-    assert hr.shape == (3, SIZE, SIZE) and lr is hr and 0 <= hr.min() and hr.max() <= 1
+    image, target = dataset[0]
+    assert image.shape == (SIZE, SIZE, 3) and image.dtype == torch.uint8
+    hr, lr = dataset.pairing(image[None])
+    hr = hr[0]
+    assert hr.shape == (3, SIZE, SIZE) and torch.equal(lr[0], hr) and 0 <= hr.min() and hr.max() <= 1
     # 128 x 64 at scale 1/2: the box (20, 10, 60, 30) becomes (10, 5, 30, 15), rows 32.. are padding
     assert target["boxes"].tolist() == [[10, 5, 30, 15]] and target["labels"].tolist() == [0]
     assert target["boxes"].dtype == torch.float32 and target["labels"].dtype == torch.int64
@@ -138,20 +141,21 @@ def test_training_flip_moves_the_boxes_and_is_seeded(sets, tmp_path):
     prepare(sets, tmp_path / "data")
     plain = DetectionShardDataset(str(tmp_path / "data"), "train")
     augmented = DetectionShardDataset(str(tmp_path / "data"), "train", ratio=4, train=True)
-    hr, _, target = plain[0]
+    image, target = plain[0]
     flips = []
     for seed in range(8):
-        flipped_hr, lr, flipped = augmented[(0, seed)]
+        flipped_image, flipped = augmented[(0, seed)]
         flips.append(random.Random(seed).random() < 0.5)
         if flips[-1]:
-            torch.testing.assert_close(flipped_hr, hr.flip(-1))
+            assert torch.equal(flipped_image, image.flip(1))
             assert flipped["boxes"].tolist() == [[SIZE - 30, 5, SIZE - 10, 15]]
         else:
-            torch.testing.assert_close(flipped_hr, hr)
+            assert torch.equal(flipped_image, image)
             assert flipped["boxes"].tolist() == target["boxes"].tolist()
-        torch.testing.assert_close(lr, downsample(flipped_hr[None], 4)[0])
+        hr, lr = augmented.pairing(flipped_image[None])
+        torch.testing.assert_close(lr, downsample(hr, 4))
         again = augmented[(0, seed)]
-        assert torch.equal(again[0], flipped_hr) and torch.equal(again[2]["boxes"], flipped["boxes"])
+        assert torch.equal(again[0], flipped_image) and torch.equal(again[1]["boxes"], flipped["boxes"])
     assert any(flips) and not all(flips)
 
 
@@ -160,7 +164,8 @@ def test_lr_side_is_the_hr_side_over_the_ratio(sets, tmp_path, ratio, mode):
     prepare(sets, tmp_path / "data")
     dataset = DetectionShardDataset(str(tmp_path / "data"), "train", ratio=ratio, resize=mode)
     loader = torch.utils.data.DataLoader(dataset, batch_size=3, collate_fn=collate_detection)
-    hr, lr, targets = next(iter(loader))
+    images, targets = next(iter(loader))
+    hr, lr = dataset.pairing(images)
     assert hr.shape == (3, 3, SIZE, SIZE) and lr.shape == (3, 3, SIZE // ratio, SIZE // ratio)
     torch.testing.assert_close(lr, downsample(hr, ratio, mode))
     assert [t["image_id"] for t in targets] == [1, 2, 3]
@@ -168,10 +173,31 @@ def test_lr_side_is_the_hr_side_over_the_ratio(sets, tmp_path, ratio, mode):
         DetectionShardDataset(str(tmp_path / "data"), "train", ratio=3)
 
 
+def test_collate_stacks_the_uint8_images_and_lists_the_targets(sets, tmp_path):
+    prepare(sets, tmp_path / "data")
+    dataset = DetectionShardDataset(str(tmp_path / "data"), "train", ratio=2, train=True)
+    items = [dataset[(index, 3)] for index in range(3)]
+    images, targets = collate_detection(items)
+    assert images.dtype == torch.uint8 and images.shape == (3, SIZE, SIZE, 3)
+    assert torch.equal(images, torch.stack([image for image, _ in items]))
+    assert isinstance(targets, list) and len(targets) == 3
+    assert all(target is item for target, (_, item) in zip(targets, items))
+
+
+@pytest.mark.parametrize("mode", ["bilinear", "area", "bicubic", "nearest"])
+def test_pairing_gives_the_image_in_unit_range_and_its_downsampled_copy(sets, tmp_path, mode):
+    prepare(sets, tmp_path / "data")
+    dataset = DetectionShardDataset(str(tmp_path / "data"), "train", ratio=4, resize=mode)
+    images, _ = collate_detection([dataset[index] for index in range(len(dataset))])
+    hr, lr = dataset.pairing(images)
+    unit = images.permute(0, 3, 1, 2).float().mul_(1 / 255)  # the detectors normalize inside
+    assert torch.equal(hr, unit) and torch.equal(lr, downsample(unit, 4, mode))
+
+
 def test_crowd_boxes_are_left_out_of_targets_but_kept_in_the_ground_truth(sets, tmp_path):
     prepare(sets, tmp_path / "data")
     dataset = DetectionShardDataset(str(tmp_path / "data"), "train")
-    target = dataset[1][2]
+    target = dataset[1][1]
     assert target["image_id"] == 2 and target["labels"].tolist() == [1]
     truth = dataset.ground_truth().images[1]
     assert truth.labels == [1, 0] and truth.crowd == [False, True]
@@ -228,9 +254,10 @@ def test_coco128_targets_match_the_ground_truth_and_score_ap_one(coco128):
     dataset = DetectionShardDataset(data, "val", ratio=2)
     truth = dataset.ground_truth()
     for index in range(0, len(dataset), 5):
-        _, lr, target = dataset[index]
+        pixels, target = dataset[index]
+        _, lr = dataset.pairing(pixels[None])
         image = truth.images[index]
-        assert lr.shape == (3, SIZE // 2, SIZE // 2) and target["image_id"] == image.image_id
+        assert lr.shape == (1, 3, SIZE // 2, SIZE // 2) and target["image_id"] == image.image_id
         expected = [list(box) for box, crowd in zip(image.boxes, image.crowd) if not crowd]
         assert target["boxes"].tolist() == expected
     detections = [Detection(i.image_id, box, label, 1.0) for i in truth.images

@@ -115,7 +115,7 @@ def test_prepare_data_reads_yolo_labels(tmp_path):
         "source": str(tmp_path / "yolo"), "out": str(tmp_path / "data"), "image_size": 64}))
     assert (manifest["task"], manifest["classes"], manifest["image_size"]) == ("detection", ["cat", "dog"], 64)
     assert {s: (v["images"], v["boxes"]) for s, v in manifest["splits"].items()} == {"train": (3, 3), "val": (1, 1)}
-    target = DetectionShardDataset(str(tmp_path / "data"), "val")[0][2]
+    target = DetectionShardDataset(str(tmp_path / "data"), "val")[0][1]
     torch.testing.assert_close(target["boxes"], torch.tensor([[16.0, 8.0, 48.0, 24.0]]))  # 80x40 -> 64x32
     assert target["labels"].tolist() == [1]
 

@@ -8,6 +8,7 @@ import torch
 import torchvision
 from PIL import Image
 
+from kd_lib.data.transforms import PairedResize
 from kd_lib.eval.accuracy import evaluate_classifier, topk_correct
 from kd_lib.eval.cost import count_gflops, count_params, input_bytes, latency_profile
 from kd_lib.eval.report import format_table, markdown_table, plot_accuracy_vs_gflops, write_report
@@ -45,26 +46,29 @@ class Pick(torch.nn.Module):
 
 
 def test_evaluate_uses_the_requested_view():
-    hr = torch.zeros(4, 3, 8, 8)
-    lr = torch.zeros(4, 3, 2, 2)
+    pairing = PairedResize(4, "nearest")  # LR pixel (i, j) is HR pixel (4 i, 4 j)
+    images = torch.zeros(4, 8, 8, 3, dtype=torch.uint8)
     labels = torch.tensor([0, 1, 2, 0])
     for i, y in enumerate(labels):
-        hr[i, y] = 1.0
-        lr[i, (y + 1) % 3] = 1.0  # the LR view points at the wrong class
-    loader = [(hr[:2], lr[:2], labels[:2]), (hr[2:], lr[2:], labels[2:])]
-    assert evaluate_classifier(Pick(), loader, "hr", "cpu") == {"top1": 1.0, "top5": 1.0, "count": 4}
-    assert evaluate_classifier(Pick(), loader, "lr", "cpu")["top1"] == 0.0
+        images[i, :, :, y] = 255
+        images[i, ::4, ::4] = 0
+        images[i, ::4, ::4, (y + 1) % 3] = 255  # the 4 pixels the LR view keeps point at the wrong class
+    hr, lr = pairing(images)
+    assert hr.shape == (4, 3, 8, 8) and lr.shape == (4, 3, 2, 2)
+    loader = [(images[:2], labels[:2]), (images[2:], labels[2:])]
+    assert evaluate_classifier(Pick(), loader, pairing, "hr", "cpu") == {"top1": 1.0, "top5": 1.0, "count": 4}
+    assert evaluate_classifier(Pick(), loader, pairing, "lr", "cpu")["top1"] == 0.0
     with pytest.raises(ValueError, match="view"):
-        evaluate_classifier(Pick(), loader, "mr", "cpu")
+        evaluate_classifier(Pick(), loader, pairing, "mr", "cpu")
 
 
 def test_evaluate_restores_the_training_flag_and_rejects_an_empty_loader():
     model = Pick().train()
-    batch = (torch.rand(2, 3, 4, 4), torch.rand(2, 3, 2, 2), torch.tensor([0, 1]))
-    evaluate_classifier(model, [batch], "lr", "cpu")
+    batch = (torch.randint(0, 256, (2, 4, 4, 3), dtype=torch.uint8), torch.tensor([0, 1]))
+    evaluate_classifier(model, [batch], PairedResize(2), "lr", "cpu")
     assert model.training
     with pytest.raises(ValueError, match="no samples"):
-        evaluate_classifier(model, [], "hr", "cpu")
+        evaluate_classifier(model, [], PairedResize(2), "hr", "cpu")
 
 
 def test_flops_match_the_hand_formula():

@@ -10,7 +10,7 @@ from components import assistant, common, evaluate, student, teacher
 from kd_lib.config import from_dict
 from kd_lib.data.imagefolder import DataError
 from kd_lib.data.shards import ShardedImageDataset
-from kd_lib.data.transforms import PairedTransform
+from kd_lib.data.transforms import CropTransform
 from kd_lib.distill.distiller import Distiller
 from kd_lib.distill.methods import DistillSettings, build_distiller
 from kd_lib.engine.loop import NonFiniteLossError, TrainingInterrupted, fit
@@ -26,7 +26,7 @@ def config(cls, data, out, **fields):
 
 
 def datasets(data):
-    return [ShardedImageDataset(data, split, PairedTransform(32, 4, train=split == "train"))
+    return [ShardedImageDataset(data, split, CropTransform(32, 4, train=split == "train"))
             for split in ("train", "val")]
 
 

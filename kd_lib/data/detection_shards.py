@@ -9,8 +9,10 @@ stored in the letterboxed pixel coordinates, so teacher (HR) and student (LR)
 detections are evaluated on one frame: a detection ``d`` on the letterboxed
 image is at ``d / scale`` on the source image.
 
-:class:`DetectionShardDataset` gives ``(hr, lr, target)`` items for training
-and the split's ground truth for :func:`kd_lib.eval.detection.coco_map`.
+:class:`DetectionShardDataset` gives ``(image, target)`` items for training,
+the image as uint8 ``(S, S, 3)`` (its ``pairing`` makes the HR and LR batches
+on the training device), and the split's ground truth for
+:func:`kd_lib.eval.detection.coco_map`.
 """
 
 from __future__ import annotations
@@ -29,16 +31,16 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-import torchvision.transforms.v2.functional as TF
 from PIL import Image
 from tqdm import tqdm
 
 from kd_lib.data.detection import DetectionImage, DetectionSet
 from kd_lib.data.imagefolder import SPLITS, DataError, decode_rgb
 from kd_lib.data.shards import READ_BATCH, ShardWriter
-from kd_lib.data.transforms import ResizeMode, downsample
+from kd_lib.data.transforms import PairedResize
 from kd_lib.io.fs import filesystem, join, read_bytes
 from kd_lib.io.manifest import read_manifest
+from kd_lib.ops import ResizeMode
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +51,8 @@ SCHEMA = pa.schema([("image", pa.binary()), ("image_id", pa.int64()), ("path", p
 PAD_COLOUR = (124, 116, 104)
 JPEG_QUALITY = 95
 DEGENERATE = "boxes degenerate after letterboxing, dropped"
+#: The detectors normalize inside (their transform), so they read images in [0, 1].
+UNIT_MEAN, UNIT_STD = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
 
 
 def in_val(path: str, val_fraction: float) -> bool:
@@ -173,15 +177,19 @@ def _ragged(column: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
 
 
 class DetectionShardDataset(torch.utils.data.Dataset):
-    """One split of prepared detection data; items are ``(hr, lr, target)``.
+    """One split of prepared detection data; items are ``(image, target)``.
 
-    ``hr`` is the letterboxed image as a float (3, S, S) tensor in [0, 1],
-    ``lr`` the same image downsampled by ``ratio`` with ``resize`` (``hr``
-    itself at ratio 1), and ``target`` holds the non-crowd ``boxes`` (float32
-    (M, 4), HR pixels), their ``labels`` (int64) and the ``image_id``. With
-    ``train``, a horizontal flip with probability 1/2 drawn from the item's
-    seed, as in :class:`kd_lib.data.transforms.PairedTransform`. Indices are
-    ``(index, seed)`` pairs or plain ints (seed 0).
+    ``image`` is the letterboxed image as uint8 ``(S, S, 3)`` and ``target``
+    holds the non-crowd ``boxes`` (float32 (M, 4), HR pixels), their
+    ``labels`` (int64) and the ``image_id``. With ``train``, a horizontal
+    flip of both with probability 1/2 drawn from the item's seed, as in
+    :class:`kd_lib.data.transforms.CropTransform`. Indices are ``(index,
+    seed)`` pairs or plain ints (seed 0).
+
+    ``pairing`` makes, on the training device, the HR batch (in [0, 1], as
+    the detectors take it) and the LR batch (downsampled by ``ratio`` with
+    ``resize``; the HR batch itself at ratio 1) of a batch of images
+    (:func:`kd_lib.engine.loop.paired_batches`).
 
     The encoded images and annotations of the split are held in memory;
     decoding happens per item, in the loader's workers.
@@ -198,7 +206,8 @@ class DetectionShardDataset(torch.utils.data.Dataset):
         if ratio < 1 or self.image_size % ratio:
             raise DataError(f"{data}: image_size {self.image_size} is not divisible by ratio {ratio}")
         self.classes: list[str] = self.manifest["classes"]
-        self.ratio, self.train, self.resize = ratio, train, resize
+        self.train = train
+        self.pairing = PairedResize(ratio, resize, UNIT_MEAN, UNIT_STD)
         table = pa.concat_tables([pq.read_table(io.BytesIO(read_bytes(join(data, name))))
                                   for name in self.manifest["splits"][split]["shards"]])
         self.images = table.column("image")
@@ -219,21 +228,20 @@ class DetectionShardDataset(torch.utils.data.Dataset):
     def __getitem__(self, item):
         index, seed = item if isinstance(item, tuple) else (item, 0)
         image = decode_rgb(self.images[index].as_py(), join(self.data, self.paths[index]))
-        hr = TF.pil_to_tensor(image).to(torch.float32) / 255
+        pixels = torch.from_numpy(np.array(image))
         rows = self._annotations(index)
         keep = ~self.crowd[rows]
         boxes = torch.from_numpy(self.boxes[rows][keep].copy())
         labels = torch.from_numpy(self.labels[rows][keep].astype(np.int64))
         if self.train and random.Random(seed).random() < 0.5:
-            hr = hr.flip(-1)
+            pixels = pixels.flip(1)
             size = self.image_size
             boxes = torch.stack([size - boxes[:, 2], boxes[:, 1], size - boxes[:, 0], boxes[:, 3]], dim=1)
-        lr = hr if self.ratio == 1 else downsample(hr[None], self.ratio, self.resize)[0]
-        return hr, lr, {"boxes": boxes, "labels": labels, "image_id": self.image_ids[index]}
+        return pixels, {"boxes": boxes, "labels": labels, "image_id": self.image_ids[index]}
 
     def ground_truth(self) -> DetectionSet:
         """The split in letterboxed coordinates (``S x S`` images), crowd boxes included and
-        flagged: ``coco_map(dataset.ground_truth(), detections)`` scores detections on ``hr``."""
+        flagged: ``coco_map(dataset.ground_truth(), detections)`` scores detections on the HR image."""
         images = []
         for index, (image_id, path) in enumerate(zip(self.image_ids, self.paths)):
             rows = self._annotations(index)
@@ -244,7 +252,8 @@ class DetectionShardDataset(torch.utils.data.Dataset):
         return DetectionSet(self.data, self.classes, images)
 
 
-def collate_detection(batch) -> tuple[torch.Tensor, torch.Tensor, list[dict]]:
-    """Items of :class:`DetectionShardDataset` -> stacked ``hr``, stacked ``lr``, the targets as a list."""
-    hr, lr, targets = zip(*batch)
-    return torch.stack(hr), torch.stack(lr), list(targets)
+def collate_detection(batch) -> tuple[torch.Tensor, list[dict]]:
+    """Items of :class:`DetectionShardDataset` -> the images stacked, uint8 ``(N, S, S, 3)``, and the
+    targets as a list."""
+    images, targets = zip(*batch)
+    return torch.stack(images), list(targets)

@@ -21,6 +21,7 @@ import torch
 from tqdm import tqdm
 
 from kd_lib.data.imagefolder import SPLITS, decode_rgb, list_classes, list_images
+from kd_lib.data.transforms import CropTransform, PairedResize
 from kd_lib.io.fs import filesystem, join, read_bytes, remove, write_bytes
 from kd_lib.io.manifest import published_files, read_manifest, stage_key, write_manifest
 
@@ -125,15 +126,18 @@ def prepare_imagefolder(source: str, out: str, shard_size: int = 4096, max_per_c
 
 
 class ShardedImageDataset(torch.utils.data.Dataset):
-    """One split of prepared data; items are ``transform(rgb_image, seed) + (label,)``.
+    """One split of prepared data; items are ``(transform(rgb_image, seed), label)``: the uint8
+    ``(hr_size, hr_size, 3)`` crop and the class index.
 
-    The encoded image bytes of the split are held in memory (a few KB per
-    image); decoding happens per item, in the loader's workers. Indices are
-    ``(index, seed)`` pairs from :class:`kd_lib.data.sampler.EpochSampler` or
-    plain ints (seed 0).
+    ``pairing``, the transform's, makes the normalized HR and LR batches of a
+    batch of crops on the training device
+    (:func:`kd_lib.engine.loop.paired_batches`). The encoded image bytes of
+    the split are held in memory (a few KB per image); decoding happens per
+    item, in the loader's workers. Indices are ``(index, seed)`` pairs from
+    :class:`kd_lib.data.sampler.EpochBatchSampler` or plain ints (seed 0).
     """
 
-    def __init__(self, data: str, split: str, transform):
+    def __init__(self, data: str, split: str, transform: CropTransform):
         self.manifest = read_manifest(data)
         self.classes: list[str] = self.manifest["classes"]
         tables = [pq.read_table(io.BytesIO(read_bytes(join(data, name))))
@@ -143,6 +147,7 @@ class ShardedImageDataset(torch.utils.data.Dataset):
         self.labels = table.column("label").to_pylist()
         self.paths = table.column("path").to_pylist()
         self.transform = transform
+        self.pairing: PairedResize = transform.pairing
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -150,4 +155,4 @@ class ShardedImageDataset(torch.utils.data.Dataset):
     def __getitem__(self, item):
         index, seed = item if isinstance(item, tuple) else (item, 0)
         image = decode_rgb(self.images[index].as_py(), self.paths[index])
-        return (*self.transform(image, seed), self.labels[index])
+        return self.transform(image, seed), self.labels[index]

@@ -1,10 +1,13 @@
-"""The paired HR/LR transform: one crop and flip, two resolutions.
+"""The per-sample crop and the on-device pairing: one crop and flip, two resolutions.
 
-Every sample gives the HR crop (``hr_size``) and the same crop downsampled by
-``ratio`` (``hr_size // ratio``), so teacher and student see the same content
-(METHODS.md, "The setting"). Downsampling is antialiased bilinear by default
-(area, bicubic and nearest on request); it is done on the [0, 1] image before
-normalization, which commutes with these linear resamplers.
+A sample is the HR crop (``hr_size``) as uint8 ``(hr_size, hr_size, 3)``;
+loaders ship these bytes only. On the training device, :class:`PairedResize`
+turns a batch of crops into the normalized HR batch and the same crops
+downsampled by ``ratio`` (``hr_size // ratio``), so teacher and student see
+the same content (METHODS.md, "The setting"). Downsampling is antialiased
+bilinear by default (area, bicubic and nearest on request), done on the
+[0, 1] image before normalization, which commutes with these linear
+resamplers (:func:`kd_lib.ops.paired_resize`).
 
 Randomness comes from the per-sample ``seed`` only, so a sample's crop does not
 depend on the loader's workers or on where a resumed run restarted.
@@ -14,31 +17,17 @@ from __future__ import annotations
 
 import math
 import random
-from typing import Literal
+from dataclasses import dataclass
 
+import numpy as np
 import torch
-import torch.nn.functional as F
 import torchvision.transforms.v2.functional as TF
 from PIL import Image
 
+from kd_lib.ops import ResizeMode, paired_resize
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-ResizeMode = Literal["bilinear", "area", "bicubic", "nearest"]
-
-
-def downsample(images: torch.Tensor, ratio: int, mode: ResizeMode = "bilinear") -> torch.Tensor:
-    """``images`` (N, C, H, W) resized to (H // ratio, W // ratio) with ``mode``.
-
-    Bilinear and bicubic are antialiased (a low-pass filter as wide as the
-    ratio, as in PIL), area averages ``ratio x ratio`` blocks, nearest picks
-    one pixel per block.
-    """
-    size = (images.shape[-2] // ratio, images.shape[-1] // ratio)
-    if mode == "area":
-        return F.adaptive_avg_pool2d(images, size)
-    antialias = mode in ("bilinear", "bicubic")
-    return F.interpolate(images, size=size, mode=mode, antialias=antialias,
-                         **({} if mode == "nearest" else {"align_corners": False}))
 
 
 def random_resized_crop_box(width: int, height: int, rng: random.Random,
@@ -58,25 +47,43 @@ def random_resized_crop_box(width: int, height: int, rng: random.Random,
     return (height - side) // 2, (width - side) // 2, side, side
 
 
-class PairedTransform:
-    """PIL RGB image and seed -> (normalized HR tensor, normalized LR tensor).
+@dataclass(frozen=True)
+class PairedResize:
+    """A uint8 ``(N, H, W, 3)`` batch -> ``(hr, lr)``: float ``(N, 3, H, W)`` and ``(N, 3, H // ratio,
+    W // ratio)``, each ``(x / 255 - mean) / std``, ``lr`` downsampled with ``mode`` first.
+
+    Runs on the batch's device (:func:`kd_lib.ops.paired_resize`: one CUDA
+    kernel on CUDA). ``mean`` and ``std`` default to ImageNet's; a detector,
+    which normalizes inside, takes zeros and ones (images in [0, 1]).
+    """
+
+    ratio: int
+    mode: ResizeMode = "bilinear"
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+
+    def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return paired_resize(images, self.ratio, self.mode, self.mean, self.std)
+
+
+class CropTransform:
+    """PIL RGB image and seed -> the HR crop, uint8 ``(hr_size, hr_size, 3)``.
 
     Training: random resized crop (area fraction ``crop_scale``..1) and a
     horizontal flip with probability 1/2. Evaluation: resize the shorter side
-    to ``hr_size`` and take the central square.
+    to ``hr_size`` and take the central square. ``pairing`` makes the
+    normalized HR and LR batches of a batch of crops, on the training device.
     """
 
     def __init__(self, hr_size: int, ratio: int, train: bool, resize: ResizeMode = "bilinear",
                  crop_scale: float = 0.35):
         if hr_size % ratio:
             raise ValueError(f"hr_size {hr_size} is not divisible by ratio {ratio}")
-        self.hr_size, self.ratio, self.train = hr_size, ratio, train
-        self.resize, self.crop_scale = resize, crop_scale
-        self.mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-        self.std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+        self.hr_size, self.train, self.crop_scale = hr_size, train, crop_scale
+        self.pairing = PairedResize(ratio, resize)
 
-    def hr_image(self, image: Image.Image, seed: int) -> torch.Tensor:
-        """The HR crop as a float (3, hr_size, hr_size) tensor in [0, 1]."""
+    def __call__(self, image: Image.Image, seed: int = 0) -> torch.Tensor:
+        """The crop of ``image`` for ``seed``, uint8 ``(hr_size, hr_size, 3)``."""
         size = [self.hr_size, self.hr_size]
         if self.train:
             rng = random.Random(seed)
@@ -86,9 +93,4 @@ class PairedTransform:
                 image = TF.horizontal_flip(image)
         else:
             image = TF.center_crop(TF.resize(image, self.hr_size, antialias=True), size)
-        return TF.to_dtype(TF.to_image(image), torch.float32, scale=True)
-
-    def __call__(self, image: Image.Image, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-        hr = self.hr_image(image, seed)
-        lr = downsample(hr[None], self.ratio, self.resize)[0]
-        return (hr - self.mean) / self.std, (lr - self.mean) / self.std
+        return torch.from_numpy(np.array(image))

@@ -4,9 +4,13 @@
 detection task of :mod:`kd_lib.distill.detection`, that is any module with
 ``forward(hr, lr, targets) -> (loss, terms)``, a ``student``,
 ``optimized_parameters``, ``set_progress`` and
-``trainable_state_dict``/``load_trainable_state_dict``. ``targets`` is
-whatever the training set yields third (class labels, or per-image box
-dictionaries through a ``collate_fn``), moved to the device:
+``trainable_state_dict``/``load_trainable_state_dict``. The training set
+yields ``(image, target)`` items, the image uint8 ``(H, W, 3)``, and has a
+``pairing`` (:class:`~kd_lib.data.transforms.PairedResize`): each batch of
+images is moved to the device as uint8 and paired there into the ``hr`` and
+``lr`` batches (:func:`paired_batches`); ``targets`` is the batch of targets
+(class labels, or per-image box dictionaries through a ``collate_fn``), moved
+to the device:
 
 - seeded: model init, batch order and every crop come from ``settings.seed``;
 - bf16 autocast on CUDA devices that support it, full precision elsewhere;
@@ -38,7 +42,7 @@ import signal
 import sys
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import pyarrow as pa
@@ -138,6 +142,21 @@ def to_device(batch: Any, device: torch.device) -> Any:
     return batch
 
 
+def paired_batches(batches: Iterable[tuple[torch.Tensor, Any]],
+                   pairing: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+                   device: torch.device | str) -> Iterator[tuple[torch.Tensor, torch.Tensor, Any]]:
+    """``(hr, lr, targets)`` on ``device`` for each ``(images, targets)`` batch of a loader.
+
+    ``images`` (uint8 ``(N, H, W, 3)``) are moved to ``device`` and made into
+    the HR and LR batches there by ``pairing`` (a dataset's
+    :class:`~kd_lib.data.transforms.PairedResize`); ``targets`` (labels, or a
+    list of box dictionaries) are moved with :func:`to_device`.
+    """
+    for images, targets in batches:
+        hr, lr = pairing(images.to(device, non_blocking=True))
+        yield hr, lr, to_device(targets, device)
+
+
 def _describe(metrics: dict[str, float]) -> str:
     return ", ".join(f"val {k} {100 * v:.1f}%" for k, v in metrics.items() if isinstance(v, float))
 
@@ -198,8 +217,8 @@ def fit(task: torch.nn.Module, train_set, settings: TrainSettings, checkpoint_di
             bar = tqdm(loader, total=len(sampler),
                        desc=f"{desc} {epoch + 1}/{settings.epochs}", unit="batch",
                        mininterval=0.5 if sys.stderr.isatty() else 10, dynamic_ncols=True, disable=not main)
-            for batch, (hr, lr_images, targets) in enumerate(bar, start=start_batch):
-                hr, lr_images, targets = to_device((hr, lr_images, targets), device)
+            batches = paired_batches(bar, train_set.pairing, device)
+            for batch, (hr, lr_images, targets) in enumerate(batches, start=start_batch):
                 task.set_progress(step / steps_per_epoch)
                 with autocast(device, settings.amp):
                     loss, terms = task(hr, lr_images, targets)

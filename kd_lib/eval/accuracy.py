@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 from torch import Tensor, nn
 from tqdm import tqdm
+
+from kd_lib.engine.loop import paired_batches
 
 VIEWS = ("hr", "lr")
 
@@ -47,14 +49,19 @@ def topk_correct(logits: Tensor, labels: Tensor, ks: Sequence[int] = (1, 5)) -> 
 
 def evaluate_classifier(
     model: nn.Module,
-    loader: Iterable[tuple[Tensor, Tensor, Tensor]],
+    loader: Iterable[tuple[Tensor, Tensor]],
+    pairing: Callable[[Tensor], tuple[Tensor, Tensor]],
     view: str,
     device: torch.device | str,
 ) -> dict[str, float | int]:
     """Top-1 and top-5 accuracy of ``model`` over ``loader`` on one input view.
 
-    ``loader`` yields ``(hr, lr, labels)`` batches; ``view`` ("hr" or "lr")
-    picks the input. ``model`` must already be on ``device``; it runs in eval
+    ``loader`` yields ``(images, labels)`` batches, the images uint8
+    ``(N, H, W, 3)``; each is moved to ``device`` and made into its HR and LR
+    batches there by ``pairing`` (the dataset's
+    :class:`~kd_lib.data.transforms.PairedResize`, see
+    :func:`kd_lib.engine.loop.paired_batches`); ``view`` ("hr" or "lr") picks
+    the input. ``model`` must already be on ``device``; it runs in eval
     mode under ``torch.inference_mode()`` and gets its training flag back
     afterwards. Returns ``{"top1": correct_1 / count, "top5": correct_5 /
     count, "count": count}``; top-5 is capped at the number of classes (see
@@ -68,13 +75,11 @@ def evaluate_classifier(
     count = 0
     try:
         with torch.inference_mode():
-            for hr, lr, labels in tqdm(
-                loader, desc=f"eval {view}", unit="batch", leave=False, file=sys.stderr,
-                disable=None,  # no bar where stderr is not a terminal (logs)
-            ):
-                inputs = (hr if view == "hr" else lr).to(device, non_blocking=True)
-                logits = model(inputs)
-                for k, n in topk_correct(logits, labels.to(logits.device), ks=(1, 5)).items():
+            bar = tqdm(loader, desc=f"eval {view}", unit="batch", leave=False, file=sys.stderr,
+                       disable=None)  # no bar where stderr is not a terminal (logs)
+            for hr, lr, labels in paired_batches(bar, pairing, device):
+                logits = model(hr if view == "hr" else lr)
+                for k, n in topk_correct(logits, labels, ks=(1, 5)).items():
                     correct[k] += n
                 count += labels.shape[0]
     finally:
@@ -85,11 +90,15 @@ def evaluate_classifier(
 
 
 def classifier_validation(val_set, view: str, num_workers: int = 0, batch_size: int = 256):
-    """A ``validate(model, device)`` callable for the training loop: top-1 and top-5 on ``view``."""
+    """A ``validate(model, device)`` callable for the training loop: top-1 and top-5 on ``view``.
+
+    ``val_set`` is a :class:`~kd_lib.data.shards.ShardedImageDataset`: uint8
+    crops and labels, paired on the device by its ``pairing``.
+    """
     loader = torch.utils.data.DataLoader(val_set, batch_size=batch_size, num_workers=num_workers)
 
     def validate(model: nn.Module, device: torch.device) -> dict[str, float]:
-        result = evaluate_classifier(model, loader, view, device)
+        result = evaluate_classifier(model, loader, val_set.pairing, view, device)
         return {"top1": result["top1"], "top5": result["top5"]}
 
     return validate

@@ -9,7 +9,7 @@ and 0.75, and AP for small, medium and large objects (areas under 32^2,
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from kd_lib.data.detection import Box, DetectionSet
 from kd_lib.data.detection_shards import collate_detection
+from kd_lib.engine.loop import paired_batches
 
 #: Summary keys, in COCO's order, and faster-coco-eval's names for them.
 METRICS = {"AP": "AP_all", "AP50": "AP_50", "AP75": "AP_75", "APs": "AP_small", "APm": "AP_medium",
@@ -76,9 +77,14 @@ def coco_map(dataset: DetectionSet, detections: Iterable[Detection]) -> dict[str
     return {key: (None if stats[name] < 0 else float(stats[name])) for key, name in METRICS.items()}
 
 
-def detect(detector: nn.Module, loader: Iterable, view: str, device: torch.device | str) -> list[Detection]:
-    """Every detection of ``detector`` on ``loader``'s ``(hr, lr, targets)`` batches, in HR pixels.
+def detect(detector: nn.Module, loader: Iterable[tuple[torch.Tensor, list[dict]]],
+           pairing: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]], view: str,
+           device: torch.device | str) -> list[Detection]:
+    """Every detection of ``detector`` on ``loader``'s ``(images, targets)`` batches, in HR pixels.
 
+    The images (uint8 ``(N, S, S, 3)``, as :func:`collate_detection` stacks
+    them) are moved to ``device`` and made into the HR and LR batches there by
+    ``pairing`` (the dataset's, see :func:`kd_lib.engine.loop.paired_batches`).
     The detector reads the ``view`` image (``"hr"`` or ``"lr"``); boxes on the
     LR image are scaled back by the HR side over the LR side, so that every
     model is scored against the same HR ground truth. Runs in eval mode under
@@ -89,11 +95,11 @@ def detect(detector: nn.Module, loader: Iterable, view: str, device: torch.devic
     detections = []
     try:
         with torch.inference_mode():
-            for hr, lr, targets in tqdm(loader, desc=f"detect {view}", unit="batch", leave=False,
-                                        file=sys.stderr, disable=None):
+            bar = tqdm(loader, desc=f"detect {view}", unit="batch", leave=False, file=sys.stderr, disable=None)
+            for hr, lr, targets in paired_batches(bar, pairing, device):
                 images = hr if view == "hr" else lr
                 scale = hr.shape[-1] / images.shape[-1]
-                for target, found in zip(targets, detector(list(images.to(device)))):
+                for target, found in zip(targets, detector(list(images))):
                     for box, label, score in zip((found["boxes"] * scale).tolist(), found["labels"].tolist(),
                                                  found["scores"].tolist()):
                         detections.append(Detection(int(target["image_id"]), tuple(box), label, score))
@@ -105,15 +111,16 @@ def detect(detector: nn.Module, loader: Iterable, view: str, device: torch.devic
 def detector_validation(val_set, view: str, batch_size: int = 8, num_workers: int = 0):
     """A ``validate(model, device)`` callable for the training loop: COCO mAP on ``view``.
 
-    ``val_set`` is a :class:`~kd_lib.data.detection_shards.DetectionShardDataset`;
-    metrics of sizes absent from it are left out.
+    ``val_set`` is a :class:`~kd_lib.data.detection_shards.DetectionShardDataset`
+    (uint8 images paired on the device by its ``pairing``); metrics of sizes
+    absent from it are left out.
     """
     loader = torch.utils.data.DataLoader(val_set, batch_size=batch_size, num_workers=num_workers,
                                          collate_fn=collate_detection)
     ground_truth = val_set.ground_truth()
 
     def validate(model: nn.Module, device: torch.device) -> dict[str, float]:
-        metrics = coco_map(ground_truth, detect(model, loader, view, device))
+        metrics = coco_map(ground_truth, detect(model, loader, val_set.pairing, view, device))
         return {k: v for k, v in metrics.items() if v is not None}
 
     return validate

@@ -3,7 +3,8 @@
 For each operator, on the pipeline's sizes, times one call (forward and
 backward where there is a gradient) three ways:
 
-- ``kernel``: the ``kd_lib`` operator with its CUDA kernel (CUDA devices only);
+- ``kd_lib op``: the ``kd_lib`` operator, which runs its CUDA kernel on a
+  GPU and its PyTorch reference elsewhere (the note says which);
 - ``eager``: the pure-PyTorch formula the references are tested against,
   with autograd: ``paired_resize_reference``; ``T^2 * kl_div(log_softmax)``;
   the three means of Gaussian kernel matrices through ``cdist``, one matrix
@@ -85,26 +86,31 @@ def peak_bandwidth(device: torch.device) -> float | None:
     return 2 * clock_khz * 1e3 * bus_bits / 8 if clock_khz and bus_bits else None
 
 
-def measure(call: Callable[[], object], device: torch.device, repeats: int) -> tuple[float, float | None]:
-    """Median milliseconds of ``call`` after warming up, and its peak MiB above what was allocated."""
-    for _ in range(3):
-        call()
+def measure(calls: dict[str, Callable[[], object]], device: torch.device, repeats: int
+            ) -> dict[str, tuple[float, float | None]]:
+    """Per variant: median milliseconds after warming up and its peak MiB above what was
+    allocated. The variants take turns in every repeat, so a noisy machine slows them alike."""
     synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    synchronize()
-    peak = None
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        before = torch.cuda.memory_allocated(device)
-        call()
+    peaks: dict[str, float | None] = {}
+    for name, call in calls.items():
+        for _ in range(3):
+            call()
         synchronize()
-        peak = (torch.cuda.max_memory_allocated(device) - before) / 2**20
-    times = []
+        peaks[name] = None
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+            before = torch.cuda.memory_allocated(device)
+            call()
+            synchronize()
+            peaks[name] = (torch.cuda.max_memory_allocated(device) - before) / 2**20
+    times: dict[str, list[float]] = {name: [] for name in calls}
     for _ in range(repeats):
-        started = time.perf_counter()
-        call()
-        synchronize()
-        times.append((time.perf_counter() - started) * 1e3)
-    return statistics.median(times), peak
+        for name, call in calls.items():
+            started = time.perf_counter()
+            call()
+            synchronize()
+            times[name].append((time.perf_counter() - started) * 1e3)
+    return {name: (statistics.median(times[name]), peaks[name]) for name in calls}
 
 
 def with_backward(loss_fn: Callable[..., torch.Tensor], *inputs: torch.Tensor) -> Callable[[], None]:
@@ -139,34 +145,33 @@ def workloads(device: torch.device) -> list[tuple[str, str, float | None, dict[s
 
     return [
         ("paired_resize", f"{n}x{side}x{side}x3 uint8, K={ratio}, bilinear -> float32", resize_bytes, {
-            "kernel": lambda: paired_resize(images, ratio, "bilinear", MEAN, STD),
+            "kd_lib op": lambda: paired_resize(images, ratio, "bilinear", MEAN, STD),
             "eager": lambda: resize_reference(images),
             "compiled": lambda: compiled_resize(images)}),
         ("kd_loss fwd+bwd", f"{rows}x{classes}, T={TEMPERATURE:g}", kd_bytes, {
-            "kernel": with_backward(lambda s, t: kd_loss(s, t, TEMPERATURE), student, teacher),
+            "kd_lib op": with_backward(lambda s, t: kd_loss(s, t, TEMPERATURE), student, teacher),
             "eager": with_backward(plain_kd, student, teacher),
             "compiled": with_backward(torch.compile(plain_kd), student, teacher)}),
         ("mmd2 fwd+bwd", f"{count}+{count}x{width}, {len(BANDWIDTH_FACTORS)} bandwidths", None, {
-            "kernel": with_backward(lambda a, b: multi_bandwidth_mmd2(a, b, bandwidths), x, y),
+            "kd_lib op": with_backward(lambda a, b: multi_bandwidth_mmd2(a, b, bandwidths), x, y),
             "eager": with_backward(lambda a, b: plain_mmd2(a, b, bandwidths), x, y),
             "compiled": with_backward(torch.compile(lambda a, b: plain_mmd2(a, b, bandwidths)), x, y)}),
     ]
 
 
 def run(device: torch.device, repeats: int) -> list[Row]:
-    kernels = device.type == "cuda" and extension.load()
+    if device.type != "cuda":
+        backend = "PyTorch reference: no CUDA device"
+    else:
+        backend = "CUDA kernel" if extension.load() else "PyTorch reference: the kernels did not load"
     peak = peak_bandwidth(device)
     rows = []
     for op, shape, moved, variants in workloads(device):
-        for variant, call in variants.items():
-            if variant == "kernel" and not kernels:
-                reason = "no CUDA device" if device.type != "cuda" else "kernels did not load"
-                rows.append(Row(op, shape, variant, None, None, None, None, f"not run: {reason}"))
-                continue
-            ms, peak_mib = measure(call, device, repeats)
+        for variant, (ms, peak_mib) in measure(variants, device, repeats).items():
             rate = moved / (ms / 1e3) if moved else None
             rows.append(Row(op, shape, variant, ms, peak_mib, rate / 1e9 if rate else None,
-                            rate / peak if rate and peak else None))
+                            rate / peak if rate and peak else None,
+                            backend if variant == "kd_lib op" else ""))
         print(f"{op}: done", file=sys.stderr, flush=True)
     return rows
 

@@ -15,10 +15,8 @@ or compiled on first use), on every other device, or when the extension is
 unavailable or ``KD_LIB_DISABLE_CUDA_OPS=1``, the pure-PyTorch reference.
 """
 
-from kd_lib.ops.extension import disabled
 from kd_lib.ops.kd_loss import kd_loss
 from kd_lib.ops.mmd import multi_bandwidth_mmd2
 from kd_lib.ops.paired_resize import RESIZE_MODES, ResizeMode, downsample, paired_resize
 
-__all__ = ["RESIZE_MODES", "ResizeMode", "disabled", "downsample", "kd_loss", "multi_bandwidth_mmd2",
-           "paired_resize"]
+__all__ = ["RESIZE_MODES", "ResizeMode", "downsample", "kd_loss", "multi_bandwidth_mmd2", "paired_resize"]

@@ -179,7 +179,7 @@ def gaussian_mmd2(x: torch.Tensor, y: torch.Tensor, bandwidths: torch.Tensor) ->
     batches). The bandwidths are used as given, with no gradient through
     them; :func:`mmd2` picks them from the data. Computed by
     :func:`kd_lib.ops.multi_bandwidth_mmd2` (a CUDA kernel on GPUs), in
-    float32.
+    float32 (float64 for float64 batches).
 
     Raises:
         ValueError: ``x`` and ``y`` are not non-empty 2-D batches of one

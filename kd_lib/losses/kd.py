@@ -25,7 +25,7 @@ class KDLoss(nn.Module):
     assistant acting as teacher) even when its forward kept a graph.
 
     Computed by :func:`kd_lib.ops.kd_loss` (a fused CUDA kernel on GPUs), in
-    float32 whatever the logits' dtype.
+    float32 for float32, bfloat16 and float16 logits (float64 for float64).
 
     Args:
         temperature: ``T`` > 0; Pixel Distillation's default 4.

@@ -6,7 +6,8 @@
 // image exactly. Each thread first computes one LR pixel from its taps window (separable
 // weights, rows then columns, from resize_taps; all channels at once); then the block writes
 // its HR pixels with consecutive threads on consecutive output addresses (in either memory
-// format), so the stores coalesce. Neighbouring windows overlap and the HR pass reads what the
+// format), so the stores coalesce; channel loops are unrolled, so the per-channel constants stay
+// in registers. Neighbouring windows overlap and the HR pass reads what the
 // LR pass just read, so the repeated reads hit the L1/L2 caches and DRAM sees each input byte
 // about once.
 #include <ATen/Dispatch.h>
@@ -80,15 +81,30 @@ __global__ void paired_resize_kernel(
   const int y_end = static_cast<int>(static_cast<int64_t>(oy + 1) * height / lr_height);
   const int x_begin = static_cast<int>(static_cast<int64_t>(ox_begin) * width / lr_width);
   const int x_end = static_cast<int>(static_cast<int64_t>(ox_end) * width / lr_width);
-  const int columns = x_end - x_begin;
   for (int y = y_begin; y < y_end; ++y) {
     const uint8_t* row = image + static_cast<int64_t>(y) * width * channels;
-    // j walks the row's outputs in memory order: (x, c) channels-last, (c, x) otherwise
-    for (int j = threadIdx.x; j < columns * channels; j += blockDim.x) {
-      const int x = x_begin + (channels_last ? j / channels : j % columns);
-      const int c = channels_last ? j % channels : j / columns;
-      hr[n * hr_stride.n + c * hr_stride.c + y * hr_stride.y + x * hr_stride.x] =
-          static_cast<out_t>(static_cast<float>(__ldg(row + x * channels + c)) * norm.scale[c] + norm.shift[c]);
+    out_t* hr_row = hr + n * hr_stride.n + y * hr_stride.y;
+    // consecutive threads on consecutive addresses: a pixel's channels per thread when they are
+    // adjacent (channels-last), else one channel plane after the other
+    if (channels_last) {
+      for (int x = x_begin + static_cast<int>(threadIdx.x); x < x_end; x += blockDim.x) {
+#pragma unroll
+        for (int c = 0; c < kMaxChannels; ++c) {
+          if (c < channels) {
+            hr_row[c * hr_stride.c + x * hr_stride.x] = static_cast<out_t>(
+                static_cast<float>(__ldg(row + x * channels + c)) * norm.scale[c] + norm.shift[c]);
+          }
+        }
+      }
+    } else {
+#pragma unroll
+      for (int c = 0; c < kMaxChannels; ++c) {
+        if (c >= channels) break;
+        for (int x = x_begin + static_cast<int>(threadIdx.x); x < x_end; x += blockDim.x) {
+          hr_row[c * hr_stride.c + x * hr_stride.x] = static_cast<out_t>(
+              static_cast<float>(__ldg(row + x * channels + c)) * norm.scale[c] + norm.shift[c]);
+        }
+      }
     }
   }
 }

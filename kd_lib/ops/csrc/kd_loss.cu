@@ -6,6 +6,8 @@
 // of exp(b - max) * (b - a)), rescaling the sums whenever the max grows; the block then merges the
 // states (warp shuffles, then shared memory). One read of both rows gives KL and both
 // log-sum-exps. Backward: one elementwise pass, dL/ds = g T / N (exp(a - lse_a) - exp(b - lse_b)).
+// Both read and write 16 bytes per access (4 float32 or 8 bf16/fp16 logits) when every row is a
+// whole number of such aligned packs, one logit per access otherwise.
 #include <ATen/Dispatch.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <ATen/ops/empty.h>
@@ -14,6 +16,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 
 #include "ops.h"
 
@@ -21,6 +24,21 @@ namespace kd_lib_ops {
 namespace {
 
 constexpr int kWarp = 32;
+constexpr int kThreads = 256;
+
+// kPack logits moved by one access
+template <typename T, int kPack>
+struct alignas(sizeof(T) * kPack) Pack {
+  T values[kPack];
+};
+
+// 16-byte packs when every row of both tensors is a whole number of aligned ones, else 1
+template <typename scalar_t>
+int pack_size(const at::Tensor& a, const at::Tensor& b, int64_t classes) {
+  constexpr int pack = 16 / sizeof(scalar_t);
+  const auto aligned = [](const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; };
+  return classes % pack == 0 && aligned(a) && aligned(b) ? pack : 1;
+}
 
 // Softmax sums of one row's share: max m and sum_c exp(v_c - m); for the teacher also
 // sum_c exp(b_c - m) (b_c - a_c).
@@ -71,19 +89,23 @@ __device__ __forceinline__ State shuffle_down(const State& s, int offset) {
           __shfl_down_sync(0xffffffffu, s.weighted, offset)};
 }
 
-template <typename scalar_t>
+template <typename scalar_t, int kPack>
 __global__ void kd_forward_kernel(const scalar_t* __restrict__ student,
                                   const scalar_t* __restrict__ teacher, int64_t classes,
                                   float inverse_temperature, float* __restrict__ row_kl,
                                   float* __restrict__ lse_student, float* __restrict__ lse_teacher) {
+  using P = Pack<scalar_t, kPack>;
   const int64_t row = blockIdx.x;
-  const scalar_t* s_row = student + row * classes;
-  const scalar_t* t_row = teacher + row * classes;
+  const P* s_row = reinterpret_cast<const P*>(student + row * classes);
+  const P* t_row = reinterpret_cast<const P*>(teacher + row * classes);
   State state{-INFINITY, 0.f, -INFINITY, 0.f, 0.f};
-  for (int64_t c = threadIdx.x; c < classes; c += blockDim.x) {
-    const float a = static_cast<float>(s_row[c]) * inverse_temperature;
-    const float b = static_cast<float>(t_row[c]) * inverse_temperature;
-    add(state, a, b);
+  for (int64_t i = threadIdx.x; i < classes / kPack; i += blockDim.x) {
+    const P s = s_row[i], t = t_row[i];
+#pragma unroll
+    for (int k = 0; k < kPack; ++k) {
+      add(state, static_cast<float>(s.values[k]) * inverse_temperature,
+          static_cast<float>(t.values[k]) * inverse_temperature);
+    }
   }
   for (int offset = kWarp / 2; offset > 0; offset /= 2) merge(state, shuffle_down(state, offset));
 
@@ -104,21 +126,29 @@ __global__ void kd_forward_kernel(const scalar_t* __restrict__ student,
   }
 }
 
-template <typename scalar_t>
+template <typename scalar_t, int kPack>
 __global__ void kd_backward_kernel(const float* __restrict__ grad, const scalar_t* __restrict__ student,
                                    const scalar_t* __restrict__ teacher,
                                    const float* __restrict__ lse_student,
                                    const float* __restrict__ lse_teacher, int64_t rows, int64_t classes,
                                    float inverse_temperature, float scale,
                                    scalar_t* __restrict__ grad_student) {
+  using P = Pack<scalar_t, kPack>;
   const float factor = *grad * scale;
-  const int64_t total = rows * classes;
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
+  const int64_t packs = rows * classes / kPack;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < packs;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t row = i / classes;
-    const float p_s = expf(static_cast<float>(student[i]) * inverse_temperature - lse_student[row]);
-    const float p_t = expf(static_cast<float>(teacher[i]) * inverse_temperature - lse_teacher[row]);
-    grad_student[i] = static_cast<scalar_t>(factor * (p_s - p_t));
+    const int64_t row = i * kPack / classes;  // a pack never straddles two rows
+    const float lse_s = lse_student[row], lse_t = lse_teacher[row];
+    const P s = reinterpret_cast<const P*>(student)[i], t = reinterpret_cast<const P*>(teacher)[i];
+    P out;
+#pragma unroll
+    for (int k = 0; k < kPack; ++k) {
+      const float p_s = expf(static_cast<float>(s.values[k]) * inverse_temperature - lse_s);
+      const float p_t = expf(static_cast<float>(t.values[k]) * inverse_temperature - lse_t);
+      out.values[k] = static_cast<scalar_t>(factor * (p_s - p_t));
+    }
+    reinterpret_cast<P*>(grad_student)[i] = out;
   }
 }
 
@@ -142,11 +172,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kd_loss_forward(
   at::Tensor row_kl = at::empty({rows}, row_options);
   at::Tensor lse_student = at::empty({rows}, row_options);
   at::Tensor lse_teacher = at::empty({rows}, row_options);
-  // a warp per 32 classes, up to 8 warps: small class counts leave no thread idle
-  const int threads = static_cast<int>(std::min<int64_t>(256, (classes + kWarp - 1) / kWarp * kWarp));
   const auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, student.scalar_type(), "kd_loss_forward", [&] {
-    kd_forward_kernel<scalar_t><<<static_cast<unsigned int>(rows), threads, 0, stream>>>(
+    const int pack = pack_size<scalar_t>(student, teacher, classes);
+    // a warp per 32 packs, up to kThreads: small class counts leave no thread idle
+    const int threads = static_cast<int>(std::min<int64_t>(kThreads, (classes / pack + kWarp - 1) / kWarp * kWarp));
+    auto kernel = pack == 1 ? kd_forward_kernel<scalar_t, 1> : kd_forward_kernel<scalar_t, 16 / sizeof(scalar_t)>;
+    kernel<<<static_cast<unsigned int>(rows), threads, 0, stream>>>(
         student.data_ptr<scalar_t>(), teacher.data_ptr<scalar_t>(), classes,
         static_cast<float>(1.0 / temperature), row_kl.data_ptr<float>(),
         lse_student.data_ptr<float>(), lse_teacher.data_ptr<float>());
@@ -167,12 +199,13 @@ at::Tensor kd_loss_backward(
   const at::Tensor lse_s = lse_student.to(at::kFloat).contiguous();
   const at::Tensor lse_t = lse_teacher.to(at::kFloat).contiguous();
   at::Tensor grad_student = at::empty_like(student, at::MemoryFormat::Contiguous);
-  const int threads = 256;
-  const int64_t wanted = (rows * classes + threads - 1) / threads;
-  const auto blocks = static_cast<unsigned int>(std::min<int64_t>(wanted, 65535));
   const auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, student.scalar_type(), "kd_loss_backward", [&] {
-    kd_backward_kernel<scalar_t><<<blocks, threads, 0, stream>>>(
+    const int pack = pack_size<scalar_t>(student, teacher, classes);
+    const int64_t wanted = (rows * classes / pack + kThreads - 1) / kThreads;
+    const auto blocks = static_cast<unsigned int>(std::min<int64_t>(wanted, 65535));
+    auto kernel = pack == 1 ? kd_backward_kernel<scalar_t, 1> : kd_backward_kernel<scalar_t, 16 / sizeof(scalar_t)>;
+    kernel<<<blocks, kThreads, 0, stream>>>(
         grad_value.data_ptr<float>(), student.data_ptr<scalar_t>(), teacher.data_ptr<scalar_t>(),
         lse_s.data_ptr<float>(), lse_t.data_ptr<float>(), rows, classes,
         static_cast<float>(1.0 / temperature), static_cast<float>(temperature / rows),

@@ -68,6 +68,21 @@ def test_kd_loss_matches_reference(shape: tuple, dtype: torch.dtype) -> None:
                                else 1e-4, atol=1e-6)
 
 
+def test_kd_loss_of_misaligned_logits() -> None:
+    """Rows of whole 16-byte packs, but starting one float past an aligned address: one logit per
+    access."""
+    torch.manual_seed(0)
+    student = torch.randn(16 * 1000 + 1, device="cuda")[1:].view(16, 1000).requires_grad_()
+    teacher = torch.randn(16 * 1000 + 1, device="cuda")[1:].view(16, 1000)
+    loss = kd_loss(student, teacher, 4.0)
+    loss.backward()
+    ref_loss, lse_student, lse_teacher = kd_loss_forward_reference(student.detach(), teacher, 4.0)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(student.grad, kd_loss_backward_reference(
+        torch.tensor(1.0, device="cuda"), student.detach(), teacher, lse_student, lse_teacher, 4.0),
+        rtol=1e-4, atol=1e-8)
+
+
 def test_kd_loss_under_compile_uses_the_kernel() -> None:
     torch.manual_seed(0)
     student = torch.randn(32, 100, device="cuda", requires_grad=True)

@@ -120,6 +120,7 @@ def build(verbose: bool = False) -> Path:
         ExtensionUnavailable: no CUDA compiler (see :func:`cuda_home`).
         RuntimeError: the compilation failed; its output says where.
     """
+    global _loaded
     home = cuda_home()
     os.environ["CUDA_HOME"] = str(home)
     if not torch.cuda.is_available():
@@ -136,13 +137,8 @@ def build(verbose: bool = False) -> Path:
         extra_cflags=list(CXX_FLAGS), extra_cuda_cflags=list(CUDA_FLAGS),
         extra_include_paths=[str(SOURCE_DIR), *_wheel_include_paths()],
         build_directory=str(directory), is_python_module=False, verbose=verbose)
-    _mark_loaded()
+    _loaded = True  # cpp_extension.load has loaded it
     return library_path()
-
-
-def _mark_loaded() -> None:
-    global _loaded
-    _loaded = True
 
 
 def load() -> bool:

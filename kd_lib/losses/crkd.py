@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from kd_lib.engine.distributed import average_gradients
 from kd_lib.ops import multi_bandwidth_mmd2
+from kd_lib.ops.mmd import check_batches
 
 DEFAULT_BANDWIDTH_FACTORS = (0.25, 0.5, 1.0, 2.0, 4.0)
 
@@ -157,14 +158,6 @@ def _check_factors(bandwidth_factors: Sequence[float]) -> None:
         )
 
 
-def _check_batches(x: torch.Tensor, y: torch.Tensor) -> None:
-    if x.dim() != 2 or y.dim() != 2 or x.shape[1] != y.shape[1] or not x.shape[0] or not y.shape[0]:
-        raise ValueError(
-            "batches must be non-empty (N, D) and (M, D), got "
-            f"{tuple(x.shape)} and {tuple(y.shape)}"
-        )
-
-
 def gaussian_mmd2(x: torch.Tensor, y: torch.Tensor, bandwidths: torch.Tensor) -> torch.Tensor:
     """Biased MMD^2 between two batches under a Gaussian kernel averaged over bandwidths.
 
@@ -182,10 +175,9 @@ def gaussian_mmd2(x: torch.Tensor, y: torch.Tensor, bandwidths: torch.Tensor) ->
     float32 (float64 for float64 batches).
 
     Raises:
-        ValueError: ``x`` and ``y`` are not non-empty 2-D batches of one
+        ValueError: ``x`` and ``y`` are not non-empty floating 2-D batches of one
             width, or ``bandwidths`` is not a non-empty 1-D tensor.
     """
-    _check_batches(x, y)
     return multi_bandwidth_mmd2(x, y, bandwidths)
 
 
@@ -207,7 +199,7 @@ def mmd2(
         ValueError: as :func:`gaussian_mmd2`, or a factor is not > 0.
     """
     _check_factors(bandwidth_factors)
-    _check_batches(x, y)
+    check_batches(x, y)  # before the median, which would fail on them less clearly
     median = torch.pdist(torch.cat([x, y]).detach()).median().clamp_min(1e-6)
     factors = torch.tensor(bandwidth_factors, dtype=median.dtype, device=median.device)
     return gaussian_mmd2(x, y, median * factors)
@@ -241,7 +233,7 @@ class MMDLoss(nn.Module):
         """Scalar loss for ``(N, D)`` student and ``(M, D)`` teacher embeddings.
 
         Raises:
-            ValueError: the embeddings are not non-empty 2-D batches of one width.
+            ValueError: the embeddings are not non-empty floating 2-D batches of one width.
         """
         return mmd2(student, teacher.detach(), self.bandwidth_factors)
 

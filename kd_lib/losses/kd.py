@@ -41,13 +41,9 @@ class KDLoss(nn.Module):
         """Scalar loss for ``(N, num_classes)`` student and teacher logits.
 
         Raises:
-            ValueError: the two shapes differ, or the logits are not 2-D.
+            ValueError: the logits are not non-empty floating ``(N, num_classes)``
+                of one shape and dtype (:func:`kd_lib.ops.kd_loss` checks).
         """
-        if student_logits.shape != teacher_logits.shape or student_logits.dim() != 2:
-            raise ValueError(
-                "student and teacher logits must both be (N, num_classes) of one shape, got "
-                f"student {tuple(student_logits.shape)} and teacher {tuple(teacher_logits.shape)}"
-            )
         return kd_loss(student_logits, teacher_logits, self.temperature)
 
 

@@ -115,6 +115,14 @@ def _backward_formula(ctx, grad):
 _forward.register_autograd(_backward_formula, setup_context=_setup_context)
 
 
+def check_batches(x: torch.Tensor, y: torch.Tensor) -> None:
+    """Raise ValueError unless ``x`` and ``y`` are non-empty floating ``(N, D)`` and ``(M, D)``."""
+    if (x.dim() != 2 or y.dim() != 2 or x.shape[1] != y.shape[1] or not x.shape[0] or not y.shape[0]
+            or not x.is_floating_point() or not y.is_floating_point()):
+        raise ValueError("batches must be non-empty floating (N, D) and (M, D), got "
+                         f"{tuple(x.shape)} and {tuple(y.shape)} ({x.dtype} and {y.dtype})")
+
+
 def multi_bandwidth_mmd2(x: torch.Tensor, y: torch.Tensor, bandwidths: torch.Tensor) -> torch.Tensor:
     """Biased MMD^2 of ``x`` and ``y`` under the Gaussian kernel averaged over ``bandwidths``.
 
@@ -124,10 +132,7 @@ def multi_bandwidth_mmd2(x: torch.Tensor, y: torch.Tensor, bandwidths: torch.Ten
         ValueError: ``x`` and ``y`` are not non-empty floating ``(N, D)`` and
             ``(M, D)``, or ``bandwidths`` is not a non-empty 1-D tensor.
     """
-    if (x.dim() != 2 or y.dim() != 2 or x.shape[1] != y.shape[1] or not x.shape[0] or not y.shape[0]
-            or not x.is_floating_point() or not y.is_floating_point()):
-        raise ValueError("batches must be non-empty floating (N, D) and (M, D), got "
-                         f"{x.dtype} {tuple(x.shape)} and {y.dtype} {tuple(y.shape)}")
+    check_batches(x, y)
     if bandwidths.dim() != 1 or not bandwidths.numel():
         raise ValueError(
             f"bandwidths must be a non-empty 1-D tensor, got shape {tuple(bandwidths.shape)}")

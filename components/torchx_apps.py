@@ -24,10 +24,11 @@ from torchx import specs
 from torchx.components import dist
 from torchx.runner import get_runner
 
-from components.image import DEFAULT_IMAGE
+from components.image import IMAGES
 from kd_lib.config import check
 
-#: The project's image, with this repository installed (what the KFP pipelines run too).
+#: The training image: every job runs there, the GPUs and the kernels are.
+DEFAULT_IMAGE = IMAGES["train"]
 #: Stages that train with DDP under torchrun (``kdp stage`` names, ``_`` for ``-``).
 DDP_STAGES = ("teacher", "assistant", "student", "lr_baseline", "detector", "afp")
 #: Every stage with a component here; evaluate writes one report and runs as one process.

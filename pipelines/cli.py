@@ -22,7 +22,7 @@ from pathlib import Path
 from kd_lib.config import ConfigError
 from pipelines import detection, pixel_distillation
 from pipelines.cluster import ClusterOptions, add_cluster_arguments, options_from_args
-from pipelines.pixel_distillation import DEFAULT_IMAGE, DEFAULT_SETTINGS, STUDENT_METHODS
+from pipelines.pixel_distillation import DEFAULT_SETTINGS, STUDENT_METHODS
 
 STAGE_MODULES = {
     "prepare-data": "components.prepare_data",
@@ -177,16 +177,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-def compile_pipeline(pipeline: str, path: str | Path, image: str = DEFAULT_IMAGE,
-                     options: ClusterOptions | None = None) -> Path:
-    """Compile ``pipeline`` (a :data:`PIPELINES` key) for ``image`` with ``options`` (default:
-    :class:`ClusterOptions`' defaults) to the YAML file ``path``. The same inputs give the same bytes."""
+def compile_pipeline(pipeline: str, path: str | Path, options: ClusterOptions | None = None) -> Path:
+    """Compile ``pipeline`` (a :data:`PIPELINES` key) with ``options`` (default: :class:`ClusterOptions`'
+    defaults, the images included) to the YAML file ``path``. The same inputs give the same bytes."""
     from kfp import compiler
 
     build, _ = PIPELINES[pipeline]
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    compiler.Compiler().compile(build(image, options or ClusterOptions()), str(path))
+    compiler.Compiler().compile(build(options or ClusterOptions()), str(path))
     stabilize_header(path)
     return path
 
@@ -208,9 +207,9 @@ def stabilize_header(path: Path) -> None:
 
 
 def cmd_compile(args: argparse.Namespace) -> int:
-    path = compile_pipeline(args.pipeline, args.output or PIPELINES[args.pipeline][1], args.image,
-                            options_from_args(args))
-    print(f"{args.pipeline} pipeline for {args.image}: {path}")
+    options = options_from_args(args)
+    path = compile_pipeline(args.pipeline, args.output or PIPELINES[args.pipeline][1], options)
+    print(f"{args.pipeline} pipeline for {options.image_train} (training) and {options.image_cpu} (CPU): {path}")
     return 0
 
 
@@ -286,8 +285,6 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     compile_ = sub.add_parser("compile", help="compile a pipeline to KFP v2 YAML for a cluster")
     compile_.add_argument("--pipeline", choices=sorted(PIPELINES), default="classification")
-    compile_.add_argument("--image", default=DEFAULT_IMAGE,
-                          help=f"REGISTRY/IMAGE:TAG of every task (default: {DEFAULT_IMAGE})")
     compile_.add_argument("-o", "--output", help="the YAML file (default: "
                           + "; ".join(f"{name}: {path}" for name, (_, path) in PIPELINES.items()) + ")")
     add_cluster_arguments(compile_)

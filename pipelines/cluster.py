@@ -2,17 +2,19 @@
 
 Every option of :class:`ClusterOptions` is a ``kdp compile`` flag (``gpus`` is
 ``--gpus``); an empty value turns an option off (``--node-selector ""``,
-``--gcs-secret ""``). Training tasks get the GPUs, the CPU and memory of
-``cpu``/``memory`` (request = limit), the node selector and the tolerations;
-prepare-data and evaluate get ``aux_cpu``/``aux_memory`` and no GPU. Every
+``--gcs-secret ""``). Training tasks get the training image, the GPUs, the
+CPU and memory of ``cpu``/``memory`` (request = limit), the node selector and
+the tolerations; source-version, prepare-data and evaluate get the CPU image
+(:mod:`components.image`), ``aux_cpu``/``aux_memory`` and no GPU. Every
 task gets a memory-backed ``/dev/shm`` (DataLoader workers share batches
 through it) and the GCS credentials secret, mounted as a volume with
 ``GOOGLE_APPLICATION_CREDENTIALS`` pointing at its key file.
 
 With ``launcher: torchx`` a training task does not train: it starts the
 stage as a TorchX job (``nnodes`` x ``nproc_per_node`` processes, DDP) on
-``torchx_scheduler`` and waits for it, so the task itself gets the aux
-resources, no GPU, and the job's pods get the GPUs.
+``torchx_scheduler`` and waits for it, so the task itself gets the CPU image,
+the aux resources and no GPU, and the job's pods get the training image and
+the GPUs.
 
 Caching and per-stage reruns. Every task has caching on and a string input
 ``rerun_token``, fed by one pipeline parameter per stage (``rerun_teacher``,
@@ -43,6 +45,7 @@ from typing import Literal
 from kfp import kubernetes
 from kfp.dsl import PipelineTask
 
+from components.image import IMAGES
 from kd_lib.config import ConfigError, check, field_default, flag_name, flag_text, from_dict
 
 #: Where the GCS credentials secret is mounted in every task.
@@ -88,6 +91,9 @@ class ClusterOptions:
     torchx_cfg: str = option("queue=default", "TorchX scheduler run config, KEY=VALUE,...")
     pipeline_root: str = option("", "where runs write their artifacts, e.g. gs://BUCKET/kfp ('': the KFP "
                                     "deployment's default root)")
+    image_train: str = option(IMAGES["train"], "REGISTRY/NAME:TAG of the tasks that train in their pod and of "
+                                               "the TorchX jobs: the Dockerfile's train target")
+    image_cpu: str = option(IMAGES["cpu"], "REGISTRY/NAME:TAG of every other task: the Dockerfile's cpu target")
 
     def validate(self) -> None:
         check(self.gpus >= 0, "gpus", f"must be >= 0, got {self.gpus}")
@@ -106,6 +112,10 @@ class ClusterOptions:
               "is required with gcs_secret: the key file's name in the secret")
         check(self.nnodes >= 1, "nnodes", f"must be >= 1, got {self.nnodes}")
         check(self.nproc_per_node >= 0, "nproc_per_node", f"must be >= 0, got {self.nproc_per_node}")
+        for name in ("image_train", "image_cpu"):
+            value = getattr(self, name)
+            check(bool(value) and not any(c.isspace() for c in value), name,
+                  f"must be an image reference such as REGISTRY/NAME:TAG, got {value!r}")
 
     @property
     def root(self) -> str | None:
@@ -131,26 +141,31 @@ def parse_toleration(text: str) -> dict[str, str]:
 
 
 def add_cluster_arguments(parser) -> None:
-    """One ``--flag`` per :class:`ClusterOptions` field, with its help and default."""
+    """One ``--flag`` per :class:`ClusterOptions` field, with its help and default, and ``--image``."""
     group = parser.add_argument_group("cluster options (an empty value turns an option off)")
+    group.add_argument("--image", metavar="IMAGE", help="REGISTRY/NAME:TAG of every task and job: sets "
+                                                        "--image-train and --image-cpu unless they are given")
     for spec in fields(ClusterOptions):
         group.add_argument(flag_name(spec.name), dest=spec.name, metavar=spec.name.upper(),
                            help=f"{spec.metadata['help']} (default: {flag_text(field_default(spec)) or repr('')})")
 
 
 def options_from_args(args) -> ClusterOptions:
-    """The :class:`ClusterOptions` of the flags given; the others keep their defaults."""
-    given = {spec.name: getattr(args, spec.name) for spec in fields(ClusterOptions)
-             if getattr(args, spec.name, None) is not None}
+    """The :class:`ClusterOptions` of the flags given (``--image``: both images); the others keep
+    their defaults."""
+    image = getattr(args, "image", None)
+    given = {} if image is None else {"image_train": image, "image_cpu": image}
+    given.update({spec.name: getattr(args, spec.name) for spec in fields(ClusterOptions)
+                  if getattr(args, spec.name, None) is not None})
     return from_dict(ClusterOptions, given)
 
 
-def launcher_input(options: ClusterOptions | None, image: str) -> dict:
+def launcher_input(options: ClusterOptions | None) -> dict:
     """The ``launcher`` input of training tasks (see ``components.kfp_entry.Launcher``)."""
     if options is None or options.launcher == "pod":
         return {"kind": "pod"}
     return {"kind": "torchx", "scheduler": options.torchx_scheduler, "nnodes": options.nnodes,
-            "nproc_per_node": options.nproc_per_node or max(options.gpus, 1), "image": image,
+            "nproc_per_node": options.nproc_per_node or max(options.gpus, 1), "image": options.image_train,
             "cfg": options.torchx_cfg}
 
 
@@ -158,12 +173,14 @@ def configure_task(task: PipelineTask, options: ClusterOptions | None, *, traini
                    cached: bool = True) -> PipelineTask:
     """Set ``task``'s caching and apply ``options`` to it; ``training``: a training stage's task.
 
-    ``options=None`` (the local runs of ``kfp.local``) applies no cluster settings.
+    The task's image is its role's: the training image where it trains in its pod, else the CPU
+    image. ``options=None`` (the local runs of ``kfp.local``) applies no cluster settings.
     """
     task.set_caching_options(cached)
     if options is None:
         return task
     trains_here = training and options.launcher == "pod"
+    task.set_container_image(options.image_train if trains_here else options.image_cpu)
     set_resources(task, *((options.cpu, options.memory) if trains_here else (options.aux_cpu, options.aux_memory)))
     if trains_here:
         set_gpus(task, options)

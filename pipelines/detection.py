@@ -6,7 +6,7 @@
     all of them -> evaluate (COCO mAP, GFLOPs, latency, input bytes)
 
 Built like :mod:`pipelines.pixel_distillation`: each component runs one
-stage of ``components/`` in the project's image, stage outputs are the
+stage of ``components/`` in the image of its role, stage outputs are the
 output artifacts' URIs, the data fingerprint and ``code_version`` are inputs
 of every training task so that the cache follows data and code. Parameters:
 the shared fields (``ratio``, ``seed``, ``kind``, the two backbones), the
@@ -18,8 +18,9 @@ output; see :mod:`pipelines.cluster`).
 from kfp import dsl
 from kfp.dsl import HTML, Artifact, Dataset, Input, Metrics, Model, Output
 
+from components.image import IMAGES
 from pipelines.cluster import ClusterOptions, configure_task, launcher_input
-from pipelines.pixel_distillation import DEFAULT_IMAGE, source_version_op
+from pipelines.pixel_distillation import source_version_op
 
 PIPELINE_NAME = "detection-distillation"
 #: Per-stage settings unless told otherwise.
@@ -72,14 +73,15 @@ def evaluate_detection_op(data: Input[Dataset], code_version: str, rerun_token: 
         f.write(read_bytes(join(summary.uri, "report.html")))
 
 
-def build_pipeline(image: str = DEFAULT_IMAGE, options: ClusterOptions | None = None):
-    """The detection pipeline function, its components built for ``image``, its tasks configured
-    with ``options`` (:func:`pipelines.cluster.configure_task`; None: no cluster settings, for kfp.local)."""
-    component = dsl.component(base_image=image, install_kfp_package=False)
+def build_pipeline(options: ClusterOptions | None = None):
+    """The detection pipeline function, its tasks configured with ``options``
+    (:func:`pipelines.cluster.configure_task`: each task's image, resources and pod settings; None:
+    no cluster settings, for kfp.local)."""
+    component = dsl.component(base_image=IMAGES["train"], install_kfp_package=False)
     source_version, prepare, train_detector, train_afp, evaluate = (
         component(op) for op in (source_version_op, prepare_detection_op, detector_op, afp_op,
                                  evaluate_detection_op))
-    launcher = launcher_input(options, image)
+    launcher = launcher_input(options)
 
     @dsl.pipeline(name=PIPELINE_NAME, description=__doc__.split("\n\n")[0],
                   pipeline_root=options.root if options else None)

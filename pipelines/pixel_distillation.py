@@ -5,8 +5,9 @@
                  -> lr-baseline
     all of them -> evaluate
 
-Each component runs one stage of ``components/`` in the project's image
-(``base_image``; ``install_kfp_package=False``: the image has ``kfp``). Stage
+Each component runs one stage of ``components/`` in the image of its role
+(:mod:`components.image`; ``install_kfp_package=False``: both images have
+``kfp``). Stage
 outputs are the output artifacts' URIs. The data fingerprint from
 prepare-data is passed to every training task as a parameter, so that the
 cache key of everything downstream changes exactly when the data does.
@@ -29,7 +30,7 @@ resources and pod settings of each task: :mod:`pipelines.cluster`.
 from kfp import dsl
 from kfp.dsl import HTML, Artifact, Dataset, Input, Metrics, Model, Output
 
-from components.image import DEFAULT_IMAGE
+from components.image import IMAGES
 from pipelines.cluster import ClusterOptions, configure_task, launcher_input
 
 PIPELINE_NAME = "pixel-distillation"
@@ -120,15 +121,15 @@ def evaluate_op(data: Input[Dataset], code_version: str, rerun_token: str, teach
         f.write(read_bytes(join(summary.uri, "report.html")))
 
 
-def build_pipeline(image: str = DEFAULT_IMAGE, options: ClusterOptions | None = None):
-    """The pipeline function, its components built for ``image``, its tasks configured with
-    ``options`` (:func:`pipelines.cluster.configure_task`; None: no cluster settings, for kfp.local)."""
-    component = dsl.component(base_image=image, install_kfp_package=False)
+def build_pipeline(options: ClusterOptions | None = None):
+    """The pipeline function, its tasks configured with ``options`` (:func:`pipelines.cluster.configure_task`:
+    each task's image, resources and pod settings; None: no cluster settings, for kfp.local)."""
+    component = dsl.component(base_image=IMAGES["train"], install_kfp_package=False)
     source_version, prepare, train_teacher, train_assistant, train_student, train_lr_baseline, evaluate = (
         component(op) for op in (source_version_op, prepare_data_op, teacher_op, assistant_op, student_op,
                                  lr_baseline_op,
                                  evaluate_op))
-    launcher = launcher_input(options, image)
+    launcher = launcher_input(options)
 
     @dsl.pipeline(name=PIPELINE_NAME, description=__doc__.split("\n\n")[0],
                   pipeline_root=options.root if options else None)

@@ -7,10 +7,11 @@ import pytest
 import yaml
 from kfp import compiler
 
+from components.image import IMAGES
 from components.kfp_entry import DETECTION_MODELS
 from pipelines import cli
 from pipelines.cluster import ClusterOptions
-from pipelines.pixel_distillation import DEFAULT_IMAGE, build_pipeline
+from pipelines.pixel_distillation import build_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 #: Display name -> training task?, per pipeline.
@@ -55,7 +56,7 @@ def compiled(tmp_path, pipeline="classification", *flags) -> Compiled:
 
 def test_pipeline_compiles_with_every_stage_wired(tmp_path):
     path = tmp_path / "pipeline.yaml"
-    compiler.Compiler().compile(build_pipeline("registry.example/kdp:1.2.3"), str(path))
+    compiler.Compiler().compile(build_pipeline(), str(path))
     spec = yaml.safe_load(path.read_text())
     tasks = spec["root"]["dag"]["tasks"]
     assert set(tasks) == {"source-version-op", "prepare-data-op", "teacher-op", "assistant-op", "student-op", "student-op-2",
@@ -66,11 +67,10 @@ def test_pipeline_compiles_with_every_stage_wired(tmp_path):
         fingerprint = tasks[name]["inputs"]["parameters"]["data_fingerprint"]["taskOutputParameter"]
         assert fingerprint["producerTask"] == "prepare-data-op"
     images = {e["container"]["image"] for e in spec["deploymentSpec"]["executors"].values()}
-    assert images == {"registry.example/kdp:1.2.3"}
+    assert images == {IMAGES["train"]}  # no cluster options; kdp compile gives each role its image
     commands = " ".join(" ".join(e["container"]["command"]) for e in spec["deploymentSpec"]["executors"].values())
     assert "pip install" not in commands  # install_kfp_package=False: the image brings kfp
     assert spec["root"]["inputDefinitions"]["parameters"]["hr_size"]["defaultValue"] == 64
-    assert DEFAULT_IMAGE.count(":") == 1
 
 
 def test_source_fingerprint_follows_the_code(tmp_path, monkeypatch):
@@ -91,7 +91,7 @@ def test_the_detection_pipeline_compiles_with_its_stages_wired(tmp_path):
     from pipelines import detection
 
     path = tmp_path / "detection.yaml"
-    compiler.Compiler().compile(detection.build_pipeline("registry.example/kdp:1.2.3"), str(path))
+    compiler.Compiler().compile(detection.build_pipeline(), str(path))
     spec = yaml.safe_load(path.read_text())
     tasks = spec["root"]["dag"]["tasks"]
     assert set(tasks) == {"source-version-op", "prepare-detection-op", "detector-op", "afp-op", "afp-op-2", "detector-op-2",

@@ -27,7 +27,7 @@ from torchx.runner import get_runner
 from components.image import IMAGES
 from kd_lib.config import check
 
-#: The training image: every job runs there, the GPUs and the kernels are.
+#: Every job's image unless told otherwise: the training image (CUDA, torch's CUDA build, the kernels).
 DEFAULT_IMAGE = IMAGES["train"]
 #: Stages that train with DDP under torchrun (``kdp stage`` names, ``_`` for ``-``).
 DDP_STAGES = ("teacher", "assistant", "student", "lr_baseline", "detector", "afp")

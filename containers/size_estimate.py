@@ -43,9 +43,9 @@ def size(dist: metadata.Distribution, skip: re.Pattern | None = None) -> int:
 
 def main() -> None:
     train = closure(metadata.distribution("kd-pipeline").requires)
-    cpu_extra = [line.split("#")[0].strip() for line in (ROOT / "containers/cpu/requirements.txt").read_text().splitlines()]
+    extra = [line.split("#")[0].strip() for line in (ROOT / "containers/cpu/requirements.txt").read_text().splitlines()]
     cpu = {name: dist for name, dist in train.items() if not CUDA_ONLY.match(name)}
-    cpu.update(closure([line for line in cpu_extra if line]))
+    cpu.update(closure([text for text in extra if text]))
     sizes = {"train": sum(size(d) for d in train.values()),
              "cpu": sum(size(d, TORCH_CUDA_LIBRARY if name == "torch" else None) for name, d in cpu.items())}
     for role, total in sizes.items():

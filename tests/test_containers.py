@@ -151,8 +151,10 @@ def requirement(name: str) -> Requirement:
 
 
 def role_requirements() -> list[tuple[Path, Requirement]]:
-    return [(path, Requirement(line.split("#")[0].strip())) for path in sorted((ROOT / "containers").glob("*/requirements.txt"))
-            for line in path.read_text().splitlines() if line.split("#")[0].strip()]
+    """``(file, requirement)`` of every ``containers/<role>/requirements.txt``."""
+    lines = [(path, line.split("#")[0].strip()) for path in sorted((ROOT / "containers").glob("*/requirements.txt"))
+             for line in path.read_text().splitlines()]
+    return [(path, Requirement(text)) for path, text in lines if text]
 
 
 def test_each_role_is_a_target_and_train_is_the_default():

@@ -18,8 +18,8 @@
 # build extensions that torch loads.
 ARG CUDA_VERSION=13.0.2
 ARG PYTHON_VERSION=3.11
-# the cpu image's Debian: glibc 2.36, as the manylinux_2_28 wheels of pyarrow, onnxruntime and
-# faster-coco-eval need (Ubuntu 22.04 under the train image has 2.35)
+# the cpu image's Debian, glibc 2.36: the manylinux_2_28 wheels of pyarrow, onnxruntime and
+# faster-coco-eval need 2.28 or later
 ARG DEBIAN_RELEASE=bookworm
 ARG UV_VERSION=0.13
 # pyproject's pins of torch, installed in each image from PyTorch's index of that image's build

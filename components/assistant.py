@@ -6,7 +6,8 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 
-from components.common import StagePlan, TrainStageConfig, run_training_stage, stage_cli
+from components.common import StagePlan, TrainStageConfig, run_training_stage
+from components.stage import Stage
 from kd_lib.config import check
 from kd_lib.distill.methods import DistillSettings, build_distiller
 from kd_lib.models import build_classifier
@@ -37,9 +38,7 @@ def run(config: AssistantConfig) -> dict:
     return run_training_stage("assistant", config, {"teacher": config.teacher}, plan)
 
 
-def main(argv: list[str] | None = None) -> int:
-    return stage_cli(AssistantConfig, run, argv, "kdp stage assistant", __doc__)
-
+STAGE = Stage("assistant", AssistantConfig, run, trains=True)
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(STAGE.main())

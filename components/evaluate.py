@@ -23,8 +23,9 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from components.common import load_upstream, stage_cli
+from components.common import load_upstream
 from components.detection_common import load_upstream_detector
+from components.stage import Stage
 from kd_lib.config import ConfigError, check
 from kd_lib.data.detection_shards import DetectionShardDataset, collate_detection
 from kd_lib.data.shards import ShardedImageDataset
@@ -152,9 +153,7 @@ def run(config: EvaluateConfig) -> dict:
     return summary
 
 
-def main(argv: list[str] | None = None) -> int:
-    return stage_cli(EvaluateConfig, run, argv, "kdp stage evaluate", __doc__)
-
+STAGE = Stage("evaluate", EvaluateConfig, run)
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(STAGE.main())

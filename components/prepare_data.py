@@ -25,7 +25,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Literal
 
-from components.common import stage_cli
+from components.stage import Stage
 from kd_lib.config import check
 from kd_lib.data.detection import DetectionSet, keep_categories, read_coco, read_yolo
 from kd_lib.data.detection_shards import prepare_detection
@@ -98,9 +98,7 @@ def run(config: PrepareDataConfig) -> dict:
     return manifest
 
 
-def main(argv: list[str] | None = None) -> int:
-    return stage_cli(PrepareDataConfig, run, argv, "kdp stage prepare-data", __doc__)
-
+STAGE = Stage("prepare-data", PrepareDataConfig, run)
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(STAGE.main())

@@ -154,16 +154,16 @@ def launcher_input(options: ClusterOptions | None, image: str) -> dict:
             "cfg": options.torchx_cfg}
 
 
-def configure_task(task: PipelineTask, options: ClusterOptions | None, *, training: bool,
-                   cached: bool = True) -> PipelineTask:
-    """Set ``task``'s caching and apply ``options`` to it; ``training``: a training stage's task.
+def configure_task(task: PipelineTask, options: ClusterOptions | None, *, cached: bool = True) -> PipelineTask:
+    """Set ``task``'s caching and apply ``options`` to it. A training task is one with a
+    ``launcher`` input: where its stage trains.
 
     ``options=None`` (the local runs of ``kfp.local``) applies no cluster settings.
     """
     task.set_caching_options(cached)
     if options is None:
         return task
-    trains_here = training and options.launcher == "pod"
+    trains_here = "launcher" in task.inputs and options.launcher == "pod"
     set_resources(task, *((options.cpu, options.memory) if trains_here else (options.aux_cpu, options.aux_memory)))
     if trains_here:
         set_gpus(task, options)

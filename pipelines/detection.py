@@ -123,11 +123,10 @@ def build_pipeline(image: str = DEFAULT_IMAGE, options: ClusterOptions | None = 
         report = evaluate(data=data.outputs["data"], code_version=code_version, rerun_token=rerun_evaluate,
                           teacher=teacher.outputs["model"], afp=afp.outputs["model"], msad=msad.outputs["model"],
                           lr_baseline=baseline.outputs["model"], settings=evaluate_settings)
-        for task, name, training in ((data, "prepare-data", False), (teacher, "teacher", True), (afp, "afp", True),
-                                     (msad, "msad", True), (baseline, "lr-baseline", True),
-                                     (report, "evaluate", False)):
-            configure_task(task.set_display_name(name), options, training=training)
-        configure_task(version.set_display_name("source-version"), options, training=False, cached=False)
+        for task, name in ((data, "prepare-data"), (teacher, "teacher"), (afp, "afp"), (msad, "msad"),
+                           (baseline, "lr-baseline"), (report, "evaluate")):
+            configure_task(task.set_display_name(name), options)
+        configure_task(version.set_display_name("source-version"), options, cached=False)
         return report.outputs["summary"]
 
     return detection_distillation

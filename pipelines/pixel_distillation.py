@@ -178,12 +178,11 @@ def build_pipeline(image: str = DEFAULT_IMAGE, options: ClusterOptions | None = 
                           student=student.outputs["model"], student_onestage=onestage.outputs["model"],
                           lr_baseline=baseline.outputs["model"], settings=evaluate_settings, hr_size=hr_size,
                           ratio=ratio)
-        for task, name, training in ((data, "prepare-data", False), (teacher, "teacher", True),
-                                     (assistant, "assistant", True), (student, "student", True),
-                                     (onestage, "student-onestage", True), (baseline, "lr-baseline", True),
-                                     (report, "evaluate", False)):
-            configure_task(task.set_display_name(name), options, training=training)
-        configure_task(version.set_display_name("source-version"), options, training=False, cached=False)
+        for task, name in ((data, "prepare-data"), (teacher, "teacher"), (assistant, "assistant"),
+                           (student, "student"), (onestage, "student-onestage"), (baseline, "lr-baseline"),
+                           (report, "evaluate")):
+            configure_task(task.set_display_name(name), options)
+        configure_task(version.set_display_name("source-version"), options, cached=False)
         return report.outputs["summary"]
 
     return pixel_distillation

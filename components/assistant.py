@@ -16,8 +16,11 @@ from kd_lib.models import build_classifier
 @dataclass
 class AssistantConfig(TrainStageConfig):
     teacher: str = ""
+    """the teacher stage's output URI"""
     kd_alpha: float = 0.9
+    """weight of the KD term; (1 - kd_alpha) weighs the cross-entropy"""
     temperature: float = 4.0
+    """softmax temperature T of the KD term"""
 
     def validate(self) -> None:
         super().validate()

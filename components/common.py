@@ -40,7 +40,7 @@ from kd_lib.engine.settings import TrainSettings
 from kd_lib.eval.accuracy import classifier_validation
 from kd_lib.io.fs import StorageError, join, remove, remove_if_empty
 from kd_lib.io.manifest import IncompleteOutputError, finished_with_key, read_manifest, stage_key, unpublish, write_manifest
-from kd_lib.models import build_classifier
+from kd_lib.models import build_classifier, check_architecture
 from kd_lib.models.store import MODEL_FILE, load_classifier, save_classifier
 from kd_lib.ops import ResizeMode
 
@@ -71,6 +71,7 @@ class TrainStageConfig(TrainSettings):
         check(self.hr_size % self.ratio == 0, "hr_size",
               f"{self.hr_size} is not divisible by ratio {self.ratio}: the LR side must be exact")
         check(0 < self.crop_scale <= 1, "crop_scale", f"must be in (0, 1], got {self.crop_scale}")
+        check_architecture(self.arch)
 
     @property
     def lr_size(self) -> int:

@@ -20,7 +20,7 @@ from typing import Literal
 import pyarrow.parquet as pq
 import torch
 
-from kd_lib.config import check
+from kd_lib.config import check, check_name
 from kd_lib.data.detection_shards import DetectionShardDataset, collate_detection
 from kd_lib.data.imagefolder import DataError
 from kd_lib.distill.detection import DetectorTraining
@@ -30,6 +30,7 @@ from kd_lib.eval.detection import detector_validation
 from kd_lib.io.fs import join, read_bytes
 from kd_lib.io.manifest import read_manifest
 from kd_lib.models.detector_store import MODEL_FILE, DetectorSpec, load_detector, save_detector
+from kd_lib.models.detectors import accepted_backbones
 from kd_lib.ops import ResizeMode
 
 METRICS_FILE = "metrics.parquet"
@@ -60,6 +61,8 @@ class DetectionStageConfig(TrainSettings):
         check(bool(self.out), "out", "is required: where this stage writes its outputs")
         check(self.kind in ("retinanet", "fcos"), "kind", f"must be retinanet or fcos, got {self.kind!r}")
         check(self.ratio in (1, 2, 4, 8), "ratio", f"must be 1, 2, 4 or 8 (a power of two), got {self.ratio}")
+        check_name(self.backbone, accepted_backbones(), "backbone",
+                   "detector backbone (a torchvision ResNet or MobileNet)")
 
 
 @dataclass

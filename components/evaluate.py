@@ -45,16 +45,27 @@ SUMMARY_FILE, REPORT_FILE, METRICS_FILE = "summary.json", "report.html", "metric
 @dataclass
 class EvaluateConfig:
     data: str = ""
+    """the prepare-data output URI"""
     out: str = ""
+    """where the summary and report go"""
     models: dict[str, str] = field(default_factory=dict)
+    """name=URI of each model to evaluate"""
     hr_size: int = 64
+    """classification: the side of the HR validation crop, in px"""
     ratio: int = 4
+    """classification: the LR image is the HR one downsampled by this factor"""
     resize: ResizeMode = "bilinear"
+    """how the LR image is made from the HR one"""
     batch_size: int = 256
+    """images per validation batch"""
     device: str = "auto"
+    """cpu, cuda, cuda:N or auto (the GPU if there is one); latency is measured on it"""
     num_workers: int = 1
+    """DataLoader worker processes"""
     latency_repeats: int = 10
+    """forwards timed per batch size (the median is reported)"""
     latency_batch_sizes: list[int] = field(default_factory=lambda: [1, 64])
+    """batch sizes whose latency is measured"""
 
     def validate(self) -> None:
         check(bool(self.data), "data", "is required: the prepare-data output URI")

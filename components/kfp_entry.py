@@ -16,9 +16,10 @@ from __future__ import annotations
 import contextlib
 import json
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Literal
 
+from components.pod import PodSettings
 from components.stage import find
 from kd_lib.config import ConfigError, check, from_dict, to_flags
 from kd_lib.io.fs import join
@@ -51,6 +52,12 @@ def stage_config(stage: str, overrides: dict, **fields):
     return from_dict(find(stage).config, {**overrides, **fields}, where=f"{stage} settings")
 
 
+def tuned(settings: dict, epochs: int = 0, lr: float = 0.0) -> dict:
+    """A training task's ``settings`` with the pipeline's typed ``epochs`` and ``lr`` parameters
+    over them, those that are set (> 0)."""
+    return {**settings, **{name: value for name, value in (("epochs", epochs), ("lr", lr)) if value}}
+
+
 def final_metrics(result: dict) -> dict[str, float]:
     """The numbers a stage reports to KFP: a training stage's last metrics row,
     or the top-1/top-5 (classification) or AP/AP50 (detection) of each evaluated model."""
@@ -61,9 +68,10 @@ def final_metrics(result: dict) -> dict[str, float]:
 
 
 @dataclass
-class Launcher:
+class Launcher(PodSettings):
     """Where a training stage runs: ``pod`` (in this process) or ``torchx`` (a TorchX job of
-    ``nnodes`` x ``nproc_per_node`` processes of ``image`` on ``scheduler``, run config ``cfg``)."""
+    ``nnodes`` x ``nproc_per_node`` processes of ``image`` on ``scheduler``, run config ``cfg``,
+    its pods with the pod settings of the task)."""
 
     kind: Literal["pod", "torchx"] = "pod"
     scheduler: str = "kubernetes"
@@ -73,6 +81,7 @@ class Launcher:
     cfg: str = ""
 
     def validate(self) -> None:
+        super().validate()
         check(self.kind == "pod" or bool(self.image), "image", "is required with kind torchx: the job's image")
         check(self.nnodes >= 1, "nnodes", f"must be >= 1, got {self.nnodes}")
         check(self.nproc_per_node >= 1, "nproc_per_node", f"must be >= 1, got {self.nproc_per_node}")
@@ -82,8 +91,9 @@ def launch_with_torchx(stage: str, config, launcher: Launcher) -> dict:
     """Run ``stage`` as a TorchX job and wait for it; its result is the manifest it published."""
     from components.torchx_apps import launch_and_wait
 
+    pod = PodSettings(**{spec.name: getattr(launcher, spec.name) for spec in fields(PodSettings)})
     launch_and_wait(stage, to_flags(config), scheduler=launcher.scheduler, nnodes=launcher.nnodes,
-                    nproc_per_node=launcher.nproc_per_node, image=launcher.image, cfg=launcher.cfg)
+                    nproc_per_node=launcher.nproc_per_node, image=launcher.image, cfg=launcher.cfg, pod=pod)
     return read_manifest(config.out)
 
 

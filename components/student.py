@@ -34,7 +34,9 @@ from kd_lib.models import build_classifier
 @dataclass
 class StudentConfig(TrainStageConfig, DistillSettings):
     assistant: str = ""
+    """the assistant's output URI: the student starts from its weights and learns from it"""
     teacher: str = ""
+    """an HR model's output URI: a fresh student learns from it"""
 
     def validate(self) -> None:
         TrainStageConfig.validate(self)

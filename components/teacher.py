@@ -12,6 +12,7 @@ from components.stage import Stage
 @dataclass
 class TeacherConfig(TrainStageConfig):
     arch: str = "resnet34"
+    """the teacher's architecture: a torchvision model name or timm:NAME,key=value,..."""
 
 
 def run(config: TeacherConfig) -> dict:

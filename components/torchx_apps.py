@@ -20,10 +20,15 @@ import sys
 from torchx import specs
 from torchx.components import dist
 from torchx.runner import get_runner
+from torchx.specs.overlays import set_overlay
 
 from components.image import DEFAULT_IMAGE
+from components.pod import PodSettings
 from components.stage import Stage, find
-from kd_lib.config import check
+from kd_lib.config import check, flag_text, from_dict
+
+#: The pod settings of a job unless told otherwise: those of the KFP tasks (kdp compile's defaults).
+POD = PodSettings()
 
 
 def check_topology(stage: Stage, nnodes: int, nproc_per_node: int, gpus_per_node: int) -> None:
@@ -39,7 +44,9 @@ def check_topology(stage: Stage, nnodes: int, nproc_per_node: int, gpus_per_node
 def stage_app(stage: str, *script_args: str, nnodes: int = 1, nproc_per_node: int = 1,
               gpus_per_node: int = -1, cpu: int = 8, memMB: int = 32768, h: str = "",
               image: str = DEFAULT_IMAGE, env: dict[str, str] | None = None,
-              mounts: list[str] | None = None, max_retries: int = 0) -> specs.AppDef:
+              mounts: list[str] | None = None, max_retries: int = 0,
+              node_selector: str = flag_text(POD.node_selector), tolerations: str = flag_text(POD.tolerations),
+              gcs_secret: str = POD.gcs_secret, gcs_secret_key: str = POD.gcs_secret_key) -> specs.AppDef:
     """One stage as a torchrun job of ``nnodes`` x ``nproc_per_node`` processes.
 
     Args:
@@ -55,26 +62,44 @@ def stage_app(stage: str, *script_args: str, nnodes: int = 1, nproc_per_node: in
         env: extra environment variables of every process (e.g. GOOGLE_APPLICATION_CREDENTIALS=/k.json)
         mounts: volumes to mount, e.g. type=volume,src=CLAIM,dst=/data (see the scheduler's docs)
         max_retries: scheduler restarts of a failed job; a restarted stage resumes from its checkpoint
+        node_selector: on Kubernetes, node labels of the pods, KEY=VALUE,... ('': none)
+        tolerations: on Kubernetes, taints the pods tolerate, KEY[=VALUE]:EFFECT,... ('': none)
+        gcs_secret: on Kubernetes, the secret with the GCS service-account key, mounted ('': none)
+        gcs_secret_key: the key file's name in that secret (GOOGLE_APPLICATION_CREDENTIALS points at it)
     """
     declared = find(stage)
     check_topology(declared, nnodes, nproc_per_node, gpus_per_node)
-    return dist.torchrun(
+    pod = from_dict(PodSettings, {"node_selector": node_selector, "tolerations": tolerations,
+                                  "gcs_secret": gcs_secret, "gcs_secret_key": gcs_secret_key})
+    return with_pod_settings(dist.torchrun(
         *script_args, m=declared.module, image=image, name=f"kdp-{declared.name}",
         h=h or None, cpu=cpu, gpu=nproc_per_node if gpus_per_node == -1 else gpus_per_node, memMB=memMB,
-        j=f"{nnodes}x{nproc_per_node}", env=env, mounts=mounts, max_retries=max_retries)
+        j=f"{nnodes}x{nproc_per_node}", env={**pod.env(), **(env or {})}, mounts=mounts,
+        max_retries=max_retries), pod)
+
+
+def with_pod_settings(app: specs.AppDef, pod: PodSettings) -> specs.AppDef:
+    """``app`` with ``pod``'s secret, node selector and tolerations on the pods of every role."""
+    for role in app.roles:
+        overlay = pod.torchx_overlay(role)
+        if overlay:
+            set_overlay(role, "kubernetes", "V1Pod", overlay)
+    return app
 
 
 def launch_and_wait(stage: str, args: list[str], *, scheduler: str = "kubernetes", nnodes: int = 1,
                     nproc_per_node: int = 1, image: str = DEFAULT_IMAGE, cfg: str = "",
-                    gpus_per_node: int = -1, wait_interval: float = 10.0) -> None:
-    """Run ``stage`` with its flags ``args`` as a TorchX job on ``scheduler`` and wait for its end.
+                    pod: PodSettings = POD, gpus_per_node: int = -1, wait_interval: float = 10.0) -> None:
+    """Run ``stage`` with its flags ``args`` as a TorchX job on ``scheduler`` and wait for its end;
+    its pods get the settings ``pod``.
 
     ``cfg`` is the scheduler's run config as ``k=v,k=v`` (for kubernetes at least ``queue=NAME``);
     the scheduler's state is polled every ``wait_interval`` seconds. Raises RuntimeError naming the
     app handle and its final state unless the job succeeded.
     """
-    app = stage_app(stage, *args, nnodes=nnodes, nproc_per_node=nproc_per_node,
-                    gpus_per_node=gpus_per_node, image=image)
+    app = stage_app(stage, *args, nnodes=nnodes, nproc_per_node=nproc_per_node, gpus_per_node=gpus_per_node,
+                    image=image, node_selector=flag_text(pod.node_selector), tolerations=flag_text(pod.tolerations),
+                    gcs_secret=pod.gcs_secret, gcs_secret_key=pod.gcs_secret_key)
     with get_runner() as runner:
         handle = runner.run(app, scheduler, cfg=runner.cfg_from_str(scheduler, cfg))
         print(f"{stage}: launched {handle} ({nnodes} x {nproc_per_node} processes)", file=sys.stderr)

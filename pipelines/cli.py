@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from importlib.metadata import version
 from pathlib import Path
 
 from kd_lib.config import ConfigError
@@ -50,16 +51,12 @@ def parse_setting(text: str, tasks: dict[str, str]) -> tuple[str, str, str]:
 
 def merged_settings(args: argparse.Namespace, pipeline, overrides: dict | None = None) -> dict[str, dict]:
     """The settings parameter of each stage task of ``pipeline``: its default, then ``overrides``
-    (settings key -> fields), then ``--epochs`` (the tasks of training stages) and ``--set``."""
+    (settings key -> fields), then ``--set``."""
     tasks = plan(pipeline, {})
     defaults = parameters(pipeline)
     settings = {task.settings: dict(defaults[task.settings].get("defaultValue", {})) for task in tasks}
     for key, value in (overrides or {}).items():
         settings[f"{key}_settings"].update(value)
-    if args.epochs is not None:
-        for task in tasks:
-            if task.stage.trains:
-                settings[task.settings]["epochs"] = args.epochs
     for text in args.set:
         param, field, value = parse_setting(text, {task.name: task.settings for task in tasks})
         settings[param][field] = value
@@ -74,7 +71,7 @@ def pipeline_params(args: argparse.Namespace, source: str, pipeline) -> dict:
     """The classification pipeline's parameters: its defaults, the demo's when there is no
     ``--data``, then the command line, merged field by field."""
     return {"source": source, **merged_settings(args, pipeline, DEMO_SETTINGS if args.data is None else None),
-            **shared_params(args, ("hr_size", "ratio", "seed", "teacher_arch", "student_arch"))}
+            **shared_params(args, ("hr_size", "ratio", "seed", "teacher_arch", "student_arch", "epochs"))}
 
 
 def detection_params(args: argparse.Namespace, pipeline) -> dict:
@@ -82,7 +79,8 @@ def detection_params(args: argparse.Namespace, pipeline) -> dict:
     source = args.data if "://" in args.data else str(Path(args.data).resolve())
     images = args.images and (args.images if "://" in args.images else str(Path(args.images).resolve()))
     return {"source": source, **({"images": images} if images else {}), **merged_settings(args, pipeline),
-            **shared_params(args, ("image_size", "ratio", "seed", "kind", "teacher_backbone", "student_backbone"))}
+            **shared_params(args, ("image_size", "ratio", "seed", "kind", "teacher_backbone", "student_backbone",
+                                   "epochs"))}
 
 
 def print_result(paths: dict[str, Path]) -> None:
@@ -221,6 +219,7 @@ def cmd_demo_data(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kdp", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"kdp {version('kd-pipeline')}")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run the whole pipeline locally (kfp.local)")
     run.add_argument("--data", help="ImageFolder root (path or URI) with train/ and val/; default: the demo")
@@ -270,7 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="a pipeline parameter (repeatable); STRUCT values are JSON")
     sched.add_argument("--max-concurrency", type=int, default=1, help="runs at once (default: 1)")
     sched.add_argument("--dry-run", action="store_true",
-                       help="print the kfp recurring-run create command and the parameters instead")
+                       help="print a command that creates the same recurring run instead")
     return parser
 
 

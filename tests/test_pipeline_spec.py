@@ -141,6 +141,18 @@ def test_training_tasks_ask_for_gpus_cpu_memory_and_gpu_nodes(tmp_path, pipeline
 
 
 @pytest.mark.parametrize("pipeline", sorted(TASKS))
+def test_training_tasks_retry_with_backoff_and_the_others_do_not(tmp_path, pipeline):
+    """A preempted training pod fails its task; the retry resumes the stage from its checkpoint."""
+    spec = compiled(tmp_path, pipeline)
+    for name, training in TASKS[pipeline].items():
+        policy = spec.tasks[name].get("retryPolicy")
+        assert policy == ({"maxRetryCount": 3, "backoffDuration": "60s", "backoffFactor": 2.0,
+                           "backoffMaxDuration": "21600s"} if training else None), name
+    spec = compiled(tmp_path, pipeline, "--retries", "0")
+    assert not [name for name, task in spec.tasks.items() if "retryPolicy" in task]
+
+
+@pytest.mark.parametrize("pipeline", sorted(TASKS))
 def test_every_task_gets_shm_and_the_gcs_secret(tmp_path, pipeline):
     spec = compiled(tmp_path, pipeline)
     for name in TASKS[pipeline]:
@@ -193,7 +205,7 @@ def test_the_ops_keep_the_rerun_token_from_the_stage(monkeypatch):
         uri, path = "memory://x", "/dev/null"
 
     common = dict(data=Uri, data_fingerprint="f", code_version="c", rerun_token="again", launcher={"kind": "pod"},
-                  settings={}, ratio=4, seed=0, checkpoint_root="", model=Uri, metrics=Uri)
+                  settings={}, epochs=0, lr=0.0, ratio=4, seed=0, checkpoint_root="", model=Uri, metrics=Uri)
     pixel_distillation.teacher_op(arch="resnet18", hr_size=64, **common)
     detection.afp_op(teacher=Uri, method="afp", kind="fcos", backbone="resnet18", **common)
     for args, fields in calls:

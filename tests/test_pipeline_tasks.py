@@ -61,6 +61,16 @@ def test_each_task_is_planned_with_the_dags_wiring(classification, detection_pip
     assert (configs["afp"].method, configs["msad"].method, configs["msad"].ratio) == ("afp", "msad", 4)
 
 
+def test_the_typed_epochs_lr_and_methods_win_over_the_settings_defaults(classification):
+    configs = {task.name: task.config for task in plan(classification, {
+        "source": "s", "epochs": 3, "lr": 0.2, "onestage_method": "dkd", "teacher_settings": {"epochs": 12}})}
+    assert {name: (config.epochs, config.lr) for name, config in configs.items() if hasattr(config, "lr")} == {
+        name: (3, 0.2) for name in ("teacher", "assistant", "student", "student-onestage", "lr-baseline")}
+    assert (configs["student"].method, configs["student-onestage"].method) == ("tas", "dkd")
+    configs = {task.name: task.config for task in plan(classification, {"source": "s"})}
+    assert (configs["teacher"].epochs, configs["teacher"].lr) == (12, 0.05)  # the settings' defaults
+
+
 def test_a_bad_setting_fails_naming_the_task_and_field(classification, detection_pipeline):
     cases = ((classification, {"onestage_settings": {"method": "kd+nope"}}, "student-onestage", "method"),
              (classification, {"teacher_settings": {"epochs": "many"}}, "teacher", "epochs"),

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 from torchx.specs.finder import get_component
+from torchx.specs.overlays import get_overlay
 
 from components import torchx_apps
 from components.stage import find, stages
@@ -68,7 +69,16 @@ def test_kubernetes_dryrun_renders_a_volcano_job_of_ddp_nodes():
     rank0_hosts = ["TORCHX_RANK0_HOST", "VC_TEACHER_0_HOSTS"]
     for task, rank0 in zip(tasks, rank0_hosts):
         assert task["replicas"] == 1 and task["minAvailable"] == 1
-        [container] = task["template"]["spec"]["containers"]
+        pod = task["template"]["spec"]
+        # the pod settings of the KFP tasks (kdp compile's defaults): GCS key, node selector, tolerations
+        assert pod["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+        assert pod["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+        assert {"name": "gcs-credentials", "secret": {"secretName": "gcs-credentials"}} in pod["volumes"]
+        assert "dshm" in [volume["name"] for volume in pod["volumes"]]
+        [container] = pod["containers"]
+        assert container["volumeMounts"] == [{"mountPath": "/dev/shm", "name": "dshm"}, {
+            "mountPath": "/var/secrets/gcs", "name": "gcs-credentials", "readOnly": True}]
+        assert {"name": "GOOGLE_APPLICATION_CREDENTIALS", "value": "/var/secrets/gcs/key.json"} in container["env"]
         assert container["image"] == torchx_apps.DEFAULT_IMAGE == "ghcr.io/kd-pipeline/kdp:0.1.0"
         assert container["resources"]["limits"]["nvidia.com/gpu"] == "4"
         assert container["resources"]["requests"]["nvidia.com/gpu"] == "4"
@@ -78,6 +88,19 @@ def test_kubernetes_dryrun_renders_a_volcano_job_of_ddp_nodes():
                                   f"${{{rank0}:=localhost}}:29500 ")
         assert "--nnodes 2 --nproc_per_node 4 " in command
         assert command.endswith("-m components.teacher --data gs://b/data --out gs://b/teacher")
+
+
+def test_pod_settings_can_be_changed_or_turned_off():
+    [role] = torchx_apps.stage_app("afp", node_selector="pool=a100", tolerations="gpu=yes:NoExecute",
+                                   gcs_secret="kdp-gcs", gcs_secret_key="sa.json").roles
+    spec = get_overlay(role, "kubernetes", "V1Pod")["spec"]
+    assert spec["nodeSelector"] == {"pool": "a100"} and spec["volumes"][0]["secret"] == {"secretName": "kdp-gcs"}
+    assert spec["tolerations"] == [{"key": "gpu", "operator": "Equal", "value": "yes", "effect": "NoExecute"}]
+    assert role.env["GOOGLE_APPLICATION_CREDENTIALS"] == "/var/secrets/gcs/sa.json"
+    [role] = torchx_apps.stage_app("afp", node_selector="", tolerations="", gcs_secret="").roles
+    assert get_overlay(role, "kubernetes", "V1Pod") == {} and "GOOGLE_APPLICATION_CREDENTIALS" not in role.env
+    with pytest.raises(ConfigError, match="'tolerations'"):
+        torchx_apps.stage_app("afp", tolerations="gpu:Never")
 
 
 @pytest.fixture

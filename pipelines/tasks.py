@@ -59,7 +59,7 @@ def plan(pipeline, params: dict) -> list[StageTask]:
               for name, definition in definitions.items()}
     module = sys.modules[pipeline.pipeline_func.__module__]
     tasks = []
-    for task_id, task in spec["root"]["dag"]["tasks"].items():
+    for task_id, task in sorted(spec["root"]["dag"]["tasks"].items()):
         inputs = task.get("inputs", {})
         settings = inputs.get("parameters", {}).get("settings", {}).get("componentInputParameter")
         if settings is None:

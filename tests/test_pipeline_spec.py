@@ -246,14 +246,18 @@ def test_empty_compile_options_turn_their_settings_off(tmp_path):
 
 def test_the_torchx_launcher_hands_training_to_a_job_and_the_task_only_waits(tmp_path):
     spec = compiled(tmp_path, "detection", "--launcher", "torchx", "--nnodes", "2", "--gpus", "4",
-                    "--image", "registry.example/kdp:2.0", "--torchx-cfg", "queue=gpu,namespace=ml")
+                    "--image", "registry.example/kdp:2.0", "--torchx-cfg", "queue=gpu,namespace=ml",
+                    "--gcs-secret", "kdp-gcs", "--node-selector", "pool=a100")
     for name, training in TASKS["detection"].items():
         resources = spec.container(name)["resources"]
         assert "accelerator" not in resources and resources["resourceCpuRequest"] == "4", name
         assert "nodeSelector" not in spec.kubernetes(name) and spec.kubernetes(name)["secretAsVolume"]
         if training:
             launcher = spec.tasks[name]["inputs"]["parameters"]["launcher"]["runtimeValue"]["constant"]
+            # the job's pods get the task's GCS key, node selector and tolerations
             assert launcher == {"kind": "torchx", "scheduler": "kubernetes", "nnodes": 2, "nproc_per_node": 4,
-                                "image": "registry.example/kdp:2.0", "cfg": "queue=gpu,namespace=ml"}
+                                "image": "registry.example/kdp:2.0", "cfg": "queue=gpu,namespace=ml",
+                                "gcs_secret": "kdp-gcs", "gcs_secret_key": "key.json",
+                                "node_selector": {"pool": "a100"}, "tolerations": ["nvidia.com/gpu:NoSchedule"]}
     pod = compiled(tmp_path, "detection")
     assert pod.tasks["afp"]["inputs"]["parameters"]["launcher"]["runtimeValue"]["constant"] == {"kind": "pod"}

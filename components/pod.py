@@ -62,7 +62,9 @@ class PodSettings:
 
     def env(self) -> dict[str, str]:
         """The environment that points Google's libraries (gcsfs) at the mounted key."""
-        return {"GOOGLE_APPLICATION_CREDENTIALS": f"{GCS_SECRET_MOUNT}/{self.gcs_secret_key}"} if self.gcs_secret else {}
+        if not self.gcs_secret:
+            return {}
+        return {"GOOGLE_APPLICATION_CREDENTIALS": f"{GCS_SECRET_MOUNT}/{self.gcs_secret_key}"}
 
     def torchx_overlay(self, role) -> dict[str, Any]:
         """The pod overlay (``torchx.specs.overlays``, kubernetes ``V1Pod``) that gives every pod of

@@ -73,8 +73,11 @@ def plan(pipeline, params: dict) -> list[StageTask]:
                 function(**task_arguments(function, task_id, inputs, values))
         except Planned as planned:
             tasks.append(StageTask(name, settings, find(planned.stage), planned.config))
-        except ConfigError as err:
-            raise ConfigError(err.field, err.message, f"{name} ({settings})") from None
+        except ConfigError as err:  # named after what the user set: the settings, or the field's own parameter
+            fed = inputs.get("parameters", {}).get(err.field, {}).get("componentInputParameter")
+            source = settings if fed is None or err.field in values[settings] else fed
+            raise ConfigError(err.field, err.message, f"{name} ({'parameter ' if source != settings else ''}"
+                              f"{source})") from None
         else:
             raise TypeError(f"{task_id}: {function.__name__} has a settings input but runs no stage")
     return tasks

@@ -163,8 +163,8 @@ def test_the_torchx_launcher_runs_the_stage_as_a_job_and_reads_its_manifest(tmp_
 
 def test_kdp_run_refuses_a_bad_setting_before_any_work(tmp_path, capsys):
     out = tmp_path / "run"
-    cases = ((["--student-arch", "resnet19"], r"^kdp: error: [\w-]+ \(\w+_settings\): field 'arch': unknown "
-                                              r"torchvision architecture 'resnet19' \(close matches: resnet18"),
+    cases = ((["--student-arch", "resnet19"], r"^kdp: error: [\w-]+ \(parameter student_arch\): field 'arch': "
+                                              r"unknown torchvision architecture 'resnet19' \(close matches: resnet18"),
              (["--teacher-arch", "timm:resnet5O"], r"field 'arch': unknown timm model 'resnet5O'"),
              (["--set", "student-onestage.method=kd+isdr"], r"student-onestage \(onestage_settings\): field 'method'"),
              (["--set", "teacher.lr=fast"], r"teacher \(teacher_settings\): field 'lr': must be a number"),
@@ -174,7 +174,7 @@ def test_kdp_run_refuses_a_bad_setting_before_any_work(tmp_path, capsys):
         assert re.search(message, capsys.readouterr().err), argv
     assert cli.main(["detect", "--data", str(tmp_path / "coco.json"), "--out", str(out), "--student-backbone",
                      "resnet19"]) == 2
-    assert re.search(r"\w+ \(\w+_settings\): field 'backbone': unknown detector backbone .*'resnet19' "
+    assert re.search(r"\w+ \(parameter student_backbone\): field 'backbone': unknown detector backbone .*'resnet19' "
                      r"\(close matches: resnet18", capsys.readouterr().err)
     assert not out.exists(), "a refused run wrote something"
 
@@ -185,7 +185,8 @@ def test_kdp_version_and_field_help(capsys):
     with pytest.raises(SystemExit) as done:
         cli.main(["--version"])
     assert done.value.code == 0
-    assert capsys.readouterr().out.strip() == f"kdp {tomllib.loads((ROOT / 'pyproject.toml').read_text())['project']['version']}"
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert capsys.readouterr().out.strip() == f"kdp {project['version']}"
     with pytest.raises(SystemExit):
         cli.main(["stage", "evaluate", "--help"])
     text = " ".join(capsys.readouterr().out.split())

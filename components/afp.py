@@ -58,16 +58,27 @@ PHASES = ("assistant", "student")
 @dataclass
 class AFPConfig(DetectionStageConfig):
     teacher: str = ""
+    """the detection teacher's output URI (stage detector, view hr)"""
     method: Literal["afp", "msad"] = "afp"
+    """afp: through an aligned HR assistant; msad: through the MSAD teacher"""
     assistant_epochs: int = 0
+    """epochs of the assistant phase (0: as many as epochs)"""
     afp_temperature: float = 2.0
+    """AFP: temperature of the classification-logit KD"""
     afp_cls_weight: float = 1.0
+    """AFP: weight of the classification-logit KD"""
     afp_box_weight: float = 1.0
+    """AFP: weight of the GIoU KD of the decoded boxes"""
     afp_feature_weight: float = 1.0
+    """AFP: weight of the MSE KD of the pyramid features"""
     msad_fused_weight: float = 0.4
+    """MSAD teacher: weight of the fused branch's detection loss"""
     msad_alpha: float = 0.2
+    """MSAD student: weight of the L1 KD against the teacher's fused levels"""
     msad_temperature: float = 3.0
+    """MSAD student: temperature T of that KD"""
     msad_ramp_iters: int = 500
+    """MSAD student: steps over which the KD weight ramps up from 0"""
 
     def validate(self) -> None:
         super().validate()

@@ -54,13 +54,21 @@ class TrainStageConfig(TrainSettings):
     """Fields of every training stage (on top of the loop's settings)."""
 
     data: str = ""
+    """the prepare-data output URI"""
     out: str = ""
+    """where this stage writes its outputs"""
     arch: str = "resnet18"
+    """the architecture: a torchvision model name or timm:NAME,key=value,..."""
     hr_size: int = 64
+    """the side of the HR training crop, in px"""
     ratio: int = 4
+    """the LR image is the HR one downsampled by this factor"""
     resize: ResizeMode = "bilinear"
+    """how the LR image is made from the HR one"""
     crop_scale: float = 0.35
+    """the smallest share of the image a random training crop covers"""
     checkpoint_root: str = ""
+    """where checkpoints go ('': a checkpoints/ folder under out)"""
 
     def validate(self) -> None:
         super().validate()

@@ -45,15 +45,25 @@ class DetectionStageConfig(TrainSettings):
     the gradient norm clipped at 10, a common from-scratch recipe for RetinaNet and FCOS."""
 
     data: str = ""
+    """the prepare-data output URI (detection data)"""
     out: str = ""
+    """where this stage writes its outputs"""
     kind: Literal["retinanet", "fcos"] = "fcos"
+    """the detector: FCOS or RetinaNet, on an FPN"""
     backbone: str = "resnet18"
+    """the FPN's backbone: a torchvision ResNet or MobileNet"""
     ratio: int = 2
+    """the LR image is the HR one downsampled by this factor"""
     resize: ResizeMode = "bilinear"
+    """how the LR image is made from the HR one"""
     checkpoint_root: str = ""
+    """where checkpoints go ('': a checkpoints/ folder under out)"""
     batch_size: int = 8
+    """images per step, over all processes together"""
     weight_decay: float = 1e-4
+    """SGD weight decay"""
     grad_clip_norm: float = 10.0
+    """clip the global gradient norm of each step to this (0: off)"""
 
     def validate(self) -> None:
         super().validate()

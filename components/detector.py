@@ -25,6 +25,7 @@ from kd_lib.models.detector_store import DetectorSpec
 @dataclass
 class DetectorConfig(DetectionStageConfig):
     view: str = "hr"
+    """hr: the detection teacher, on the HR images; lr: the LR baseline"""
 
     def validate(self) -> None:
         super().validate()

@@ -39,9 +39,10 @@ from typing import Literal
 
 import torch
 
-from components.common import StageRun, publish_on_main, stage_cli
+from components.common import StageRun, publish_on_main
 from components.detection_common import (DetectionData, DetectionStageConfig, load_upstream_detector, read_rows,
                                           train, write_detector)
+from components.stage import Stage
 from kd_lib.config import ConfigError, check
 from kd_lib.distill.detection import AFPDistiller, MSADDistiller, MSADTeacher, MSADTeacherTraining
 from kd_lib.io.fs import join
@@ -57,16 +58,27 @@ PHASES = ("assistant", "student")
 @dataclass
 class AFPConfig(DetectionStageConfig):
     teacher: str = ""
+    """the detection teacher's output URI (stage detector, view hr)"""
     method: Literal["afp", "msad"] = "afp"
+    """afp: through an aligned HR assistant; msad: through the MSAD teacher"""
     assistant_epochs: int = 0
+    """epochs of the assistant phase (0: as many as epochs)"""
     afp_temperature: float = 2.0
+    """AFP: temperature of the classification-logit KD"""
     afp_cls_weight: float = 1.0
+    """AFP: weight of the classification-logit KD"""
     afp_box_weight: float = 1.0
+    """AFP: weight of the GIoU KD of the decoded boxes"""
     afp_feature_weight: float = 1.0
+    """AFP: weight of the MSE KD of the pyramid features"""
     msad_fused_weight: float = 0.4
+    """MSAD teacher: weight of the fused branch's detection loss"""
     msad_alpha: float = 0.2
+    """MSAD student: weight of the L1 KD against the teacher's fused levels"""
     msad_temperature: float = 3.0
+    """MSAD student: temperature T of that KD"""
     msad_ramp_iters: int = 500
+    """MSAD student: steps over which the KD weight ramps up from 0"""
 
     def validate(self) -> None:
         super().validate()
@@ -167,9 +179,7 @@ def run(config: AFPConfig) -> dict:
     return publish_on_main(config.out, write)
 
 
-def main(argv: list[str] | None = None) -> int:
-    return stage_cli(AFPConfig, run, argv, "kdp stage afp", __doc__)
-
+STAGE = Stage("afp", AFPConfig, run, trains=True)
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(STAGE.main())

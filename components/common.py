@@ -40,7 +40,7 @@ from kd_lib.engine.settings import TrainSettings
 from kd_lib.eval.accuracy import classifier_validation
 from kd_lib.io.fs import StorageError, join, remove, remove_if_empty
 from kd_lib.io.manifest import IncompleteOutputError, finished_with_key, read_manifest, stage_key, unpublish, write_manifest
-from kd_lib.models import build_classifier
+from kd_lib.models import build_classifier, check_architecture
 from kd_lib.models.store import MODEL_FILE, load_classifier, save_classifier
 from kd_lib.ops import ResizeMode
 
@@ -54,13 +54,21 @@ class TrainStageConfig(TrainSettings):
     """Fields of every training stage (on top of the loop's settings)."""
 
     data: str = ""
+    """the prepare-data output URI"""
     out: str = ""
+    """where this stage writes its outputs"""
     arch: str = "resnet18"
+    """the architecture: a torchvision model name or timm:NAME,key=value,..."""
     hr_size: int = 64
+    """the side of the HR training crop, in px"""
     ratio: int = 4
+    """the LR image is the HR one downsampled by this factor"""
     resize: ResizeMode = "bilinear"
+    """how the LR image is made from the HR one"""
     crop_scale: float = 0.35
+    """the smallest share of the image a random training crop covers"""
     checkpoint_root: str = ""
+    """where checkpoints go ('': a checkpoints/ folder under out)"""
 
     def validate(self) -> None:
         super().validate()
@@ -71,6 +79,7 @@ class TrainStageConfig(TrainSettings):
         check(self.hr_size % self.ratio == 0, "hr_size",
               f"{self.hr_size} is not divisible by ratio {self.ratio}: the LR side must be exact")
         check(0 < self.crop_scale <= 1, "crop_scale", f"must be in (0, 1], got {self.crop_scale}")
+        check_architecture(self.arch)
 
     @property
     def lr_size(self) -> int:

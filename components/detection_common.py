@@ -20,7 +20,7 @@ from typing import Literal
 import pyarrow.parquet as pq
 import torch
 
-from kd_lib.config import check
+from kd_lib.config import check, check_name
 from kd_lib.data.detection_shards import DetectionShardDataset, collate_detection
 from kd_lib.data.imagefolder import DataError
 from kd_lib.distill.detection import DetectorTraining
@@ -30,6 +30,7 @@ from kd_lib.eval.detection import detector_validation
 from kd_lib.io.fs import join, read_bytes
 from kd_lib.io.manifest import read_manifest
 from kd_lib.models.detector_store import MODEL_FILE, DetectorSpec, load_detector, save_detector
+from kd_lib.models.detectors import accepted_backbones
 from kd_lib.ops import ResizeMode
 
 METRICS_FILE = "metrics.parquet"
@@ -44,15 +45,25 @@ class DetectionStageConfig(TrainSettings):
     the gradient norm clipped at 10, a common from-scratch recipe for RetinaNet and FCOS."""
 
     data: str = ""
+    """the prepare-data output URI (detection data)"""
     out: str = ""
+    """where this stage writes its outputs"""
     kind: Literal["retinanet", "fcos"] = "fcos"
+    """the detector: FCOS or RetinaNet, on an FPN"""
     backbone: str = "resnet18"
+    """the FPN's backbone: a torchvision ResNet or MobileNet"""
     ratio: int = 2
+    """the LR image is the HR one downsampled by this factor"""
     resize: ResizeMode = "bilinear"
+    """how the LR image is made from the HR one"""
     checkpoint_root: str = ""
+    """where checkpoints go ('': a checkpoints/ folder under out)"""
     batch_size: int = 8
+    """images per step, over all processes together"""
     weight_decay: float = 1e-4
+    """SGD weight decay"""
     grad_clip_norm: float = 10.0
+    """clip the global gradient norm of each step to this (0: off)"""
 
     def validate(self) -> None:
         super().validate()
@@ -60,6 +71,8 @@ class DetectionStageConfig(TrainSettings):
         check(bool(self.out), "out", "is required: where this stage writes its outputs")
         check(self.kind in ("retinanet", "fcos"), "kind", f"must be retinanet or fcos, got {self.kind!r}")
         check(self.ratio in (1, 2, 4, 8), "ratio", f"must be 1, 2, 4 or 8 (a power of two), got {self.ratio}")
+        check_name(self.backbone, accepted_backbones(), "backbone",
+                   "detector backbone (a torchvision ResNet or MobileNet)")
 
 
 @dataclass

@@ -13,8 +13,9 @@ from dataclasses import asdict, dataclass, replace
 
 import torch
 
-from components.common import StageRun, publish_on_main, stage_cli
+from components.common import StageRun, publish_on_main
 from components.detection_common import DetectionData, DetectionStageConfig, train, write_detector
+from components.stage import Stage
 from kd_lib.config import check
 from kd_lib.distill.detection import DetectorTraining
 from kd_lib.io.manifest import unpublish
@@ -24,6 +25,7 @@ from kd_lib.models.detector_store import DetectorSpec
 @dataclass
 class DetectorConfig(DetectionStageConfig):
     view: str = "hr"
+    """hr: the detection teacher, on the HR images; lr: the LR baseline"""
 
     def validate(self) -> None:
         super().validate()
@@ -54,9 +56,7 @@ def run(config: DetectorConfig) -> dict:
     return publish_on_main(config.out, write)
 
 
-def main(argv: list[str] | None = None) -> int:
-    return stage_cli(DetectorConfig, run, argv, "kdp stage detector", __doc__)
-
+STAGE = Stage("detector", DetectorConfig, run, trains=True)
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(STAGE.main())

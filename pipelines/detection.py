@@ -10,7 +10,8 @@ stage of ``components/`` in the image of its role, stage outputs are the
 output artifacts' URIs, the data fingerprint and ``code_version`` are inputs
 of every training task so that the cache follows data and code. Parameters:
 the shared fields (``ratio``, ``seed``, ``kind``, the two backbones), the
-letterbox side ``image_size``, a ``*_settings`` mapping per stage, and a
+letterbox side ``image_size``, the typed ``epochs`` and ``lr`` of every
+training task (0: each stage's own setting), a ``*_settings`` mapping per stage, and a
 ``rerun_*`` token per stage (a new value reruns that stage and what reads its
 output; see :mod:`pipelines.cluster`).
 """
@@ -44,20 +45,20 @@ def prepare_detection_op(source: str, images: str, source_version: str, image_si
 
 
 def detector_op(data: Input[Dataset], data_fingerprint: str, code_version: str, rerun_token: str, launcher: dict,
-                settings: dict, view: str, kind: str, backbone: str, ratio: int, seed: int, checkpoint_root: str,
-                model: Output[Model], metrics: Output[Metrics]):
+                settings: dict, epochs: int, lr: float, view: str, kind: str, backbone: str, ratio: int, seed: int,
+                checkpoint_root: str, model: Output[Model], metrics: Output[Metrics]):
     """detector: a detector trained with its detection loss alone on the HR or LR image."""
-    from components.kfp_entry import run_stage
-    run_stage("detector", settings, metrics, launcher, data=data.uri, out=model.uri, view=view, kind=kind,
+    from components.kfp_entry import run_stage, tuned
+    run_stage("detector", tuned(settings, epochs, lr), metrics, launcher, data=data.uri, out=model.uri, view=view, kind=kind,
               backbone=backbone, ratio=ratio, seed=seed, checkpoint_root=checkpoint_root)
 
 
 def afp_op(data: Input[Dataset], data_fingerprint: str, code_version: str, rerun_token: str, launcher: dict,
-           teacher: Input[Model], method: str, settings: dict, kind: str, backbone: str, ratio: int, seed: int, checkpoint_root: str,
-           model: Output[Model], metrics: Output[Metrics]):
+           teacher: Input[Model], method: str, settings: dict, epochs: int, lr: float, kind: str, backbone: str,
+           ratio: int, seed: int, checkpoint_root: str, model: Output[Model], metrics: Output[Metrics]):
     """afp: the aligned HR assistant (or MSAD teacher) and the LR student distilled through it."""
-    from components.kfp_entry import run_stage
-    run_stage("afp", settings, metrics, launcher, data=data.uri, out=model.uri, teacher=teacher.uri, method=method,
+    from components.kfp_entry import run_stage, tuned
+    run_stage("afp", tuned(settings, epochs, lr), metrics, launcher, data=data.uri, out=model.uri, teacher=teacher.uri, method=method,
               kind=kind, backbone=backbone, ratio=ratio, seed=seed, checkpoint_root=checkpoint_root)
 
 
@@ -95,6 +96,8 @@ def build_pipeline(options: ClusterOptions | None = None):
         kind: str = "fcos",
         teacher_backbone: str = "resnet34",
         student_backbone: str = "resnet18",
+        epochs: int = 0,
+        lr: float = 0.0,
         prepare_settings: dict = DEFAULT_SETTINGS["prepare"],
         teacher_settings: dict = DEFAULT_SETTINGS["teacher"],
         afp_settings: dict = DEFAULT_SETTINGS["afp"],
@@ -113,7 +116,8 @@ def build_pipeline(options: ClusterOptions | None = None):
         data = prepare(source=source, images=images, source_version=version.output, image_size=image_size,
                        settings=prepare_settings, code_version=code_version, rerun_token=rerun_prepare)
         common = dict(data=data.outputs["data"], data_fingerprint=data.outputs["Output"], kind=kind, ratio=ratio,
-                      seed=seed, checkpoint_root=checkpoint_root, code_version=code_version, launcher=launcher)
+                      seed=seed, checkpoint_root=checkpoint_root, code_version=code_version, launcher=launcher,
+                      epochs=epochs, lr=lr)
         teacher = train_detector(settings=teacher_settings, view="hr", backbone=teacher_backbone,
                                  rerun_token=rerun_teacher, **common)
         afp = train_afp(teacher=teacher.outputs["model"], method="afp", settings=afp_settings,
@@ -125,11 +129,10 @@ def build_pipeline(options: ClusterOptions | None = None):
         report = evaluate(data=data.outputs["data"], code_version=code_version, rerun_token=rerun_evaluate,
                           teacher=teacher.outputs["model"], afp=afp.outputs["model"], msad=msad.outputs["model"],
                           lr_baseline=baseline.outputs["model"], settings=evaluate_settings)
-        for task, name, training in ((data, "prepare-data", False), (teacher, "teacher", True), (afp, "afp", True),
-                                     (msad, "msad", True), (baseline, "lr-baseline", True),
-                                     (report, "evaluate", False)):
-            configure_task(task.set_display_name(name), options, training=training)
-        configure_task(version.set_display_name("source-version"), options, training=False, cached=False)
+        for task, name in ((data, "prepare-data"), (teacher, "teacher"), (afp, "afp"), (msad, "msad"),
+                           (baseline, "lr-baseline"), (report, "evaluate")):
+            configure_task(task.set_display_name(name), options)
+        configure_task(version.set_display_name("source-version"), options, cached=False)
         return report.outputs["summary"]
 
     return detection_distillation

@@ -16,9 +16,12 @@ cache key of everything downstream changes exactly when the data does.
 local runs): it is an input of every task, so new code misses the cache.
 
 Pipeline parameters: the shared fields (``hr_size``, ``ratio``, ``seed``,
-the two architectures) and, per stage, a ``*_settings`` mapping of that
-stage's config fields (``{"epochs": 30, "lr": 0.05}``, and for the two
-students ``{"method": "crkd"}`` to change the method); unknown or bad fields
+the two architectures); the most tuned settings, typed: ``epochs`` and ``lr``
+of every training task (0: each stage's own setting) and the two students'
+methods (``student_method``: TAS from the assistant; ``onestage_method``:
+one-stage pixel distillation, KD + ISRD, from the teacher); and, per stage, a
+``*_settings`` mapping of that stage's config fields (``{"epochs": 30, "lr":
+0.05}``; a ``method`` there wins over the typed one); unknown or bad fields
 fail the stage with an error naming the field.
 
 Per-stage reruns: ``rerun_prepare``, ``rerun_teacher``, ... (one per
@@ -48,11 +51,6 @@ DEFAULT_SETTINGS = {
 }
 
 
-#: The two students' methods unless their settings say otherwise: TAS from the assistant, and
-#: one-stage pixel distillation (KD + ISRD) from the teacher.
-STUDENT_METHODS = {"student": "tas", "onestage": "kd+isrd"}
-
-
 def source_version_op(source: str, images: str) -> str:
     """source-version: a fingerprint of the listing of ``source`` (and ``images``): every file's
     path, size and checksum, read without downloading. The task is never cached and prepare-data
@@ -70,40 +68,41 @@ def prepare_data_op(source: str, source_version: str, settings: dict, code_versi
 
 
 def teacher_op(data: Input[Dataset], data_fingerprint: str, code_version: str, rerun_token: str, launcher: dict,
-               settings: dict, arch: str, hr_size: int, ratio: int, seed: int, checkpoint_root: str,
-               model: Output[Model], metrics: Output[Metrics]):
+               settings: dict, epochs: int, lr: float, arch: str, hr_size: int, ratio: int, seed: int,
+               checkpoint_root: str, model: Output[Model], metrics: Output[Metrics]):
     """teacher: the large model at HR, cross-entropy."""
-    from components.kfp_entry import run_stage
-    run_stage("teacher", settings, metrics, launcher, data=data.uri, out=model.uri, arch=arch, hr_size=hr_size,
+    from components.kfp_entry import run_stage, tuned
+    run_stage("teacher", tuned(settings, epochs, lr), metrics, launcher, data=data.uri, out=model.uri, arch=arch, hr_size=hr_size,
               ratio=ratio, seed=seed, checkpoint_root=checkpoint_root)
 
 
 def assistant_op(data: Input[Dataset], data_fingerprint: str, code_version: str, rerun_token: str, launcher: dict,
-                 teacher: Input[Model], settings: dict, arch: str, hr_size: int, ratio: int, seed: int,
-                 checkpoint_root: str, model: Output[Model], metrics: Output[Metrics]):
+                 teacher: Input[Model], settings: dict, epochs: int, lr: float, arch: str, hr_size: int,
+                 ratio: int, seed: int, checkpoint_root: str, model: Output[Model], metrics: Output[Metrics]):
     """assistant: the small model at HR, distilled from the teacher."""
-    from components.kfp_entry import run_stage
-    run_stage("assistant", settings, metrics, launcher, data=data.uri, out=model.uri, teacher=teacher.uri, arch=arch,
+    from components.kfp_entry import run_stage, tuned
+    run_stage("assistant", tuned(settings, epochs, lr), metrics, launcher, data=data.uri, out=model.uri, teacher=teacher.uri, arch=arch,
               hr_size=hr_size, ratio=ratio, seed=seed, checkpoint_root=checkpoint_root)
 
 
 def student_op(data: Input[Dataset], data_fingerprint: str, code_version: str, rerun_token: str, launcher: dict,
-               source: Input[Model], source_field: str, default_method: str, settings: dict, arch: str, hr_size: int, ratio: int,
-               seed: int, checkpoint_root: str, model: Output[Model], metrics: Output[Metrics]):
+               source: Input[Model], source_field: str, method: str, settings: dict, epochs: int, lr: float,
+               arch: str, hr_size: int, ratio: int, seed: int, checkpoint_root: str, model: Output[Model],
+               metrics: Output[Metrics]):
     """student: the small model at LR, distilled from ``source`` (the assistant or the teacher)
-    with ``default_method`` unless the settings name another ``method``."""
-    from components.kfp_entry import run_stage
-    run_stage("student", {"method": default_method, **settings}, metrics, launcher, data=data.uri, out=model.uri,
+    with ``method`` unless the settings name another."""
+    from components.kfp_entry import run_stage, tuned
+    run_stage("student", {"method": method, **tuned(settings, epochs, lr)}, metrics, launcher, data=data.uri, out=model.uri,
               arch=arch, hr_size=hr_size, ratio=ratio, seed=seed, checkpoint_root=checkpoint_root,
               **{source_field: source.uri})
 
 
 def lr_baseline_op(data: Input[Dataset], data_fingerprint: str, code_version: str, rerun_token: str, launcher: dict,
-                   settings: dict, arch: str, hr_size: int, ratio: int, seed: int, checkpoint_root: str,
-                   model: Output[Model], metrics: Output[Metrics]):
+                   settings: dict, epochs: int, lr: float, arch: str, hr_size: int, ratio: int, seed: int,
+                   checkpoint_root: str, model: Output[Model], metrics: Output[Metrics]):
     """lr-baseline: the student's architecture at LR, cross-entropy only."""
-    from components.kfp_entry import run_stage
-    run_stage("lr-baseline", settings, metrics, launcher, data=data.uri, out=model.uri, arch=arch, hr_size=hr_size,
+    from components.kfp_entry import run_stage, tuned
+    run_stage("lr-baseline", tuned(settings, epochs, lr), metrics, launcher, data=data.uri, out=model.uri, arch=arch, hr_size=hr_size,
               ratio=ratio, seed=seed, checkpoint_root=checkpoint_root)
 
 
@@ -141,6 +140,10 @@ def build_pipeline(options: ClusterOptions | None = None):
         seed: int = 0,
         teacher_arch: str = "resnet34",
         student_arch: str = "resnet18",
+        epochs: int = 0,
+        lr: float = 0.0,
+        student_method: str = "tas",
+        onestage_method: str = "kd+isrd",
         prepare_settings: dict = DEFAULT_SETTINGS["prepare"],
         teacher_settings: dict = DEFAULT_SETTINGS["teacher"],
         assistant_settings: dict = DEFAULT_SETTINGS["assistant"],
@@ -162,15 +165,15 @@ def build_pipeline(options: ClusterOptions | None = None):
                        code_version=code_version, rerun_token=rerun_prepare)
         common = dict(data=data.outputs["data"], data_fingerprint=data.outputs["Output"], hr_size=hr_size,
                       ratio=ratio, seed=seed, checkpoint_root=checkpoint_root, code_version=code_version,
-                      launcher=launcher)
+                      launcher=launcher, epochs=epochs, lr=lr)
         teacher = train_teacher(settings=teacher_settings, arch=teacher_arch, rerun_token=rerun_teacher, **common)
         assistant = train_assistant(teacher=teacher.outputs["model"], settings=assistant_settings,
                                     arch=student_arch, rerun_token=rerun_assistant, **common)
         student = train_student(source=assistant.outputs["model"], source_field="assistant",
-                                default_method=STUDENT_METHODS["student"], settings=student_settings,
+                                method=student_method, settings=student_settings,
                                 arch=student_arch, rerun_token=rerun_student, **common)
         onestage = train_student(source=teacher.outputs["model"], source_field="teacher",
-                                 default_method=STUDENT_METHODS["onestage"], settings=onestage_settings,
+                                 method=onestage_method, settings=onestage_settings,
                                  arch=student_arch, rerun_token=rerun_onestage, **common)
         baseline = train_lr_baseline(settings=lr_baseline_settings, arch=student_arch, rerun_token=rerun_lr_baseline,
                                      **common)
@@ -179,12 +182,11 @@ def build_pipeline(options: ClusterOptions | None = None):
                           student=student.outputs["model"], student_onestage=onestage.outputs["model"],
                           lr_baseline=baseline.outputs["model"], settings=evaluate_settings, hr_size=hr_size,
                           ratio=ratio)
-        for task, name, training in ((data, "prepare-data", False), (teacher, "teacher", True),
-                                     (assistant, "assistant", True), (student, "student", True),
-                                     (onestage, "student-onestage", True), (baseline, "lr-baseline", True),
-                                     (report, "evaluate", False)):
-            configure_task(task.set_display_name(name), options, training=training)
-        configure_task(version.set_display_name("source-version"), options, training=False, cached=False)
+        for task, name in ((data, "prepare-data"), (teacher, "teacher"), (assistant, "assistant"),
+                           (student, "student"), (onestage, "student-onestage"), (baseline, "lr-baseline"),
+                           (report, "evaluate")):
+            configure_task(task.set_display_name(name), options)
+        configure_task(version.set_display_name("source-version"), options, cached=False)
         return report.outputs["summary"]
 
     return pixel_distillation

@@ -6,7 +6,7 @@ import pytest
 
 from components.student import StudentConfig
 from components.teacher import TeacherConfig
-from kd_lib.config import ConfigError, add_arguments, check, from_args, from_dict
+from kd_lib.config import ConfigError, add_arguments, check, check_name, field_help, from_args, from_dict
 
 
 @dataclass
@@ -78,3 +78,34 @@ def test_yaml_file_and_flags_flags_win(tmp_path):
     path.write_text("data: d\nout: o\nepoch: 7\n")
     with pytest.raises(ConfigError, match=r"teacher.yaml: field 'epoch': unknown field"):
         from_args(TeacherConfig, parser.parse_args(["--config", str(path)]))
+
+
+@dataclass
+class _Documented:
+    source: str = ""
+    """where the data is"""
+    mode: Literal["fast", "slow"] = "fast"
+    """how to go"""
+    models: dict[str, str] = field(default_factory=dict)
+    retries: int = field(default=2, metadata={"help": "how often to try again"})
+
+    def validate(self) -> None:
+        check(bool(self.source), "source", "is required: a URI")
+        check(bool(self.models), "models", "is required: name=URI of each model")
+
+
+def test_field_help_is_read_from_the_dataclass():
+    assert field_help(_Documented) == {
+        "source": "where the data is (REQUIRED)",
+        "mode": "how to go (choices: fast, slow; default: fast)",
+        "models": "(REQUIRED: name=URI of each model)",
+        "retries": "how often to try again (default: 2)",
+    }
+
+
+def test_check_name_gives_close_matches():
+    with pytest.raises(ConfigError, match=r"field 'arch': unknown architecture 'resnet19' \(close matches: resnet18"):
+        check_name("resnet19", ["resnet18", "resnet34", "vit_b_16"], "arch", "architecture")
+    with pytest.raises(ConfigError, match=r"none of the 2 known is close"):
+        check_name("zzz", ["resnet18", "vit_b_16"], "arch", "architecture")
+    check_name("resnet18", ["resnet18"], "arch", "architecture")

@@ -141,6 +141,18 @@ def test_training_tasks_ask_for_gpus_cpu_memory_and_gpu_nodes(tmp_path, pipeline
 
 
 @pytest.mark.parametrize("pipeline", sorted(TASKS))
+def test_training_tasks_retry_with_backoff_and_the_others_do_not(tmp_path, pipeline):
+    """A preempted training pod fails its task; the retry resumes the stage from its checkpoint."""
+    spec = compiled(tmp_path, pipeline)
+    for name, training in TASKS[pipeline].items():
+        policy = spec.tasks[name].get("retryPolicy")
+        assert policy == ({"maxRetryCount": 3, "backoffDuration": "60s", "backoffFactor": 2.0,
+                           "backoffMaxDuration": "21600s"} if training else None), name
+    spec = compiled(tmp_path, pipeline, "--retries", "0")
+    assert not [name for name, task in spec.tasks.items() if "retryPolicy" in task]
+
+
+@pytest.mark.parametrize("pipeline", sorted(TASKS))
 def test_every_task_gets_shm_and_the_gcs_secret(tmp_path, pipeline):
     spec = compiled(tmp_path, pipeline)
     for name in TASKS[pipeline]:
@@ -193,7 +205,7 @@ def test_the_ops_keep_the_rerun_token_from_the_stage(monkeypatch):
         uri, path = "memory://x", "/dev/null"
 
     common = dict(data=Uri, data_fingerprint="f", code_version="c", rerun_token="again", launcher={"kind": "pod"},
-                  settings={}, ratio=4, seed=0, checkpoint_root="", model=Uri, metrics=Uri)
+                  settings={}, epochs=0, lr=0.0, ratio=4, seed=0, checkpoint_root="", model=Uri, metrics=Uri)
     pixel_distillation.teacher_op(arch="resnet18", hr_size=64, **common)
     detection.afp_op(teacher=Uri, method="afp", kind="fcos", backbone="resnet18", **common)
     for args, fields in calls:
@@ -234,14 +246,18 @@ def test_empty_compile_options_turn_their_settings_off(tmp_path):
 
 def test_the_torchx_launcher_hands_training_to_a_job_and_the_task_only_waits(tmp_path):
     spec = compiled(tmp_path, "detection", "--launcher", "torchx", "--nnodes", "2", "--gpus", "4",
-                    "--image", "registry.example/kdp:2.0", "--torchx-cfg", "queue=gpu,namespace=ml")
+                    "--image", "registry.example/kdp:2.0", "--torchx-cfg", "queue=gpu,namespace=ml",
+                    "--gcs-secret", "kdp-gcs", "--node-selector", "pool=a100")
     for name, training in TASKS["detection"].items():
         resources = spec.container(name)["resources"]
         assert "accelerator" not in resources and resources["resourceCpuRequest"] == "4", name
         assert "nodeSelector" not in spec.kubernetes(name) and spec.kubernetes(name)["secretAsVolume"]
         if training:
             launcher = spec.tasks[name]["inputs"]["parameters"]["launcher"]["runtimeValue"]["constant"]
+            # the job's pods get the task's GCS key, node selector and tolerations
             assert launcher == {"kind": "torchx", "scheduler": "kubernetes", "nnodes": 2, "nproc_per_node": 4,
-                                "image": "registry.example/kdp:2.0", "cfg": "queue=gpu,namespace=ml"}
+                                "image": "registry.example/kdp:2.0", "cfg": "queue=gpu,namespace=ml",
+                                "gcs_secret": "kdp-gcs", "gcs_secret_key": "key.json",
+                                "node_selector": {"pool": "a100"}, "tolerations": ["nvidia.com/gpu:NoSchedule"]}
     pod = compiled(tmp_path, "detection")
     assert pod.tasks["afp"]["inputs"]["parameters"]["launcher"]["runtimeValue"]["constant"] == {"kind": "pod"}

@@ -21,19 +21,33 @@ class TrainSettings:
     """
 
     epochs: int = 10
+    """passes over the training split"""
     batch_size: int = 64
+    """images per step, over all processes together"""
     lr: float = 0.01
+    """the SGD learning rate at the start"""
     momentum: float = 0.9
+    """SGD momentum"""
     weight_decay: float = 5e-4
+    """SGD weight decay"""
     schedule: Literal["cosine", "step"] = "cosine"
+    """the learning-rate schedule: cosine decay to 0, or x gamma at each milestone"""
     milestones: list[int] = field(default_factory=list)
+    """step schedule: the epochs at which the rate is multiplied by gamma"""
     gamma: float = 0.1
+    """step schedule: the factor at each milestone"""
     grad_clip_norm: float = 0.0
+    """clip the global gradient norm of each step to this (0: off)"""
     seed: int = 0
+    """the seed of the initial weights and of the data order"""
     device: str = "auto"
+    """auto (the GPU if there is one), cpu, cuda[:N] or mps"""
     amp: bool = True
+    """bfloat16 autocast on a CUDA GPU that supports it"""
     num_workers: int = 1
+    """DataLoader worker processes"""
     checkpoint_every: int = 200
+    """steps between checkpoints (one is also written at each epoch's end)"""
 
     def validate(self) -> None:
         check(self.epochs >= 1, "epochs", f"must be >= 1, got {self.epochs}")

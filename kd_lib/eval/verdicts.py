@@ -138,7 +138,7 @@ def teacher_gate(teacher_top1: float, baseline_top1: float, min_margin: float = 
     "message"}``, top-1 as fractions and margins in points; :data:`GATE_OFF` passes
     every teacher.
     """
-    margin = 100 * (teacher_top1 - baseline_top1)
+    margin = round(100 * (teacher_top1 - baseline_top1), 9)  # 100 * (0.5 - 0.4) is 9.999999999999998
     passed = margin >= min_margin
     figures = (f"the teacher's top-1 {100 * teacher_top1:.2f} % is {margin:+.2f} points from the LR "
                f"baseline's {100 * baseline_top1:.2f} %")

@@ -36,12 +36,17 @@ GATE_OFF = -100.0
 ADVICE = ("train it longer (more epochs), with a higher lr, or from pretrained weights")
 
 
+def standard_error(p: float, n: int) -> float:
+    """Standard error of a top-1 fraction ``p`` measured on ``n`` images: ``sqrt(p (1 - p) / n)``."""
+    if n < 1:
+        raise ValueError(f"the validation split must have at least one image, got {n}")
+    return math.sqrt(p * (1 - p) / n)
+
+
 def two_standard_errors(p: float, q: float, n: int) -> float:
     """Two standard errors of ``p - q``, two top-1 fractions each measured on the same ``n``
     images: ``2 sqrt(p (1 - p) / n + q (1 - q) / n)``."""
-    if n < 1:
-        raise ValueError(f"the validation split must have at least one image, got {n}")
-    return 2 * math.sqrt((p * (1 - p) + q * (1 - q)) / n)
+    return 2 * math.hypot(standard_error(p, n), standard_error(q, n))
 
 
 @dataclass(frozen=True)

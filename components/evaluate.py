@@ -199,8 +199,7 @@ def run(config: EvaluateConfig) -> dict:
     inputs = {m["name"]: m["fingerprint"] for m in models}
     write_manifest(config.out, stage="evaluate", key=stage_key("evaluate", asdict(config), inputs),
                    files=[SUMMARY_FILE, METRICS_FILE, REPORT_FILE], info={"config": asdict(config)})
-    print(format_table(summary))
-    print("\n".join(verdict_lines(summary)))
+    print("\n".join([format_table(summary), *verdict_lines(summary)]))
     print(f"summary: {join(config.out, SUMMARY_FILE)}\nreport:  {join(config.out, REPORT_FILE)}")
     return summary
 

@@ -10,9 +10,18 @@ training. The accuracy follows the data:
 - detection: COCO mAP (AP, AP50, AP75, APs/m/l) against the HR ground truth,
   an LR detector's boxes scaled back by its ratio (read from its input side).
 
+Each classifier's entry also says how it was trained, from its manifest: its
+``stage``, ``method``, the evaluated model it was ``distilled_from`` (if
+any), its ``settings`` that differ from the stage's defaults, and its
+``history`` (the training loop's metrics rows: losses per term, lr, val
+top-1). The summary then gets the verdicts of :mod:`kd_lib.eval.verdicts`
+(each model against the LR baseline and its teacher) and, in the pipeline,
+the teacher ``gate``'s decision. Only the models given are evaluated: a run
+whose gate skipped the students evaluates the teacher and the LR baseline.
+
 Writes under ``out``: ``summary.json``, ``metrics.parquet`` (one row per
-model), ``report.html`` (table and a plot of top-1 against GFLOPs), and
-``manifest.json`` last.
+model), ``report.html`` (tables, verdicts, training curves and a plot of
+top-1 against GFLOPs), and ``manifest.json`` last.
 """
 
 from __future__ import annotations
@@ -24,7 +33,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from components.common import load_upstream
-from components.detection_common import load_upstream_detector
+from components.detection_common import load_upstream_detector, read_rows
 from components.stage import Stage
 from kd_lib.config import ConfigError, check
 from kd_lib.data.detection_shards import DetectionShardDataset, collate_detection
@@ -35,6 +44,7 @@ from kd_lib.eval.accuracy import evaluate_classifier
 from kd_lib.eval.cost import count_gflops, count_params, input_bytes, latency_profile
 from kd_lib.eval.detection import coco_map, detect
 from kd_lib.eval.report import format_table, write_report
+from kd_lib.eval.verdicts import verdict_lines, with_verdicts
 from kd_lib.io.fs import join, write_text
 from kd_lib.io.manifest import read_manifest, stage_key, unpublish, write_manifest
 from kd_lib.ops import ResizeMode
@@ -66,6 +76,10 @@ class EvaluateConfig:
     """forwards timed per batch size (the median is reported)"""
     latency_batch_sizes: list[int] = field(default_factory=lambda: [1, 64])
     """batch sizes whose latency is measured"""
+    gate: dict = field(default_factory=dict)
+    """the pipeline's teacher gate (kd_lib.eval.verdicts.teacher_gate)"""
+    code_version: str = ""
+    """the code that trained the models: an image tag or a hash of the sources"""
 
     def validate(self) -> None:
         check(bool(self.data), "data", "is required: the prepare-data output URI")
@@ -86,11 +100,47 @@ def model_view(name: str, input_size: int, config: EvaluateConfig) -> str:
     return sizes[input_size]
 
 
+def device_name(device: torch.device) -> str:
+    """The device latency is measured on, named: ``cuda:0 (NVIDIA H200)``, ``cpu (AMD EPYC, 2 threads)``."""
+    if device.type == "cuda":
+        return f"{device} ({torch.cuda.get_device_name(device)})"
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    except OSError:
+        model = ""
+    return f"{device} ({model + ', ' if model else ''}{torch.get_num_threads()} threads)"
+
+
 def deployment_cost(model: torch.nn.Module, size: int, config: EvaluateConfig, device: torch.device) -> dict:
     """Parameters, GFLOPs, input bytes and latency of ``model`` (already on ``device``) at ``size``."""
     return {"params": count_params(model), "gflops": count_gflops(model, size), "input_bytes": input_bytes(size),
             "latency_ms": latency_profile(model, size, device, config.latency_batch_sizes,
                                           repeats=config.latency_repeats)}
+
+
+#: Config fields that wire a stage or say where it runs, not how it trains.
+WIRING = ("data", "out", "checkpoint_root", "teacher", "assistant", "device", "num_workers", "checkpoint_every",
+          "arch", "hr_size", "ratio")
+
+
+def training_record(uri: str, names: dict[str, str]) -> dict:
+    """How the model at ``uri`` was trained, from its manifest: ``stage``, ``method`` (``ce``
+    without a teacher, ``kd`` for a stage distilling with no method field), ``distilled_from``
+    (the name, in ``names`` (URI -> name), of the model it learned from), the ``settings`` that
+    differ from the stage's defaults, and its per-epoch ``history`` rows."""
+    from components.stage import stages  # imports this module
+
+    manifest = read_manifest(uri)
+    config, stage = manifest.get("config", {}), manifest["stage"]
+    upstream = [u for field, u in manifest.get("inputs", {}).items() if field != "data"]
+    declared = stages().get(stage)
+    defaults = asdict(declared.config()) if declared else {}
+    history = read_rows(uri) if METRICS_FILE in manifest.get("files", {}) else []
+    return {"stage": stage, "method": config.get("method", "kd" if upstream else "ce"),
+            "distilled_from": next((names[u] for u in upstream if u in names), None),
+            "settings": {k: v for k, v in config.items() if k not in WIRING and (k not in defaults or defaults[k] != v)},
+            "history": history}
 
 
 def evaluate_model(name: str, uri: str, classes: list[str], loader, pairing: PairedResize,
@@ -105,7 +155,8 @@ def evaluate_model(name: str, uri: str, classes: list[str], loader, pairing: Pai
     accuracy = evaluate_classifier(model, loader, pairing, view, device)
     return {"name": name, "arch": meta["arch"], "input_size": size, "view": view,
             "top1": accuracy["top1"], "top5": accuracy["top5"], **deployment_cost(model, size, config, device),
-            "uri": uri, "fingerprint": fingerprint}
+            "uri": uri, "fingerprint": fingerprint,
+            **training_record(uri, {u: n for n, u in config.models.items()})}
 
 
 def evaluate_detector(name: str, uri: str, classes: list[str], image_size: int, config: EvaluateConfig,
@@ -149,17 +200,21 @@ def run(config: EvaluateConfig) -> dict:
                            "num_classes": data["num_classes"],
                            "train_images": data["splits"]["train"]["images"],
                            "val_images": data["splits"]["val"]["images"]},
-               "hr_size": hr_size, "ratio": ratio, "device": str(device), "models": models}
+               "hr_size": hr_size, "ratio": ratio, "device": device_name(device),
+               "code_version": config.code_version, "models": models}
+    if config.gate:
+        summary["gate"] = config.gate
+    summary = with_verdicts(summary)
     unpublish(config.out)
     write_text(join(config.out, SUMMARY_FILE), json.dumps(summary, indent=2))
-    write_metrics([{k: v for k, v in m.items() if k != "latency_ms"} |
+    write_metrics([{k: v for k, v in m.items() if k not in ("latency_ms", "settings", "history")} |
                    {f"latency_ms_{k}": v for k, v in m["latency_ms"].items()} for m in models],
                   join(config.out, METRICS_FILE))
     write_report(summary, config.out)
     inputs = {m["name"]: m["fingerprint"] for m in models}
     write_manifest(config.out, stage="evaluate", key=stage_key("evaluate", asdict(config), inputs),
                    files=[SUMMARY_FILE, METRICS_FILE, REPORT_FILE], info={"config": asdict(config)})
-    print(format_table(summary))
+    print("\n".join([format_table(summary), *verdict_lines(summary)]))
     print(f"summary: {join(config.out, SUMMARY_FILE)}\nreport:  {join(config.out, REPORT_FILE)}")
     return summary
 

@@ -70,7 +70,8 @@ def pipeline_params(args: argparse.Namespace, source: str, pipeline) -> dict:
     """The classification pipeline's parameters: its defaults, the demo's when there is no
     ``--data``, then the command line, merged field by field."""
     return {"source": source, **merged_settings(args, pipeline, DEMO_SETTINGS if args.data is None else None),
-            **shared_params(args, ("hr_size", "ratio", "seed", "teacher_arch", "student_arch", "epochs"))}
+            **shared_params(args, ("hr_size", "ratio", "seed", "teacher_arch", "student_arch", "epochs",
+                                   "min_teacher_margin"))}
 
 
 def detection_params(args: argparse.Namespace, pipeline) -> dict:
@@ -84,10 +85,14 @@ def detection_params(args: argparse.Namespace, pipeline) -> dict:
 
 def print_result(paths: dict[str, Path]) -> None:
     from kd_lib.eval.report import format_table
+    from kd_lib.eval.verdicts import verdict_lines
 
     summary = json.loads(paths["summary.json"].read_text())
     print()
     print(format_table(summary))
+    lines = verdict_lines(summary)
+    if lines:
+        print("\n" + "\n".join(lines))
     print(f"\nsummary: {paths['summary.json']}\nreport:  {paths['report.html']}")
 
 
@@ -228,6 +233,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--teacher-arch")
     run.add_argument("--student-arch")
     run.add_argument("--epochs", type=int, help="epochs of every training stage")
+    run.add_argument("--min-teacher-margin", type=float, metavar="POINTS",
+                     help="train the assistant and the students only if the teacher's val top-1 beats the LR "
+                          "baseline's by at least POINTS (default: off)")
     run.add_argument("--set", action="append", default=[], metavar="STAGE.FIELD=VALUE",
                      help="a stage setting, e.g. --set teacher.lr=0.1 (repeatable)")
     detect = sub.add_parser("detect", help="run the detection pipeline locally (kfp.local)")

@@ -85,7 +85,9 @@ def run_pipeline(params: dict, out: str | os.PathLike, pipeline=None) -> dict[st
         warnings.filterwarnings("ignore", message=".*non-Python base image.*")
         warnings.filterwarnings("ignore", message=".*have no effect in the current local runner.*")
         result = (pipeline or pixel_distillation.build_pipeline())(**params)
-    summary_dir = result.output.uri
+    # the classification pipeline returns the summary folder's URI (a parameter: kfp.local picks one of
+    # two conditional branches' parameters, not artifacts), the detection pipeline the summary artifact
+    summary_dir = result.output if isinstance(result.output, str) else result.output.uri
     paths = {}
     for name in RESULT_FILES:
         paths[name] = out / name

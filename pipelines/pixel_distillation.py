@@ -1,9 +1,10 @@
 """The classification pipeline as KFP v2 lightweight components.
 
-    prepare-data -> teacher -> assistant -> student (TAS: method tas from the assistant)
-                         \\-> student-onestage (method kd+isrd from the teacher)
-                 -> lr-baseline
-    all of them -> evaluate
+    prepare-data -> teacher + lr-baseline -> teacher-gate
+    gate passed: teacher -> assistant -> student (TAS: method tas from the assistant)
+                 teacher -> student-onestage (method kd+isrd from the teacher)
+                 all five models -> evaluate
+    otherwise:   teacher + lr-baseline -> evaluate
 
 Each component runs one stage of ``components/`` in the image of its role
 (:mod:`components.image`; ``install_kfp_package=False``: both images have
@@ -24,16 +25,27 @@ one-stage pixel distillation, KD + ISRD, from the teacher); and, per stage, a
 0.05}``; a ``method`` there wins over the typed one); unknown or bad fields
 fail the stage with an error naming the field.
 
+The teacher gate compares the teacher's and the LR baseline's val top-1
+(:mod:`components.gate`): with ``min_teacher_margin`` X, the assistant and the
+students run only when the teacher beats the baseline by at least X points;
+otherwise they show as skipped, and the run ends with the evaluation of the
+two models it trained, whose summary carries the gate's message. The default
+(-100) lets every teacher through. The pipeline's output is the URI of the
+evaluation's summary folder (a parameter: one of two conditional branches).
+
 Per-stage reruns: ``rerun_prepare``, ``rerun_teacher``, ... (one per
 ``*_settings`` key): a new value reruns that stage and, through its new
 output, the stages that read it; everything else stays cached. Caching,
 resources and pod settings of each task: :mod:`pipelines.cluster`.
 """
 
+from typing import NamedTuple
+
 from kfp import dsl
 from kfp.dsl import HTML, Artifact, Dataset, Input, Metrics, Model, Output
 
 from components.image import IMAGES
+from kd_lib.eval.verdicts import GATE_OFF
 from pipelines.cluster import ClusterOptions, configure_task, launcher_input
 
 PIPELINE_NAME = "pixel-distillation"
@@ -106,28 +118,41 @@ def lr_baseline_op(data: Input[Dataset], data_fingerprint: str, code_version: st
               ratio=ratio, seed=seed, checkpoint_root=checkpoint_root)
 
 
+def teacher_gate_op(teacher: Input[Model], lr_baseline: Input[Model], min_teacher_margin: float
+                    ) -> NamedTuple("Outputs", [("passed", bool), ("decision", dict)]):
+    """teacher-gate: does the teacher beat the LR baseline by ``min_teacher_margin`` points of top-1?"""
+    from collections import namedtuple
+    from components.gate import run
+    decision = run(teacher.uri, lr_baseline.uri, min_teacher_margin)
+    return namedtuple("Outputs", ["passed", "decision"])(decision["passed"], decision)
+
+
 def evaluate_op(data: Input[Dataset], code_version: str, rerun_token: str, teacher: Input[Model],
-                assistant: Input[Model], student: Input[Model], student_onestage: Input[Model],
-                lr_baseline: Input[Model], settings: dict, hr_size: int, ratio: int, summary: Output[Artifact], report: Output[HTML], metrics: Output[Metrics]):
-    """evaluate: accuracy, FLOPs, latency and input bytes of every model; summary and report."""
+                lr_baseline: Input[Model], gate: dict, settings: dict, hr_size: int, ratio: int,
+                summary: Output[Artifact], report: Output[HTML], metrics: Output[Metrics],
+                assistant: Input[Model] = None, student: Input[Model] = None,
+                student_onestage: Input[Model] = None) -> str:
+    """evaluate: accuracy, FLOPs, latency and input bytes of every model given; summary, verdicts
+    and report. Returns the summary folder's URI."""
     from components.kfp_entry import run_stage
     from kd_lib.io.fs import join, read_bytes
-    models = {"teacher": teacher.uri, "assistant": assistant.uri, "student": student.uri,
-              "student_onestage": student_onestage.uri, "lr_baseline": lr_baseline.uri}
-    run_stage("evaluate", settings, metrics, data=data.uri, out=summary.uri, models=models,
-              hr_size=hr_size, ratio=ratio)
+    given = {"teacher": teacher, "assistant": assistant, "student": student, "student_onestage": student_onestage,
+             "lr_baseline": lr_baseline}
+    run_stage("evaluate", settings, metrics, data=data.uri, out=summary.uri, hr_size=hr_size, ratio=ratio,
+              models={name: model.uri for name, model in given.items() if model is not None}, gate=gate,
+              code_version=code_version)
     with open(report.path, "wb") as f:
         f.write(read_bytes(join(summary.uri, "report.html")))
+    return summary.uri
 
 
 def build_pipeline(options: ClusterOptions | None = None):
     """The pipeline function, its tasks configured with ``options`` (:func:`pipelines.cluster.configure_task`:
     each task's image, resources and pod settings; None: no cluster settings, for kfp.local)."""
     component = dsl.component(base_image=IMAGES["train"], install_kfp_package=False)
-    source_version, prepare, train_teacher, train_assistant, train_student, train_lr_baseline, evaluate = (
-        component(op) for op in (source_version_op, prepare_data_op, teacher_op, assistant_op, student_op,
-                                 lr_baseline_op,
-                                 evaluate_op))
+    (source_version, prepare, train_teacher, train_assistant, train_student, train_lr_baseline, teacher_gate,
+     evaluate) = (component(op) for op in (source_version_op, prepare_data_op, teacher_op, assistant_op, student_op,
+                                           lr_baseline_op, teacher_gate_op, evaluate_op))
     launcher = launcher_input(options)
 
     @dsl.pipeline(name=PIPELINE_NAME, description=__doc__.split("\n\n")[0],
@@ -144,6 +169,7 @@ def build_pipeline(options: ClusterOptions | None = None):
         lr: float = 0.0,
         student_method: str = "tas",
         onestage_method: str = "kd+isrd",
+        min_teacher_margin: float = GATE_OFF,
         prepare_settings: dict = DEFAULT_SETTINGS["prepare"],
         teacher_settings: dict = DEFAULT_SETTINGS["teacher"],
         assistant_settings: dict = DEFAULT_SETTINGS["assistant"],
@@ -159,7 +185,7 @@ def build_pipeline(options: ClusterOptions | None = None):
         rerun_onestage: str = "",
         rerun_lr_baseline: str = "",
         rerun_evaluate: str = "",
-    ) -> Artifact:
+    ) -> str:
         version = source_version(source=source, images="")
         data = prepare(source=source, source_version=version.output, settings=prepare_settings,
                        code_version=code_version, rerun_token=rerun_prepare)
@@ -167,26 +193,31 @@ def build_pipeline(options: ClusterOptions | None = None):
                       ratio=ratio, seed=seed, checkpoint_root=checkpoint_root, code_version=code_version,
                       launcher=launcher, epochs=epochs, lr=lr)
         teacher = train_teacher(settings=teacher_settings, arch=teacher_arch, rerun_token=rerun_teacher, **common)
-        assistant = train_assistant(teacher=teacher.outputs["model"], settings=assistant_settings,
-                                    arch=student_arch, rerun_token=rerun_assistant, **common)
-        student = train_student(source=assistant.outputs["model"], source_field="assistant",
-                                method=student_method, settings=student_settings,
-                                arch=student_arch, rerun_token=rerun_student, **common)
-        onestage = train_student(source=teacher.outputs["model"], source_field="teacher",
-                                 method=onestage_method, settings=onestage_settings,
-                                 arch=student_arch, rerun_token=rerun_onestage, **common)
         baseline = train_lr_baseline(settings=lr_baseline_settings, arch=student_arch, rerun_token=rerun_lr_baseline,
                                      **common)
-        report = evaluate(data=data.outputs["data"], code_version=code_version, rerun_token=rerun_evaluate,
-                          teacher=teacher.outputs["model"], assistant=assistant.outputs["model"],
-                          student=student.outputs["model"], student_onestage=onestage.outputs["model"],
-                          lr_baseline=baseline.outputs["model"], settings=evaluate_settings, hr_size=hr_size,
-                          ratio=ratio)
+        gate = teacher_gate(teacher=teacher.outputs["model"], lr_baseline=baseline.outputs["model"],
+                            min_teacher_margin=min_teacher_margin)
+        evaluated = dict(data=data.outputs["data"], code_version=code_version, rerun_token=rerun_evaluate,
+                         teacher=teacher.outputs["model"], lr_baseline=baseline.outputs["model"],
+                         gate=gate.outputs["decision"], settings=evaluate_settings, hr_size=hr_size, ratio=ratio)
+        with dsl.If(gate.outputs["passed"] == True, name="teacher-beats-baseline"):  # noqa: E712
+            assistant = train_assistant(teacher=teacher.outputs["model"], settings=assistant_settings,
+                                        arch=student_arch, rerun_token=rerun_assistant, **common)
+            student = train_student(source=assistant.outputs["model"], source_field="assistant",
+                                    method=student_method, settings=student_settings,
+                                    arch=student_arch, rerun_token=rerun_student, **common)
+            onestage = train_student(source=teacher.outputs["model"], source_field="teacher",
+                                     method=onestage_method, settings=onestage_settings,
+                                     arch=student_arch, rerun_token=rerun_onestage, **common)
+            report = evaluate(assistant=assistant.outputs["model"], student=student.outputs["model"],
+                              student_onestage=onestage.outputs["model"], **evaluated)
+        with dsl.Else(name="teacher-below-margin"):
+            short_report = evaluate(**evaluated)
         for task, name in ((data, "prepare-data"), (teacher, "teacher"), (assistant, "assistant"),
                            (student, "student"), (onestage, "student-onestage"), (baseline, "lr-baseline"),
-                           (report, "evaluate")):
+                           (gate, "teacher-gate"), (report, "evaluate"), (short_report, "evaluate")):
             configure_task(task.set_display_name(name), options)
         configure_task(version.set_display_name("source-version"), options, cached=False)
-        return report.outputs["summary"]
+        return dsl.OneOf(report.outputs["Output"], short_report.outputs["Output"])
 
     return pixel_distillation

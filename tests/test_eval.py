@@ -11,7 +11,7 @@ from PIL import Image
 from kd_lib.data.transforms import PairedResize
 from kd_lib.eval.accuracy import evaluate_classifier, topk_correct
 from kd_lib.eval.cost import count_gflops, count_params, input_bytes, latency_profile
-from kd_lib.eval.report import format_table, markdown_table, plot_accuracy_vs_gflops, write_report
+from kd_lib.eval.report import format_table, markdown_table, plot_accuracy_vs_gflops, render_html, write_report
 from kd_lib.io.fs import read_text
 
 
@@ -169,3 +169,51 @@ def test_plot_renders_any_number_of_models(models):
     assert image.format == "PNG"
     with pytest.raises(ValueError, match="no models"):
         plot_accuracy_vs_gflops({**summary(), "models": []})
+
+
+def trained_summary():
+    """:func:`summary` as the evaluate stage writes it now: how each model was trained, verdicts."""
+    from kd_lib.eval.verdicts import with_verdicts
+
+    def history(terms):
+        return [{"epoch": e, "lr": 0.01, "train_loss": 2 / e, **{f"train_{t}": 1 / e for t in terms},
+                 "val_top1": 0.1 * e} for e in (1, 2, 3)]
+
+    s = summary()
+    s["models"].append({**s["models"][1], "name": "lr_baseline", "top1": 0.3})
+    for m, (stage, method, source, terms) in zip(s["models"], (("teacher", "ce", None, ["ce"]),
+                                                                ("student", "kd+isrd", "teacher", ["ce", "kd", "isrd"]),
+                                                                ("lr-baseline", "ce", None, ["ce"]))):
+        m.update(stage=stage, method=method, distilled_from=source, history=history(terms),
+                 settings={"epochs": 3, "isrd_weight": 20.0} if stage == "student" else {})
+    return with_verdicts({**s, "device": "cuda:0 (NVIDIA <H200>)", "code_version": "0123456789abcdef"})
+
+
+def test_report_explains_the_run():
+    s = trained_summary()
+    html = render_html(s)
+    for verdict in s["verdicts"]:
+        assert f"<li>{verdict['text']}</li>" in html
+    assert "teacher vs lr_baseline: 65.12 % vs 30.00 %, +35.12 points: better" in html
+    assert "Latency measured on <code>cuda:0 (NVIDIA &lt;H200&gt;)</code>" in html
+    assert "Code version <code>0123456789ab</code>" in html
+    assert "<td>student</td><td>student</td><td>kd+isrd</td><td>teacher</td><td>epochs=3, isrd_weight=20.0</td>" in html
+    assert "<td>teacher</td><td>teacher</td><td>ce</td><td>\u2014</td><td>defaults</td>" in html
+    images = re.findall(r'<img alt="([^"]+)" src="data:image/png;base64,', html)
+    assert images == ["top-1 accuracy against GFLOPs per model", "training curves per model"]
+
+
+def test_training_curves_draw_each_loss_term_and_the_chance_line():
+    from kd_lib.eval.report import accuracy_vs_gflops_figure, training_curves_figure
+
+    fig = training_curves_figure(trained_summary())
+    panels = [ax for ax in fig.axes if ax.get_ylabel() == "training loss"]
+    assert [ax.get_title() for ax in panels] == ["teacher (ce, 64 px)", "student (kd+isrd, 16 px)",
+                                                 "lr_baseline (ce, 16 px)"]
+    assert [line.get_label() for line in panels[1].get_lines()] == ["loss", "ce", "kd", "isrd"]
+    accuracy = [ax for ax in fig.axes if ax.get_ylabel().startswith("val top-1")][0]
+    assert [list(line.get_ydata()) for line in accuracy.get_lines()] == [
+        pytest.approx([10, 20, 30]), [10, 10]]  # val top-1 in %, and chance: 1 of 10 classes
+    assert training_curves_figure(summary()) is None  # no history, no curves
+    ax = accuracy_vs_gflops_figure(trained_summary()).axes[0]
+    assert "chance (10.0 %)" in [t.get_text() for t in ax.get_legend().get_texts()]

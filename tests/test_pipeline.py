@@ -11,9 +11,9 @@ pytestmark = pytest.mark.slow
 TINY_STAGE = "epochs=1,batch_size=8,num_workers=0"
 
 
-def run_kdp(data, out):
+def run_kdp(data, out, *flags):
     argv = ["run", "--data", str(data), "--out", str(out), "--hr-size", "32", "--ratio", "4",
-            "--teacher-arch", "resnet18", "--student-arch", "resnet18"]
+            "--teacher-arch", "resnet18", "--student-arch", "resnet18", *flags]
     for stage in ("teacher", "assistant", "student", "student-onestage", "lr-baseline"):
         argv += [f"--set={stage}.{kv}" for kv in TINY_STAGE.split(",")]
     argv += ["--set=evaluate.latency_repeats=1", "--set=evaluate.num_workers=0"]
@@ -48,7 +48,7 @@ def test_local_pipeline_runs_end_to_end_then_caches(tmp_path, capsys):
     assert "<table" in (out / "report.html").read_text()
     first = executed_tasks(out / "pipeline_root")
     assert first == sorted(["source-version-op", "prepare-data-op", "teacher-op", "assistant-op", "student-op",
-                            "student-op-2", "lr-baseline-op", "evaluate-op"])
+                            "student-op-2", "lr-baseline-op", "teacher-gate-op", "evaluate-op"])
 
     assert run_kdp(data, out) == 0  # only the listing of the unchanged data runs again
     assert executed_tasks(out / "pipeline_root") == sorted([*first, "source-version-op"]), \
@@ -59,3 +59,32 @@ def test_local_pipeline_runs_end_to_end_then_caches(tmp_path, capsys):
         next((data / "val").rglob("*.png")).read_bytes())  # one more training image: new data
     assert run_kdp(data, out) == 0
     assert executed_tasks(out / "pipeline_root").count("prepare-data-op") == 2, "new data was not prepared"
+
+
+def test_the_teacher_gate_skips_the_students_unless_the_teacher_beats_the_baseline(tmp_path, capsys):
+    from kd_lib.data.demo import generate_demo_dataset
+
+    data = tmp_path / "demo"
+    generate_demo_dataset(str(data), seed=2, num_classes=3, train_per_class=8, val_per_class=4, size=32)
+    out = tmp_path / "run"
+    assert run_kdp(data, out, "--min-teacher-margin", "101") == 0  # no teacher beats anything by 101 points
+    printed = capsys.readouterr().out
+    summary = json.loads((out / "summary.json").read_text())
+    assert [m["name"] for m in summary["models"]] == ["teacher", "lr_baseline"]
+    assert not summary["gate"]["passed"] and summary["gate"]["min_teacher_margin"] == 101
+    assert f"gate: {summary['gate']['message']}" in printed and "students are skipped" in printed
+    assert [v["text"] for v in summary["verdicts"]] == [summary["verdicts"][0]["text"]]
+    assert summary["verdicts"][0]["text"] in printed
+    skipped = executed_tasks(out / "pipeline_root")
+    assert skipped == sorted(["source-version-op", "prepare-data-op", "teacher-op", "lr-baseline-op",
+                              "teacher-gate-op", "evaluate-op-2"])
+
+    assert run_kdp(data, out, "--min-teacher-margin", "-99") == 0  # met unless 0 % against 100 %
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["gate"]["passed"]
+    assert [m["name"] for m in summary["models"]] == ["teacher", "assistant", "student", "student_onestage",
+                                                      "lr_baseline"]
+    ran = executed_tasks(out / "pipeline_root")
+    # the teacher and the LR baseline come from the cache; the gate decides again and the rest runs
+    assert sorted(set(ran) - set(skipped)) == ["assistant-op", "evaluate-op", "student-op", "student-op-2"]
+    assert ran.count("teacher-op") == 1 and ran.count("teacher-gate-op") == 2

@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 #: Display name -> training task?, per pipeline.
 TASKS = {
     "classification": {"source-version": False, "prepare-data": False, "teacher": True, "assistant": True, "student": True,
-                       "student-onestage": True, "lr-baseline": True, "evaluate": False},
+                       "student-onestage": True, "lr-baseline": True, "teacher-gate": False, "evaluate": False},
     "detection": {"source-version": False, "prepare-data": False, "teacher": True, "afp": True, "msad": True, "lr-baseline": True,
                   "evaluate": False},
 }
@@ -35,7 +35,10 @@ class Compiled:
         self.spec = documents[0]
         self.platform = documents[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"] \
             if len(documents) > 1 else {}
-        self.tasks = {task["taskInfo"]["name"]: task for task in self.spec["root"]["dag"]["tasks"].values()}
+        dags = [self.spec["root"]["dag"], *(c["dag"] for c in self.spec["components"].values() if "dag" in c)]
+        # tasks inside conditions live in their branch's DAG; the two evaluate tasks are configured alike
+        self.tasks = {task["taskInfo"]["name"]: task for dag in dags for task in dag["tasks"].values()
+                      if "executorLabel" in self.spec["components"][task["componentRef"]["name"]]}
 
     def executor_name(self, task: str) -> str:
         component = self.tasks[task]["componentRef"]["name"]
@@ -58,14 +61,34 @@ def test_pipeline_compiles_with_every_stage_wired(tmp_path):
     path = tmp_path / "pipeline.yaml"
     compiler.Compiler().compile(build_pipeline(), str(path))
     spec = yaml.safe_load(path.read_text())
-    tasks = spec["root"]["dag"]["tasks"]
+    dags = {"root": spec["root"]["dag"]["tasks"],
+            **{name: c["dag"]["tasks"] for name, c in spec["components"].items() if "dag" in c}}
+    tasks = {name: task for dag in dags.values() for name, task in dag.items() if not name.startswith("condition")}
     assert set(tasks) == {"source-version-op", "prepare-data-op", "teacher-op", "assistant-op", "student-op", "student-op-2",
-                          "lr-baseline-op", "evaluate-op"}
-    assert tasks["student-op"]["inputs"]["artifacts"]["source"]["taskOutputArtifact"]["producerTask"] == "assistant-op"
-    assert tasks["student-op-2"]["inputs"]["artifacts"]["source"]["taskOutputArtifact"]["producerTask"] == "teacher-op"
+                          "lr-baseline-op", "teacher-gate-op", "evaluate-op", "evaluate-op-2"}
+    # the assistant, the students and the full evaluation run only if the gate passes; else the short evaluation
+    branches = dags["comp-condition-branches-1"]
+    passed = "inputs.parameter_values['pipelinechannel--teacher-gate-op-passed'] == true"
+    assert branches["condition-2"]["triggerPolicy"]["condition"] == passed
+    assert branches["condition-3"]["triggerPolicy"]["condition"] == f"!({passed})"
+    assert set(dags["comp-condition-2"]) == {"assistant-op", "student-op", "student-op-2", "evaluate-op"}
+    assert set(dags["comp-condition-3"]) == {"evaluate-op-2"}
+    assert "min_teacher_margin" in tasks["teacher-gate-op"]["inputs"]["parameters"]
+
+    def producer(task, name, kind="artifacts"):
+        """The task whose output feeds input ``name`` of ``task``, across the condition's boundary."""
+        source = tasks[task]["inputs"][kind][name]
+        if "taskOutputArtifact" in source or "taskOutputParameter" in source:
+            return (source.get("taskOutputArtifact") or source["taskOutputParameter"])["producerTask"]
+        channel = source.get("componentInputArtifact") or source["componentInputParameter"]
+        return channel.removeprefix("pipelinechannel--").rsplit("-", 1)[0]
+
+    assert producer("student-op", "source") == "assistant-op" and producer("student-op-2", "source") == "teacher-op"
+    assert [producer("teacher-gate-op", a) for a in ("teacher", "lr_baseline")] == ["teacher-op", "lr-baseline-op"]
+    assert [producer("evaluate-op-2", a) for a in ("teacher", "lr_baseline")] == ["teacher-op", "lr-baseline-op"]
+    assert "student" not in tasks["evaluate-op-2"]["inputs"]["artifacts"]
     for name in ("teacher-op", "assistant-op", "student-op", "lr-baseline-op"):
-        fingerprint = tasks[name]["inputs"]["parameters"]["data_fingerprint"]["taskOutputParameter"]
-        assert fingerprint["producerTask"] == "prepare-data-op"
+        assert producer(name, "data_fingerprint", "parameters") == "prepare-data-op"
     images = {e["container"]["image"] for e in spec["deploymentSpec"]["executors"].values()}
     assert images == {IMAGES["train"]}  # no cluster options; kdp compile gives each role its image
     commands = " ".join(" ".join(e["container"]["command"]) for e in spec["deploymentSpec"]["executors"].values())
@@ -182,15 +205,20 @@ def test_every_task_is_cached_and_rerun_by_its_own_parameter(tmp_path, pipeline)
     assert set(spec.tasks) == set(TASKS[pipeline])
     fed = {}
     version = spec.tasks.pop("source-version")  # lists the data in every run, so it is never cached
+    gate = spec.tasks.pop("teacher-gate", None)  # cached on its inputs alone: the two models and the margin
+    assert gate is None or (gate["cachingOptions"] == {"enableCache": True}
+                            and "rerun_token" not in gate["inputs"]["parameters"])
     assert version["cachingOptions"] == {} and "rerun_token" not in version["inputs"]["parameters"]
     source_version = spec.tasks["prepare-data"]["inputs"]["parameters"]["source_version"]["taskOutputParameter"]
     assert source_version == {"outputParameterKey": "Output", "producerTask": "source-version-op"}
     for name, task in spec.tasks.items():
         assert task["cachingOptions"] == {"enableCache": True}, name
-        source = task["inputs"]["parameters"]["rerun_token"]["componentInputParameter"]
+        # a task inside a condition reads the pipeline parameter through its branch's input of the same name
+        source = task["inputs"]["parameters"]["rerun_token"]["componentInputParameter"].removeprefix(
+            "pipelinechannel--")
         fed.setdefault(source, []).append(name)
         assert parameters[source] == {"defaultValue": "", "isOptional": True, "parameterType": "STRING"}
-    assert fed == {RERUN[name]: [name] for name in TASKS[pipeline] if name != "source-version"}
+    assert fed == {RERUN[name]: [name] for name in TASKS[pipeline] if name not in ("source-version", "teacher-gate")}
     assert not [p for p in parameters if p.startswith("rerun_") and p not in fed]
 
 

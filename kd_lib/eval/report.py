@@ -14,6 +14,16 @@ for classification; COCO's ``AP``, ``AP50``, ``AP75``, ``APs``, ``APm`` and
 are fractions in [0, 1]; tables show them in percent and the plot puts the
 task's headline metric (top-1 or AP) against GFLOPs. A model counts as HR when
 its input size is at least ``hr_size``, as LR otherwise.
+
+Optional keys, written by the evaluate stage and shown when present:
+``device`` and ``code_version`` (where latency was measured, which code
+trained the models); per model ``stage``, ``method``, ``distilled_from``,
+``settings`` (those that differ from the stage's defaults) and ``history``
+(the training loop's rows: ``epoch``, ``train_loss`` and one ``train_<term>``
+per loss term, ``val_top1``...), drawn as training curves; ``verdicts``,
+``advice`` and ``gate`` from :mod:`kd_lib.eval.verdicts`. A classification
+plot has a chance line at ``1 / num_classes`` and error bars of two binomial
+standard errors of each top-1 on the val split.
 """
 
 from __future__ import annotations
@@ -33,6 +43,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, LogLocator
 
 from kd_lib.eval.detection import METRICS
+from kd_lib.eval.verdicts import standard_error, verdict_lines
 from kd_lib.io.fs import join, write_text
 
 Summary = dict[str, Any]
@@ -267,6 +278,49 @@ def _size_groups(models: list[Model], summary: Summary, hr: bool) -> str:
     return ", ".join(f"{s} px" for s in sizes)
 
 
+def _chance(summary: Summary) -> float | None:
+    """Top-1 of a uniform guess, in %, for a classification summary; None for detection."""
+    if _task(summary) is not TASKS["classification"]:
+        return None
+    return 100 / summary["dataset"]["num_classes"]
+
+
+def training_curves_figure(summary: Summary) -> Figure | None:
+    """One panel per model with a training ``history``: the training loss and each of its terms
+    per epoch (left axis, log scale), the validation top-1 in % (right axis) with the chance line.
+    None when no model has a history."""
+    models = [m for m in summary["models"] if m.get("history")]
+    if not models:
+        return None
+    cols = min(len(models), 3)
+    rows = math.ceil(len(models) / cols)
+    fig = Figure(figsize=(4.2 * cols, 3.2 * rows), dpi=100, layout="constrained")
+    FigureCanvasAgg(fig)
+    chance = _chance(summary)
+    for i, model in enumerate(models):
+        ax = fig.add_subplot(rows, cols, i + 1)
+        history = model["history"]
+        epochs = [row["epoch"] for row in history]
+        losses = [k for k in history[0] if k.startswith("train_")]
+        for key in losses:
+            values = [row.get(key) for row in history]
+            ax.plot(epochs, values, marker=".", lw=1.6 if key == "train_loss" else 1.0,
+                    label=key.removeprefix("train_"))
+        ax.set_yscale("log")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("training loss")
+        ax.set_title(f"{model['name']} ({model.get('method', '?')}, {model['input_size']} px)", fontsize=10)
+        ax.legend(fontsize=7, loc="upper right")
+        if "val_top1" in history[0]:
+            acc = ax.twinx()
+            acc.plot(epochs, [100 * row["val_top1"] for row in history], color="black", marker="o", lw=1.4)
+            if chance is not None:
+                acc.axhline(chance, color="0.5", ls="--", lw=0.8)
+            acc.set_ylim(0, 100)
+            acc.set_ylabel("val top-1 % (black; dashed: chance)")
+    return fig
+
+
 def accuracy_vs_gflops_figure(summary: Summary) -> Figure:
     """Figure of the task's headline metric (top-1 or AP, in %) against GFLOPs, one
     marker per model.
@@ -286,7 +340,13 @@ def accuracy_vs_gflops_figure(summary: Summary) -> Figure:
     gflops = [m["gflops"] for m in models]
     scores = [100 * m[task.key] for m in models]
     areas = [MAX_MARKER_AREA * m["input_bytes"] / max_bytes for m in models]
-    _set_limits(ax, gflops, scores)
+    chance = _chance(summary)
+    _set_limits(ax, gflops, scores if chance is None else [*scores, chance])
+    if chance is not None:
+        n = summary["dataset"]["val_images"]
+        ax.errorbar(gflops, scores, yerr=[200 * standard_error(m["top1"], n) for m in models],
+                    fmt="none", ecolor="0.3", elinewidth=0.8, capsize=3, zorder=2)
+        ax.axhline(chance, color="0.5", ls="--", lw=0.8, label=f"chance ({chance:.1f} %)", zorder=1)
     for hr, color, label in ((True, HR_COLOR, "HR input"), (False, LR_COLOR, "LR input")):
         idx = [i for i, m in enumerate(models) if _is_hr(m, summary) == hr]
         if idx:
@@ -313,7 +373,8 @@ def accuracy_vs_gflops_figure(summary: Summary) -> Figure:
         0.01,
         0.01,
         f"Marker area \u221d input bytes per image (3 \u00d7 px\u00b2, 8-bit); "
-        f"largest = {max_bytes:,} B.",
+        f"largest = {max_bytes:,} B."
+        + (" Bars: \u00b12 binomial standard errors on the val split." if chance is not None else ""),
         fontsize=8,
         color="0.35",
         ha="left",
@@ -326,11 +387,15 @@ def accuracy_vs_gflops_figure(summary: Summary) -> Figure:
     return fig
 
 
+def _png(fig: Figure) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
+
+
 def plot_accuracy_vs_gflops(summary: Summary) -> bytes:
     """PNG of :func:`accuracy_vs_gflops_figure`."""
-    buf = io.BytesIO()
-    accuracy_vs_gflops_figure(summary).savefig(buf, format="png")
-    return buf.getvalue()
+    return _png(accuracy_vs_gflops_figure(summary))
 
 
 _CSS = """
@@ -341,6 +406,7 @@ th { background: #f4f4f4; }
 .num { text-align: right; font-variant-numeric: tabular-nums; }
 img { max-width: 100%; }
 .note { color: #666; font-size: 0.9em; }
+.verdicts li { margin: 0.2em 0; }
 """
 
 
@@ -356,8 +422,54 @@ def _dataset_line(summary: Summary) -> str:
     )
 
 
+def _run_line(summary: Summary) -> str:
+    """Where latency was measured and which code trained the models, when the summary says."""
+    parts = []
+    if summary.get("device"):
+        parts.append(f"Latency measured on <code>{html.escape(str(summary['device']))}</code>.")
+    if summary.get("code_version"):
+        parts.append(f"Code version <code>{html.escape(str(summary['code_version'])[:12])}</code>.")
+    return f"<p>{' '.join(parts)}</p>" if parts else ""
+
+
+def _verdicts_html(summary: Summary) -> str:
+    """The gate's message, each verdict and the advice (:func:`kd_lib.eval.verdicts.verdict_lines`)."""
+    lines = verdict_lines(summary)
+    if not lines:
+        return ""
+    items = "\n".join(f"<li>{html.escape(line)}</li>" for line in lines)
+    return (f'<h2>Verdicts</h2>\n<ul class="verdicts">\n{items}\n</ul>\n<p class="note">"within noise": the '
+            f"difference is under two binomial standard errors of the {summary['dataset']['val_images']:,} "
+            f"val images.</p>")
+
+
+def _training_html(summary: Summary) -> str:
+    """Table of how each model was trained (stage, method, teacher, settings that differ from the
+    stage's defaults) and the training curves, for the models that say."""
+    models = [m for m in summary["models"] if "method" in m]
+    if not models:
+        return ""
+
+    def settings(m: Model) -> str:
+        return ", ".join(f"{k}={v}" for k, v in sorted(m.get("settings", {}).items())) or "defaults"
+
+    rows = "\n".join(
+        "<tr>" + "".join(f"<td>{html.escape(str(v))}</td>" for v in (
+            m["name"], m.get("stage", ""), m["method"], m.get("distilled_from") or "\u2014", settings(m)))
+        + "</tr>" for m in models)
+    head = "".join(f"<th>{h}</th>" for h in ("name", "stage", "method", "distilled from",
+                                              "settings that differ from the defaults"))
+    table = f"<table>\n<thead><tr>{head}</tr></thead>\n<tbody>\n{rows}\n</tbody>\n</table>"
+    curves = training_curves_figure(summary)
+    img = "" if curves is None else (
+        f'<img alt="training curves per model" '
+        f'src="data:image/png;base64,{base64.b64encode(_png(curves)).decode("ascii")}">')
+    return f"<h2>Training</h2>\n{table}\n{img}"
+
+
 def render_html(summary: Summary) -> str:
-    """Self-contained HTML report: dataset line, embedded PNG plot, model table."""
+    """Self-contained HTML report: dataset and run lines, embedded PNG plot, model table,
+    verdicts, and how each model was trained with its curves."""
     png = base64.b64encode(plot_accuracy_vs_gflops(summary)).decode("ascii")
     title = f"Low-resolution distillation report: {dataset_name(summary)}"
     alt = f"{_task(summary).name} against GFLOPs per model"
@@ -371,10 +483,13 @@ def render_html(summary: Summary) -> str:
 <body>
 <h1>{html.escape(title)}</h1>
 <p>{_dataset_line(summary)}</p>
+{_run_line(summary)}
 <img alt="{html.escape(alt)}" src="data:image/png;base64,{png}">
 {_html_table(summary)}
 <p class="note">Accuracy on the validation set at each model's own input size; cost
 (GFLOPs, input bytes, latency) for one forward at that size.</p>
+{_verdicts_html(summary)}
+{_training_html(summary)}
 </body>
 </html>
 """

@@ -59,9 +59,9 @@ def plan(pipeline, params: dict) -> list[StageTask]:
               for name, definition in definitions.items()}
     module = sys.modules[pipeline.pipeline_func.__module__]
     tasks = []
-    for task_id, task in sorted(spec["root"]["dag"]["tasks"].items()):
+    for task_id, task in dag_tasks(spec, spec["root"]):
         inputs = task.get("inputs", {})
-        settings = inputs.get("parameters", {}).get("settings", {}).get("componentInputParameter")
+        settings = pipeline_parameter(inputs.get("parameters", {}).get("settings", {}))
         if settings is None:
             continue
         executor = spec["components"][task["componentRef"]["name"]]["executorLabel"]
@@ -74,7 +74,7 @@ def plan(pipeline, params: dict) -> list[StageTask]:
         except Planned as planned:
             tasks.append(StageTask(name, settings, find(planned.stage), planned.config))
         except ConfigError as err:  # named after what the user set: the settings, or the field's own parameter
-            fed = inputs.get("parameters", {}).get(err.field, {}).get("componentInputParameter")
+            fed = pipeline_parameter(inputs.get("parameters", {}).get(err.field, {}))
             source = settings if fed is None or err.field in values[settings] else fed
             raise ConfigError(err.field, err.message, f"{name} ({'parameter ' if source != settings else ''}"
                               f"{source})") from None
@@ -83,12 +83,28 @@ def plan(pipeline, params: dict) -> list[StageTask]:
     return tasks
 
 
+def dag_tasks(spec: dict, component: dict) -> list[tuple[str, dict]]:
+    """Every task of ``component``'s DAG, those inside its conditions (``dsl.If``/``dsl.Else``) included."""
+    found = []
+    for task_id, task in sorted(component.get("dag", {}).get("tasks", {}).items()):
+        inner = spec["components"][task["componentRef"]["name"]]
+        found += dag_tasks(spec, inner) if "dag" in inner else [(task_id, task)]
+    return found
+
+
+def pipeline_parameter(source: dict) -> str | None:
+    """The pipeline parameter that feeds an input, also through a condition's
+    ``pipelinechannel--NAME``; None for anything else."""
+    name = source.get("componentInputParameter")
+    return name.removeprefix("pipelinechannel--") if name else None
+
+
 def task_arguments(function, task_id: str, inputs: dict, values: dict) -> dict:
     """The arguments of a task's component function: its parameters as the DAG feeds them,
     stand-in artifacts (``.uri``, ``.path``) for its input and output artifacts."""
     def parameter(source: dict):
-        if "componentInputParameter" in source:
-            return values[source["componentInputParameter"]]
+        if pipeline_parameter(source) in values:
+            return values[pipeline_parameter(source)]
         if "runtimeValue" in source:
             return source["runtimeValue"]["constant"]
         return STAND_IN  # an upstream task's output parameter

@@ -13,6 +13,7 @@ like every stage (see :mod:`components.common`).
 
 from __future__ import annotations
 
+import difflib
 import io
 from dataclasses import dataclass, replace
 from typing import Literal
@@ -20,6 +21,7 @@ from typing import Literal
 import pyarrow.parquet as pq
 import torch
 
+from components.common import TrainingOutputSettings, data_manifest
 from kd_lib.config import check
 from kd_lib.data.detection_shards import DetectionShardDataset, collate_detection
 from kd_lib.data.imagefolder import DataError
@@ -27,9 +29,10 @@ from kd_lib.distill.detection import DetectorTraining
 from kd_lib.engine.loop import fit, write_metrics
 from kd_lib.engine.settings import TrainSettings
 from kd_lib.eval.detection import detector_validation
-from kd_lib.io.fs import join, read_bytes
-from kd_lib.io.manifest import read_manifest
+from kd_lib.io.fs import join
+from kd_lib.io.manifest import read_manifest, read_published
 from kd_lib.models.detector_store import MODEL_FILE, DetectorSpec, load_detector, save_detector
+from kd_lib.models.detectors import accepted_backbones
 from kd_lib.ops import ResizeMode
 
 METRICS_FILE = "metrics.parquet"
@@ -39,7 +42,7 @@ SIDE_MULTIPLE = 32
 
 
 @dataclass
-class DetectionStageConfig(TrainSettings):
+class DetectionStageConfig(TrainSettings, TrainingOutputSettings):
     """Fields of every detection stage. Defaults: SGD lr 0.01, batch 8, weight decay 1e-4 and
     the gradient norm clipped at 10, a common from-scratch recipe for RetinaNet and FCOS."""
 
@@ -56,10 +59,16 @@ class DetectionStageConfig(TrainSettings):
 
     def validate(self) -> None:
         super().validate()
+        self.validate_output()
         check(bool(self.data), "data", "is required: the prepare-data output URI (detection data)")
         check(bool(self.out), "out", "is required: where this stage writes its outputs")
         check(self.kind in ("retinanet", "fcos"), "kind", f"must be retinanet or fcos, got {self.kind!r}")
         check(self.ratio in (1, 2, 4, 8), "ratio", f"must be 1, 2, 4 or 8 (a power of two), got {self.ratio}")
+        backbones = accepted_backbones()
+        close = difflib.get_close_matches(self.backbone, backbones, n=5)
+        check(self.backbone in backbones, "backbone", f"unknown backbone {self.backbone!r} "
+              f"({'close matches: ' + ', '.join(close) if close else 'no close match'}): torchvision's ResNets "
+              "and MobileNets")
 
 
 @dataclass
@@ -74,10 +83,7 @@ class DetectionData:
 
     @classmethod
     def load(cls, config: DetectionStageConfig) -> DetectionData:
-        manifest = read_manifest(config.data)
-        if manifest.get("task") != "detection":
-            raise DataError(f"{config.data} holds {manifest.get('task', 'classification')} data: prepare a COCO "
-                            "or YOLO dataset for the detection stages")
+        manifest = data_manifest(config.data, "detection")
         size = manifest["image_size"]
         if size % (config.ratio * SIDE_MULTIPLE):
             raise DataError(f"{config.data}: images of {size} px at ratio {config.ratio} give an LR side of "
@@ -116,4 +122,4 @@ def write_detector(out: str, model: torch.nn.Module, spec: DetectorSpec, data: D
 
 def read_rows(out: str) -> list[dict]:
     """The metrics rows that :func:`write_detector` wrote under ``out``."""
-    return pq.read_table(io.BytesIO(read_bytes(join(out, METRICS_FILE)))).to_pylist()
+    return pq.read_table(io.BytesIO(read_published(out, METRICS_FILE))).to_pylist()

@@ -19,6 +19,7 @@ from typing import Literal
 
 from components import afp, assistant, detector, evaluate, lr_baseline, prepare_data, student, teacher
 from kd_lib.config import check, from_dict, to_flags
+from kd_lib.errors import exit_on_failure
 from kd_lib.io.fs import join
 from kd_lib.io.manifest import read_manifest
 
@@ -102,12 +103,17 @@ def run_stage(stage: str, overrides: dict, metrics=None, launcher: dict | None =
     final numbers on the KFP ``metrics`` artifact, if given.
 
     A file is always written at the metrics artifact's path: KFP's local cache
-    treats a task whose output file is missing as a miss.
+    treats a task whose output file is missing as a miss. A user's failure
+    ends the task with its message and exit status (:mod:`kd_lib.errors`).
     """
     _, run = STAGES[stage]
-    config = stage_config(stage, overrides, **fields)
-    launch = from_dict(Launcher, launcher or {}, where="launcher")
-    result = launch_with_torchx(stage, config, launch) if launch.kind == "torchx" else run(config)
+
+    def body() -> dict:
+        config = stage_config(stage, overrides, **fields)
+        launch = from_dict(Launcher, launcher or {}, where="launcher")
+        return launch_with_torchx(stage, config, launch) if launch.kind == "torchx" else run(config)
+
+    result = exit_on_failure(f"kdp stage {stage}", body)
     if metrics is not None:
         numbers = final_metrics(result)
         for name, value in numbers.items():

@@ -25,7 +25,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Literal
 
-from components.common import stage_cli
+from components.common import OutputSettings, preflight, stage_cli
 from kd_lib.config import check
 from kd_lib.data.detection import DetectionSet, keep_categories, read_coco, read_yolo
 from kd_lib.data.detection_shards import prepare_detection
@@ -34,7 +34,7 @@ from kd_lib.io.fs import exists, join
 
 
 @dataclass
-class PrepareDataConfig:
+class PrepareDataConfig(OutputSettings):
     source: str = ""
     out: str = ""
     format: Literal["auto", "imagefolder", "coco", "yolo"] = "auto"
@@ -48,6 +48,7 @@ class PrepareDataConfig:
     categories: list[str] = field(default_factory=list)
 
     def validate(self) -> None:
+        self.validate_output()
         check(bool(self.source), "source", "is required: an ImageFolder root, a COCO JSON file or a YOLO root")
         check(bool(self.out), "out", "is required: where the shards and manifest go")
         check(self.format in ("auto", "imagefolder", "coco", "yolo"), "format",
@@ -86,6 +87,9 @@ def read_detection(config: PrepareDataConfig) -> tuple[DetectionSet, DetectionSe
 
 
 def run(config: PrepareDataConfig) -> dict:
+    inputs = {name: getattr(config, name) for name in ("source", "images", "val_annotations", "val_images")
+              if getattr(config, name)}
+    preflight("prepare-data", config, inputs)
     if config.resolved_format() == "imagefolder":
         manifest = prepare_imagefolder(config.source, config.out, config.shard_size, config.max_per_class)
     else:

@@ -115,7 +115,10 @@ def load_yaml(uri: str) -> dict[str, Any]:
     """A YAML mapping from ``uri`` (any fsspec location)."""
     from kd_lib.io.fs import read_text
 
-    data = yaml.safe_load(read_text(uri)) or {}
+    try:
+        data = yaml.safe_load(read_text(uri)) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError("<root>", f"not valid YAML: {' '.join(str(err).split())}", uri) from None
     if not isinstance(data, dict):
         raise ConfigError("<root>", "a config file must hold a mapping of field: value", uri)
     return data

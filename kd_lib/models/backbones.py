@@ -60,9 +60,6 @@ def _build_timm(arch: str, num_classes: int) -> nn.Module:
     An explicit ``dynamic_img_size`` in the arch string wins.
     """
     name, kwargs = parse_timm_arch(arch)
-    names = timm.list_models()
-    if name not in names:
-        raise _unknown(name, names, "timm.list_models()")
     if "dynamic_img_size" in kwargs:
         return timm.create_model(name, pretrained=False, num_classes=num_classes, **kwargs)
     try:
@@ -72,6 +69,19 @@ def _build_timm(arch: str, num_classes: int) -> nn.Module:
         if "dynamic_img_size" not in str(err):
             raise
         return timm.create_model(name, pretrained=False, num_classes=num_classes, **kwargs)
+
+
+def check_architecture(arch: str) -> None:
+    """Raise ValueError, with close matches, unless ``arch`` names a torchvision or timm model."""
+    if arch.startswith(TIMM_PREFIX):
+        name, _ = parse_timm_arch(arch)
+        names = timm.list_models()
+        if name not in names:
+            raise _unknown(name, names, "timm.list_models()")
+        return
+    names = available_architectures()
+    if arch not in names:
+        raise _unknown(arch, names, "torchvision.models.list_models(module=torchvision.models)")
 
 
 def build_classifier(arch: str, num_classes: int) -> nn.Module:
@@ -90,11 +100,9 @@ def build_classifier(arch: str, num_classes: int) -> nn.Module:
     """
     if num_classes < 1:
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+    check_architecture(arch)
     if arch.startswith(TIMM_PREFIX):
         return _build_timm(arch, num_classes)
-    names = available_architectures()
-    if arch not in names:
-        raise _unknown(arch, names, "torchvision.models.list_models(module=torchvision.models)")
     return torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
 
 

@@ -48,14 +48,14 @@ class Publication:
         self.folder = join(out, self.version)
         self.previous = previous_manifest(out)
         self.children: dict[str, Publication] = {}
-        self.nested = False
+        self.parent: Publication | None = None
         self.manifest: dict[str, Any] | None = None
 
     def child(self, name: str, stage: str) -> Publication:
         """The publication of the output ``out/name`` of ``stage``, part of this one: its files are
         listed in this manifest as ``name/FILE``, and this commit removes what it replaced."""
         child = Publication(join(self.out, name), stage, self.key)
-        child.nested = True
+        child.parent = self
         self.children[name] = child
         return child
 
@@ -87,23 +87,32 @@ class Publication:
             self.discard()
             raise
         self.manifest = manifest
-        if not self.nested:
+        if self.parent is None:
             self.remove_replaced()
+        else:  # what the published parent still names stays until the parent's commit
+            self.remove_replaced(self.parent.published_uris())
         return self.manifest
 
-    def remove_replaced(self) -> None:
+    def published_uris(self) -> set[str]:
+        """The URIs of the files that the manifest this publication replaces names."""
+        previous = self.previous or {"files": {}}
+        return {join(self.out, stored_path(previous, name)) for name in previous["files"]}
+
+    def remove_replaced(self, keep: set[str] = frozenset()) -> None:
         """Remove the files that the replaced manifest named and the new one does not, if the same stage
-        wrote them, and the folders they leave empty; then the same for the children."""
+        wrote them, and the folders they leave empty, but not those in ``keep`` (URIs); then the same
+        for the children."""
         for child in self.children.values():
             child.remove_replaced()
         previous, current = self.previous, self.manifest or {}
         if previous is None or previous.get("stage") != self.stage:
             return
-        keep = {stored_path(current, name) for name in current.get("files", {})}
+        current_paths = {stored_path(current, name) for name in current.get("files", {})}
         for name in previous["files"]:
             path = stored_path(previous, name)
-            if path not in keep and posixpath.basename(path) != MANIFEST:
-                remove(join(self.out, path))
+            uri = join(self.out, path)
+            if path not in current_paths and posixpath.basename(path) != MANIFEST and uri not in keep:
+                remove(uri)
                 folder = posixpath.dirname(path)
                 if folder:
                     remove_if_empty(join(self.out, folder))

@@ -54,6 +54,16 @@ def assert_failed_cleanly(code: int, err: str, expected: int, *named: str) -> No
 
 
 @pytest.fixture(scope="module")
+def prepared(tmp_path_factory) -> str:
+    """A prepared 2-class dataset of 4 + 4 train and 2 + 2 val images of 32 px: one batch per epoch."""
+    from conftest import write_imagefolder
+
+    root = tmp_path_factory.mktemp("tiny")
+    prepare_imagefolder(str(write_imagefolder(root / "src", classes=2, train=4, val=2)), str(root / "data"))
+    return str(root / "data")
+
+
+@pytest.fixture(scope="module")
 def trained(tmp_path_factory, prepared) -> str:
     """A finished teacher output on the tiny prepared data."""
     out = tmp_path_factory.mktemp("teacher") / "teacher"
@@ -83,7 +93,7 @@ def test_out_equal_to_the_data_is_refused(prepared, capsys):
     code, err = kdp(capsys, "stage", "teacher", "--data", prepared, "--out", prepared + "/", *FAST)
     assert_failed_cleanly(code, err, 2, prepared, "data")
     assert snapshot(prepared) == before
-    assert len(ShardedImageDataset(prepared, "val", CropTransform(32, 4, train=False))) == 18
+    assert len(ShardedImageDataset(prepared, "val", CropTransform(32, 4, train=False))) == 4
 
 
 def test_a_failed_rerun_leaves_the_earlier_output_published(prepared, teacher_copy, monkeypatch, capsys):
@@ -100,7 +110,7 @@ def test_a_failed_rerun_leaves_the_earlier_output_published(prepared, teacher_co
 
 
 def test_a_damaged_checkpoint_falls_back_to_the_previous_then_needs_restart(prepared, tmp_path, monkeypatch,
-                                                                              capsys):
+                                                                              capsys, caplog):
     out, root = tmp_path / "t", tmp_path / "ckpt"
     args = ["stage", "teacher", "--data", prepared, "--out", out, "--checkpoint-root", root, *FAST,
             "--epochs", "2"]
@@ -116,8 +126,8 @@ def test_a_damaged_checkpoint_falls_back_to_the_previous_then_needs_restart(prep
     assert last.exists() and previous.exists()
     last.write_bytes(last.read_bytes()[:100])
     code, err = kdp(capsys, *args)
-    assert code == 0 and f"resumed from {last}" in err, err
-    assert "last.pt" in err  # the damaged one is named in a warning
+    assert code == 0 and "resumed from" in err, err
+    assert f"{last}: not a readable checkpoint" in caplog.text and f"resuming from {previous}" in caplog.text
 
     shutil.copytree(out, tmp_path / "published")
     with monkeypatch.context() as patch:
@@ -129,8 +139,7 @@ def test_a_damaged_checkpoint_falls_back_to_the_previous_then_needs_restart(prep
     for _ in range(2):  # the same answer each time, not a loop on a raw error
         code, err = kdp(capsys, *args, "--seed", "3")
         assert_failed_cleanly(code, err, 1, folder / "last.pt", "--restart")
-    assert snapshot(out) == snapshot(tmp_path / "published") | {
-        k: v for k, v in snapshot(out).items() if k.startswith("checkpoints")}
+    assert snapshot(out) == snapshot(tmp_path / "published")
     code, err = kdp(capsys, *args, "--seed", "3", "--restart")
     assert code == 0, err
 

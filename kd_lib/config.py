@@ -162,9 +162,11 @@ def to_flags(config: Any) -> list[str]:
 def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
     """One ``--flag`` per field of ``cls`` (values are parsed by :func:`from_dict`)."""
     parser.add_argument("--config", metavar="YAML", help="config file; flags override its fields")
+    hints = typing.get_type_hints(cls)
     for field in dataclasses.fields(cls):
+        switch = {"nargs": "?", "const": "true"} if hints[field.name] is bool else {}  # --force = --force true
         parser.add_argument(flag_name(field.name), dest=field.name, default=argparse.SUPPRESS,
-                            metavar=field.name.upper(), help=f"(default: {field_default(field)!r})")
+                            metavar=field.name.upper(), help=f"(default: {field_default(field)!r})", **switch)
 
 
 def from_args(cls: type[T], args: argparse.Namespace) -> T:

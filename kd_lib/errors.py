@@ -31,8 +31,6 @@ import traceback
 from collections.abc import Callable, Iterator
 from typing import TypeVar
 
-from kd_lib.config import ConfigError
-
 T = TypeVar("T")
 DEBUG_ENV = "KDP_DEBUG"
 EXIT_FAILURE, EXIT_USAGE, EXIT_SIGINT = 1, 2, 128 + signal.SIGINT
@@ -74,6 +72,8 @@ def take_debug_flag(argv: list[str] | None) -> tuple[list[str], bool]:
 def exit_code(err: BaseException, failures: tuple[type[BaseException], ...] = ()) -> int | None:
     """The exit status for ``err``, or None when it is not a failure the user can fix (a bug).
     ``failures``: more types that exit 1 at this entry point."""
+    from kd_lib.config import ConfigError  # here: the console script imports this module first, and fast
+
     if isinstance(err, KeyboardInterrupt):
         return EXIT_SIGINT
     if isinstance(err, ConfigError):

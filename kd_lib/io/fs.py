@@ -61,14 +61,18 @@ def check_reachable(uri: str, timeout: float = STORAGE_TIMEOUT) -> bool:
 
 
 def check_writable(uri: str, timeout: float = STORAGE_TIMEOUT) -> None:
-    """Write a small probe file under the folder ``uri`` and remove it; :class:`StorageError` naming
-    ``uri`` if that fails or its store does not answer within ``timeout`` s."""
+    """Write a small probe file under the folder ``uri`` and remove it (and the folder, if the probe
+    made it); :class:`StorageError` naming ``uri`` if that fails or its store does not answer within
+    ``timeout`` s."""
     fs, path = filesystem(uri)
     probe = posixpath.join(path, f".write-probe-{uuid.uuid4().hex[:8]}")
     try:
+        existed = fs.exists(path)
         fs.makedirs(path, exist_ok=True)
         _bounded(fs, "pipe_file", probe, b"probe", timeout=timeout)
         fs.rm(probe)
+        if not existed:
+            remove_if_empty(uri)
     except TimeoutError as err:
         raise _unreachable(uri, err, timeout) from err
     except (OSError, ValueError, RuntimeError) as err:

@@ -93,16 +93,15 @@ def read_published(uri: str, name: str, manifest: dict[str, Any] | None = None, 
     manifest = read_manifest(uri) if manifest is None else manifest
     path = published_uri(uri, name, manifest)
     data = read_bytes(path)
-    size = manifest.get("sizes", {}).get(name)
-    if size is not None and len(data) != size:
-        raise DataError(f"{path}: {len(data)} bytes, but {join(uri, MANIFEST)} promises {size}: the file was "
-                        f"damaged or replaced; run the stage that wrote {uri} again")
+    redo = f"the file was damaged or replaced; run the stage that wrote {uri} again"
     if check_hash:
         digest = sha256_bytes(data)
         if digest != manifest["files"][name]:
             raise DataError(f"{path}: SHA-256 {digest}, but {join(uri, MANIFEST)} promises "
-                            f"{manifest['files'][name]}: the file was replaced or damaged; run the stage "
-                            f"that wrote {uri} again")
+                            f"{manifest['files'][name]}: {redo}")
+    size = manifest.get("sizes", {}).get(name)
+    if size is not None and len(data) != size:
+        raise DataError(f"{path}: {len(data)} bytes, but {join(uri, MANIFEST)} promises {size}: {redo}")
     return data
 
 

@@ -96,8 +96,8 @@ def report(prog: str, err: BaseException, debug: bool = False,
     if debug:
         traceback.print_exception(err)
     if isinstance(err, KeyboardInterrupt):
-        print(f"{prog}: interrupted; a training stage saved its checkpoint: run the same command again "
-              "to resume", file=sys.stderr)
+        print(f"{prog}: interrupted; run the same command again to go on (a training stage resumes from "
+              "its last checkpoint)", file=sys.stderr)
     elif code > 128:
         print(f"{prog}: {err}; run the same command again to resume", file=sys.stderr)
     else:

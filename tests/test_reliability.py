@@ -348,6 +348,10 @@ def test_a_one_class_detection_set_is_fine(tmp_path, capsys):
                     "--out", tmp_path / "d", "--image-size", "64", "--val-fraction", "0.4", "--categories", "red")
     assert code == 0, err
     assert read_manifest(str(tmp_path / "d"))["classes"] == ["red"]
+    code, err = kdp(capsys, "stage", "detector", "--data", tmp_path / "d", "--out", tmp_path / "det", "--epochs", "1",
+                    "--batch-size", "2", "--num-workers", "0", "--device", "cpu", "--backbone", "mobilenet_v3_small")
+    assert code == 0, err
+    assert read_manifest(str(tmp_path / "det"))["stage"] == "detector"
 
 
 def test_an_lr_side_below_8_px_is_a_config_error(tmp_path, capsys):

@@ -105,14 +105,6 @@ def read_published(uri: str, name: str, manifest: dict[str, Any] | None = None, 
     return data
 
 
-def published_files(uri: str) -> list[str]:
-    """The files the manifest at ``uri`` lists, or none if there is no manifest."""
-    try:
-        return list(read_manifest(uri)["files"])
-    except IncompleteOutputError:
-        return []
-
-
 def unpublish(uri: str) -> None:
     """Remove the manifest at ``uri`` before rewriting the output under it."""
     remove(join(uri, MANIFEST))

@@ -41,6 +41,7 @@ from kd_lib.config import from_dict  # noqa: E402
 from kd_lib.engine.loop import NonFiniteLossError  # noqa: E402
 from kd_lib.eval.cost import count_gflops, input_bytes  # noqa: E402
 from kd_lib.io.fs import join, read_bytes  # noqa: E402
+from kd_lib.io.manifest import read_published  # noqa: E402
 from kd_lib.models.store import load_classifier  # noqa: E402
 
 #: Student methods in table order; ``lr_baseline`` is the LR student with CE alone.
@@ -59,7 +60,7 @@ def train(stage: str, uri: str, **fields) -> tuple[str, float]:
     """Run a stage (a no-op when its output is up to date); its URI and training seconds."""
     declared = find(stage)
     declared.run(from_dict(declared.config, {"out": uri, **fields}, where=stage))
-    rows = pq.read_table(join(uri, "metrics.parquet")).to_pylist()
+    rows = pq.read_table(io.BytesIO(read_published(uri, "metrics.parquet"))).to_pylist()
     return uri, sum(row["seconds"] for row in rows)
 
 

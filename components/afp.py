@@ -39,19 +39,21 @@ from typing import Literal
 
 import torch
 
-from components.common import StageRun, publish_on_main
+from components.common import StageRun, Write, preflight, publish_on_main, run_lifecycle
 from components.detection_common import (DetectionData, DetectionStageConfig, load_upstream_detector, read_rows,
                                           train, write_detector)
 from components.stage import Stage
 from kd_lib.config import ConfigError, check
 from kd_lib.distill.detection import AFPDistiller, MSADDistiller, MSADTeacher, MSADTeacherTraining
 from kd_lib.io.fs import join
-from kd_lib.io.manifest import MANIFEST, finished_with_key, unpublish, write_manifest
+from kd_lib.io.manifest import finished_with_key
+from kd_lib.io.publish import Publication
 from kd_lib.losses.afp import DenseOutputKD
 from kd_lib.losses.msad import CrossFeatureFusion, MSADDistillLoss
 from kd_lib.models.detector_store import DetectorSpec, load_detector
 from kd_lib.models.detectors import FPN_CHANNELS
 
+STAGE = "afp"
 PHASES = ("assistant", "student")
 
 
@@ -128,14 +130,17 @@ def train_assistant(config: AFPConfig, data: DetectionData, teacher: torch.nn.Mo
         extra = {"fusion": fusion.state_dict()} if fusion is not None else {}
 
         def write() -> dict:
-            files = write_detector(folder, assistant, spec, data, rows, stage="afp-assistant", **extra)
-            return write_manifest(folder, stage="afp-assistant", key=job.key, files=files, info={"final": rows[-1]})
+            with Publication(folder, "afp-assistant", job.key) as publication:
+                files = write_detector(publication.folder, assistant, spec, data, rows, stage="afp-assistant",
+                                       **extra)
+                return publication.commit(files, {"final": rows[-1]})
 
         publish_on_main(folder, write)
     return assistant, (MSADTeacher(assistant, lr_spec.build(), fusion) if fusion is not None else None), rows
 
 
 def run(config: AFPConfig) -> dict:
+    preflight(STAGE, config, {"data": config.data, "teacher": config.teacher})
     data = DetectionData.load(config)
     teacher, teacher_spec, teacher_fingerprint = load_upstream_detector(config.teacher, "teacher", data.classes)
     if teacher_spec.kind != config.kind:
@@ -144,39 +149,33 @@ def run(config: AFPConfig) -> dict:
     if teacher_spec.image_size != data.image_size:
         raise ConfigError("teacher", f"the teacher reads {teacher_spec.image_size} px images, the data is "
                           f"{data.image_size} px")
-    job = StageRun.of("afp", config, {"data": data.fingerprint, "teacher": teacher_fingerprint})
-    done = job.finished(config.out)
-    if done is not None:
-        return done
-    torch.manual_seed(config.seed)
     spec, lr_spec = aligned_specs(config, len(data.classes), data.image_size)
-    assistant, msad, assistant_rows = train_assistant(config, data, teacher, spec, lr_spec, job)
-    student = lr_spec.build()
-    student.load_state_dict(assistant.state_dict())
-    if msad is None:
-        task = AFPDistiller(student, "lr", assistant, config.dense_kd())
-    else:
-        task = MSADDistiller(student, msad, MSADDistillLoss(config.msad_alpha, config.msad_temperature),
-                             config.msad_ramp_iters)
-    rows = train(task, data, config, join(job.checkpoint_dir, "student-train"), f"{config.method} student")
 
-    def write() -> dict:
-        unpublish(config.out)
-        files = []
-        for phase, model, model_spec, phase_rows in (("assistant", assistant, spec, assistant_rows),
-                                                     ("student", student, lr_spec, rows)):
-            folder = join(config.out, phase)
-            written = write_detector(folder, model, model_spec, data, phase_rows, stage=f"afp-{phase}",
-                                     method=config.method, ratio=config.ratio)
-            write_manifest(folder, stage=f"afp-{phase}", key=job.key, files=written, info={"final": phase_rows[-1]})
-            files += [f"{phase}/{name}" for name in (*written, MANIFEST)]
-        return job.publish(config.out, files, {"config": asdict(config),
-                                               "inputs": {"data": config.data, "teacher": config.teacher},
-                                               "final": {f"{phase}_{k}": v
-                                                         for phase, r in zip(PHASES, (assistant_rows, rows))
-                                                         for k, v in r[-1].items()}})
+    def train_phases(job: StageRun) -> Write:
+        assistant, msad, assistant_rows = train_assistant(config, data, teacher, spec, lr_spec, job)
+        student = lr_spec.build()
+        student.load_state_dict(assistant.state_dict())
+        if msad is None:
+            task = AFPDistiller(student, "lr", assistant, config.dense_kd())
+        else:
+            task = MSADDistiller(student, msad, MSADDistillLoss(config.msad_alpha, config.msad_temperature),
+                                 config.msad_ramp_iters)
+        rows = train(task, data, config, join(job.checkpoint_dir, "student-train"), f"{config.method} student")
 
-    return publish_on_main(config.out, write)
+        def write(publication: Publication) -> tuple[list[str], dict]:
+            for phase, model, model_spec, phase_rows in (("assistant", assistant, spec, assistant_rows),
+                                                         ("student", student, lr_spec, rows)):
+                child = publication.child(phase, f"afp-{phase}")
+                written = write_detector(child.folder, model, model_spec, data, phase_rows, stage=f"afp-{phase}",
+                                         method=config.method, ratio=config.ratio)
+                child.commit(written, {"final": phase_rows[-1]})
+            return [], {"config": asdict(config), "inputs": {"data": config.data, "teacher": config.teacher},
+                        "final": {f"{phase}_{k}": v for phase, r in zip(PHASES, (assistant_rows, rows))
+                                  for k, v in r[-1].items()}}
+
+        return write
+
+    return run_lifecycle(STAGE, config, {"data": data.fingerprint, "teacher": teacher_fingerprint}, train_phases)
 
 
 STAGE = Stage("afp", AFPConfig, run, trains=True)

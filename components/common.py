@@ -1,13 +1,23 @@
-"""What every training stage shares: its config fields, its run and its CLI.
+"""What every stage shares: its output's safety checks, the training lifecycle and the CLI.
 
-A training stage reads prepared data (and upstream models) by URI, trains one
-:class:`~kd_lib.distill.distiller.Distiller` with the shared loop, and
-publishes under ``out``: ``model.pt``, ``metrics.parquet``, and
-``manifest.json`` last. Its key hashes the stage, the settings that change
-the result and the fingerprints of its inputs:
+Every stage first runs :func:`preflight` (before any data is read): ``out``
+must be a folder that is none of the stage's inputs and holds no other
+stage's output (``force`` overrides the latter), it must be writable (a
+probe file is written and removed), every input must answer within
+``storage_timeout`` seconds, and the device must exist.
+
+A training stage reads prepared data (and upstream models) by URI, trains
+with the shared loop and publishes under ``out`` ``model.pt``,
+``metrics.parquet`` and ``manifest.json`` last, through
+:class:`~kd_lib.io.publish.Publication`: the previous output stays published
+until the new one is whole. Its lifecycle, one for classification and
+detection (:func:`run_lifecycle`): the key hashes the stage, the settings
+that change the result and the fingerprints of its inputs;
 
 - ``out`` already holds a manifest with that key: nothing to do;
-- a checkpoint exists under ``checkpoint_root/<stage>-<key>``: resume it;
+- a checkpoint exists under ``checkpoint_root/<stage>-<key>``: resume it (the
+  previous one if the last is damaged; none readable: an error, and
+  ``restart`` starts over);
 - on success the checkpoint folder is removed; on failure nothing is
   published and earlier outputs stay as they were.
 
@@ -21,7 +31,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
-import signal
 import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -30,28 +39,53 @@ from typing import Any
 import torch
 
 from kd_lib.config import ConfigError, add_arguments, check, from_args
-from kd_lib.data.imagefolder import DataError
 from kd_lib.data.shards import ShardedImageDataset
 from kd_lib.data.transforms import CropTransform
 from kd_lib.distill.distiller import Distiller, View
 from kd_lib.engine import distributed
-from kd_lib.engine.loop import NonFiniteLossError, TrainingInterrupted, fit, resolve_device, write_metrics
+from kd_lib.engine.loop import fit, resolve_device, write_metrics
 from kd_lib.engine.settings import TrainSettings
+from kd_lib.errors import DataError, guarded, take_debug_flag
 from kd_lib.eval.accuracy import classifier_validation
-from kd_lib.io.fs import StorageError, join, remove, remove_if_empty
-from kd_lib.io.manifest import IncompleteOutputError, finished_with_key, read_manifest, stage_key, unpublish, write_manifest
+from kd_lib.io.checkpoint import discard_damaged
+from kd_lib.io.fs import STORAGE_TIMEOUT, check_reachable, check_writable, is_file, join, remove, remove_if_empty, same_location
+from kd_lib.io.manifest import MANIFEST, IncompleteOutputError, finished_with_key, read_manifest, stage_key
+from kd_lib.io.publish import Publication, previous_manifest
 from kd_lib.models import build_classifier, check_architecture
 from kd_lib.models.store import MODEL_FILE, load_classifier, save_classifier
 from kd_lib.ops import ResizeMode
 
 METRICS_FILE = "metrics.parquet"
-#: Fields that say where things go or how fast they run, not what is computed.
-NOT_IN_KEY = ("data", "out", "checkpoint_root", "device", "num_workers", "checkpoint_every")
+#: Fields that say where things go, how fast they run or how they start, not what is computed.
+NOT_IN_KEY = ("data", "out", "checkpoint_root", "device", "num_workers", "checkpoint_every", "force",
+              "storage_timeout", "restart")
+#: The smallest LR side: below it a CNN's pooled features are 1x1 before its last stage.
+MIN_LR_SIDE = 8
 
 
 @dataclass
-class TrainStageConfig(TrainSettings):
-    """Fields of every training stage (on top of the loop's settings)."""
+class OutputSettings:
+    """Fields of every stage about its output: ``force`` writes into an ``out`` that holds another
+    stage's output (its files stay, its manifest is replaced); ``storage_timeout`` is how many seconds
+    the first contact with each location may take before it counts as unreachable."""
+
+    force: bool = False
+    storage_timeout: float = STORAGE_TIMEOUT
+
+    def validate_output(self) -> None:
+        check(self.storage_timeout > 0, "storage_timeout", f"must be > 0 seconds, got {self.storage_timeout}")
+
+
+@dataclass
+class TrainingOutputSettings(OutputSettings):
+    """:class:`OutputSettings` plus ``restart``: start the training over when no checkpoint is readable."""
+
+    restart: bool = False
+
+
+@dataclass
+class TrainStageConfig(TrainSettings, TrainingOutputSettings):
+    """Fields of every classification training stage (on top of the loop's settings)."""
 
     data: str = ""
     """the prepare-data output URI"""
@@ -72,18 +106,83 @@ class TrainStageConfig(TrainSettings):
 
     def validate(self) -> None:
         super().validate()
+        self.validate_output()
         check(bool(self.data), "data", "is required: the prepare-data output URI")
         check(bool(self.out), "out", "is required: where this stage writes its outputs")
         check(self.ratio >= 1, "ratio", f"must be >= 1, got {self.ratio}")
         check(self.hr_size >= 8, "hr_size", f"must be >= 8, got {self.hr_size}")
         check(self.hr_size % self.ratio == 0, "hr_size",
               f"{self.hr_size} is not divisible by ratio {self.ratio}: the LR side must be exact")
+        check(self.lr_size >= MIN_LR_SIDE, "ratio", f"hr_size {self.hr_size} / ratio {self.ratio} gives an LR side "
+              f"of {self.lr_size} px; it must be at least {MIN_LR_SIDE} px: lower ratio or raise hr_size")
         check(0 < self.crop_scale <= 1, "crop_scale", f"must be in (0, 1], got {self.crop_scale}")
         check_architecture(self.arch)
 
     @property
     def lr_size(self) -> int:
         return self.hr_size // self.ratio
+
+
+def check_device(name: str) -> None:
+    """:class:`ConfigError` naming ``device`` unless the device exists on this machine."""
+    kind, _, index = name.partition(":")
+    if kind == "cuda":
+        count = torch.cuda.device_count()
+        check(count > 0, "device", f"{name!r}: this machine has no CUDA device; use --device cpu or auto")
+        check(not index or int(index) < count, "device", f"{name!r}: this machine has {count} CUDA device(s)")
+    if kind == "mps":
+        check(torch.backends.mps.is_available(), "device", f"{name!r}: MPS is not available here; use cpu or auto")
+
+
+def preflight(stage: str, config, inputs: dict[str, str]) -> None:
+    """The checks before any work (module docstring); ``inputs`` maps config fields to input URIs."""
+    out, timeout = config.out, config.storage_timeout
+    for field, uri in inputs.items():
+        if same_location(uri, out):
+            raise ConfigError("out", f"{out} is also the {field} input: a stage never writes into what it "
+                              "reads; choose another out")
+    for field, uri in inputs.items():
+        if not check_reachable(uri, timeout):
+            raise IncompleteOutputError(f"{field}: {uri} does not exist")
+    if check_reachable(out, timeout):
+        if is_file(out):
+            raise ConfigError("out", f"{out} is a file; out must be a folder")
+        other = previous_manifest(out)
+        if other is not None and other["stage"] != stage and not config.force:
+            raise ConfigError("out", f"{out} holds the output of stage {other['stage']!r} ({MANIFEST}); a "
+                              f"{stage} stage never writes over another stage's output: choose another out, or "
+                              "pass --force to replace its manifest (its files stay)")
+    check_writable(out, timeout)
+    if isinstance(config, TrainSettings) and config.device != "auto":
+        check_device(config.device)
+
+
+def data_manifest(uri: str, task: str) -> dict[str, Any]:
+    """The manifest of the prepared ``task`` data at ``uri``, checked to be that and usable."""
+    manifest = read_manifest(uri)
+    if manifest["stage"] != "prepare-data":
+        raise DataError(f"data: {uri} holds the output of stage {manifest['stage']!r}, not prepared data: "
+                        "give the out of prepare-data")
+    found = manifest.get("task", "classification")
+    if found != task:
+        raise DataError(f"data: {uri} holds {found} data; this stage needs {task} data (prepare "
+                        f"{'an ImageFolder' if task == 'classification' else 'a COCO or YOLO dataset'})")
+    if task == "classification" and len(manifest["classes"]) < 2:
+        raise DataError(f"data: {uri} has {len(manifest['classes'])} class ({', '.join(manifest['classes'])}); "
+                        "a classifier needs at least 2")
+    return manifest
+
+
+def warn_small_images(uri: str, manifest: dict, side: int) -> None:
+    """Warn when images of the prepared data at ``uri`` are far smaller (a shorter side under half)
+    than the ``side`` they are trained at: they are upsampled more than 2x."""
+    counts = manifest.get("short_sides", {})
+    small = sum(count for bucket, count in counts.items() if 2 * int(bucket) <= side // 2)
+    if small:
+        total = sum(counts.values())
+        logging.getLogger("kdp").warning("%s: %d of %d images have a shorter side under %d px, far smaller than "
+                                         "hr_size %d: they are upsampled more than 2x", uri, small, total,
+                                         side // 2, side)
 
 
 def load_upstream(uri: str, field: str, classes: list[str]) -> tuple[torch.nn.Module, dict, str]:
@@ -129,13 +228,21 @@ class StageRun:
             print(f"{self.stage}: up to date at {out} (key {self.key[:12]})", file=sys.stderr)
         return done
 
-    def publish(self, out: str, files: list[str], info: dict) -> dict:
-        """Write the manifest over the files already written under ``out``, then drop the checkpoints."""
-        manifest = write_manifest(out, stage=self.stage, key=self.key, files=files, info=info)
+    def publish(self, out: str, write: Write) -> dict:
+        """Publish what ``write`` writes under ``out`` (:class:`~kd_lib.io.publish.Publication`), then
+        drop the checkpoints."""
+        with Publication(out, self.stage, self.key) as publication:
+            files, info = write(publication)
+            manifest = publication.commit(files, info)
         remove(self.checkpoint_dir, recursive=True)
         if self.owns_root:
             remove_if_empty(self.checkpoint_root)
         return manifest
+
+
+#: ``write(publication) -> (files, info)``: writes the files of an output under ``publication.folder``
+#: (and its children's), returns their names and the manifest's other fields.
+Write = Callable[[Publication], tuple[list[str], dict]]
 
 
 def publish_on_main(out: str, write: Callable[[], dict]) -> dict:
@@ -146,41 +253,60 @@ def publish_on_main(out: str, write: Callable[[], dict]) -> dict:
     return manifest if manifest is not None else read_manifest(out)
 
 
+def run_lifecycle(stage: str, config, fingerprints: dict[str, str], train: Callable[[StageRun], Write],
+                  key_config=None) -> dict[str, Any]:
+    """The lifecycle of every training stage (module docstring): key, finished check, seed, train, publish.
+
+    ``fingerprints``: the identities of the inputs; ``train(run)`` trains (checkpointing under
+    ``run.checkpoint_dir``) and returns the :data:`Write` of its output; ``key_config``: the config
+    that keys the run, when fields of ``config`` do not change the result.
+    """
+    run = StageRun.of(stage, key_config or config, fingerprints)
+    done = run.finished(config.out)
+    if done is not None:
+        return done
+    if config.restart and distributed.is_main():
+        discard_damaged(run.checkpoint_dir)
+    distributed.barrier()
+    torch.manual_seed(config.seed)
+    write = train(run)
+    return publish_on_main(config.out, lambda: run.publish(config.out, write))
+
+
 def run_training_stage(stage: str, config: TrainStageConfig, upstream: dict[str, str],
                        plan: Callable[[list[str], dict[str, tuple]], StagePlan]) -> dict[str, Any]:
-    """Run one training stage end to end (see the module docstring).
+    """Run one classification training stage end to end (see the module docstring).
 
     ``upstream`` maps config field names to URIs of finished stage outputs;
     ``plan(classes, models)`` builds the task from the data's class names and
     the loaded upstream ``(model, meta)`` pairs.
     """
-    data_manifest = read_manifest(config.data)
-    classes = data_manifest["classes"]
+    preflight(stage, config, {"data": config.data, **upstream})
+    data = data_manifest(config.data, "classification")
+    classes = data["classes"]
+    warn_small_images(config.data, data, config.hr_size)
     loaded = {name: load_upstream(uri, name, classes) for name, uri in upstream.items()}
-    inputs = {"data": data_manifest["data_fingerprint"], **{n: fp for n, (_, _, fp) in loaded.items()}}
-    run = StageRun.of(stage, config, inputs)
-    done = run.finished(config.out)
-    if done is not None:
-        return done
-    torch.manual_seed(config.seed)
-    planned = plan(classes, {name: (model, meta) for name, (model, meta, _) in loaded.items()})
-    train_set, val_set = (ShardedImageDataset(config.data, split, CropTransform(
-        config.hr_size, config.ratio, train=split == "train", resize=config.resize,
-        crop_scale=config.crop_scale)) for split in ("train", "val"))
-    rows = fit(planned.task, train_set, config, run.checkpoint_dir,
-               classifier_validation(val_set, planned.view, config.num_workers), desc=stage)
 
-    def write() -> dict:
-        unpublish(config.out)
-        input_size = config.hr_size if planned.view == "hr" else config.lr_size
-        save_classifier(config.out, planned.task.student.cpu(), arch=planned.arch, classes=classes,
-                        input_size=input_size, stage=stage, hr_size=config.hr_size, ratio=config.ratio)
-        write_metrics(rows, join(config.out, METRICS_FILE))
-        return run.publish(config.out, [MODEL_FILE, METRICS_FILE],
-                           {"config": asdict(config), "inputs": {"data": config.data, **upstream},
-                            "final": rows[-1]})
+    def train(run: StageRun) -> Write:
+        planned = plan(classes, {name: (model, meta) for name, (model, meta, _) in loaded.items()})
+        train_set, val_set = (ShardedImageDataset(config.data, split, CropTransform(
+            config.hr_size, config.ratio, train=split == "train", resize=config.resize,
+            crop_scale=config.crop_scale)) for split in ("train", "val"))
+        rows = fit(planned.task, train_set, config, run.checkpoint_dir,
+                   classifier_validation(val_set, planned.view, config.num_workers), desc=stage)
 
-    return publish_on_main(config.out, write)
+        def write(publication: Publication) -> tuple[list[str], dict]:
+            input_size = config.hr_size if planned.view == "hr" else config.lr_size
+            save_classifier(publication.folder, planned.task.student.cpu(), arch=planned.arch, classes=classes,
+                            input_size=input_size, stage=stage, hr_size=config.hr_size, ratio=config.ratio)
+            write_metrics(rows, join(publication.folder, METRICS_FILE))
+            return [MODEL_FILE, METRICS_FILE], {"config": asdict(config),
+                                                "inputs": {"data": config.data, **upstream}, "final": rows[-1]}
+
+        return write
+
+    fingerprints = {"data": data["data_fingerprint"], **{n: fp for n, (_, _, fp) in loaded.items()}}
+    return run_lifecycle(stage, config, fingerprints, train)
 
 
 def run_supervised(stage: str, config: TrainStageConfig, view: View) -> dict[str, Any]:
@@ -189,11 +315,6 @@ def run_supervised(stage: str, config: TrainStageConfig, view: View) -> dict[str
         return StagePlan(Distiller(build_classifier(config.arch, len(classes)), view), config.arch, view)
 
     return run_training_stage(stage, config, {}, plan)
-
-
-#: Errors a user can fix: printed as one line, exit status 1.
-USER_ERRORS = (ConfigError, DataError, IncompleteOutputError, StorageError, NonFiniteLossError,
-               FileNotFoundError)
 
 
 def _process_group(config) -> contextlib.AbstractContextManager:
@@ -205,22 +326,21 @@ def _process_group(config) -> contextlib.AbstractContextManager:
 
 def stage_cli(config_cls: type, run: Callable[[Any], Any], argv: list[str] | None, prog: str,
               description: str) -> int:
-    """Parse ``--config``/flags into ``config_cls``, call ``run`` and map errors to exit codes."""
+    """Parse ``--config``/flags into ``config_cls``, call ``run`` and map errors to exit codes
+    (:mod:`kd_lib.errors`: 2 for config and usage errors, 1 for other failures, 128 + N on signal N)."""
     parser = argparse.ArgumentParser(prog=prog, description=description, allow_abbrev=False,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="show the traceback of an error (or set KDP_DEBUG=1)")
     add_arguments(parser, config_cls)
+    argv, debug = take_debug_flag(argv)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
+
+    def body() -> int:
         config = from_args(config_cls, args)
         with _process_group(config):
             run(config)
-    except TrainingInterrupted as err:
-        print(f"{prog}: {err}; run the same command again to resume", file=sys.stderr)
-        return 128 + err.signum
-    except USER_ERRORS as err:
-        print(f"{prog}: error: {err}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 128 + signal.SIGINT
-    return 0
+        return 0
+
+    return guarded(prog, body, debug)

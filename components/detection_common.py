@@ -20,6 +20,7 @@ from typing import Literal
 import pyarrow.parquet as pq
 import torch
 
+from components.common import TrainingOutputSettings, data_manifest
 from kd_lib.config import check, check_name
 from kd_lib.data.detection_shards import DetectionShardDataset, collate_detection
 from kd_lib.data.imagefolder import DataError
@@ -27,8 +28,8 @@ from kd_lib.distill.detection import DetectorTraining
 from kd_lib.engine.loop import fit, write_metrics
 from kd_lib.engine.settings import TrainSettings
 from kd_lib.eval.detection import detector_validation
-from kd_lib.io.fs import join, read_bytes
-from kd_lib.io.manifest import read_manifest
+from kd_lib.io.fs import join
+from kd_lib.io.manifest import read_manifest, read_published
 from kd_lib.models.detector_store import MODEL_FILE, DetectorSpec, load_detector, save_detector
 from kd_lib.models.detectors import accepted_backbones
 from kd_lib.ops import ResizeMode
@@ -40,7 +41,7 @@ SIDE_MULTIPLE = 32
 
 
 @dataclass
-class DetectionStageConfig(TrainSettings):
+class DetectionStageConfig(TrainSettings, TrainingOutputSettings):
     """Fields of every detection stage. Defaults: SGD lr 0.01, batch 8, weight decay 1e-4 and
     the gradient norm clipped at 10, a common from-scratch recipe for RetinaNet and FCOS."""
 
@@ -67,6 +68,7 @@ class DetectionStageConfig(TrainSettings):
 
     def validate(self) -> None:
         super().validate()
+        self.validate_output()
         check(bool(self.data), "data", "is required: the prepare-data output URI (detection data)")
         check(bool(self.out), "out", "is required: where this stage writes its outputs")
         check(self.kind in ("retinanet", "fcos"), "kind", f"must be retinanet or fcos, got {self.kind!r}")
@@ -87,10 +89,7 @@ class DetectionData:
 
     @classmethod
     def load(cls, config: DetectionStageConfig) -> DetectionData:
-        manifest = read_manifest(config.data)
-        if manifest.get("task") != "detection":
-            raise DataError(f"{config.data} holds {manifest.get('task', 'classification')} data: prepare a COCO "
-                            "or YOLO dataset for the detection stages")
+        manifest = data_manifest(config.data, "detection")
         size = manifest["image_size"]
         if size % (config.ratio * SIDE_MULTIPLE):
             raise DataError(f"{config.data}: images of {size} px at ratio {config.ratio} give an LR side of "
@@ -129,4 +128,4 @@ def write_detector(out: str, model: torch.nn.Module, spec: DetectorSpec, data: D
 
 def read_rows(out: str) -> list[dict]:
     """The metrics rows that :func:`write_detector` wrote under ``out``."""
-    return pq.read_table(io.BytesIO(read_bytes(join(out, METRICS_FILE)))).to_pylist()
+    return pq.read_table(io.BytesIO(read_published(out, METRICS_FILE))).to_pylist()

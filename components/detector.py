@@ -11,15 +11,15 @@ from __future__ import annotations
 import sys
 from dataclasses import asdict, dataclass, replace
 
-import torch
-
-from components.common import StageRun, publish_on_main
+from components.common import StageRun, Write, preflight, run_lifecycle
 from components.detection_common import DetectionData, DetectionStageConfig, train, write_detector
 from components.stage import Stage
 from kd_lib.config import check
 from kd_lib.distill.detection import DetectorTraining
-from kd_lib.io.manifest import unpublish
+from kd_lib.io.publish import Publication
 from kd_lib.models.detector_store import DetectorSpec
+
+STAGE = "detector"
 
 
 @dataclass
@@ -33,27 +33,24 @@ class DetectorConfig(DetectionStageConfig):
 
 
 def run(config: DetectorConfig) -> dict:
+    preflight(STAGE, config, {"data": config.data})
     data = DetectionData.load(config)
-    stage = "detector"
-    keyed = replace(config, ratio=1) if config.view == "hr" else config  # an HR model ignores the ratio
-    job = StageRun.of(stage, keyed, {"data": data.fingerprint})
-    done = job.finished(config.out)
-    if done is not None:
-        return done
     side = data.image_size if config.view == "hr" else data.image_size // config.ratio
     spec = DetectorSpec(config.kind, config.backbone, len(data.classes), side)
-    torch.manual_seed(config.seed)
-    model = spec.build()
-    rows = train(DetectorTraining(model, config.view), data, config, job.checkpoint_dir, f"detector-{config.view}")
 
-    def write() -> dict:
-        unpublish(config.out)
-        files = write_detector(config.out, model, spec, data, rows, stage=stage, view=config.view,
-                               ratio=config.ratio)
-        return job.publish(config.out, files, {"config": asdict(config), "inputs": {"data": config.data},
-                                               "final": rows[-1]})
+    def train_detector(run: StageRun) -> Write:
+        model = spec.build()
+        rows = train(DetectorTraining(model, config.view), data, config, run.checkpoint_dir, f"detector-{config.view}")
 
-    return publish_on_main(config.out, write)
+        def write(publication: Publication) -> tuple[list[str], dict]:
+            files = write_detector(publication.folder, model, spec, data, rows, stage=STAGE, view=config.view,
+                                   ratio=config.ratio)
+            return files, {"config": asdict(config), "inputs": {"data": config.data}, "final": rows[-1]}
+
+        return write
+
+    keyed = replace(config, ratio=1) if config.view == "hr" else config  # an HR model ignores the ratio
+    return run_lifecycle(STAGE, config, {"data": data.fingerprint}, train_detector, key_config=keyed)
 
 
 STAGE = Stage("detector", DetectorConfig, run, trains=True)

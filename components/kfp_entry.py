@@ -22,6 +22,7 @@ from typing import Literal
 from components.pod import PodSettings
 from components.stage import find
 from kd_lib.config import ConfigError, check, from_dict, to_flags
+from kd_lib.errors import exit_on_failure
 from kd_lib.io.fs import join
 from kd_lib.io.manifest import read_manifest
 
@@ -124,13 +125,20 @@ def run_stage(stage: str, overrides: dict, metrics=None, launcher: dict | None =
     final numbers on the KFP ``metrics`` artifact, if given.
 
     A file is always written at the metrics artifact's path: KFP's local cache
-    treats a task whose output file is missing as a miss.
+    treats a task whose output file is missing as a miss. A user's failure
+    ends the task with its message and exit status (:mod:`kd_lib.errors`).
     """
-    config = stage_config(stage, overrides, **fields)
-    launch = from_dict(Launcher, launcher or {}, where="launcher")
+    def configured():
+        return stage_config(stage, overrides, **fields), from_dict(Launcher, launcher or {}, where="launcher")
+
     if _planning.get():
-        raise Planned(stage, config)
-    result = launch_with_torchx(stage, config, launch) if launch.kind == "torchx" else find(stage).run(config)
+        raise Planned(stage, configured()[0])
+
+    def body() -> dict:
+        config, launch = configured()
+        return launch_with_torchx(stage, config, launch) if launch.kind == "torchx" else find(stage).run(config)
+
+    result = exit_on_failure(f"kdp stage {stage}", body)
     if metrics is not None:
         numbers = final_metrics(result)
         for name, value in numbers.items():

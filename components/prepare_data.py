@@ -25,6 +25,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Literal
 
+from components.common import OutputSettings, preflight
 from components.stage import Stage
 from kd_lib.config import check
 from kd_lib.data.detection import DetectionSet, keep_categories, read_coco, read_yolo
@@ -34,7 +35,7 @@ from kd_lib.io.fs import exists, join
 
 
 @dataclass
-class PrepareDataConfig:
+class PrepareDataConfig(OutputSettings):
     source: str = ""
     """the dataset: an ImageFolder root, a COCO instances JSON or a YOLO root (any fsspec URI)"""
     out: str = ""
@@ -59,6 +60,7 @@ class PrepareDataConfig:
     """detection: keep only these categories, in this order (empty: all)"""
 
     def validate(self) -> None:
+        self.validate_output()
         check(bool(self.source), "source", "is required: an ImageFolder root, a COCO JSON file or a YOLO root")
         check(bool(self.out), "out", "is required: where the shards and manifest go")
         check(self.format in ("auto", "imagefolder", "coco", "yolo"), "format",
@@ -97,6 +99,9 @@ def read_detection(config: PrepareDataConfig) -> tuple[DetectionSet, DetectionSe
 
 
 def run(config: PrepareDataConfig) -> dict:
+    inputs = {name: getattr(config, name) for name in ("source", "images", "val_annotations", "val_images")
+              if getattr(config, name)}
+    preflight("prepare-data", config, inputs)
     if config.resolved_format() == "imagefolder":
         manifest = prepare_imagefolder(config.source, config.out, config.shard_size, config.max_per_class)
     else:

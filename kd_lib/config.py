@@ -133,7 +133,10 @@ def load_yaml(uri: str) -> dict[str, Any]:
     """A YAML mapping from ``uri`` (any fsspec location)."""
     from kd_lib.io.fs import read_text
 
-    data = yaml.safe_load(read_text(uri)) or {}
+    try:
+        data = yaml.safe_load(read_text(uri)) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError("<root>", f"not valid YAML: {' '.join(str(err).split())}", uri) from None
     if not isinstance(data, dict):
         raise ConfigError("<root>", "a config file must hold a mapping of field: value", uri)
     return data
@@ -238,9 +241,11 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
     """One ``--flag`` per field of ``cls`` with its :func:`field_help` (values are parsed by
     :func:`from_dict`)."""
     parser.add_argument("--config", metavar="YAML", help="config file; flags override its fields")
+    hints = typing.get_type_hints(cls)
     for field, text in zip(dataclasses.fields(cls), field_help(cls).values()):
+        switch = {"nargs": "?", "const": "true"} if hints[field.name] is bool else {}  # --force = --force true
         parser.add_argument(flag_name(field.name), dest=field.name, default=argparse.SUPPRESS,
-                            metavar=field.name.upper(), help=text.replace("%", "%%"))
+                            metavar=field.name.upper(), help=text.replace("%", "%%"), **switch)
 
 
 def from_args(cls: type[T], args: argparse.Namespace) -> T:

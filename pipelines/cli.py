@@ -21,6 +21,7 @@ from importlib.metadata import version
 from pathlib import Path
 
 from kd_lib.config import ConfigError
+from kd_lib.errors import guarded, take_debug_flag
 from pipelines import detection, pixel_distillation
 from pipelines.cluster import ClusterOptions, add_cluster_arguments, options_from_args
 from pipelines.tasks import parameters, plan
@@ -278,26 +279,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv, debug = take_debug_flag(argv)
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
     if args.command == "stage":
-        return cmd_stage(args, rest)
+        return guarded("kdp", lambda: cmd_stage(args, rest + ["--debug"] * debug), debug)
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
-    try:
-        commands = {"run": cmd_run, "detect": cmd_detect, "demo-data": cmd_demo_data, "compile": cmd_compile,
-                    "schedule": cmd_schedule}
-        return commands[args.command](args)
-    except ConfigError as err:
-        print(f"kdp: error: {err}", file=sys.stderr)
-        return 2
-    except RuntimeError as err:
-        print(f"kdp: {args.command} failed: {err}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("kdp: interrupted; the stage that was training saved a checkpoint: run the same command "
-              "again to resume", file=sys.stderr)
-        return 130
+    commands = {"run": cmd_run, "detect": cmd_detect, "demo-data": cmd_demo_data, "compile": cmd_compile,
+                "schedule": cmd_schedule}
+    return guarded("kdp", lambda: commands[args.command](args), debug, failures=(RuntimeError,))
 
 
 if __name__ == "__main__":

@@ -183,16 +183,22 @@ def test_classes_must_match_between_splits(imagefolder, tmp_path):
 def test_failed_prepare_leaves_the_earlier_output_whole(imagefolder, tmp_path):
     out = tmp_path / "data"
     first = prepare_imagefolder(str(imagefolder), str(out), shard_size=10)
-    files = sorted(p.name for p in out.iterdir())
+
+    def stored() -> list[str]:
+        return sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
+
+    files = stored()
     (imagefolder / "train" / "class0" / "bad.png").write_bytes(b"not an image")
     with pytest.raises(DataError, match="bad.png"):
         prepare_imagefolder(str(imagefolder), str(out), shard_size=10)
-    assert sorted(p.name for p in out.iterdir()) == files
+    assert stored() == files
     assert read_manifest(str(out)) == first
     assert len(ShardedImageDataset(str(out), "train", CropTransform(32, 4, train=False))) == 36
     (imagefolder / "train" / "class0" / "bad.png").unlink()
     second = prepare_imagefolder(str(imagefolder), str(out), shard_size=10)
-    assert sorted(p.name for p in out.iterdir()) == sorted([*second["files"], "manifest.json"])
+    assert stored() == sorted([*second["paths"].values(), "manifest.json"])  # the first output's shards are gone
+    assert sorted(p.name for p in out.iterdir()) == sorted(["manifest.json", second["paths"]["train-00000.parquet"]
+                                                            .split("/")[0]])
 
 
 def test_unreachable_location_is_named(tmp_path):

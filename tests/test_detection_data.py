@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from kd_lib.config import ConfigError
 from kd_lib.data.detection import keep_categories, read_coco, read_yolo
 from kd_lib.data.imagefolder import DataError
 from kd_lib.eval.detection import Detection, coco_map
@@ -133,5 +134,5 @@ def test_keeping_some_categories_relabels_them_and_counts_the_rest(tmp_path, cap
     assert cars.adjusted["annotations of other categories left out"] == 1
     assert "1 annotations of other categories left out (keeping car)" in caplog.text
     assert keep_categories(dataset, ["car", "person"]).images[0].labels == [1, 0]
-    with pytest.raises(DataError, match=r"no categories \['dog'\]; it has \['person', 'car'\]"):
+    with pytest.raises(ConfigError, match=r"no categories \['dog'\]; it has \['person', 'car'\]"):
         keep_categories(dataset, ["dog"])

@@ -216,13 +216,14 @@ def test_rerun_replaces_the_output_and_leaves_no_stale_shards(sets, tmp_path):
     out = tmp_path / "data"
     first = prepare(sets, out, shard_size=1)
     second = prepare(sets, out, shard_size=1)
-    assert sorted(p.name for p in out.iterdir()) == sorted([*second["files"], "manifest.json"])
-    assert not set(first["files"]) & set(second["files"])
+    stored = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
+    assert stored == sorted([*second["paths"].values(), "manifest.json"])
+    assert not set(first["paths"].values()) & set(second["paths"].values())
     assert second["data_fingerprint"] == first["data_fingerprint"]
 
 
 def test_classification_data_is_refused_by_name(make_imagefolder, tmp_path):
-    source = make_imagefolder(tmp_path / "src", classes=1, train=1, val=1, size=8)
+    source = make_imagefolder(tmp_path / "src", classes=2, train=1, val=1, size=8)
     prepare_imagefolder(str(source), str(tmp_path / "data"))
     with pytest.raises(DataError, match=re.escape(f"{tmp_path / 'data'}: not prepared detection data "
                                                   "(task 'classification')")):
@@ -268,4 +269,4 @@ def test_coco128_targets_match_the_ground_truth_and_score_ap_one(coco128):
 def test_coco128_fingerprint_is_stable_across_outputs(coco128):
     _, _, (a, b) = coco128
     assert a["data_fingerprint"] == b["data_fingerprint"] and a["key"] == b["key"]
-    assert a["files"].keys() != b["files"].keys()
+    assert a["paths"] != b["paths"]

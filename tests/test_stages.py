@@ -79,10 +79,11 @@ def test_teacher_stage_publishes_then_is_a_no_op(prepared, tmp_path, capsys):
     manifest = teacher.run(config(teacher.TeacherConfig, prepared, out, arch="resnet18"))
     assert sorted(manifest["files"]) == ["metrics.parquet", "model.pt"]
     assert manifest["final"]["epoch"] == 2 and not (out / "checkpoints").exists()
-    stamp = (out / "model.pt").stat().st_mtime_ns
+    model = out / manifest["paths"]["model.pt"]
+    stamp = model.stat().st_mtime_ns
     assert teacher.run(config(teacher.TeacherConfig, prepared, out, arch="resnet18")) == manifest
     assert "up to date" in capsys.readouterr().err
-    assert (out / "model.pt").stat().st_mtime_ns == stamp
+    assert model.stat().st_mtime_ns == stamp
     changed = teacher.run(config(teacher.TeacherConfig, prepared, out, arch="resnet18", lr=0.02))
     assert changed["key"] != manifest["key"]
 
@@ -121,7 +122,7 @@ def test_tas_student_must_keep_the_assistants_architecture(prepared, trained_tea
 
 def test_missing_upstream_output_is_named(prepared, tmp_path):
     missing = tmp_path / "no-teacher"
-    with pytest.raises(IncompleteOutputError, match=f"{missing}: no manifest.json"):
+    with pytest.raises(IncompleteOutputError, match=f"teacher: {missing} does not exist"):
         assistant.run(config(assistant.AssistantConfig, prepared, tmp_path / "a", teacher=str(missing)))
 
 
@@ -145,7 +146,7 @@ def test_nan_loss_stops_the_stage_and_publishes_nothing(prepared, tmp_path, monk
     out = tmp_path / "teacher"
     with pytest.raises(NonFiniteLossError, match="loss is nan at epoch 1, batch 0"):
         teacher.run(config(teacher.TeacherConfig, prepared, out, arch="resnet18"))
-    assert not (out / "manifest.json").exists() and not (out / "model.pt").exists()
+    assert not (out / "manifest.json").exists() and not list(out.glob("v-*"))
     assert common.stage_cli(teacher.TeacherConfig, teacher.run,
                             ["--data", prepared, "--out", str(out), "--arch", "resnet18", "--epochs", "1",
                              "--batch-size", "8", "--hr-size", "32", "--num-workers", "0"],
@@ -154,7 +155,7 @@ def test_nan_loss_stops_the_stage_and_publishes_nothing(prepared, tmp_path, monk
 
 def test_cli_rejects_unknown_fields(capsys):
     assert common.stage_cli(teacher.TeacherConfig, teacher.run, ["--data", "d", "--out", "o", "--ratio", "3"],
-                            "teacher", "") == 1
+                            "teacher", "") == 2
     assert "'hr_size': 64 is not divisible by ratio 3" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         common.stage_cli(teacher.TeacherConfig, teacher.run, ["--epoch", "3"], "teacher", "")

@@ -22,12 +22,14 @@ from __future__ import annotations
 import json
 import logging
 import posixpath
+import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 
 import yaml
 from PIL import Image
 
+from kd_lib.config import ConfigError
 from kd_lib.data.imagefolder import IMAGE_EXTENSIONS, DataError
 from kd_lib.io.fs import exists, filesystem, join, read_text
 
@@ -96,6 +98,14 @@ def _field(record: dict, key: str, where: str):
         raise DataError(f"{where}: missing {key!r}") from None
 
 
+def _bbox(value, where: str) -> Box:
+    """A COCO ``bbox``: four numbers ``[x, y, width, height]``."""
+    if (not isinstance(value, (list, tuple)) or len(value) != 4
+            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)):
+        raise DataError(f"{where}: bbox must be 4 numbers [x, y, width, height], got {value!r}")
+    return tuple(float(v) for v in value)
+
+
 def read_coco(annotations: str, images: str) -> DetectionSet:
     """A COCO ``instances_*.json`` at ``annotations``, its images under ``images``.
 
@@ -128,11 +138,24 @@ def read_coco(annotations: str, images: str) -> DetectionSet:
             raise DataError(f"{where} names image {record['image_id']!r}, which is not in 'images'")
         if _field(record, "category_id", where) not in label_of:
             raise DataError(f"{where} names category {record['category_id']!r}, which is not in 'categories'")
-        x, y, w, h = (float(v) for v in _field(record, "bbox", where))
+        x, y, w, h = _bbox(_field(record, "bbox", where), where)
         _add(image, (x, y, x + w, y + h), label_of[record["category_id"]], bool(record.get("iscrowd", 0)),
              record.get("area"), dataset.adjusted)
     _log_adjusted(annotations, dataset)
     return dataset
+
+
+def image_size(fs, path: str, uri: str) -> tuple[int, int]:
+    """The size of the image at ``path`` on ``fs`` from its header; :class:`DataError` naming ``uri``
+    when it does not decode or is a decompression bomb."""
+    try:
+        with warnings.catch_warnings(), fs.open(path, "rb") as f:
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            return Image.open(f).size
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as err:
+        raise DataError(f"{uri}: refused, a possible decompression bomb ({err})") from None
+    except (OSError, SyntaxError, ValueError) as err:
+        raise DataError(f"corrupt image {uri}: {err}") from None
 
 
 def _yolo_names(root: str) -> list[str]:
@@ -169,8 +192,7 @@ def read_yolo(root: str, split: str) -> DetectionSet:
     dataset = DetectionSet(root, names, [])
     for image_id, path in enumerate(paths):
         relative = posixpath.relpath(path, base)
-        with fs.open(path, "rb") as f:
-            width, height = Image.open(f).size
+        width, height = image_size(fs, path, join(root, relative))
         image = DetectionImage(image_id, relative, width, height)
         stem = posixpath.splitext(posixpath.relpath(path, image_dir))[0]
         label_uri = join(root, "labels", split, f"{stem}.txt")
@@ -199,11 +221,11 @@ def keep_categories(dataset: DetectionSet, names: list[str]) -> DetectionSet:
     the annotations of other categories are left out, and counted.
 
     Raises:
-        DataError: a name that is not a category of the dataset.
+        ConfigError: a name that is not a category of the dataset (field ``categories``).
     """
     unknown = [name for name in names if name not in dataset.categories]
     if unknown:
-        raise DataError(f"{dataset.root}: no categories {unknown}; it has {dataset.categories}")
+        raise ConfigError("categories", f"{dataset.root} has no categories {unknown}; it has {dataset.categories}")
     new_label = {dataset.categories.index(name): label for label, name in enumerate(names)}
     adjusted = Counter(dataset.adjusted)
     images = []

@@ -38,8 +38,8 @@ from kd_lib.data.detection import DetectionImage, DetectionSet
 from kd_lib.data.imagefolder import SPLITS, DataError, decode_rgb
 from kd_lib.data.shards import READ_BATCH, ShardWriter
 from kd_lib.data.transforms import PairedResize
-from kd_lib.io.fs import filesystem, join, read_bytes
-from kd_lib.io.manifest import read_manifest
+from kd_lib.io.fs import filesystem, join
+from kd_lib.io.manifest import read_manifest, read_published
 from kd_lib.ops import ResizeMode
 
 log = logging.getLogger(__name__)
@@ -79,7 +79,22 @@ def _splits(dataset: DetectionSet, val: DetectionSet | None,
             else:
                 hint = f"every image went to val with val_fraction {val_fraction}: lower it"
             raise DataError(f"{source.root}: the {split} split is empty ({hint})")
+    train_source, train_images = splits["train"]
+    if all(crowd for image in train_images for crowd in image.crowd):
+        raise DataError(f"{train_source.root}: the train split has no boxes to learn from (no annotations, or "
+                        "none of the kept categories): a detector needs labelled objects")
     return splits
+
+
+def warn_small_images(splits: dict[str, tuple[DetectionSet, list[DetectionImage]]], size: int) -> None:
+    """Warn when images are far smaller than the letterbox side ``size`` (their longer side under
+    half of it): they are upsampled more than 2x."""
+    small = [image for _, images in splits.values() for image in images if 2 * max(image.width, image.height) < size]
+    if small:
+        total = sum(len(images) for _, images in splits.values())
+        log.warning("%d of %d images have a longer side under %d px, far smaller than image_size %d (they are "
+                    "upsampled more than 2x), e.g. %s (%dx%d)", len(small), total, size // 2, size, small[0].path,
+                    small[0].width, small[0].height)
 
 
 def letterbox(image: Image.Image, size: int) -> tuple[Image.Image, float]:
@@ -141,15 +156,17 @@ def prepare_detection(dataset: DetectionSet, out: str, image_size: int, *, sourc
     data at another URI has the same fingerprint.
 
     On any error, the shards written so far are removed and no manifest is
-    written; the error names the offending file. Shard names carry a token of
-    this run, so an earlier output under ``out`` stays whole until the new
-    manifest replaces it; its shards are removed after that.
+    written; the error names the offending file. An earlier output under
+    ``out`` stays whole until the new manifest replaces it; its shards are
+    removed after that.
 
     Raises:
-        DataError: a split is empty, the val categories differ, an image is
-            corrupt or its size differs from its annotations.
+        DataError: a split is empty, the train split has no (non-crowd) box,
+            the val categories differ, an image is corrupt or its size differs
+            from its annotations.
     """
     splits = _splits(dataset, val, val_fraction)
+    warn_small_images(splits, image_size)
     digest = hashlib.sha256(json.dumps({"image_size": image_size, "categories": dataset.categories}).encode())
     adjusted = Counter(dataset.adjusted) + Counter(val.adjusted if val is not None else {})
     info: dict[str, dict] = {}
@@ -208,7 +225,7 @@ class DetectionShardDataset(torch.utils.data.Dataset):
         self.classes: list[str] = self.manifest["classes"]
         self.train = train
         self.pairing = PairedResize(ratio, resize, UNIT_MEAN, UNIT_STD)
-        table = pa.concat_tables([pq.read_table(io.BytesIO(read_bytes(join(data, name))))
+        table = pa.concat_tables([pq.read_table(io.BytesIO(read_published(data, name, self.manifest)))
                                   for name in self.manifest["splits"][split]["shards"]])
         self.images = table.column("image")
         self.image_ids: list[int] = table.column("image_id").to_pylist()

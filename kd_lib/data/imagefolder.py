@@ -9,19 +9,17 @@ from __future__ import annotations
 
 import io
 import posixpath
+import warnings
 from dataclasses import dataclass
 
 from PIL import Image, UnidentifiedImageError
 
+from kd_lib.errors import DataError
 from kd_lib.io.fs import filesystem, join, list_folders
 
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 SPLITS = ("train", "val")
-
-
-class DataError(ValueError):
-    """The dataset is unusable; the message names the file or folder."""
 
 
 @dataclass(frozen=True)
@@ -32,13 +30,24 @@ class ImageRecord:
 
 
 def decode_rgb(data: bytes, name: str) -> Image.Image:
-    """Decode image bytes to an RGB Pillow image; :class:`DataError` naming ``name`` if corrupt."""
+    """Decode image bytes to an RGB Pillow image; :class:`DataError` naming ``name`` if corrupt or
+    larger than Pillow's ``Image.MAX_IMAGE_PIXELS`` (a decompression bomb)."""
     try:
-        image = Image.open(io.BytesIO(data))
-        image.load()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+            image.load()
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as err:
+        raise DataError(f"{name}: refused, a possible decompression bomb ({err})") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-        raise DataError(f"corrupt image {name}: {err}") from err
+        raise DataError(f"corrupt image {name}: {err}") from None
     return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def side_bucket(width: int, height: int) -> str:
+    """The power of two at or below the shorter side: images are counted by it in the manifest's
+    ``short_sides``, so that a stage can tell how many are far smaller than the size it trains at."""
+    return str(1 << (max(1, min(width, height)).bit_length() - 1))
 
 
 def split_classes(root: str, split: str) -> list[str]:
@@ -51,10 +60,11 @@ def split_classes(root: str, split: str) -> list[str]:
 
 
 def list_classes(root: str) -> list[str]:
-    """Sorted class folder names under ``root/train``."""
+    """Sorted class folder names under ``root/train``; :class:`DataError` when there are fewer than 2."""
     classes = split_classes(root, "train")
-    if not classes:
-        raise DataError(f"{join(root, 'train')}: no class folders")
+    if len(classes) < 2:
+        raise DataError(f"{join(root, 'train')}: {len(classes)} class folder{'s' if not classes else ''} "
+                        f"({', '.join(classes) or 'none'}); a classifier needs at least 2")
     return classes
 
 

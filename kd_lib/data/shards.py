@@ -1,7 +1,7 @@
 """Prepared data: an ImageFolder packed into Parquet shards with a manifest.
 
 ``prepare_imagefolder`` reads every image once, checks that it decodes, and
-writes ``{split}-{i:05d}-{run}.parquet`` files (columns ``image`` bytes as stored,
+writes ``{split}-{i:05d}.parquet`` files (columns ``image`` bytes as stored,
 ``label`` int32, ``path`` string) plus ``manifest.json`` last. The manifest
 holds the class names and a content fingerprint: the SHA-256 over the class
 names and every image's split, relative path, label and bytes hash, so the
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import uuid
 from collections import Counter
 
 import pyarrow as pa
@@ -20,57 +19,43 @@ import pyarrow.parquet as pq
 import torch
 from tqdm import tqdm
 
-from kd_lib.data.imagefolder import SPLITS, decode_rgb, list_classes, list_images
+from kd_lib.data.imagefolder import SPLITS, decode_rgb, list_classes, list_images, side_bucket
 from kd_lib.data.transforms import CropTransform, PairedResize
-from kd_lib.io.fs import filesystem, join, read_bytes, remove, write_bytes
-from kd_lib.io.manifest import published_files, read_manifest, stage_key, write_manifest
+from kd_lib.io.fs import filesystem, join, write_bytes
+from kd_lib.io.manifest import read_manifest, read_published, stage_key
+from kd_lib.io.publish import Publication
 
 
 SCHEMA = pa.schema([("image", pa.binary()), ("label", pa.int32()), ("path", pa.string())])
 READ_BATCH = 256
 
 
-class ShardWriter:
-    """Writes one prepare-data output: Parquet shards, then the manifest.
-
-    Shard names carry a token of this run, so an earlier output under ``out``
-    stays whole until the new manifest replaces it; :meth:`publish` writes the
-    manifest last, then removes the earlier output's shards. Used as a context
-    manager: an error inside the block removes the shards written so far, so
-    nothing is published.
+class ShardWriter(Publication):
+    """Writes one prepare-data output: Parquet shards, then the manifest (see
+    :class:`~kd_lib.io.publish.Publication`: an earlier output under ``out``
+    stays whole until the new manifest replaces it). Used as a context manager:
+    an error inside the block removes the shards written so far, so nothing is
+    published.
     """
 
     def __init__(self, out: str, schema: pa.Schema = SCHEMA):
-        self.out, self.schema = out, schema
-        self.run = uuid.uuid4().hex[:8]
+        super().__init__(out, "prepare-data", key="")
+        self.schema = schema
         self.written: list[str] = []
-        self.previous = published_files(out)
-
-    def __enter__(self) -> ShardWriter:
-        return self
-
-    def __exit__(self, exc_type, exc, traceback) -> None:
-        if exc_type is not None:
-            for name in self.written:
-                remove(join(self.out, name))
 
     def write(self, split: str, index: int, rows: dict[str, list]) -> str:
         """Write shard ``index`` of ``split``; returns its file name."""
-        name = f"{split}-{index:05d}-{self.run}.parquet"
+        name = f"{split}-{index:05d}.parquet"
         buffer = io.BytesIO()
         pq.write_table(pa.table(rows, schema=self.schema), buffer, compression="none")
-        write_bytes(join(self.out, name), buffer.getvalue())
+        write_bytes(join(self.folder, name), buffer.getvalue())
         self.written.append(name)
         return name
 
     def publish(self, fingerprint: str, info: dict) -> dict:
         """Write the manifest (``info`` plus the data fingerprint), then drop the earlier shards."""
-        manifest = write_manifest(self.out, stage="prepare-data",
-                                  key=stage_key("prepare-data", {}, {"data": fingerprint}), files=self.written,
-                                  info={**info, "data_fingerprint": fingerprint})
-        for name in set(self.previous) - set(self.written):
-            remove(join(self.out, name))
-        return manifest
+        self.key = stage_key("prepare-data", {}, {"data": fingerprint})
+        return self.commit(self.written, {**info, "data_fingerprint": fingerprint})
 
 
 def prepare_imagefolder(source: str, out: str, shard_size: int = 4096, max_per_class: int = 0) -> dict:
@@ -80,9 +65,9 @@ def prepare_imagefolder(source: str, out: str, shard_size: int = 4096, max_per_c
     path order) of each class in each split: a quick, reproducible subset.
 
     On any error, the shards written so far are removed and no manifest is
-    written; the error names the offending file or folder. Shard names carry
-    a token of this run, so an earlier output under ``out`` stays whole until
-    the new manifest replaces it; its shards are removed after that.
+    written; the error names the offending file or folder. An earlier output
+    under ``out`` stays whole until the new manifest replaces it; its shards
+    are removed after that.
     """
     classes = list_classes(source)
     records = list_images(source, classes)
@@ -97,6 +82,7 @@ def prepare_imagefolder(source: str, out: str, shard_size: int = 4096, max_per_c
     fs, root = filesystem(source)
     digest = hashlib.sha256("\n".join(classes).encode())
     splits: dict[str, dict] = {}
+    short_sides: Counter = Counter()
     with ShardWriter(out) as writer:
         progress = tqdm(total=len(records), desc="prepare-data", unit="img")
         for split in SPLITS:
@@ -108,7 +94,8 @@ def prepare_imagefolder(source: str, out: str, shard_size: int = 4096, max_per_c
                 blobs = fs.cat([f"{root}/{r.path}" for r in batch])
                 for record in batch:
                     data = blobs[f"{root}/{record.path}"]
-                    decode_rgb(data, join(source, record.path))
+                    image = decode_rgb(data, join(source, record.path))
+                    short_sides[side_bucket(*image.size)] += 1
                     digest.update(f"{record.path}\t{record.label}\t{hashlib.sha256(data).hexdigest()}\n".encode())
                     rows["image"].append(data)
                     rows["label"].append(record.label)
@@ -122,7 +109,8 @@ def prepare_imagefolder(source: str, out: str, shard_size: int = 4096, max_per_c
             splits[split] = {"images": len(split_records), "shards": shards}
         progress.close()
     return writer.publish(digest.hexdigest(), {"task": "classification", "source": source, "classes": classes,
-                                               "num_classes": len(classes), "splits": splits})
+                                               "num_classes": len(classes), "splits": splits,
+                                               "short_sides": dict(sorted(short_sides.items(), key=lambda kv: int(kv[0])))})
 
 
 class ShardedImageDataset(torch.utils.data.Dataset):
@@ -140,7 +128,7 @@ class ShardedImageDataset(torch.utils.data.Dataset):
     def __init__(self, data: str, split: str, transform: CropTransform):
         self.manifest = read_manifest(data)
         self.classes: list[str] = self.manifest["classes"]
-        tables = [pq.read_table(io.BytesIO(read_bytes(join(data, name))))
+        tables = [pq.read_table(io.BytesIO(read_published(data, name, self.manifest)))
                   for name in self.manifest["splits"][split]["shards"]]
         table = pa.concat_tables(tables)
         self.images = table.column("image").combine_chunks()

@@ -55,7 +55,7 @@ from kd_lib.data.sampler import EpochBatchSampler
 from kd_lib.engine import distributed
 from kd_lib.engine.settings import TrainSettings
 from kd_lib.io import checkpoint
-from kd_lib.io.fs import exists, join, write_bytes
+from kd_lib.io.fs import join, write_bytes
 
 CHECKPOINT = "last.pt"
 METRICS = "metrics.parquet"
@@ -182,8 +182,8 @@ def fit(task: torch.nn.Module, train_set, settings: TrainSettings, checkpoint_di
     scheduler = build_scheduler(optimizer, settings, steps_per_epoch)
     ckpt_uri = join(checkpoint_dir, CHECKPOINT)
     epoch, start_batch, step, rows, sums = 0, 0, 0, [], defaultdict(float)
-    if exists(ckpt_uri):
-        state = checkpoint.load(ckpt_uri)
+    state = checkpoint.load_latest(ckpt_uri)  # the previous one if last.pt is damaged
+    if state is not None:
         task.load_trainable_state_dict(state["task"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -197,7 +197,7 @@ def fit(task: torch.nn.Module, train_set, settings: TrainSettings, checkpoint_di
     def save(next_epoch: int, next_batch: int, with_metrics: bool = False) -> None:
         """Checkpoint (and the metrics rows so far) from the main process; every process waits for it."""
         if main:
-            checkpoint.save({"task": task.trainable_state_dict(), "optimizer": optimizer.state_dict(),
+            checkpoint.save_latest({"task": task.trainable_state_dict(), "optimizer": optimizer.state_dict(),
                              "scheduler": scheduler.state_dict(), "epoch": next_epoch,
                              "batch": next_batch, "step": step, "rows": rows, "sums": dict(sums)},
                             ckpt_uri)

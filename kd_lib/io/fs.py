@@ -9,6 +9,7 @@ upload is already atomic and the move is a server-side copy.
 from __future__ import annotations
 
 import hashlib
+import os
 import posixpath
 import uuid
 
@@ -16,8 +17,11 @@ import fsspec
 from fsspec.core import url_to_fs
 
 
-class StorageError(OSError):
-    """A location could not be read or written; the message names it."""
+from kd_lib.errors import StorageError
+
+#: Seconds the first contact with a location may take, its retries included, before the location
+#: counts as unreachable (a stage's ``storage_timeout``).
+STORAGE_TIMEOUT = 10.0
 
 
 def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
@@ -26,6 +30,70 @@ def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
         return url_to_fs(uri)
     except (ImportError, ValueError) as err:
         raise StorageError(f"cannot open location {uri!r}: {err}") from err
+
+
+def _bounded(fs: fsspec.AbstractFileSystem, method: str, *args, timeout: float):
+    """``fs.method(*args)``, given up after ``timeout`` s on an asynchronous store (gcsfs, s3fs, http),
+    whose own retries can last minutes; a local call is not bounded."""
+    if getattr(fs, "async_impl", False):
+        return getattr(fs, method)(*args, timeout=timeout)
+    return getattr(fs, method)(*args)
+
+
+def _unreachable(uri: str, err: Exception, timeout: float) -> StorageError:
+    if isinstance(err, TimeoutError):
+        return StorageError(f"{uri}: no answer within {timeout:g} s (storage_timeout): check the URI, the "
+                            "network and the credentials")
+    return StorageError(f"{uri}: {type(err).__name__}: {err}: check the URI, the network and the credentials")
+
+
+def check_reachable(uri: str, timeout: float = STORAGE_TIMEOUT) -> bool:
+    """Whether ``uri`` exists; :class:`StorageError` naming it if its store does not answer within
+    ``timeout`` s or refuses the request."""
+    fs, path = filesystem(uri)
+    try:
+        _bounded(fs, "info", path, timeout=timeout)
+        return True
+    except FileNotFoundError:
+        return False
+    except (OSError, ValueError, RuntimeError) as err:  # gcsfs raises all three for a refused request
+        raise _unreachable(uri, err, timeout) from err
+
+
+def check_writable(uri: str, timeout: float = STORAGE_TIMEOUT) -> None:
+    """Write a small probe file under the folder ``uri`` and remove it (and the folder, if the probe
+    made it); :class:`StorageError` naming ``uri`` if that fails or its store does not answer within
+    ``timeout`` s."""
+    fs, path = filesystem(uri)
+    probe = posixpath.join(path, f".write-probe-{uuid.uuid4().hex[:8]}")
+    try:
+        existed = fs.exists(path)
+        fs.makedirs(path, exist_ok=True)
+        _bounded(fs, "pipe_file", probe, b"probe", timeout=timeout)
+        fs.rm(probe)
+        if not existed:
+            remove_if_empty(uri)
+    except TimeoutError as err:
+        raise _unreachable(uri, err, timeout) from err
+    except (OSError, ValueError, RuntimeError) as err:
+        raise StorageError(f"cannot write under {uri}: {err}: choose an out you can write to") from err
+
+
+def is_file(uri: str) -> bool:
+    fs, path = filesystem(uri)
+    return fs.isfile(path)
+
+
+def same_location(a: str, b: str) -> bool:
+    """Whether the URIs ``a`` and ``b`` name the same place (local paths resolved, trailing ``/`` ignored)."""
+    def where(uri: str) -> tuple[str, str]:
+        fs, path = filesystem(uri)
+        protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+        if protocol in ("file", "local"):
+            path = os.path.realpath(path)
+        return protocol, path.rstrip("/")
+
+    return where(a) == where(b)
 
 
 def join(uri: str, *parts: str) -> str:

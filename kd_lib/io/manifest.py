@@ -1,8 +1,16 @@
 """Stage manifests: the last file a stage writes, and the proof that it finished.
 
 ``manifest.json`` under a stage's output names the stage, the key of its
-inputs and config, every output file with its SHA-256, and a fingerprint that
-downstream stages use as their input's identity. No manifest means not done.
+inputs and config, every output file with its SHA-256 (``files``), its size
+(``sizes``) and where it is stored under the output (``paths``; a file is
+stored under its own name when the manifest has no ``paths``), and a
+fingerprint that downstream stages use as their input's identity. No manifest
+means not done.
+
+A reader goes through :func:`read_published`, which checks what the manifest
+promises: the file's size always, its SHA-256 when asked (model files). A
+mismatch is a :class:`~kd_lib.errors.DataError` naming the file and both
+values. How a new output replaces an old one: :mod:`kd_lib.io.publish`.
 """
 
 from __future__ import annotations
@@ -11,6 +19,7 @@ import hashlib
 import json
 from typing import Any
 
+from kd_lib.errors import DataError
 from kd_lib.io.fs import exists, join, read_bytes, read_text, remove, sha256_bytes, write_text
 
 MANIFEST = "manifest.json"
@@ -28,30 +37,72 @@ def stage_key(stage: str, settings: dict[str, Any], inputs: dict[str, str]) -> s
 
 
 def read_manifest(uri: str) -> dict[str, Any]:
-    """The manifest of the stage output at ``uri``; :class:`IncompleteOutputError` if none."""
+    """The manifest of the stage output at ``uri``.
+
+    Raises:
+        IncompleteOutputError: there is none.
+        DataError: it is damaged (not a JSON object with ``stage`` and ``files``).
+    """
     path = join(uri, MANIFEST)
     if not exists(path):
         raise IncompleteOutputError(
             f"{uri}: no {MANIFEST}: not a finished stage output (the stage that writes it "
             "has not completed, or the URI is wrong)")
-    return json.loads(read_text(path))
+    try:
+        manifest = json.loads(read_text(path))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise DataError(f"{path}: damaged manifest ({err}): run the stage that wrote {uri} again") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict) or "stage" not in manifest:
+        raise DataError(f"{path}: not a stage manifest (no 'stage' and 'files'): run the stage that wrote "
+                        f"{uri} again")
+    return manifest
 
 
 def finished_with_key(uri: str, key: str) -> dict[str, Any] | None:
-    """The manifest at ``uri`` if it records ``key``, else None."""
+    """The manifest at ``uri`` if it records ``key``, else None (a damaged manifest records nothing)."""
     try:
         manifest = read_manifest(uri)
-    except IncompleteOutputError:
+    except (IncompleteOutputError, DataError):
         return None
     return manifest if manifest.get("key") == key else None
 
 
-def published_files(uri: str) -> list[str]:
-    """The files the manifest at ``uri`` lists, or none if there is no manifest."""
-    try:
-        return list(read_manifest(uri)["files"])
-    except IncompleteOutputError:
-        return []
+def stored_path(manifest: dict[str, Any], name: str) -> str:
+    """Where the file ``name`` of ``manifest`` is stored, relative to the output."""
+    return manifest.get("paths", {}).get(name, name)
+
+
+def published_uri(uri: str, name: str, manifest: dict[str, Any] | None = None) -> str:
+    """The URI of the published file ``name`` of the stage output at ``uri``."""
+    manifest = read_manifest(uri) if manifest is None else manifest
+    if name not in manifest["files"]:
+        raise DataError(f"{join(uri, MANIFEST)} lists no {name!r} (it has {sorted(manifest['files'])}): "
+                        f"{uri} is not the output of the stage expected here")
+    return join(uri, stored_path(manifest, name))
+
+
+def read_published(uri: str, name: str, manifest: dict[str, Any] | None = None, check_hash: bool = False) -> bytes:
+    """The bytes of the published file ``name`` of the stage output at ``uri``, checked against its
+    manifest: the size always (when recorded), the SHA-256 with ``check_hash``.
+
+    Raises:
+        DataError: the file differs from what the manifest promises (the message names the file and
+            both values), or the manifest does not list it.
+        FileNotFoundError: the file is missing.
+    """
+    manifest = read_manifest(uri) if manifest is None else manifest
+    path = published_uri(uri, name, manifest)
+    data = read_bytes(path)
+    redo = f"the file was damaged or replaced; run the stage that wrote {uri} again"
+    if check_hash:
+        digest = sha256_bytes(data)
+        if digest != manifest["files"][name]:
+            raise DataError(f"{path}: SHA-256 {digest}, but {join(uri, MANIFEST)} promises "
+                            f"{manifest['files'][name]}: {redo}")
+    size = manifest.get("sizes", {}).get(name)
+    if size is not None and len(data) != size:
+        raise DataError(f"{path}: {len(data)} bytes, but {join(uri, MANIFEST)} promises {size}: {redo}")
+    return data
 
 
 def unpublish(uri: str) -> None:
@@ -59,15 +110,23 @@ def unpublish(uri: str) -> None:
     remove(join(uri, MANIFEST))
 
 
-def write_manifest(uri: str, *, stage: str, key: str, files: list[str],
-                   info: dict[str, Any]) -> dict[str, Any]:
-    """Hash every output file and write ``manifest.json`` last.
+def build_manifest(uri: str, *, stage: str, key: str, paths: dict[str, str], info: dict[str, Any]) -> dict[str, Any]:
+    """The manifest of the files ``paths`` (name -> stored path under ``uri``), hashed as stored.
 
     The fingerprint is the SHA-256 of the key and the files' hashes: equal
     fingerprints mean equal outputs from equal inputs.
     """
-    hashes = {name: sha256_bytes(read_bytes(join(uri, name))) for name in files}
+    blobs = {name: read_bytes(join(uri, path)) for name, path in paths.items()}
+    hashes = {name: sha256_bytes(data) for name, data in blobs.items()}
     fingerprint = stage_key(stage, {"key": key}, hashes)
-    manifest = {"stage": stage, "key": key, "fingerprint": fingerprint, "files": hashes, **info}
+    stored = {name: path for name, path in paths.items() if path != name}
+    return {"stage": stage, "key": key, "fingerprint": fingerprint, "files": hashes,
+            "sizes": {name: len(data) for name, data in blobs.items()}, **({"paths": stored} if stored else {}),
+            **info}
+
+
+def write_manifest(uri: str, *, stage: str, key: str, files: list[str], info: dict[str, Any]) -> dict[str, Any]:
+    """Hash the files ``files``, stored under their own names below ``uri``, and write ``manifest.json``."""
+    manifest = build_manifest(uri, stage=stage, key=key, paths={name: name for name in files}, info=info)
     write_text(join(uri, MANIFEST), json.dumps(manifest, indent=2, sort_keys=True))
     return manifest

@@ -11,7 +11,6 @@ stage outputs record.
 from __future__ import annotations
 
 import ast
-import difflib
 
 import timm
 import torch.nn as nn
@@ -39,12 +38,6 @@ def check_architecture(arch: str, field: str = "arch") -> None:
     except ValueError as err:
         raise ConfigError(field, str(err)) from None
     check_name(name, timm.list_models(), field, "timm model")
-
-
-def _unknown(arch: str, names: list[str], where: str) -> ValueError:
-    close = difflib.get_close_matches(arch, names, n=5)
-    hint = f"close matches: {', '.join(close)}" if close else "no close match"
-    return ValueError(f"unknown architecture {arch!r} ({hint}); see {where}")
 
 
 def parse_timm_arch(arch: str) -> tuple[str, dict]:
@@ -75,9 +68,6 @@ def _build_timm(arch: str, num_classes: int) -> nn.Module:
     An explicit ``dynamic_img_size`` in the arch string wins.
     """
     name, kwargs = parse_timm_arch(arch)
-    names = timm.list_models()
-    if name not in names:
-        raise _unknown(name, names, "timm.list_models()")
     if "dynamic_img_size" in kwargs:
         return timm.create_model(name, pretrained=False, num_classes=num_classes, **kwargs)
     try:
@@ -105,11 +95,9 @@ def build_classifier(arch: str, num_classes: int) -> nn.Module:
     """
     if num_classes < 1:
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+    check_architecture(arch)
     if arch.startswith(TIMM_PREFIX):
         return _build_timm(arch, num_classes)
-    names = available_architectures()
-    if arch not in names:
-        raise _unknown(arch, names, "torchvision.models.list_models(module=torchvision.models)")
     return torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
 
 

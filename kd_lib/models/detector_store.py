@@ -13,6 +13,7 @@ from typing import Any
 
 import torch.nn as nn
 
+from kd_lib.errors import ModelKindError
 from kd_lib.io import checkpoint
 from kd_lib.io.fs import join
 from kd_lib.models.detectors import build_detector
@@ -51,9 +52,10 @@ def save_detector(out: str, model: nn.Module, spec: DetectorSpec, classes: list[
 
 def load_detector(out: str) -> tuple[nn.Module, DetectorSpec, dict[str, Any]]:
     """The detector stored under ``out``, its spec and metadata (eval mode, on CPU)."""
-    state = checkpoint.load(join(out, MODEL_FILE))
+    state = checkpoint.load_published(out, MODEL_FILE)
     if "spec" not in state:
-        raise ValueError(f"{join(out, MODEL_FILE)} is not a detector (it has no 'spec')")
+        raise ModelKindError(f"{out} holds a {'classifier' if 'arch' in state else 'model'}, not a detector: "
+                             "give the output of a detection stage")
     spec = DetectorSpec(**state["spec"])
     model = spec.build()
     model.load_state_dict(state.pop("state_dict"))

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch.nn as nn
 
+from kd_lib.errors import ModelKindError
 from kd_lib.io import checkpoint
 from kd_lib.io.fs import join
 from kd_lib.models.backbones import build_classifier
@@ -29,7 +30,10 @@ def save_classifier(out: str, model: nn.Module, *, arch: str, classes: list[str]
 
 def load_classifier(out: str) -> tuple[nn.Module, dict[str, Any]]:
     """The model stored under the stage output ``out`` and its metadata (in eval mode, on CPU)."""
-    state = checkpoint.load(join(out, MODEL_FILE))
+    state = checkpoint.load_published(out, MODEL_FILE)
+    if "arch" not in state:
+        raise ModelKindError(f"{out} holds a {'detector' if 'spec' in state else 'model'}, not a classifier: "
+                             "give the output of a classification stage")
     model = build_classifier(state["arch"], len(state["classes"]))
     model.load_state_dict(state.pop("state_dict"))
     return model.eval(), state

@@ -19,6 +19,15 @@ MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 ATOL = {torch.float32: 2e-5, torch.bfloat16: 3e-2, torch.float16: 4e-3}
 
 
+def assert_close_to_scale(actual: torch.Tensor, expected: torch.Tensor, rel: float) -> None:
+    """Each entry within ``rel`` of itself plus ``rel`` times the largest expected magnitude: a
+    tolerance scaled to the values (MMD gradients are ~1e-6 at d = 512), so that a backward
+    returning zeros, or a few percent off, fails at every size."""
+    scale = expected.abs().max().item()
+    assert scale > 0, "the expected values are all zero: nothing to compare"
+    torch.testing.assert_close(actual, expected, rtol=rel, atol=rel * scale)
+
+
 @pytest.fixture(autouse=True, scope="module")
 def kernels() -> None:
     if extension.disabled():
@@ -110,5 +119,4 @@ def test_mmd2_matches_reference(n: int, m: int, d: int, dtype: torch.dtype, band
     torch.testing.assert_close(value, reference, rtol=1e-4, atol=1e-5)
     for grad, expected, tensor in zip(grads, ref_grads, (x, y)):
         assert grad.dtype == tensor.dtype and grad.shape == tensor.shape
-        torch.testing.assert_close(grad.float(), expected.float(), rtol=2e-2 if dtype != torch.float32
-                                   else 1e-4, atol=1e-5)
+        assert_close_to_scale(grad.float(), expected.float(), 2e-2 if dtype != torch.float32 else 1e-3)

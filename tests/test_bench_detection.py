@@ -11,7 +11,7 @@ COCO128 = ROOT.parent / "shared" / "data" / "coco128"
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not COCO128.is_dir(), reason=f"{COCO128} is not here (the shared test data)")
+@pytest.mark.requires(COCO128.is_dir(), f"{COCO128} is not here (the shared test data)")
 def test_the_quick_detection_benchmark_reports_every_model(tmp_path):
     spec = importlib.util.spec_from_file_location("bench_detection", ROOT / "bench" / "detection.py")
     bench = importlib.util.module_from_spec(spec)

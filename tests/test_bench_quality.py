@@ -41,7 +41,7 @@ def test_the_table_says_when_a_method_does_not_beat_the_baseline():
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not DATA.is_dir(), reason=f"{DATA} is not on this machine")
+@pytest.mark.requires(DATA.is_dir(), f"{DATA} is not on this machine (the shared test data)")
 def test_quick_quality_benchmark_writes_every_row(tmp_path):
     subprocess.run([sys.executable, str(ROOT / "bench" / "quality.py"), "--quick", "--data", str(DATA),
                     "--out", str(tmp_path / "runs"), "--results", str(tmp_path)], check=True)

@@ -1,5 +1,6 @@
 """``kdp compile`` and ``kdp schedule`` on the command line, and the TorchX launcher of a training task."""
 
+import inspect
 import json
 import shlex
 from pathlib import Path
@@ -77,25 +78,36 @@ def test_a_five_field_cron_is_refused_with_the_seconds_hint(capsys):
     assert "add the seconds first, e.g. '0 0 3 * * *'" in capsys.readouterr().err
 
 
+def stand_in_for_kfp_client(calls: list, results: dict) -> type:
+    """A class with ``kfp.Client``'s methods named in ``results``: each call is bound to the real
+    method's signature (a name ``kfp.Client`` does not take raises TypeError, as it would on a
+    server), recorded in ``calls`` as ``(method, arguments)`` and answered with ``results[method]``."""
+    import kfp
+
+    def stand_in(name: str):
+        signature = inspect.signature(getattr(kfp.Client, name))
+
+        def method(self, *args, **kwargs):
+            arguments = signature.bind(self, *args, **kwargs).arguments
+            calls.append((name, {k: v for k, v in arguments.items() if k != "self"}))
+            return results[name]
+        return method
+
+    return type("StandInClient", (), {name: stand_in(name) for name in results})
+
+
 def test_kdp_schedule_creates_the_recurring_run_through_the_client(capsys):
-    """There is no KFP server here: a stand-in for ``kfp.Client`` records what kdp asks of it."""
+    """There is no KFP server here: a stand-in for ``kfp.Client`` with its signatures records what
+    kdp asks of it."""
     calls = []
-
-    class StandInClient:
-        def __init__(self, host):
-            calls.append(("client", host))
-
-        def create_experiment(self, name):
-            calls.append(("experiment", name))
-            return SimpleNamespace(experiment_id="exp-1")
-
-        def create_recurring_run(self, **kwargs):
-            calls.append(("recurring run", kwargs))
-            return SimpleNamespace(recurring_run_id="rr-7")
+    StandInClient = stand_in_for_kfp_client(calls, {
+        "__init__": None, "create_experiment": SimpleNamespace(experiment_id="exp-1"),
+        "create_recurring_run": SimpleNamespace(recurring_run_id="rr-7")})
 
     args = cli.build_parser().parse_args(schedule_args("--param", "seed=3"))
     assert cli.cmd_schedule(args, client_factory=StandInClient) == 0
-    assert calls == [("client", "http://kfp.example:8080"), ("experiment", "nightly"), ("recurring run", {
+    assert calls == [("__init__", {"host": "http://kfp.example:8080"}), ("create_experiment", {"name": "nightly"}),
+                     ("create_recurring_run", {
         "experiment_id": "exp-1", "job_name": "retrain", "cron_expression": "0 0 3 * * *", "max_concurrency": 1,
         "params": {"source": "gs://b/imagenet", "checkpoint_root": "gs://b/ckpt", "seed": 3},
         "pipeline_package_path": PACKAGE, "enable_caching": True})]

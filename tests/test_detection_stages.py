@@ -162,7 +162,7 @@ def test_evaluate_scores_detectors_by_coco_map_against_hr_boxes(prepared_detecti
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not COCO128.is_dir(), reason=f"{COCO128} is not here (the shared test data)")
+@pytest.mark.requires(COCO128.is_dir(), f"{COCO128} is not here (the shared test data)")
 def test_the_detection_pipeline_runs_end_to_end_on_coco128(tmp_path):
     from pipelines.cli import main
 

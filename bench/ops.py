@@ -1,6 +1,6 @@
 """How fast are the kd_lib.ops kernels against the PyTorch they replace?
 
-For each operator, on the pipeline's sizes, times one call (forward and
+For each operator, on the pipeline's sizes, times a call (forward and
 backward where there is a gradient) three ways:
 
 - ``kd_lib op``: the ``kd_lib`` operator, which runs its CUDA kernel on a
@@ -11,7 +11,14 @@ backward where there is a gradient) three ways:
   per bandwidth;
 - ``compiled``: ``torch.compile`` of that formula (default mode).
 
-and reports the median milliseconds, the peak memory allocated during a call
+Each variant's outputs (values and gradients) are first checked once against
+the eager variant's; a variant that differs by more than ``TOLERANCE`` of the
+output's scale fails the run (exit 1, after writing the table). A timing is
+``--calls`` back-to-back calls, measured by CUDA events on a GPU (the
+device's own clock: kernels of microseconds are not hidden behind one
+launch's overhead and a host round trip) and by ``perf_counter`` on the CPU,
+divided by the calls; the table gives the median of ``--repeats`` timings,
+the peak memory allocated during a call
 (CUDA only), and for the memory-bound operators the achieved bandwidth: the
 bytes a call must move at least (each input read once, each output written
 once) over its time, against the device's peak (from its memory clock and bus
@@ -20,6 +27,7 @@ width, which the CUDA properties give). Writes
 
     python bench/ops.py                 # on the GPU when there is one, else the CPU
     python bench/ops.py --device cpu    # the CPU columns only
+    python bench/ops.py --repeats 20 --calls 50
 """
 
 from __future__ import annotations
@@ -46,6 +54,8 @@ RESULTS = ROOT / "bench" / "results"
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 TEMPERATURE = 4.0
 BANDWIDTH_FACTORS = (0.25, 0.5, 1.0, 2.0, 4.0)
+#: largest difference from the eager variant's outputs, relative to each output's largest magnitude
+TOLERANCE = 1e-3
 #: per device: images (N, side, ratio), KD logits (N, classes), MMD embeddings (N = M, D)
 SIZES = {"cuda": {"resize": (256, 224, 4), "kd": (1024, 1000), "mmd": (512, 512)},
          "cpu": {"resize": (32, 224, 4), "kd": (256, 1000), "mmd": (128, 512)}}
@@ -60,6 +70,7 @@ class Row:
     peak_mib: float | None
     gb_per_s: float | None
     peak_fraction: float | None
+    error_vs_eager: float
     note: str = ""
 
 
@@ -86,13 +97,51 @@ def peak_bandwidth(device: torch.device) -> float | None:
     return 2 * clock_khz * 1e3 * bus_bits / 8 if clock_khz and bus_bits else None
 
 
-def measure(calls: dict[str, Callable[[], object]], device: torch.device, repeats: int
-            ) -> dict[str, tuple[float, float | None]]:
-    """Per variant: median milliseconds after warming up and its peak MiB above what was
-    allocated. The variants take turns in every repeat, so a noisy machine slows them alike."""
+def tensors(result: object) -> list[torch.Tensor]:
+    """The tensors of a call's result, in order."""
+    if isinstance(result, torch.Tensor):
+        return [result]
+    return [t for item in result for t in tensors(item)]
+
+
+def error_vs(result: object, reference: object) -> float:
+    """The largest difference between two results' tensors, each relative to the reference
+    tensor's largest magnitude."""
+    worst = 0.0
+    for value, expected in zip(tensors(result), tensors(reference), strict=True):
+        scale = expected.abs().max().item() or 1.0
+        worst = max(worst, (value.float() - expected.float()).abs().max().item() / scale)
+    return worst
+
+
+def time_calls(call: Callable[[], object], device: torch.device, calls: int) -> float:
+    """Milliseconds per call over ``calls`` back-to-back calls: CUDA events on a GPU, ``perf_counter``
+    elsewhere."""
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(calls):
+            call()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / calls
+    started = time.perf_counter()
+    for _ in range(calls):
+        call()
+    return (time.perf_counter() - started) * 1e3 / calls
+
+
+def measure(calls: dict[str, Callable[[], object]], device: torch.device, repeats: int, per_timing: int
+            ) -> dict[str, tuple[float, float | None, float]]:
+    """Per variant: median milliseconds per call after warming up, its peak MiB above what was
+    allocated, and its error against the ``eager`` variant's outputs. The variants take turns in
+    every repeat, so a noisy machine slows them alike."""
     synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    reference = calls["eager"]()
     peaks: dict[str, float | None] = {}
+    errors: dict[str, float] = {}
     for name, call in calls.items():
+        errors[name] = error_vs(call(), reference)
         for _ in range(3):
             call()
         synchronize()
@@ -106,19 +155,18 @@ def measure(calls: dict[str, Callable[[], object]], device: torch.device, repeat
     times: dict[str, list[float]] = {name: [] for name in calls}
     for _ in range(repeats):
         for name, call in calls.items():
-            started = time.perf_counter()
-            call()
-            synchronize()
-            times[name].append((time.perf_counter() - started) * 1e3)
-    return {name: (statistics.median(times[name]), peaks[name]) for name in calls}
+            times[name].append(time_calls(call, device, per_timing))
+    return {name: (statistics.median(times[name]), peaks[name], errors[name]) for name in calls}
 
 
 def with_backward(loss_fn: Callable[..., torch.Tensor], *inputs: torch.Tensor) -> Callable[[], None]:
-    """A call of ``loss_fn`` and its backward into the inputs that require a gradient."""
+    """A call of ``loss_fn`` and its backward into the inputs that require a gradient; returns
+    the loss and the gradients."""
     wanted = [t for t in inputs if t.requires_grad]
 
-    def call() -> None:
-        torch.autograd.grad(loss_fn(*inputs), wanted)
+    def call() -> tuple[torch.Tensor, ...]:
+        loss = loss_fn(*inputs)
+        return (loss.detach(), *torch.autograd.grad(loss, wanted))
     return call
 
 
@@ -159,7 +207,7 @@ def workloads(device: torch.device) -> list[tuple[str, str, float | None, dict[s
     ]
 
 
-def run(device: torch.device, repeats: int) -> list[Row]:
+def run(device: torch.device, repeats: int, calls: int) -> list[Row]:
     if device.type != "cuda":
         backend = "PyTorch reference: no CUDA device"
     else:
@@ -167,10 +215,10 @@ def run(device: torch.device, repeats: int) -> list[Row]:
     peak = peak_bandwidth(device)
     rows = []
     for op, shape, moved, variants in workloads(device):
-        for variant, (ms, peak_mib) in measure(variants, device, repeats).items():
+        for variant, (ms, peak_mib, error) in measure(variants, device, repeats, calls).items():
             rate = moved / (ms / 1e3) if moved else None
             rows.append(Row(op, shape, variant, ms, peak_mib, rate / 1e9 if rate else None,
-                            rate / peak if rate and peak else None,
+                            rate / peak if rate and peak else None, error,
                             backend if variant == "kd_lib op" else ""))
         print(f"{op}: done", file=sys.stderr, flush=True)
     return rows
@@ -181,15 +229,16 @@ def markdown(rows: list[Row], device_name: str) -> str:
         return "–" if value is None else format(value, spec) + unit
 
     lines = [f"Device: {device_name}", "",
-             "| op | shape | variant | ms | speed-up over compiled | peak MiB | GB/s | of peak bandwidth |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| op | shape | variant | ms | speed-up over compiled | peak MiB | GB/s | of peak bandwidth "
+             "| error vs eager |",
+             "|---|---|---|---|---|---|---|---|---|"]
     compiled = {r.op: r.ms for r in rows if r.variant == "compiled"}
     for r in rows:
         speedup = compiled[r.op] / r.ms if r.ms and compiled.get(r.op) else None
         fraction = r.peak_fraction * 100 if r.peak_fraction is not None else None
         lines.append(f"| {r.op} | {r.shape} | {r.variant} | {cell(r.ms, '.3f')} | {cell(speedup, '.2f', 'x')} | "
                      f"{cell(r.peak_mib, '.1f')} | {cell(r.gb_per_s, '.1f')} | {cell(fraction, '.0f', ' %')}"
-                     f"{' (' + r.note + ')' if r.note else ''} |")
+                     f"{' (' + r.note + ')' if r.note else ''} | {r.error_vs_eager:.1e} |")
     return "\n".join(lines) + "\n"
 
 
@@ -197,21 +246,28 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=("cuda", "cpu"),
                         default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--repeats", type=int, default=20, help="timed calls per variant")
+    parser.add_argument("--repeats", type=int, default=20, help="timings per variant (the median is reported)")
+    parser.add_argument("--calls", type=int, default=50, help="back-to-back calls per timing")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     started = time.monotonic()
-    rows = run(device, args.repeats)
+    rows = run(device, args.repeats, args.calls)
     table = markdown(rows, f"{name} (torch {torch.__version__})")
     RESULTS.mkdir(parents=True, exist_ok=True)
     stem = RESULTS / f"ops-{device.type}"
     stem.with_suffix(".json").write_text(json.dumps(
-        {"device": name, "torch": torch.__version__, "repeats": args.repeats,
+        {"device": name, "torch": torch.__version__, "repeats": args.repeats, "calls": args.calls,
+         "tolerance": TOLERANCE,
          "peak_bandwidth_gb_per_s": (peak_bandwidth(device) or 0) / 1e9 or None,
          "wall_seconds": time.monotonic() - started, "rows": [asdict(r) for r in rows]}, indent=2) + "\n")
     stem.with_suffix(".md").write_text(table)
     print(table)
+    wrong = [f"{r.op} {r.variant}: {r.error_vs_eager:.1e}" for r in rows if not r.error_vs_eager <= TOLERANCE]
+    if wrong:
+        print(f"bench/ops.py: outputs differ from eager by more than {TOLERANCE:g} of their scale: "
+              f"{'; '.join(wrong)}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -17,9 +17,9 @@ checkpointed and resumable:
 ``method: msad`` (Qi et al., CVPR 2021)
     1. the aligned multi-scale teacher in the student's architecture: HR branch
        ``P(2+s)``..``P(6+s)``, LR branch ``P2``..``P6``, C-FF fusion, trained
-       with ``L_HR + L_LR + msad_fused_weight * L_fused``; its HR branch also
-       gets AFP's dense KD from the detection teacher (set the ``afp_*``
-       weights to 0 for the paper's teacher);
+       with ``L_HR + L_LR + msad_fused_weight * L_fused`` (the paper's
+       teacher); ``msad_teacher_kd: true`` adds AFP's dense KD from the
+       detection teacher to its HR branch (our addition, off by default);
     2. the student at LR reading ``P2``..``P6``, initialized from it, with its
        detection loss plus ``min(1, iter / msad_ramp_iters) * msad_alpha T^2
        L1(s/T, t/T)`` per level against the frozen teacher's fused levels.
@@ -81,6 +81,7 @@ class AFPConfig(DetectionStageConfig):
     """MSAD student: temperature T of that KD"""
     msad_ramp_iters: int = 500
     """MSAD student: steps over which the KD weight ramps up from 0"""
+    msad_teacher_kd: bool = False
 
     def validate(self) -> None:
         super().validate()
@@ -123,8 +124,8 @@ def train_assistant(config: AFPConfig, data: DetectionData, teacher: torch.nn.Mo
         if fusion is None:
             task = AFPDistiller(assistant, "hr", teacher, config.dense_kd())
         else:
-            task = MSADTeacherTraining(MSADTeacher(assistant, lr_spec.build(), fusion), config.msad_fused_weight,
-                                       teacher, config.dense_kd())
+            kd = (teacher, config.dense_kd()) if config.msad_teacher_kd else (None, None)
+            task = MSADTeacherTraining(MSADTeacher(assistant, lr_spec.build(), fusion), config.msad_fused_weight, *kd)
         rows = train(task, data, config, join(job.checkpoint_dir, "assistant-train"), f"{config.method} assistant",
                      epochs=config.assistant_epochs or config.epochs)
         extra = {"fusion": fusion.state_dict()} if fusion is not None else {}

@@ -43,9 +43,9 @@ class StudentConfig(TrainStageConfig, DistillSettings):
         DistillSettings.validate(self)
         check(not (self.assistant and self.teacher), "teacher",
               "give the assistant (start from it and distil from it) or the teacher, not both")
-        if "tas" in self.method.split("+"):
-            check(bool(self.assistant), "assistant", "is required with method tas: the student starts "
-                  "from the assistant's weights")
+        if self.needs_assistant:
+            check(bool(self.assistant), "assistant", f"is required with method {self.method}: the student "
+                  "starts from the assistant's weights")
         elif self.needs_teacher:
             check(bool(self.assistant or self.teacher), "teacher",
                   f"is required with method {self.method!r}: the HR model to distil from")
@@ -65,7 +65,8 @@ def plan(config: StudentConfig, classes: list[str], models: dict) -> StagePlan:
         student.load_state_dict(teacher.state_dict())
     elif config.teacher:
         teacher, _ = models["teacher"]
-    task = build_distiller(config, student, teacher, hr_size=config.hr_size, student_input_size=config.lr_size)
+    task = build_distiller(config, student, teacher, hr_size=config.hr_size, student_input_size=config.lr_size,
+                           epochs=config.epochs)
     return StagePlan(task, config.arch, "lr")
 
 

@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,7 +42,7 @@ def test_the_table_says_when_a_method_does_not_beat_the_baseline():
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not DATA.is_dir(), reason=f"{DATA} is not on this machine")
+@pytest.mark.requires(DATA.is_dir(), f"{DATA} is not on this machine (the shared test data)")
 def test_quick_quality_benchmark_writes_every_row(tmp_path):
     subprocess.run([sys.executable, str(ROOT / "bench" / "quality.py"), "--quick", "--data", str(DATA),
                     "--out", str(tmp_path / "runs"), "--results", str(tmp_path)], check=True)
@@ -54,7 +55,14 @@ def test_quick_quality_benchmark_writes_every_row(tmp_path):
                                "input_bytes", "train_seconds"}
         assert len(result["top1"]) == len(result["seeds"]) and result["diverged_seeds"] == []
         assert result["seeds"] == [0, 1] and result["top1_std"] is not None
-        assert 0 <= min(result["top1"]) <= max(result["top1"]) <= 100
+        runs = [tmp_path / "runs" / f"ratio{result['ratio']}" / result["method"].replace("+", "_") / f"seed{seed}"
+                for seed in result["seeds"]]
+        assert result["top1"] == [100 * json.loads((run / "manifest.json").read_text())["final"]["val_top1"]
+                                  for run in runs]  # each seed's own run, in order
+        epochs = [pq.read_table(run / "metrics.parquet").to_pylist() for run in runs]
+        training = sum(sum(row["training_seconds"] for row in rows) for rows in epochs) / len(runs)
+        with_validation = sum(sum(row["seconds"] for row in rows) for rows in epochs) / len(runs)
+        assert result["train_seconds"] == pytest.approx(training) and 0 < training < with_validation
         assert result["input_bytes"] == 3 * (64 // result["ratio"]) ** 2
     by_ratio = {r["ratio"]: r["gflops"] for r in results if r["method"] == "kd"}
     assert by_ratio[4] < by_ratio[2] < results[1]["gflops"]

@@ -1,5 +1,6 @@
 """``kdp compile`` and ``kdp schedule`` on the command line, and the TorchX launcher of a training task."""
 
+import inspect
 import json
 import re
 import sys
@@ -42,20 +43,22 @@ def test_kdp_compile_refuses_bad_options_naming_them(tmp_path, capsys):
     assert not (tmp_path / "p.yaml").exists()
 
 
-class StandInClient:
-    """There is no KFP server here: a stand-in for ``kfp.Client`` records what is asked of it."""
+def stand_in_for_kfp_client(calls: list, results: dict) -> type:
+    """A class with ``kfp.Client``'s methods named in ``results``: each call is bound to the real
+    method's signature (a name ``kfp.Client`` does not take raises TypeError, as it would on a
+    server), recorded in ``calls`` as ``(method, arguments)`` and answered with ``results[method]``."""
+    import kfp
 
-    def __init__(self, calls: list, host: str):
-        self.calls = calls
-        calls.append(("client", host))
+    def stand_in(name: str):
+        signature = inspect.signature(getattr(kfp.Client, name))
 
-    def create_experiment(self, name):
-        self.calls.append(("experiment", name))
-        return SimpleNamespace(experiment_id="exp-1")
+        def method(self, *args, **kwargs):
+            arguments = signature.bind(self, *args, **kwargs).arguments
+            calls.append((name, {k: v for k, v in arguments.items() if k != "self"}))
+            return results[name]
+        return method
 
-    def create_recurring_run(self, **kwargs):
-        self.calls.append(("recurring run", kwargs))
-        return SimpleNamespace(recurring_run_id="rr-7")
+    return type("StandInClient", (), {name: stand_in(name) for name in results})
 
 
 def test_kdp_schedule_dry_run_prints_a_command_that_creates_the_same_recurring_run(capsys, monkeypatch):
@@ -66,10 +69,13 @@ def test_kdp_schedule_dry_run_prints_a_command_that_creates_the_same_recurring_r
     first, *script, last = command.strip().splitlines()
     assert first == "python3 - <<'EOF'" and last == "EOF"
     printed, created = [], []
-    monkeypatch.setitem(sys.modules, "kfp", SimpleNamespace(Client=lambda host: StandInClient(printed, host)))
+    answers = {"__init__": None, "create_experiment": SimpleNamespace(experiment_id="exp-1"),
+               "create_recurring_run": SimpleNamespace(recurring_run_id="rr-7")}
+    client = stand_in_for_kfp_client(printed, answers)
+    monkeypatch.setitem(sys.modules, "kfp", SimpleNamespace(Client=client))
     exec("\n".join(script), {})
     args = cli.build_parser().parse_args(schedule_args(*extra))
-    assert cli.cmd_schedule(args, client_factory=lambda host: StandInClient(created, host)) == 0
+    assert cli.cmd_schedule(args, client_factory=stand_in_for_kfp_client(created, answers)) == 0
     assert printed == created
     run = created[-1][1]
     assert run["enabled"] is True and run["enable_caching"] is True and run["max_concurrency"] == 2
@@ -102,10 +108,17 @@ def test_a_five_field_cron_is_refused_with_the_seconds_hint(capsys):
 
 
 def test_kdp_schedule_creates_the_recurring_run_through_the_client(capsys):
+    """There is no KFP server here: a stand-in for ``kfp.Client`` with its signatures records what
+    kdp asks of it."""
     calls = []
+    StandInClient = stand_in_for_kfp_client(calls, {
+        "__init__": None, "create_experiment": SimpleNamespace(experiment_id="exp-1"),
+        "create_recurring_run": SimpleNamespace(recurring_run_id="rr-7")})
+
     args = cli.build_parser().parse_args(schedule_args("--param", "seed=3"))
-    assert cli.cmd_schedule(args, client_factory=lambda host: StandInClient(calls, host)) == 0
-    assert calls == [("client", "http://kfp.example:8080"), ("experiment", "nightly"), ("recurring run", {
+    assert cli.cmd_schedule(args, client_factory=StandInClient) == 0
+    assert calls == [("__init__", {"host": "http://kfp.example:8080"}), ("create_experiment", {"name": "nightly"}),
+                     ("create_recurring_run", {
         "experiment_id": "exp-1", "job_name": "retrain", "cron_expression": "0 0 3 * * *", "max_concurrency": 1,
         "params": {"source": "gs://b/imagenet", "checkpoint_root": "gs://b/ckpt", "seed": 3},
         "pipeline_package_path": PACKAGE, "enable_caching": True, "enabled": True})]

@@ -43,13 +43,28 @@ def test_crop_is_uint8_hwc_and_pairs_to_exact_sizes(hr_size, ratio, train):
     assert lr.shape == (1, 3, hr_size // ratio, hr_size // ratio)
 
 
+def downsample_by_hand(image: torch.Tensor, ratio: int, mode: str) -> torch.Tensor:
+    """(3, H, W) in [0, 1] downsampled without kd_lib: PIL's antialiased float resize for
+    bilinear and bicubic, the block mean for area, each block's top-left pixel for nearest."""
+    height, width = image.shape[-2] // ratio, image.shape[-1] // ratio
+    if mode == "area":
+        return image.reshape(3, height, ratio, width, ratio).mean((2, 4))
+    if mode == "nearest":
+        return image[:, ::ratio, ::ratio]
+    pil_filter = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}[mode]
+    return torch.stack([torch.from_numpy(np.array(Image.fromarray(channel.numpy(), mode="F").resize(
+        (width, height), pil_filter))) for channel in image])
+
+
 @pytest.mark.parametrize("mode", ["bilinear", "area", "bicubic", "nearest"])
 def test_lr_is_the_same_crop_downsampled(mode):
     transform = CropTransform(64, 4, train=True, resize=mode)
     for seed in range(5):
-        hr, lr = transform.pairing(transform(gradient_image(), seed)[None])
-        expected = downsample(unnormalize(hr), 4, mode)
-        torch.testing.assert_close(unnormalize(lr), expected, atol=1e-5, rtol=0)
+        crop = transform(gradient_image(), seed)
+        hr, lr = transform.pairing(crop[None])
+        image = crop.permute(2, 0, 1).float() / 255
+        torch.testing.assert_close(unnormalize(hr[0]), image, atol=1e-5, rtol=0)
+        torch.testing.assert_close(unnormalize(lr[0]), downsample_by_hand(image, 4, mode), atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("mode", ["bilinear", "area", "bicubic", "nearest"])

@@ -110,7 +110,7 @@ def test_a_detection_on_a_crowd_region_is_not_a_false_positive(tmp_path):
         coco_map(dataset, [Detection(3, (0.0, 0.0, 1.0, 1.0), 0, 0.5)])
 
 
-@pytest.mark.skipif(not COCO128.is_dir(), reason=f"{COCO128} is not on this machine")
+@pytest.mark.requires(COCO128.is_dir(), f"{COCO128} is not on this machine (the shared test data)")
 def test_ground_truth_as_predictions_gives_ap_one_on_coco128():
     dataset = read_coco(str(COCO128 / "annotations" / "instances_train2017.json"), str(COCO128 / "train2017"))
     assert len(dataset.images) == 128 and len(dataset.categories) == 80

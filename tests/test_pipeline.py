@@ -24,7 +24,7 @@ def executed_tasks(pipeline_root):
     return sorted(p.parent.name for p in pipeline_root.glob("*/*/executor_output.json"))
 
 
-def test_local_pipeline_runs_end_to_end_then_caches(tmp_path, capsys):
+def test_local_pipeline_runs_end_to_end_then_caches(tmp_path, capsys, monkeypatch):
     from kd_lib.data.demo import generate_demo_dataset
 
     data = tmp_path / "demo"
@@ -55,10 +55,20 @@ def test_local_pipeline_runs_end_to_end_then_caches(tmp_path, capsys):
         "the second run retrained something"
     assert json.loads((out / "summary.json").read_text()) == summary
 
+    from pipelines import local
+
+    run_pipeline = local.run_pipeline
+    monkeypatch.setattr(local, "run_pipeline", lambda params, out: run_pipeline({**params, "rerun_student": "1"}, out))
+    assert run_kdp(data, out) == 0  # rerun_student: the student and what reads it run again, nothing else
+    monkeypatch.setattr(local, "run_pipeline", run_pipeline)
+    again = sorted([*first, "source-version-op", "source-version-op", "student-op", "evaluate-op"])
+    assert executed_tasks(out / "pipeline_root") == again
+
     (data / "train" / sorted(p.name for p in (data / "train").iterdir())[0] / "extra.png").write_bytes(
         next((data / "val").rglob("*.png")).read_bytes())  # one more training image: new data
     assert run_kdp(data, out) == 0
-    assert executed_tasks(out / "pipeline_root").count("prepare-data-op") == 2, "new data was not prepared"
+    assert executed_tasks(out / "pipeline_root") == sorted([*again, *first]), \
+        "new data: every task from prepare-data down must run again"
 
 
 def test_the_teacher_gate_skips_the_students_unless_the_teacher_beats_the_baseline(tmp_path, capsys):

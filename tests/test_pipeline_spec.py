@@ -222,6 +222,17 @@ def test_every_task_is_cached_and_rerun_by_its_own_parameter(tmp_path, pipeline)
     assert not [p for p in parameters if p.startswith("rerun_") and p not in fed]
 
 
+@pytest.mark.parametrize("path", ["pixel_distillation.yaml", "detection_distillation.yaml"])
+def test_code_version_is_an_input_of_every_cached_task(path):
+    """The cache keys a task on its inputs: with ``code_version`` among them, new code reruns it."""
+    spec = Compiled(ROOT / "pipelines" / path)
+    cached = {name: task for name, task in spec.tasks.items() if task.get("cachingOptions", {}).get("enableCache")}
+    assert set(cached) == set(spec.tasks) - {"source-version"}
+    for name, task in cached.items():
+        assert task["inputs"]["parameters"]["code_version"] == {"componentInputParameter": "code_version"}, name
+    assert spec.spec["root"]["inputDefinitions"]["parameters"]["code_version"]["parameterType"] == "STRING"
+
+
 def test_the_ops_keep_the_rerun_token_from_the_stage(monkeypatch):
     import components.kfp_entry as entry
     from pipelines import detection, pixel_distillation

@@ -235,11 +235,11 @@ class MSADTeacher(nn.Module):
 class MSADTeacherTraining(DetectorTraining):
     """Trains an :class:`MSADTeacher`: ``L_HR + L_LR + fused_weight * L_fused`` (0.4 in MSAD).
 
-    The HR branch is the ``student`` of the loop (validated and published);
-    with a frozen detection ``teacher`` and ``kd``, its HR branch also gets
-    AFP's dense KD from it on their shared levels (our addition, so that both
-    detection methods draw on the pipeline's HR teacher; ``kd=None`` trains
-    MSAD's teacher as in the paper).
+    The HR branch is the ``student`` of the loop (validated and published).
+    Without ``teacher`` and ``kd`` (the default) this is MSAD's teacher as in
+    the paper, trained with its own detection losses only. Given a frozen
+    detection ``teacher`` and ``kd``, its HR branch also gets AFP's dense KD
+    from it on their shared levels (our addition, off unless asked).
     """
 
     def __init__(self, msad: MSADTeacher, fused_weight: float = 0.4, teacher: nn.Module | None = None,

@@ -5,30 +5,43 @@ cross-entropy (``ce`` alone: no teacher, no terms)::
 
     L = (1 - alpha) CE + sum over terms of weight * term
 
-``alpha`` is ``kd_alpha`` when the method has a logit KD term (``kd``,
-``crkd``, ``tas``) and 0 otherwise (DKD, like mdistiller, keeps CE at 1).
+``alpha`` is ``kd_alpha`` when a method with a Hinton KD term (``kd``,
+``crkd``, ``tas``) is in the mix, and 0 otherwise (DKD, like mdistiller,
+keeps CE at 1).
+
+Each method is declared once, where it is built: :func:`method` registers a
+function ``build(settings, models) -> terms`` with the method's name, the
+:class:`DistillSettings` fields it reads and what it needs. A new method is
+its loss (:mod:`kd_lib.losses`), its term (:mod:`kd_lib.distill.terms`), one
+registration here, its fields and its test. The defaults:
 
 ==========  ==============================================================
 ``kd``      Hinton KD (alpha 0.9, T 4: Pixel Distillation's defaults)
-``dkd``     decoupled KD (alpha 1, beta 8, T 4, 20 warm-up epochs: mdistiller)
+``dkd``     decoupled KD (alpha 1, T 4: mdistiller; beta 2.0: Pixel
+            Distillation's CUB/Aircraft configs), ramped in over the first
+            1/12 of the run (mdistiller's 20 of 240 epochs)
 ``fitnet``  hint MSE on one layer through a 1x1 adapter (weight 100: RepDistiller)
-``at``      attention transfer (weight 1000: RepDistiller)
+``at``      attention transfer, the larger feature pooled to the smaller
+            grid (weight 1000: RepDistiller, Pixel Distillation's code)
 ``sp``      similarity-preserving KD (weight 3000: RepDistiller)
 ``crkd``    RKD's cross-resolution KD: logit KD, normalized-embedding L2,
             pair-wise distances, MMD, adversarial (our reconstruction)
 ``isrd``    Pixel Distillation's ISRD (eta 50: official CUB-200 config)
 ``feature`` TAS's upsampled-feature MSE; the layers must pair one to one
-``tas``     ``kd+feature+isrd``: Pixel Distillation's input-compression step
+``tas``     ``kd+feature+isrd`` from the assistant, whose weights the student
+            starts from: Pixel Distillation's input-compression step
 ==========  ==============================================================
 
 ``isrd`` combines with any other method (Pixel Distillation adds it to KD
 baselines); at most one of ``kd``, ``dkd``, ``crkd`` and ``tas`` carries the
-logit term. Every weight is a field of :class:`DistillSettings`.
+logit term.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch.nn as nn
 
@@ -47,14 +60,10 @@ from kd_lib.distill.terms import (
 )
 from kd_lib.models import classifier_module_name, default_feature_layers, feature_shapes, input_module_name
 
-ALIASES = {"tas": ("kd", "feature", "isrd")}
-METHODS = ("ce", "kd", "dkd", "fitnet", "at", "sp", "crkd", "isrd", "feature", "tas")
-LOGIT_METHODS = ("kd", "dkd", "crkd", "tas")
-
 
 @dataclass
 class DistillSettings:
-    """The method and the weight of every term (see the module docstring)."""
+    """The method and the settings of every method (see the module docstring)."""
 
     method: str = "tas"
     kd_alpha: float = 0.9
@@ -66,11 +75,12 @@ class DistillSettings:
     fitnet_layer: str = ""
     at_weight: float = 1000.0
     at_layers: list[str] = field(default_factory=list)
+    at_pool: Literal["feature", "attention"] = "feature"
     sp_weight: float = 3000.0
     sp_layers: list[str] = field(default_factory=list)
     dkd_alpha: float = 1.0
-    dkd_beta: float = 8.0
-    dkd_warmup: float = 20.0
+    dkd_beta: float = 2.0
+    dkd_warmup: float = 20 / 240
     crkd_embed_weight: float = 1.0
     crkd_pair_weight: float = 25.0
     crkd_mmd_weight: float = 1.0
@@ -78,18 +88,19 @@ class DistillSettings:
     crkd_adv_lr: float = 2e-4
 
     def validate(self) -> None:
-        parts = self.method.split("+")
-        for part in parts:
-            check(part in METHODS, "method", f"{part!r} is not a method; choose from {list(METHODS)}, "
-                  "joined by '+'")
-        check(len(set(parts)) == len(parts), "method", f"{self.method!r} names a method twice")
-        check(parts == ["ce"] or "ce" not in parts, "method", "ce (cross-entropy alone) combines with nothing")
-        logit = [p for p in parts if p in LOGIT_METHODS]
+        methods = self.methods
+        names = [part for m in methods for part in (m.parts or (m.name,))]
+        check(len(set(names)) == len(names), "method", f"{self.method!r} names a method twice")
+        check(names == ["ce"] or "ce" not in names, "method", "ce (cross-entropy alone) combines with nothing")
+        logit = [m.name for m in methods if m.logit]
         check(len(logit) <= 1, "method", f"{self.method!r}: {' and '.join(logit)} each carry the logit "
               "term; keep one")
         check(0 <= self.kd_alpha <= 1, "kd_alpha", f"must be in [0, 1], got {self.kd_alpha}")
         check(self.temperature > 0, "temperature", f"must be > 0, got {self.temperature}")
-        check(self.dkd_warmup >= 0, "dkd_warmup", f"must be >= 0, got {self.dkd_warmup}")
+        check(0 <= self.dkd_warmup <= 1, "dkd_warmup", f"must be a fraction of the run in [0, 1], "
+              f"got {self.dkd_warmup}")
+        check(self.at_pool in AttentionTransfer.POOLS, "at_pool",
+              f"must be one of {list(AttentionTransfer.POOLS)}, got {self.at_pool!r}")
         check(self.crkd_adv_lr > 0, "crkd_adv_lr", f"must be > 0, got {self.crkd_adv_lr}")
         for name in ("isrd_weight", "feature_weight", "fitnet_weight", "at_weight", "sp_weight",
                      "dkd_alpha", "dkd_beta", "crkd_embed_weight", "crkd_pair_weight",
@@ -97,105 +108,215 @@ class DistillSettings:
             check(getattr(self, name) >= 0, name, f"must be >= 0, got {getattr(self, name)}")
 
     @property
-    def components(self) -> tuple[str, ...]:
-        """The method's parts with aliases expanded: ``"tas+at"`` -> ``("kd", "feature", "isrd", "at")``."""
-        parts = []
-        for part in self.method.split("+"):
-            parts.extend(ALIASES.get(part, (part,)))
-        return tuple(p for p in parts if p != "ce")
+    def methods(self) -> tuple[Method, ...]:
+        """The declarations of the methods named in ``method``.
+
+        Raises:
+            ConfigError: a name is not a registered method.
+        """
+        for name in self.method.split("+"):
+            check(name in METHODS, "method", f"{name!r} is not a method; choose from {list(METHODS)}, "
+                  "joined by '+'")
+        return tuple(METHODS[name] for name in self.method.split("+"))
 
     @property
     def needs_teacher(self) -> bool:
-        return any(p != "isrd" for p in self.components)
+        return any(m.needs_teacher for m in self.methods)
+
+    @property
+    def needs_assistant(self) -> bool:
+        """Whether the student must start from the assistant's weights (``tas``)."""
+        return any(m.from_assistant for m in self.methods)
 
     @property
     def logit_alpha(self) -> float:
         """The KD weight ``alpha``; cross-entropy gets ``1 - alpha``."""
-        return self.kd_alpha if {"kd", "crkd"} & set(self.components) else 0.0
+        return self.kd_alpha if any(m.hinton for m in self.methods) else 0.0
+
+    @property
+    def ce_weight(self) -> float:
+        """The weight of the cross-entropy, ``1 - alpha``."""
+        return 1 - self.logit_alpha
 
 
-def _layers(given: list[str], model: nn.Module, field_name: str, pick=slice(None)) -> list[str]:
-    if given:
-        return list(given)
-    try:
-        return default_feature_layers(model)[pick]
-    except ValueError as err:
-        raise ConfigError(field_name, str(err)) from None
+@dataclass(frozen=True)
+class Models:
+    """What a method's terms are built for: the student, the teacher (or ``None``),
+    their input sizes and the run's length in epochs (``None`` when not known)."""
+
+    student: nn.Module
+    teacher: nn.Module | None
+    hr_size: int
+    student_input_size: int
+    epochs: float | None = None
+
+    def layers(self, given: list[str], field_name: str, pick: slice = slice(None)) -> list[str]:
+        """``given``, or the student's stage outputs (ResNets; RepDistiller's choices) picked by ``pick``."""
+        if given:
+            return list(given)
+        try:
+            return default_feature_layers(self.student)[pick]
+        except ValueError as err:
+            raise ConfigError(field_name, str(err)) from None
+
+    def channels(self, model: nn.Module, layers: list[str], input_size: int) -> dict[str, int]:
+        """The channel count of each named layer's output at ``input_size``."""
+        return {layer: shape[0] for layer, shape in feature_shapes(model, layers, input_size).items()}
+
+    def same_channels(self, layers: list[str], field_name: str) -> list[str]:
+        """``layers``, once checked to have the same channels in student and teacher."""
+        ours = self.channels(self.student, layers, self.student_input_size)
+        theirs = self.channels(self.teacher, layers, self.hr_size)
+        for layer in layers:
+            if ours[layer] != theirs[layer]:
+                raise ConfigError(field_name, f"layer {layer!r} has {ours[layer]} channels in the student "
+                                  f"and {theirs[layer]} in the teacher: this term pairs layers of one "
+                                  "architecture (TAS: distil from the assistant)")
+        return layers
+
+    def embedding_dim(self, model: nn.Module) -> int:
+        """Width of the embedding that enters the classifier (its ``in_features``)."""
+        return dict(model.named_modules())[classifier_module_name(model)].in_features
+
+
+Build = Callable[[DistillSettings, Models], list[Term]]
+
+
+@dataclass(frozen=True)
+class Method:
+    """One name of ``method``: how its terms are built and what it needs.
+
+    Attributes:
+        name: the name in ``method``.
+        build: ``build(settings, models) -> terms``.
+        settings: the :class:`DistillSettings` fields ``build`` reads.
+        logit: carries a logit-distillation term (at most one such method in a mix).
+        hinton: carries Hinton KD, so cross-entropy gets ``1 - kd_alpha``.
+        needs_teacher: reads the teacher.
+        from_assistant: the student starts from the assistant's weights.
+        parts: the methods it sums (see :func:`combination`); itself when empty.
+    """
+
+    name: str
+    build: Build
+    settings: tuple[str, ...] = ()
+    logit: bool = False
+    hinton: bool = False
+    needs_teacher: bool = True
+    from_assistant: bool = False
+    parts: tuple[str, ...] = ()
+
+
+METHODS: dict[str, Method] = {}
+
+
+def method(name: str, **declaration) -> Callable[[Build], Build]:
+    """Register the decorated ``build`` as method ``name`` (fields of :class:`Method`)."""
+
+    def register(build: Build) -> Build:
+        METHODS[name] = Method(name, build, **declaration)
+        return build
+
+    return register
+
+
+@method("ce", needs_teacher=False)
+def _ce(settings: DistillSettings, models: Models) -> list[Term]:
+    return []
+
+
+@method("kd", settings=("kd_alpha", "temperature"), logit=True, hinton=True)
+def _kd(settings: DistillSettings, models: Models) -> list[Term]:
+    return [LogitKD(settings.kd_alpha, settings.temperature)]
+
+
+@method("dkd", settings=("dkd_alpha", "dkd_beta", "temperature", "dkd_warmup"), logit=True)
+def _dkd(settings: DistillSettings, models: Models) -> list[Term]:
+    if models.epochs is None and settings.dkd_warmup:
+        raise ValueError("dkd's warm-up is a fraction of the run: give the run's epochs")
+    return [DecoupledKD(settings.dkd_alpha, settings.dkd_beta, settings.temperature,
+                        settings.dkd_warmup * (models.epochs or 0))]
+
+
+@method("isrd", settings=("isrd_weight",), needs_teacher=False)
+def _isrd(settings: DistillSettings, models: Models) -> list[Term]:
+    name = input_module_name(models.student)
+    shape = feature_shapes(models.student, [name], models.student_input_size)[name]
+    return [ISRD(settings.isrd_weight, name, shape, models.hr_size)]
+
+
+@method("feature", settings=("feature_weight", "feature_layers"))
+def _feature(settings: DistillSettings, models: Models) -> list[Term]:
+    layers = models.same_channels(models.layers(settings.feature_layers, "feature_layers"), "feature_layers")
+    return [UpsampledFeatures(settings.feature_weight, layers)]
+
+
+@method("at", settings=("at_weight", "at_layers", "at_pool"))
+def _at(settings: DistillSettings, models: Models) -> list[Term]:
+    return [AttentionTransfer(settings.at_weight, models.layers(settings.at_layers, "at_layers"), settings.at_pool)]
+
+
+@method("sp", settings=("sp_weight", "sp_layers"))
+def _sp(settings: DistillSettings, models: Models) -> list[Term]:
+    return [SimilarityPreserving(settings.sp_weight, models.layers(settings.sp_layers, "sp_layers", slice(-1, None)))]
+
+
+@method("fitnet", settings=("fitnet_weight", "fitnet_layer"))
+def _fitnet(settings: DistillSettings, models: Models) -> list[Term]:
+    layer = settings.fitnet_layer or models.layers([], "fitnet_layer", slice(1, 2))[0]
+    return [FitNet(settings.fitnet_weight, layer,
+                   models.channels(models.student, [layer], models.student_input_size)[layer],
+                   models.channels(models.teacher, [layer], models.hr_size)[layer])]
+
+
+@method("crkd", settings=("kd_alpha", "temperature", "crkd_embed_weight", "crkd_pair_weight", "crkd_mmd_weight",
+                          "crkd_adv_weight", "crkd_adv_lr"), logit=True, hinton=True)
+def _crkd(settings: DistillSettings, models: Models) -> list[Term]:
+    return _kd(settings, models) + [CrossResolutionKD(
+        models.embedding_dim(models.student), models.embedding_dim(models.teacher),
+        embed_weight=settings.crkd_embed_weight, pair_weight=settings.crkd_pair_weight,
+        mmd_weight=settings.crkd_mmd_weight, adv_weight=settings.crkd_adv_weight, adv_lr=settings.crkd_adv_lr)]
+
+
+def combination(name: str, parts: tuple[str, ...], **declaration) -> None:
+    """Register method ``name`` as the sum of the registered ``parts``' terms."""
+    members = [METHODS[part] for part in parts]
+    METHODS[name] = Method(
+        name, lambda settings, models: [term for m in members for term in m.build(settings, models)],
+        settings=tuple(dict.fromkeys(s for m in members for s in m.settings)), parts=parts,
+        logit=any(m.logit for m in members), hinton=any(m.hinton for m in members),
+        needs_teacher=any(m.needs_teacher for m in members), **declaration)
+
+
+combination("tas", ("kd", "feature", "isrd"), from_assistant=True)
 
 
 def build_terms(settings: DistillSettings, student: nn.Module, teacher: nn.Module | None, *,
-                hr_size: int, student_input_size: int) -> list[Term]:
+                hr_size: int, student_input_size: int, epochs: float | None = None) -> list[Term]:
     """The terms of ``settings.method`` for this student and teacher.
 
     Layer fields left empty take the student's stage outputs (ResNets;
     RepDistiller's choices): ``feature`` and ``at`` all four stages, ``fitnet``
-    the second stage, ``sp`` the last one.
+    the second stage, ``sp`` the last one. ``epochs``, the run's length,
+    scales DKD's warm-up.
 
     Raises:
         ConfigError: the method needs a teacher and none is given, a layer
             field is needed and has no default, or paired layers differ in
             channels.
     """
-    parts = settings.components
     if teacher is None and settings.needs_teacher:
         raise ConfigError("method", f"{settings.method!r} distils from a teacher: give one")
-    terms: list[Term] = []
-    for part in parts:
-        if part == "kd":
-            terms.append(LogitKD(settings.kd_alpha, settings.temperature))
-        elif part == "dkd":
-            terms.append(DecoupledKD(settings.dkd_alpha, settings.dkd_beta, settings.temperature,
-                                     settings.dkd_warmup))
-        elif part == "isrd":
-            name = input_module_name(student)
-            shape = feature_shapes(student, [name], student_input_size)[name]
-            terms.append(ISRD(settings.isrd_weight, name, shape, hr_size))
-        elif part == "feature":
-            layers = _layers(settings.feature_layers, student, "feature_layers")
-            _check_channels(student, teacher, layers, student_input_size, hr_size, "feature_layers")
-            terms.append(UpsampledFeatures(settings.feature_weight, layers))
-        elif part == "at":
-            terms.append(AttentionTransfer(settings.at_weight, _layers(settings.at_layers, student, "at_layers")))
-        elif part == "sp":
-            layers = _layers(settings.sp_layers, student, "sp_layers", slice(-1, None))
-            terms.append(SimilarityPreserving(settings.sp_weight, layers))
-        elif part == "fitnet":
-            layer = settings.fitnet_layer or _layers([], student, "fitnet_layer", slice(1, 2))[0]
-            terms.append(FitNet(settings.fitnet_weight, layer, _channels(student, [layer], student_input_size)[layer],
-                                _channels(teacher, [layer], hr_size)[layer]))
-        elif part == "crkd":
-            terms.append(LogitKD(settings.kd_alpha, settings.temperature))
-            terms.append(CrossResolutionKD(
-                _embedding_dim(student), _embedding_dim(teacher),
-                embed_weight=settings.crkd_embed_weight, pair_weight=settings.crkd_pair_weight,
-                mmd_weight=settings.crkd_mmd_weight, adv_weight=settings.crkd_adv_weight,
-                adv_lr=settings.crkd_adv_lr))
-    return terms
-
-
-def _embedding_dim(model: nn.Module) -> int:
-    """Width of the embedding that enters the classifier (its ``in_features``)."""
-    return dict(model.named_modules())[classifier_module_name(model)].in_features
-
-
-def _channels(model: nn.Module, layers: list[str], input_size: int) -> dict[str, int]:
-    """The channel count of each named layer's output at ``input_size``."""
-    return {layer: shape[0] for layer, shape in feature_shapes(model, layers, input_size).items()}
-
-
-def _check_channels(student: nn.Module, teacher: nn.Module, layers: list[str], student_size: int,
-                    teacher_size: int, field_name: str) -> None:
-    ours, theirs = _channels(student, layers, student_size), _channels(teacher, layers, teacher_size)
-    for layer in layers:
-        if ours[layer] != theirs[layer]:
-            raise ConfigError(field_name, f"layer {layer!r} has {ours[layer]} channels in the student "
-                              f"and {theirs[layer]} in the teacher: this term pairs layers of one "
-                              "architecture (TAS: distil from the assistant)")
+    models = Models(student, teacher, hr_size, student_input_size, epochs)
+    return [term for m in settings.methods for term in m.build(settings, models)]
 
 
 def build_distiller(settings: DistillSettings, student: nn.Module, teacher: nn.Module | None, *,
-                    hr_size: int, student_input_size: int, student_view: View = "lr") -> Distiller:
+                    hr_size: int, student_input_size: int, student_view: View = "lr",
+                    epochs: float | None = None) -> Distiller:
     """The :class:`Distiller` of ``settings.method`` (see :func:`build_terms`)."""
-    terms = build_terms(settings, student, teacher, hr_size=hr_size, student_input_size=student_input_size)
+    terms = build_terms(settings, student, teacher, hr_size=hr_size, student_input_size=student_input_size,
+                        epochs=epochs)
     return Distiller(student, student_view, teacher if settings.needs_teacher else None, terms,
-                     ce_weight=1 - settings.logit_alpha)
+                     ce_weight=settings.ce_weight)
+

@@ -76,11 +76,13 @@ class LogitKD(Term):
 
 
 class DecoupledKD(Term):
-    """DKD with mdistiller's linear warm-up: weight ``min(progress / warmup, 1)``.
+    """DKD with mdistiller's linear warm-up: weight ``min(progress / warmup_epochs, 1)``.
 
     The warm-up weight is applied here, per step (mdistiller steps it per
     epoch: our choice, so that a resumed run and a run of few epochs ramp
-    smoothly). ``warmup_epochs = 0`` means no warm-up.
+    smoothly). ``warmup_epochs = 0`` means no warm-up. The methods set it as a
+    fraction of the run (mdistiller's 20 of 240 epochs), so that it completes
+    in a short run too.
     """
 
     def __init__(self, alpha: float, beta: float, temperature: float, warmup_epochs: float):
@@ -127,10 +129,13 @@ class UpsampledFeatures(_PairedLayers):
 
 
 class AttentionTransfer(_PairedLayers):
-    """AT on the named layers."""
+    """AT on the named layers; ``pool`` says what is pooled when the sizes differ
+    (:class:`~kd_lib.losses.AttentionTransferLoss`)."""
 
-    def __init__(self, weight: float, layers: list[str]):
-        super().__init__("at", weight, layers, AttentionTransferLoss())
+    POOLS = AttentionTransferLoss.POOLS
+
+    def __init__(self, weight: float, layers: list[str], pool: str = "feature"):
+        super().__init__("at", weight, layers, AttentionTransferLoss(pool=pool))
 
 
 class SimilarityPreserving(_PairedLayers):

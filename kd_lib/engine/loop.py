@@ -20,7 +20,8 @@ to the device:
   raised; an existing ``last.pt`` is resumed from, mid-epoch included;
 - a progress bar per epoch and one metrics row per epoch (train loss and its
   terms, learning rate, the ``validate`` callable's metrics prefixed ``val_``,
-  seconds), also written to ``metrics.parquet`` beside the checkpoint after
+  seconds, and ``training_seconds`` without the validation), also written to
+  ``metrics.parquet`` beside the checkpoint after
   every epoch;
 - data-parallel under ``torchrun`` (:mod:`kd_lib.engine.distributed`): each
   process trains on its slice of every batch (``batch_size`` stays the whole
@@ -251,11 +252,12 @@ def fit(task: torch.nn.Module, train_set, settings: TrainSettings, checkpoint_di
                 if step % settings.checkpoint_every == 0:
                     save(epoch, batch + 1)
             bar.close()
+            training_seconds = time.monotonic() - started
             metrics = validate(task.student, device)
             rows.append({"epoch": epoch + 1, "step": step, "lr": scheduler.get_last_lr()[0],
                          **{f"train_{k}": v / steps_per_epoch for k, v in sums.items()},
                          **{f"val_{k}": v for k, v in metrics.items()},
-                         "seconds": time.monotonic() - started})
+                         "seconds": time.monotonic() - started, "training_seconds": training_seconds})
             if main:
                 print(f"{desc} epoch {epoch + 1}/{settings.epochs}: loss {rows[-1]['train_loss']:.4f}, "
                       f"{_describe(metrics)}", file=sys.stderr, flush=True)

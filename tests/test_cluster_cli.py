@@ -71,11 +71,11 @@ def test_kdp_schedule_dry_run_prints_a_command_that_creates_the_same_recurring_r
     printed, created = [], []
     answers = {"__init__": None, "create_experiment": SimpleNamespace(experiment_id="exp-1"),
                "create_recurring_run": SimpleNamespace(recurring_run_id="rr-7")}
-    client = stand_in_for_kfp_client(printed, answers)
-    monkeypatch.setitem(sys.modules, "kfp", SimpleNamespace(Client=client))
+    printing, creating = stand_in_for_kfp_client(printed, answers), stand_in_for_kfp_client(created, answers)
+    monkeypatch.setitem(sys.modules, "kfp", SimpleNamespace(Client=printing))
     exec("\n".join(script), {})
     args = cli.build_parser().parse_args(schedule_args(*extra))
-    assert cli.cmd_schedule(args, client_factory=stand_in_for_kfp_client(created, answers)) == 0
+    assert cli.cmd_schedule(args, client_factory=creating) == 0
     assert printed == created
     run = created[-1][1]
     assert run["enabled"] is True and run["enable_caching"] is True and run["max_concurrency"] == 2
@@ -211,4 +211,4 @@ def test_kdp_version_and_field_help(capsys):
     with pytest.raises(SystemExit):
         cli.main(["stage", "lr-baseline", "--help"])
     text = " ".join(capsys.readouterr().out.split())
-    assert "--data DATA (REQUIRED: the prepare-data output URI)" in text  # no text: the reason validate() gives
+    assert "--data DATA the prepare-data output URI (REQUIRED)" in text

@@ -189,7 +189,7 @@ def test_timm_architectures_parse_and_run_at_any_size():
     for side in (8, 16, 32):
         assert model(torch.randn(2, 3, side, side)).shape == (2, 5)
     assert count_gflops(model, 16) < count_gflops(model, 32)
-    with pytest.raises(ValueError, match="unknown architecture 'vit_tiny_patch16_22'.*vit_tiny_patch16_224"):
+    with pytest.raises(ValueError, match="unknown timm model 'vit_tiny_patch16_22'.*vit_tiny_patch16_224"):
         build_classifier("timm:vit_tiny_patch16_22", 5)
     with pytest.raises(ValueError, match="'patch_size' is not key=value"):
         build_classifier("timm:vit_tiny_patch16_224,patch_size", 5)

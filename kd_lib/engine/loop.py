@@ -222,7 +222,11 @@ class _Run:
 
     def start(self) -> None:
         """Resume from the checkpoint if there is one, else seed in-model randomness from the settings;
-        then make every process's replica the main one's."""
+        then make every process's replica the main one's.
+
+        Under ``torchrun`` every process resumes from the main process's checkpoint, RNG states
+        included: they draw alike (one seed, one model, equal shares of each batch).
+        """
         if exists(self.uri):
             saved = checkpoint.load(self.uri)
             self.task.load_trainable_state_dict(saved["task"])

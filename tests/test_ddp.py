@@ -1,5 +1,5 @@
-"""Data-parallel training: batch sharding, the collectives that keep replicas identical, and a
-training stage under ``torchrun`` on two CPU processes (gloo)."""
+"""Data-parallel training: batch sharding, the collectives that keep replicas identical, ``fit`` on two
+processes against one, and a training stage under ``torchrun`` on two CPU processes (gloo)."""
 
 import multiprocessing
 import os

@@ -201,7 +201,7 @@ def test_torchrun_stage_trains_identical_replicas_and_publishes_once(ddp_teacher
     assert stderr.count("teacher epoch 2/2:") == 1  # only the main process logs epochs
 
 
-def wait_for(path: Path, process: subprocess.Popen, timeout: float = 120) -> None:
+def wait_for(path: Path, process: subprocess.Popen, timeout: float = 300) -> None:
     deadline = time.monotonic() + timeout
     while not path.exists():
         assert process.poll() is None, process.communicate()[1]

@@ -23,7 +23,7 @@ def stage_command(data, out):
             "--num-workers", "0", "--device", "cpu", "--checkpoint-every", "5"]
 
 
-def wait_for(path, process, timeout=120):
+def wait_for(path, process, timeout=300):
     deadline = time.monotonic() + timeout
     while not path.exists():
         assert process.poll() is None, process.communicate()[1]

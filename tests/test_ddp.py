@@ -1,10 +1,11 @@
-"""Data-parallel training: batch sharding, the collectives that keep replicas identical, and a
-training stage under ``torchrun`` on two CPU processes (gloo)."""
+"""Data-parallel training: batch sharding, the collectives that keep replicas identical, ``fit`` on two
+processes against one, and a training stage under ``torchrun`` on two CPU processes (gloo)."""
 
 import multiprocessing
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -17,7 +18,12 @@ import torch.distributed as dist
 from torch import nn
 
 from kd_lib.data.sampler import EpochBatchSampler
+from kd_lib.data.shards import ShardedImageDataset
+from kd_lib.data.transforms import CropTransform
+from kd_lib.distill.distiller import Distiller
 from kd_lib.engine import distributed
+from kd_lib.engine.loop import fit
+from kd_lib.engine.settings import TrainSettings
 from kd_lib.io.manifest import read_manifest
 from kd_lib.losses import AdversarialLoss
 
@@ -94,6 +100,70 @@ def test_collectives_keep_two_replicas_identical(tmp_path):
     assert first["mean"] == second["mean"] == [0.5, 2.0]
 
 
+class Recording(torch.utils.data.Dataset):
+    """A dataset that records the index of every item read (``num_workers=0``: in this process)."""
+
+    def __init__(self, dataset):
+        self.dataset, self.pairing, self.indices = dataset, dataset.pairing, []
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, item):
+        self.indices.append(item[0])
+        return self.dataset[item]
+
+
+def _fit_process(rank: int, world: int, port: int, data: str, results: str) -> None:
+    """``fit`` in process ``rank`` of ``world`` (joined as under torchrun when ``world`` > 1): one epoch of
+    a model without BatchNorm, whose update on a batch split over processes is the update on the whole
+    batch, if the processes average their gradients."""
+    if world > 1:
+        os.environ.update(WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    task = Distiller(nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 3)), "lr")
+    train_set = Recording(ShardedImageDataset(data, "train", CropTransform(32, 4, train=True)))
+    settings = TrainSettings(epochs=1, batch_size=8, lr=0.05, device="cpu", num_workers=0)
+    with distributed.process_group(torch.device("cpu")):
+        fit(task, train_set, settings, f"{results}/checkpoints-{world}", lambda student, device: {})
+    torch.save({"indices": train_set.indices, "student": task.student.state_dict()},
+               f"{results}/{world}-{rank}.pt")
+
+
+def _spawn(world: int, data: str, results: Path) -> list[dict]:
+    """What :func:`_fit_process` saved in each of ``world`` processes, by rank."""
+    context = multiprocessing.get_context("spawn")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    processes = [context.Process(target=_fit_process, args=(rank, world, port, data, str(results)))
+                 for rank in range(world)]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join(timeout=300)
+    assert [p.exitcode for p in processes] == [0] * world
+    return [torch.load(results / f"{world}-{rank}.pt", weights_only=True) for rank in range(world)]
+
+
+@pytest.mark.slow
+def test_fit_splits_each_batch_between_processes_and_averages_their_gradients(prepared, tmp_path):
+    [whole] = _spawn(1, prepared, tmp_path)
+    first, second = _spawn(2, prepared, tmp_path)
+    share, steps = 4, 72 // 8
+    assert len(whole["indices"]) == 2 * steps * share
+    assert len(first["indices"]) == len(second["indices"]) == steps * share
+    for step in range(steps):
+        mine, theirs = (r["indices"][step * share:(step + 1) * share] for r in (first, second))
+        assert not set(mine) & set(theirs), f"step {step}: both processes read {set(mine) & set(theirs)}"
+        assert sorted(mine + theirs) == sorted(whole["indices"][step * 2 * share:(step + 1) * 2 * share])
+    torch.testing.assert_close(first["student"], second["student"], rtol=0, atol=0)
+    # the mean of the halves' gradients is the whole batch's gradient (their sum would be twice it)
+    torch.testing.assert_close(first["student"], whole["student"])
+
+
 def teacher_under_torchrun(data: str, out: Path, *extra: str) -> subprocess.Popen:
     """``torchrun`` with two CPU processes training the teacher stage for two epochs."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
@@ -131,7 +201,7 @@ def test_torchrun_stage_trains_identical_replicas_and_publishes_once(ddp_teacher
     assert stderr.count("teacher epoch 2/2:") == 1  # only the main process logs epochs
 
 
-def wait_for(path: Path, process: subprocess.Popen, timeout: float = 120) -> None:
+def wait_for(path: Path, process: subprocess.Popen, timeout: float = 300) -> None:
     deadline = time.monotonic() + timeout
     while not path.exists():
         assert process.poll() is None, process.communicate()[1]
@@ -151,12 +221,13 @@ def test_torchrun_stage_stopped_by_sigterm_resumes_to_the_same_weights(prepared,
     _, stderr = process.communicate(timeout=60)
     assert process.returncode != 0 and "run the same command again to resume" in stderr, stderr
     assert not (out / "manifest.json").exists()
-    state = torch.load(last, weights_only=True)
-    assert 3 <= state["step"] < STEPS
+    loop = torch.load(last, weights_only=True)["loop"]
+    assert 3 <= loop["step"] < STEPS
 
     rerun = teacher_under_torchrun(prepared, out, "--checkpoint-every", "3")
     _, stderr = rerun.communicate(timeout=300)
     assert rerun.returncode == 0, stderr
-    assert stderr.count(f"resumed from {last} at epoch {state['epoch'] + 1}, batch {state['batch']}") == 2
-    assert final_digests(stderr) == final_digests(ddp_teacher[2])  # as if never stopped
+    assert stderr.count(f"resumed from {last} at epoch {loop['epoch'] + 1}, batch {loop['batch']}") == 2
+    digests = final_digests(stderr)
+    assert sorted(digests) == ["0", "1"] and digests == final_digests(ddp_teacher[2])  # as if never stopped
     assert not checkpoints.exists()

@@ -87,20 +87,25 @@ class KillInStudentPhase(AFPDistiller):
 def test_an_interrupted_afp_run_resumes_in_the_student_phase(prepared_detection, teacher, tmp_path, monkeypatch,
                                                              capsys):
     fields = {"epochs": 2, "checkpoint_root": str(tmp_path / "ckpt")}
-    run_afp(prepared_detection, tmp_path / "straight", teacher, **fields)
+    straight = run_afp(prepared_detection, tmp_path / "straight", teacher, **fields)
     monkeypatch.setattr(afp, "AFPDistiller", KillInStudentPhase)
     with pytest.raises(TrainingInterrupted):
         run_afp(prepared_detection, tmp_path / "resumed", teacher, **fields)
     with pytest.raises(IncompleteOutputError):
         read_manifest(str(tmp_path / "resumed"))  # nothing published
+    [last] = (tmp_path / "ckpt").glob("afp-*/student-train/last.pt")
+    assert torch.load(last, weights_only=True)["loop"]["step"] == 3
     capsys.readouterr()
     run_afp(prepared_detection, tmp_path / "resumed", teacher, **fields)
-    assert "assistant phase already done" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "assistant phase already done" in err
+    assert f"afp student: resumed from {last} at epoch 1, batch 3" in err
+    assert KillInStudentPhase.calls == straight["final"]["student_step"]  # 3, then the rest: not from the start
     for part in ("assistant", "student"):
-        straight, _, _ = load_detector(str(tmp_path / "straight" / part))
-        resumed, _, _ = load_detector(str(tmp_path / "resumed" / part))
-        for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
-            torch.testing.assert_close(a, b, msg=f"{part} {name}")
+        straight_model, _, _ = load_detector(str(tmp_path / "straight" / part))
+        resumed_model, _, _ = load_detector(str(tmp_path / "resumed" / part))
+        torch.testing.assert_close(resumed_model.state_dict(), straight_model.state_dict(), rtol=0, atol=0,
+                                   msg=lambda message, part=part: f"{part}: {message}")
 
 
 def test_prepare_data_reads_yolo_labels(tmp_path):

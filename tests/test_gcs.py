@@ -2,8 +2,8 @@
 
 prepare-data reads an ImageFolder from one bucket and writes shards to another;
 the teacher is preempted (SIGTERM) mid-epoch, resumes from the checkpoint it
-wrote to the bucket and publishes; evaluate reads it back and writes its
-report. Nothing touches the local disk on the way.
+wrote to the bucket and publishes the weights of an uninterrupted run, bit for
+bit; evaluate reads it back and writes its report. Nothing touches the local disk on the way.
 """
 
 import importlib.util
@@ -17,12 +17,14 @@ from pathlib import Path
 
 import fsspec
 import pytest
+import torch
 
 from components import common, evaluate, prepare_data, teacher
 from kd_lib.config import from_dict
 from kd_lib.distill.distiller import Distiller
 from kd_lib.engine.loop import TrainingInterrupted
 from kd_lib.io.manifest import read_manifest
+from kd_lib.models.store import load_classifier
 
 # gcsfs reads this once, when it is first imported (in the fixture below, after collection has
 # run this line): left on, every call to an emulator stalls 60 s while gcsfs probes the bucket
@@ -123,6 +125,10 @@ def test_stages_read_and_write_only_gcs(gcs, tmp_path, monkeypatch, capsys, make
     manifest = teacher.run(from_dict(teacher.TeacherConfig, settings))
     assert f"teacher: resumed from gs://{checkpoint} at epoch 2, batch 2" in capsys.readouterr().err
     assert (manifest["final"]["epoch"], manifest["final"]["step"]) == (2, 8)
+    uninterrupted = {**settings, "out": "gs://out-bucket/uninterrupted", "checkpoint_root": "gs://out-bucket/ckpt2"}
+    teacher.run(from_dict(teacher.TeacherConfig, uninterrupted))
+    torch.testing.assert_close(load_classifier("gs://out-bucket/teacher")[0].state_dict(),
+                               load_classifier("gs://out-bucket/uninterrupted")[0].state_dict(), rtol=0, atol=0)
 
     summary = evaluate.run(from_dict(evaluate.EvaluateConfig, {
         "data": "gs://out-bucket/data", "out": "gs://out-bucket/eval", "models": {"teacher": "gs://out-bucket/teacher"},

@@ -1,7 +1,5 @@
-"""Training stages on a tiny prepared dataset: resume, no-op reruns, and failures that publish nothing."""
-
-import os
-import signal
+"""Training stages on a tiny prepared dataset: no-op reruns, and failures that publish nothing (resume:
+test_resume.py)."""
 
 import pytest
 import torch
@@ -12,8 +10,7 @@ from kd_lib.data.imagefolder import DataError
 from kd_lib.data.shards import ShardedImageDataset
 from kd_lib.data.transforms import CropTransform
 from kd_lib.distill.distiller import Distiller
-from kd_lib.distill.methods import DistillSettings, build_distiller
-from kd_lib.engine.loop import NonFiniteLossError, TrainingInterrupted, fit
+from kd_lib.engine.loop import NonFiniteLossError, fit
 from kd_lib.eval.accuracy import classifier_validation
 from kd_lib.io.manifest import IncompleteOutputError, read_manifest
 from kd_lib.models import build_classifier
@@ -28,50 +25,6 @@ def config(cls, data, out, **fields):
 def datasets(data):
     return [ShardedImageDataset(data, split, CropTransform(32, 4, train=split == "train"))
             for split in ("train", "val")]
-
-
-class KillAt(Distiller):
-    """A distiller that sends itself SIGTERM at one training step."""
-
-    def __init__(self, *args, step, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.kill_step, self.calls = step, 0
-
-    def forward(self, hr, lr, labels):
-        self.calls += 1
-        if self.calls == self.kill_step:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return super().forward(hr, lr, labels)
-
-
-def train_student(data, tmp_path, name, method, kill_step=None):
-    torch.manual_seed(0)
-    model = build_classifier("resnet18", 3)
-    source = None if method == "ce" else build_classifier("resnet18", 3)
-    task = build_distiller(DistillSettings(method=method, isrd_weight=1.0), model, source, hr_size=32,
-                           student_input_size=8)
-    if kill_step:
-        task = KillAt(model, "lr", task.teacher, list(task.terms), task.ce_weight, step=kill_step)
-    settings = from_dict(teacher.TeacherConfig, {**TINY, "data": data, "out": "x", "epochs": 3})
-    train, val = datasets(data)
-    return task, fit(task, train, settings, str(tmp_path / name), classifier_validation(val, "lr"))
-
-
-@pytest.mark.parametrize("method", ["ce", "crkd+isrd"])
-def test_an_interrupted_run_resumes_to_the_same_weights(prepared, tmp_path, method):
-    reference, reference_rows = train_student(prepared, tmp_path, "straight", method)
-    with pytest.raises(TrainingInterrupted, match="SIGTERM"):
-        train_student(prepared, tmp_path, "resumed", method, kill_step=13)  # mid-epoch 2 (9 batches an epoch)
-    state = torch.load(tmp_path / "resumed" / "last.pt", weights_only=True)
-    assert (state["epoch"], state["batch"], state["step"]) == (1, 4, 13)
-    resumed, rows = train_student(prepared, tmp_path, "resumed", method)
-    for (name, a), b in zip(reference.trainable_state_dict()["student"].items(),
-                            resumed.trainable_state_dict()["student"].values()):
-        torch.testing.assert_close(a, b, msg=name)
-    for (name, a), b in zip(reference.terms.state_dict().items(), resumed.terms.state_dict().values()):
-        torch.testing.assert_close(a, b, msg=name)  # ISRD decoder, discriminator
-    assert [r["epoch"] for r in rows] == [1, 2, 3]
-    assert rows[-1]["train_loss"] == pytest.approx(reference_rows[-1]["train_loss"])
 
 
 def test_teacher_stage_publishes_then_is_a_no_op(prepared, tmp_path, capsys):

@@ -12,17 +12,25 @@ images is moved to the device as uint8 and paired there into the ``hr`` and
 (class labels, or per-image box dictionaries through a ``collate_fn``), moved
 to the device:
 
-- seeded: model init, batch order and every crop come from ``settings.seed``;
+- seeded: model init (by the stage), batch order and every crop come from
+  ``settings.seed``; so does in-model randomness (dropout), drawn from the
+  global generators, which a run seeds with ``settings.seed`` when it starts
+  and a resumed run restores from the checkpoint: a run stopped and resumed
+  ends with the weights of an uninterrupted one, bit for bit;
 - bf16 autocast on CUDA devices that support it, full precision elsewhere;
 - SGD with a per-step cosine or step schedule, optional gradient-norm clipping;
-- a checkpoint (``last.pt``) every ``checkpoint_every`` steps, at each epoch's
-  end and on SIGTERM/SIGINT, after which :class:`TrainingInterrupted` is
-  raised; an existing ``last.pt`` is resumed from, mid-epoch included;
-- a progress bar per epoch and one metrics row per epoch (train loss and its
-  terms, learning rate, the ``validate`` callable's metrics prefixed ``val_``,
-  seconds, and ``training_seconds`` without the validation), also written to
-  ``metrics.parquet`` beside the checkpoint after
-  every epoch;
+- a checkpoint (``last.pt``: the task's trainable state, the optimizer, the
+  schedule, the :class:`LoopState` and the RNG states) every
+  ``checkpoint_every`` steps, at each epoch's end and on SIGTERM/SIGINT, after
+  which :class:`TrainingInterrupted` is raised; an existing ``last.pt`` is
+  resumed from, mid-epoch included (an earlier one where it is damaged:
+  :func:`kd_lib.io.checkpoint.load_latest`);
+- a progress bar per epoch, and at its end one progress line (loss and its
+  terms, learning rate, training images per second, validation metrics) and
+  one metrics row (the same, the terms prefixed ``train_``, the metrics
+  ``val_``, ``seconds`` with validation and ``training_seconds`` without),
+  also written to ``metrics.parquet``
+  beside the checkpoint after every epoch;
 - data-parallel under ``torchrun`` (:mod:`kd_lib.engine.distributed`): each
   process trains on its slice of every batch (``batch_size`` stays the whole
   batch), gradients are averaged before each step and process 0's buffers
@@ -42,7 +50,7 @@ import math
 import signal
 import sys
 import time
-from collections import defaultdict
+from dataclasses import asdict, dataclass, field
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -170,101 +178,165 @@ def _check_split(batch_size: int, world: int) -> None:
           f"of at least 2 (BatchNorm), so use a multiple of {world} of at least {2 * world}")
 
 
+def rng_states(device: torch.device) -> dict[str, torch.Tensor]:
+    """The states of the generators that in-model randomness (dropout) draws from: the CPU's, and
+    ``device``'s when it is a GPU. Data order and crops do not draw from them (see
+    :mod:`kd_lib.data.sampler`)."""
+    states = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        states["cuda"] = torch.cuda.get_rng_state(device)
+    return states
+
+
+def set_rng_states(states: dict[str, torch.Tensor], device: torch.device) -> None:
+    """Restore what :func:`rng_states` returned (a GPU state only onto a GPU)."""
+    torch.set_rng_state(states["cpu"])
+    if device.type == "cuda" and "cuda" in states:
+        torch.cuda.set_rng_state(states["cuda"], device)
+
+
+@dataclass
+class LoopState:
+    """Where a run stands: checkpointed whole, with the task, the optimizer, the schedule and the RNG states."""
+
+    epoch: int = 0  #: epochs finished (the index of the current one)
+    batch: int = 0  #: batches of the current epoch finished
+    step: int = 0  #: optimizer steps taken
+    rows: list[dict] = field(default_factory=list)  #: one metrics row per finished epoch
+    sums: dict[str, float] = field(default_factory=dict)  #: the current epoch's loss and terms, summed
+
+
+class _Run:
+    """One call of :func:`fit`: what it trains with, and its :class:`LoopState`."""
+
+    def __init__(self, task: torch.nn.Module, train_set, settings: TrainSettings, checkpoint_dir: str,
+                 validate: Validate, desc: str, collate_fn: Callable | None):
+        self.rank, self.world, self.device = distributed.init_from_env(resolve_device(settings.device))
+        _check_split(settings.batch_size, self.world)
+        self.task, self.train_set, self.settings, self.validate = task.to(self.device), train_set, settings, validate
+        self.desc, self.collate_fn = desc, collate_fn
+        self.checkpoint_dir, self.uri = checkpoint_dir, join(checkpoint_dir, CHECKPOINT)
+        self.params = task.optimized_parameters()
+        self.optimizer = build_optimizer(self.params, settings)
+        self.steps_per_epoch = len(EpochBatchSampler(len(train_set), settings.batch_size, settings.seed, 0))
+        self.scheduler = build_scheduler(self.optimizer, settings, self.steps_per_epoch)
+        self.state = LoopState()
+
+    def start(self) -> None:
+        """Resume from the checkpoint if there is one, else seed in-model randomness from the settings;
+        then make every process's replica the main one's.
+
+        Under ``torchrun`` every process resumes from the main process's checkpoint, RNG states
+        included: they draw alike (one seed, one model, equal shares of each batch).
+        """
+        saved = checkpoint.load_latest(self.uri)  # an earlier one if last.pt is damaged
+        if saved is not None:
+            self.task.load_trainable_state_dict(saved["task"])
+            self.optimizer.load_state_dict(saved["optimizer"])
+            self.scheduler.load_state_dict(saved["scheduler"])
+            self.state = LoopState(**saved["loop"])
+            set_rng_states(saved["rng"], self.device)
+            print(f"{self.desc}: resumed from {self.uri} at epoch {self.state.epoch + 1}, batch {self.state.batch}",
+                  file=sys.stderr, flush=True)
+        else:
+            torch.manual_seed(self.settings.seed)
+        distributed.broadcast_state(self.task)
+
+    def save(self, with_metrics: bool = False) -> None:
+        """Checkpoint (and the metrics rows so far) from the main process; every process waits for it."""
+        if distributed.is_main():
+            checkpoint.save_latest({"task": self.task.trainable_state_dict(), "optimizer": self.optimizer.state_dict(),
+                             "scheduler": self.scheduler.state_dict(), "loop": asdict(self.state),
+                             "rng": rng_states(self.device)}, self.uri)
+            if with_metrics:
+                write_metrics(self.state.rows, join(self.checkpoint_dir, METRICS))
+        distributed.barrier()
+
+    def step(self, hr: torch.Tensor, lr_images: torch.Tensor, targets: Any) -> float:
+        """One optimizer step on one batch; adds the batch's loss and terms (means over the processes)
+        to the epoch's sums and returns its loss."""
+        state = self.state
+        self.task.set_progress(state.step / self.steps_per_epoch)
+        with autocast(self.device, self.settings.amp):
+            loss, terms = self.task(hr, lr_images, targets)
+        means = distributed.mean_over_processes([loss, *terms.values()])
+        values = dict(zip(["loss", *terms], (v.item() for v in means), strict=True))
+        if not math.isfinite(values["loss"]):
+            split = ", ".join(f"{k}={v:.4g}" for k, v in values.items() if k != "loss")
+            raise NonFiniteLossError(
+                f"{self.desc}: loss is {values['loss']} at epoch {state.epoch + 1}, batch {state.batch} ({split}); "
+                f"the last good checkpoint is {self.uri}; lower lr (now {self.settings.lr}), "
+                "set grad_clip_norm, or check the data")
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        distributed.average_gradients(self.params)
+        if self.settings.grad_clip_norm:
+            torch.nn.utils.clip_grad_norm_(self.params, self.settings.grad_clip_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        distributed.broadcast_buffers(self.task)
+        state.step, state.batch = state.step + 1, state.batch + 1
+        for name, value in values.items():
+            state.sums[name] = state.sums.get(name, 0.0) + value
+        return values["loss"]
+
+    def epoch(self, stop: StopOnSignal) -> None:
+        """The rest of the current epoch: its steps, with checkpoints every ``checkpoint_every`` steps
+        and on a signal, then validation, the epoch's metrics row and its progress line."""
+        settings, state = self.settings, self.state
+        sampler = EpochBatchSampler(len(self.train_set), settings.batch_size, settings.seed, state.epoch,
+                                    state.batch, self.rank, self.world)
+        # a generator of its own: the loader draws its workers' base seed from it, not from the
+        # generator dropout draws from
+        loader = torch.utils.data.DataLoader(self.train_set, batch_sampler=sampler, collate_fn=self.collate_fn,
+                                             num_workers=settings.num_workers,
+                                             pin_memory=self.device.type == "cuda",
+                                             generator=torch.Generator().manual_seed(settings.seed))
+        bar = tqdm(loader, total=len(sampler), desc=f"{self.desc} {state.epoch + 1}/{settings.epochs}",
+                   unit="batch", mininterval=0.5 if sys.stderr.isatty() else 10, dynamic_ncols=True,
+                   disable=not distributed.is_main())
+        self.task.train()
+        started, steps = time.monotonic(), 0
+        for hr, lr_images, targets in paired_batches(bar, self.train_set.pairing, self.device):
+            bar.set_postfix(loss=f"{self.step(hr, lr_images, targets):.3f}", refresh=False)
+            steps += 1
+            signum = distributed.agreed_signal(stop.signum)
+            if signum is not None:
+                self.save()
+                bar.close()
+                raise TrainingInterrupted(signum, self.uri)
+            if state.step % settings.checkpoint_every == 0:
+                self.save()
+        bar.close()
+        train_seconds = time.monotonic() - started
+        metrics = self.validate(self.task.student, self.device)
+        means = {name: total / self.steps_per_epoch for name, total in state.sums.items()}
+        row = {"epoch": state.epoch + 1, "step": state.step, "lr": self.scheduler.get_last_lr()[0],
+               **{f"train_{name}": mean for name, mean in means.items()},
+               **{f"val_{name}": value for name, value in metrics.items()},
+               "images_per_second": steps * settings.batch_size / train_seconds,
+               "seconds": time.monotonic() - started, "training_seconds": train_seconds}
+        state.rows.append(row)
+        if distributed.is_main():
+            split = ", ".join(f"{name} {mean:.4f}" for name, mean in means.items() if name != "loss")
+            print(f"{self.desc} epoch {row['epoch']}/{settings.epochs}: loss {means['loss']:.4f} ({split}), "
+                  f"lr {row['lr']:.4g}, {row['images_per_second']:.0f} img/s, {_describe(metrics)}",
+                  file=sys.stderr, flush=True)
+        state.epoch, state.batch, state.sums = state.epoch + 1, 0, {}
+        self.save(with_metrics=True)
+
+
 def fit(task: torch.nn.Module, train_set, settings: TrainSettings, checkpoint_dir: str,
         validate: Validate, desc: str = "train", collate_fn: Callable | None = None) -> list[dict]:
     """Train ``task`` and return its metrics rows (see the module docstring)."""
-    rank, world, device = distributed.init_from_env(resolve_device(settings.device))
-    _check_split(settings.batch_size, world)
-    main = distributed.is_main()
-    task.to(device)
-    params = task.optimized_parameters()
-    optimizer = build_optimizer(params, settings)
-    steps_per_epoch = len(EpochBatchSampler(len(train_set), settings.batch_size, settings.seed, 0))
-    scheduler = build_scheduler(optimizer, settings, steps_per_epoch)
-    ckpt_uri = join(checkpoint_dir, CHECKPOINT)
-    epoch, start_batch, step, rows, sums = 0, 0, 0, [], defaultdict(float)
-    state = checkpoint.load_latest(ckpt_uri)  # the previous one if last.pt is damaged
-    if state is not None:
-        task.load_trainable_state_dict(state["task"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        epoch, start_batch, step, rows = state["epoch"], state["batch"], state["step"], state["rows"]
-        sums.update(state["sums"])
-        print(f"{desc}: resumed from {ckpt_uri} at epoch {epoch + 1}, batch {start_batch}",
-              file=sys.stderr, flush=True)
-    distributed.broadcast_state(task)
-    torch.manual_seed(settings.seed + step)  # dropout and other in-model randomness
-
-    def save(next_epoch: int, next_batch: int, with_metrics: bool = False) -> None:
-        """Checkpoint (and the metrics rows so far) from the main process; every process waits for it."""
-        if main:
-            checkpoint.save_latest({"task": task.trainable_state_dict(), "optimizer": optimizer.state_dict(),
-                             "scheduler": scheduler.state_dict(), "epoch": next_epoch,
-                             "batch": next_batch, "step": step, "rows": rows, "sums": dict(sums)},
-                            ckpt_uri)
-            if with_metrics:
-                write_metrics(rows, join(checkpoint_dir, METRICS))
-        distributed.barrier()
-
+    run = _Run(task, train_set, settings, checkpoint_dir, validate, desc, collate_fn)
+    run.start()
     with StopOnSignal() as stop:
-        while epoch < settings.epochs:
-            started = time.monotonic()
-            sampler = EpochBatchSampler(len(train_set), settings.batch_size, settings.seed, epoch, start_batch,
-                                        rank, world)
-            task.train()
-            loader = torch.utils.data.DataLoader(train_set, batch_sampler=sampler, collate_fn=collate_fn,
-                                                 num_workers=settings.num_workers,
-                                                 pin_memory=device.type == "cuda")
-            bar = tqdm(loader, total=len(sampler),
-                       desc=f"{desc} {epoch + 1}/{settings.epochs}", unit="batch",
-                       mininterval=0.5 if sys.stderr.isatty() else 10, dynamic_ncols=True, disable=not main)
-            batches = paired_batches(bar, train_set.pairing, device)
-            for batch, (hr, lr_images, targets) in enumerate(batches, start=start_batch):
-                task.set_progress(step / steps_per_epoch)
-                with autocast(device, settings.amp):
-                    loss, terms = task(hr, lr_images, targets)
-                batch_loss, *term_values = distributed.mean_over_processes([loss, *terms.values()])
-                terms = dict(zip(terms, term_values))
-                if not torch.isfinite(batch_loss):
-                    values = ", ".join(f"{k}={v.item():.4g}" for k, v in terms.items())
-                    raise NonFiniteLossError(
-                        f"{desc}: loss is {batch_loss.item()} at epoch {epoch + 1}, batch {batch} ({values}); "
-                        f"the last good checkpoint is {ckpt_uri}; lower lr (now {settings.lr}), "
-                        "set grad_clip_norm, or check the data")
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                distributed.average_gradients(params)
-                if settings.grad_clip_norm:
-                    torch.nn.utils.clip_grad_norm_(params, settings.grad_clip_norm)
-                optimizer.step()
-                scheduler.step()
-                distributed.broadcast_buffers(task)
-                step += 1
-                sums["loss"] += batch_loss.item()
-                for name, value in terms.items():
-                    sums[name] += value.item()
-                bar.set_postfix(loss=f"{batch_loss.item():.3f}", refresh=False)
-                signum = distributed.agreed_signal(stop.signum)
-                if signum is not None:
-                    save(epoch, batch + 1)
-                    bar.close()
-                    raise TrainingInterrupted(signum, ckpt_uri)
-                if step % settings.checkpoint_every == 0:
-                    save(epoch, batch + 1)
-            bar.close()
-            training_seconds = time.monotonic() - started
-            metrics = validate(task.student, device)
-            rows.append({"epoch": epoch + 1, "step": step, "lr": scheduler.get_last_lr()[0],
-                         **{f"train_{k}": v / steps_per_epoch for k, v in sums.items()},
-                         **{f"val_{k}": v for k, v in metrics.items()},
-                         "seconds": time.monotonic() - started, "training_seconds": training_seconds})
-            if main:
-                print(f"{desc} epoch {epoch + 1}/{settings.epochs}: loss {rows[-1]['train_loss']:.4f}, "
-                      f"{_describe(metrics)}", file=sys.stderr, flush=True)
-            epoch, start_batch, sums = epoch + 1, 0, defaultdict(float)
-            save(epoch, 0, with_metrics=True)
-    if world > 1:
+        while run.state.epoch < settings.epochs:
+            run.epoch(stop)
+    if run.world > 1:
         # one write, so that the processes' lines cannot interleave
-        sys.stderr.write(f"{desc}: rank {rank}/{world} final parameter digest {distributed.parameters_digest(task)}\n")
+        sys.stderr.write(f"{desc}: rank {run.rank}/{run.world} final parameter digest "
+                         f"{distributed.parameters_digest(task)}\n")
         sys.stderr.flush()
-    return rows
+    return run.state.rows

@@ -1,0 +1,84 @@
+"""A training run stopped mid-epoch and run again resumes where it stopped and ends bit-identical to an
+uninterrupted run: the weights, the terms' modules, the discriminators' optimizers and the metrics rows,
+for a model with dropout as well."""
+
+import os
+import signal
+
+import pytest
+import torch
+
+from components import teacher
+from kd_lib.config import from_dict
+from kd_lib.data.shards import ShardedImageDataset
+from kd_lib.data.transforms import CropTransform
+from kd_lib.distill.distiller import Distiller
+from kd_lib.distill.methods import DistillSettings, build_distiller
+from kd_lib.engine.loop import TrainingInterrupted, fit
+from kd_lib.eval.accuracy import classifier_validation
+from kd_lib.models import build_classifier
+
+SETTINGS = {"epochs": 2, "batch_size": 8, "hr_size": 32, "ratio": 4, "num_workers": 0, "lr": 0.05, "device": "cpu"}
+STEPS = 2 * (72 // 8)  # two epochs of the prepared fixture's 72 training images
+STOP = 13  # epoch 2, batch 4
+TIMING = ("seconds", "images_per_second")
+
+
+def build_task(method: str) -> Distiller:
+    torch.manual_seed(0)
+    if method == "dropout":  # MobileNetV3's classifier has dropout (p = 0.2)
+        return Distiller(build_classifier("mobilenet_v3_small", 3), "hr")
+    source = None if method == "ce" else build_classifier("resnet18", 3)
+    return build_distiller(DistillSettings(method=method, isrd_weight=1.0), build_classifier("resnet18", 3),
+                           source, hr_size=32, student_input_size=8)
+
+
+def stop_at(task: Distiller, step: int | None) -> list[int]:
+    """Count the task's training steps (in a list's length); at ``step``, SIGTERM to this process, as a
+    preempted pod gets."""
+    steps = []
+
+    def count(module, args):
+        if module.training:
+            steps.append(1)
+            if len(steps) == step:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    task.student.register_forward_pre_hook(count)
+    return steps
+
+
+def train(data: str, checkpoint_dir, method: str, stop: int | None = None):
+    """The task trained by ``fit``, its metrics rows, and the number of steps this call took."""
+    task = build_task(method)
+    steps = stop_at(task, stop)
+    settings = from_dict(teacher.TeacherConfig, {**SETTINGS, "data": data, "out": "unused"})
+    train_set, val_set = (ShardedImageDataset(data, split, CropTransform(32, 4, train=split == "train"))
+                          for split in ("train", "val"))
+    rows = fit(task, train_set, settings, str(checkpoint_dir), classifier_validation(val_set, task.student_view))
+    return task, rows, len(steps)
+
+
+def without_timing(rows: list[dict]) -> list[dict]:
+    return [{k: v for k, v in row.items() if k not in TIMING} for row in rows]
+
+
+@pytest.mark.parametrize("method", ["ce", "crkd+isrd", "dropout"])
+def test_a_stopped_run_resumes_bit_identical_to_an_uninterrupted_one(prepared, tmp_path, capfd, method):
+    straight, straight_rows, straight_steps = train(prepared, tmp_path / "straight", method)
+    assert straight_steps == STEPS
+
+    with pytest.raises(TrainingInterrupted, match="SIGTERM"):
+        train(prepared, tmp_path / "resumed", method, stop=STOP)
+    saved = torch.load(tmp_path / "resumed" / "last.pt", weights_only=True)
+    assert {k: saved["loop"][k] for k in ("epoch", "batch", "step")} == {"epoch": 1, "batch": 4, "step": STOP}
+    capfd.readouterr()
+
+    resumed, rows, steps = train(prepared, tmp_path / "resumed", method)
+    assert f"train: resumed from {tmp_path / 'resumed' / 'last.pt'} at epoch 2, batch 4" in capfd.readouterr().err
+    assert steps == STEPS - STOP  # it went on from the checkpoint, rather than starting over
+    # student, terms' modules (ISRD decoder, CRKD discriminator) and the discriminators' optimizers;
+    # nested keys and lengths must match too
+    torch.testing.assert_close(resumed.trainable_state_dict(), straight.trainable_state_dict(), rtol=0, atol=0)
+    assert without_timing(rows) == without_timing(straight_rows)
+    assert [r["epoch"] for r in rows] == [1, 2]

@@ -41,7 +41,7 @@ import torch
 
 from components.common import StageRun, publish_on_main, stage_cli
 from components.detection_common import (DetectionData, DetectionStageConfig, load_upstream_detector, read_rows,
-                                          train, write_detector)
+                                          stage_inputs, start_backbone, train, write_detector)
 from kd_lib.config import ConfigError, check
 from kd_lib.distill.detection import AFPDistiller, MSADDistiller, MSADTeacher, MSADTeacherTraining
 from kd_lib.io.fs import join
@@ -106,11 +106,13 @@ def train_assistant(config: AFPConfig, data: DetectionData, teacher: torch.nn.Mo
             fusion.load_state_dict(meta["info"]["fusion"])
     else:
         assistant = spec.build()
+        origin, scales = start_backbone(assistant, spec, config)
         if fusion is None:
             task = AFPDistiller(assistant, "hr", teacher, config.dense_kd())
         else:
             task = MSADTeacherTraining(MSADTeacher(assistant, lr_spec.build(), fusion), config.msad_fused_weight,
                                        teacher, config.dense_kd())
+        task.lr_scales = scales
         rows = train(task, data, config, join(job.checkpoint_dir, "assistant-train"), f"{config.method} assistant",
                      epochs=config.assistant_epochs or config.epochs)
         extra = {"fusion": fusion.state_dict()} if fusion is not None else {}
@@ -125,14 +127,14 @@ def train_assistant(config: AFPConfig, data: DetectionData, teacher: torch.nn.Mo
 
 def run(config: AFPConfig) -> dict:
     data = DetectionData.load(config)
-    teacher, teacher_spec, teacher_fingerprint = load_upstream_detector(config.teacher, "teacher", data.classes)
+    teacher, teacher_spec, teacher_fingerprint, _ = load_upstream_detector(config.teacher, "teacher", data.classes)
     if teacher_spec.kind != config.kind:
         raise ConfigError("kind", f"the teacher is a {teacher_spec.kind} and the student a {config.kind}: dense "
                           "distillation pairs their outputs anchor by anchor, so they must be the same kind")
     if teacher_spec.image_size != data.image_size:
         raise ConfigError("teacher", f"the teacher reads {teacher_spec.image_size} px images, the data is "
                           f"{data.image_size} px")
-    job = StageRun.of("afp", config, {"data": data.fingerprint, "teacher": teacher_fingerprint})
+    job = StageRun.of("afp", config, stage_inputs(config, data=data.fingerprint, teacher=teacher_fingerprint))
     done = job.finished(config.out)
     if done is not None:
         return done

@@ -40,8 +40,10 @@ from kd_lib.engine.settings import TrainSettings
 from kd_lib.eval.accuracy import classifier_validation
 from kd_lib.io.fs import StorageError, join, remove, remove_if_empty
 from kd_lib.io.manifest import IncompleteOutputError, finished_with_key, read_manifest, stage_key, unpublish, write_manifest
-from kd_lib.models import build_classifier
+from kd_lib.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from kd_lib.models.store import MODEL_FILE, load_classifier, save_classifier
+from kd_lib.models.weights import (LoadReport, WeightsError, lr_scales, resolved_weights, start_classifier,
+                                   started_from, weights_fingerprint)
 from kd_lib.ops import ResizeMode
 
 METRICS_FILE = "metrics.parquet"
@@ -51,7 +53,13 @@ NOT_IN_KEY = ("data", "out", "checkpoint_root", "device", "num_workers", "checkp
 
 @dataclass
 class TrainStageConfig(TrainSettings):
-    """Fields of every training stage (on top of the loop's settings)."""
+    """Fields of every training stage (on top of the loop's settings).
+
+    ``weights``: where the trained model starts from (:mod:`kd_lib.models.weights`: ``""`` random,
+    ``torchvision:DEFAULT``, ``timm:TAG[,file=PATH]``, or the URI of a model folder, a state dict
+    or a ``.safetensors`` file). The tensors taken from it train at ``weights_lr_scale x lr``
+    and a re-initialised head at ``lr`` (the fine-tuning recipe, :func:`kd_lib.models.weights.lr_scales`).
+    """
 
     data: str = ""
     out: str = ""
@@ -61,10 +69,13 @@ class TrainStageConfig(TrainSettings):
     resize: ResizeMode = "bilinear"
     crop_scale: float = 0.35
     checkpoint_root: str = ""
+    weights: str = ""
+    weights_lr_scale: float = 0.1
 
     def validate(self) -> None:
         super().validate()
         check(bool(self.data), "data", "is required: the prepare-data output URI")
+        check(0 < self.weights_lr_scale <= 1, "weights_lr_scale", f"must be in (0, 1], got {self.weights_lr_scale}")
         check(bool(self.out), "out", "is required: where this stage writes its outputs")
         check(self.ratio >= 1, "ratio", f"must be >= 1, got {self.ratio}")
         check(self.hr_size >= 8, "hr_size", f"must be >= 8, got {self.hr_size}")
@@ -89,11 +100,14 @@ def load_upstream(uri: str, field: str, classes: list[str]) -> tuple[torch.nn.Mo
 
 @dataclass
 class StagePlan:
-    """What a training stage trains: the task and the metadata of the model it publishes."""
+    """What a training stage trains: the task and the metadata of the model it publishes, with
+    where its student started from (``started_from``, and the load's report when weights were loaded)."""
 
     task: Distiller
     arch: str
     view: View
+    started_from: str = "random"
+    weights_report: LoadReport | None = None
 
 
 @dataclass
@@ -149,12 +163,15 @@ def run_training_stage(stage: str, config: TrainStageConfig, upstream: dict[str,
     classes = data_manifest["classes"]
     loaded = {name: load_upstream(uri, name, classes) for name, uri in upstream.items()}
     inputs = {"data": data_manifest["data_fingerprint"], **{n: fp for n, (_, _, fp) in loaded.items()}}
+    if config.weights:
+        inputs["weights"] = weights_fingerprint(config.weights)
     run = StageRun.of(stage, config, inputs)
     done = run.finished(config.out)
     if done is not None:
         return done
     torch.manual_seed(config.seed)
     planned = plan(classes, {name: (model, meta) for name, (model, meta, _) in loaded.items()})
+    planned.task.lr_scales = lr_scales(planned.task.student, planned.weights_report, config.weights_lr_scale)
     train_set, val_set = (ShardedImageDataset(config.data, split, CropTransform(
         config.hr_size, config.ratio, train=split == "train", resize=config.resize,
         crop_scale=config.crop_scale)) for split in ("train", "val"))
@@ -165,25 +182,36 @@ def run_training_stage(stage: str, config: TrainStageConfig, upstream: dict[str,
         unpublish(config.out)
         input_size = config.hr_size if planned.view == "hr" else config.lr_size
         save_classifier(config.out, planned.task.student.cpu(), arch=planned.arch, classes=classes,
-                        input_size=input_size, stage=stage, hr_size=config.hr_size, ratio=config.ratio)
+                        input_size=input_size, stage=stage, hr_size=config.hr_size, ratio=config.ratio,
+                        mean=list(IMAGENET_MEAN), std=list(IMAGENET_STD), resize=config.resize,
+                        started_from=planned.started_from)
         write_metrics(rows, join(config.out, METRICS_FILE))
         return run.publish(config.out, [MODEL_FILE, METRICS_FILE],
                            {"config": asdict(config), "inputs": {"data": config.data, **upstream},
-                            "final": rows[-1]})
+                            "final": rows[-1], "started_from": planned.started_from,
+                            **({"weights": planned.weights_report.as_dict()} if planned.weights_report else {})})
 
     return publish_on_main(config.out, write)
 
 
+def started(arch: str, weights: str, report: LoadReport | None) -> tuple[str, LoadReport | None]:
+    """A :class:`StagePlan`'s ``started_from`` and ``weights_report`` for a model started from ``weights``."""
+    if report is not None:
+        print(f"weights {report.summary()}", file=sys.stderr)
+    return started_from(resolved_weights(arch, weights)), report
+
+
 def run_supervised(stage: str, config: TrainStageConfig, view: View) -> dict[str, Any]:
-    """A stage that trains ``config.arch`` from scratch with cross-entropy alone on one view."""
+    """A stage that trains ``config.arch`` from ``config.weights`` with cross-entropy alone on one view."""
     def plan(classes, models):
-        return StagePlan(Distiller(build_classifier(config.arch, len(classes)), view), config.arch, view)
+        model, report = start_classifier(config.arch, len(classes), config.weights)
+        return StagePlan(Distiller(model, view), config.arch, view, *started(config.arch, config.weights, report))
 
     return run_training_stage(stage, config, {}, plan)
 
 
 #: Errors a user can fix: printed as one line, exit status 1.
-USER_ERRORS = (ConfigError, DataError, IncompleteOutputError, StorageError, NonFiniteLossError,
+USER_ERRORS = (ConfigError, DataError, WeightsError, IncompleteOutputError, StorageError, NonFiniteLossError,
                FileNotFoundError)
 
 

@@ -14,7 +14,8 @@ from dataclasses import asdict, dataclass, replace
 import torch
 
 from components.common import StageRun, publish_on_main, stage_cli
-from components.detection_common import DetectionData, DetectionStageConfig, train, write_detector
+from components.detection_common import (DetectionData, DetectionStageConfig, stage_inputs, start_backbone, train,
+                                          write_detector)
 from kd_lib.config import check
 from kd_lib.distill.detection import DetectorTraining
 from kd_lib.io.manifest import unpublish
@@ -34,7 +35,7 @@ def run(config: DetectorConfig) -> dict:
     data = DetectionData.load(config)
     stage = "detector"
     keyed = replace(config, ratio=1) if config.view == "hr" else config  # an HR model ignores the ratio
-    job = StageRun.of(stage, keyed, {"data": data.fingerprint})
+    job = StageRun.of(stage, keyed, stage_inputs(config, data=data.fingerprint))
     done = job.finished(config.out)
     if done is not None:
         return done
@@ -42,14 +43,17 @@ def run(config: DetectorConfig) -> dict:
     spec = DetectorSpec(config.kind, config.backbone, len(data.classes), side)
     torch.manual_seed(config.seed)
     model = spec.build()
-    rows = train(DetectorTraining(model, config.view), data, config, job.checkpoint_dir, f"detector-{config.view}")
+    origin, scales = start_backbone(model, spec, config)
+    task = DetectorTraining(model, config.view)
+    task.lr_scales = scales
+    rows = train(task, data, config, job.checkpoint_dir, f"detector-{config.view}")
 
     def write() -> dict:
         unpublish(config.out)
         files = write_detector(config.out, model, spec, data, rows, stage=stage, view=config.view,
-                               ratio=config.ratio)
+                               ratio=config.ratio, started_from=origin)
         return job.publish(config.out, files, {"config": asdict(config), "inputs": {"data": config.data},
-                                               "final": rows[-1]})
+                                               "final": rows[-1], "started_from": origin})
 
     return publish_on_main(config.out, write)
 

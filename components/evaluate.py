@@ -93,12 +93,13 @@ def evaluate_model(name: str, uri: str, classes: list[str], loader, pairing: Pai
     accuracy = evaluate_classifier(model, loader, pairing, view, device)
     return {"name": name, "arch": meta["arch"], "input_size": size, "view": view,
             "top1": accuracy["top1"], "top5": accuracy["top5"], **deployment_cost(model, size, config, device),
+            "started_from": meta["info"].get("started_from", "random"),
             "uri": uri, "fingerprint": fingerprint}
 
 
 def evaluate_detector(name: str, uri: str, classes: list[str], image_size: int, config: EvaluateConfig,
                       device: torch.device) -> dict:
-    model, spec, fingerprint = load_upstream_detector(uri, name, classes)
+    model, spec, fingerprint, meta = load_upstream_detector(uri, name, classes)
     size = spec.image_size
     if image_size % size:
         raise ConfigError("models", f"{name} reads {size} px images, which is not the data's {image_size} px "
@@ -111,7 +112,8 @@ def evaluate_detector(name: str, uri: str, classes: list[str], image_size: int, 
     model.to(device)
     metrics = coco_map(val_set.ground_truth(), detect(model, loader, val_set.pairing, view, device))
     return {"name": name, "arch": f"{spec.kind} {spec.backbone}", "input_size": size, "view": view,
-            "ratio": ratio, **metrics, **deployment_cost(model, size, config, device), "uri": uri,
+            "ratio": ratio, **metrics, **deployment_cost(model, size, config, device),
+            "started_from": meta["info"].get("started_from", "random"), "uri": uri,
             "fingerprint": fingerprint}
 
 

@@ -110,9 +110,14 @@ class StopOnSignal:
             signal.signal(sig, handler)
 
 
-def build_optimizer(params, settings: TrainSettings) -> torch.optim.Optimizer:
-    return torch.optim.SGD(params, lr=settings.lr, momentum=settings.momentum,
-                           weight_decay=settings.weight_decay)
+def build_optimizer(params, settings: TrainSettings, lr_scales: dict[int, float] | None = None
+                    ) -> torch.optim.Optimizer:
+    """SGD on ``params``, each at ``lr`` times its factor in ``lr_scales`` (parameter id -> factor, 1 if absent)."""
+    groups: dict[float, list] = {}
+    for p in params:
+        groups.setdefault((lr_scales or {}).get(id(p), 1.0), []).append(p)
+    return torch.optim.SGD([{"params": ps, "lr": settings.lr * scale} for scale, ps in sorted(groups.items())],
+                           lr=settings.lr, momentum=settings.momentum, weight_decay=settings.weight_decay)
 
 
 def build_scheduler(optimizer, settings: TrainSettings, steps_per_epoch: int):
@@ -177,7 +182,7 @@ def fit(task: torch.nn.Module, train_set, settings: TrainSettings, checkpoint_di
     main = distributed.is_main()
     task.to(device)
     params = task.optimized_parameters()
-    optimizer = build_optimizer(params, settings)
+    optimizer = build_optimizer(params, settings, getattr(task, "lr_scales", None))
     steps_per_epoch = len(EpochBatchSampler(len(train_set), settings.batch_size, settings.seed, 0))
     scheduler = build_scheduler(optimizer, settings, steps_per_epoch)
     ckpt_uri = join(checkpoint_dir, CHECKPOINT)

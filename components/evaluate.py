@@ -12,7 +12,8 @@ training. The accuracy follows the data:
 
 Writes under ``out``: ``summary.json``, ``metrics.parquet`` (one row per
 model), ``report.html`` (table and a plot of top-1 against GFLOPs), and
-``manifest.json`` last.
+``manifest.json`` last. ``exports`` (model name -> export stage output) adds
+each exported model's ONNX and int8 numbers to its row.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ class EvaluateConfig:
     data: str = ""
     out: str = ""
     models: dict[str, str] = field(default_factory=dict)
+    exports: dict[str, str] = field(default_factory=dict)
     hr_size: int = 64
     ratio: int = 4
     resize: ResizeMode = "bilinear"
@@ -59,6 +61,8 @@ class EvaluateConfig:
         check(bool(self.data), "data", "is required: the prepare-data output URI")
         check(bool(self.out), "out", "is required: where the summary and report go")
         check(bool(self.models), "models", "is required: name=URI of each model to evaluate")
+        check(set(self.exports) <= set(self.models), "exports",
+              f"names models that are not evaluated: {sorted(set(self.exports) - set(self.models))}")
         check(self.hr_size % self.ratio == 0, "hr_size", f"{self.hr_size} is not divisible by ratio {self.ratio}")
         check(self.latency_repeats >= 1, "latency_repeats", f"must be >= 1, got {self.latency_repeats}")
         check(bool(self.latency_batch_sizes) and all(b >= 1 for b in self.latency_batch_sizes),
@@ -134,6 +138,10 @@ def run(config: EvaluateConfig) -> dict:
         loader = torch.utils.data.DataLoader(val_set, batch_size=config.batch_size, num_workers=config.num_workers)
         models = [evaluate_model(name, uri, classes, loader, val_set.pairing, config, device)
                   for name, uri in config.models.items()]
+    exports = {name: read_manifest(uri) for name, uri in config.exports.items()}
+    for model in models:
+        if model["name"] in exports:
+            model["export"] = exports[model["name"]]["final"]
     summary = {"task": task,
                "dataset": {"uri": data["source"], "fingerprint": data["data_fingerprint"],
                            "num_classes": data["num_classes"],
@@ -146,7 +154,8 @@ def run(config: EvaluateConfig) -> dict:
                    {f"latency_ms_{k}": v for k, v in m["latency_ms"].items()} for m in models],
                   join(config.out, METRICS_FILE))
     write_report(summary, config.out)
-    inputs = {m["name"]: m["fingerprint"] for m in models}
+    inputs = {m["name"]: m["fingerprint"] for m in models} | {f"{n} export": e["fingerprint"]
+                                                              for n, e in exports.items()}
     write_manifest(config.out, stage="evaluate", key=stage_key("evaluate", asdict(config), inputs),
                    files=[SUMMARY_FILE, METRICS_FILE, REPORT_FILE], info={"config": asdict(config)})
     print(format_table(summary))

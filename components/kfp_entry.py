@@ -17,7 +17,7 @@ import json
 from dataclasses import dataclass
 from typing import Literal
 
-from components import afp, assistant, detector, evaluate, lr_baseline, prepare_data, student, teacher
+from components import afp, assistant, detector, evaluate, export, lr_baseline, prepare_data, student, teacher
 from kd_lib.config import check, from_dict, to_flags
 from kd_lib.io.fs import join
 from kd_lib.io.manifest import read_manifest
@@ -30,6 +30,7 @@ STAGES = {
     "lr-baseline": (lr_baseline.LRBaselineConfig, lr_baseline.run),
     "detector": (detector.DetectorConfig, detector.run),
     "afp": (afp.AFPConfig, afp.run),
+    "export": (export.ExportConfig, export.run),
     "evaluate": (evaluate.EvaluateConfig, evaluate.run),
 }
 

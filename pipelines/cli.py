@@ -32,6 +32,7 @@ STAGE_MODULES = {
     "lr-baseline": "components.lr_baseline",
     "detector": "components.detector",
     "afp": "components.afp",
+    "export": "components.export",
     "evaluate": "components.evaluate",
 }
 #: ``--set STAGE.FIELD=VALUE`` stage names -> keys of the pipeline's ``*_settings`` parameters.
@@ -42,12 +43,13 @@ SETTINGS_KEYS = {
     "student": "student",
     "student-onestage": "onestage",
     "lr-baseline": "lr_baseline",
+    "export": "export",
     "evaluate": "evaluate",
 }
 TRAINING_STAGES = ("teacher", "assistant", "student", "student-onestage", "lr-baseline")
 #: The same for the detection pipeline.
 DETECTION_SETTINGS_KEYS = {"prepare-data": "prepare", "teacher": "teacher", "afp": "afp", "msad": "msad",
-                           "lr-baseline": "lr_baseline", "evaluate": "evaluate"}
+                           "lr-baseline": "lr_baseline", "export": "export", "evaluate": "evaluate"}
 DETECTION_TRAINING_STAGES = ("teacher", "afp", "msad", "lr-baseline")
 
 #: ``kdp compile --pipeline NAME``: the pipeline builder and its checked-in YAML.
@@ -97,7 +99,8 @@ def pipeline_params(args: argparse.Namespace, source: str) -> dict:
     settings = merged_settings(args, DEFAULT_SETTINGS, SETTINGS_KEYS, TRAINING_STAGES,
                                DEMO_SETTINGS if args.data is None else None)
     return {"source": source, **settings,
-            **shared_params(args, ("hr_size", "ratio", "seed", "teacher_arch", "student_arch"))}
+            **shared_params(args, ("hr_size", "ratio", "seed", "teacher_arch", "student_arch", "teacher_weights",
+                                   "student_weights"))}
 
 
 def detection_params(args: argparse.Namespace) -> dict:
@@ -106,7 +109,8 @@ def detection_params(args: argparse.Namespace) -> dict:
     images = args.images and (args.images if "://" in args.images else str(Path(args.images).resolve()))
     return {"source": source, **({"images": images} if images else {}),
             **merged_settings(args, detection.DEFAULT_SETTINGS, DETECTION_SETTINGS_KEYS, DETECTION_TRAINING_STAGES),
-            **shared_params(args, ("image_size", "ratio", "seed", "kind", "teacher_backbone", "student_backbone"))}
+            **shared_params(args, ("image_size", "ratio", "seed", "kind", "teacher_backbone", "student_backbone",
+                                   "teacher_backbone_weights", "student_backbone_weights"))}
 
 
 def check_params(params: dict) -> None:
@@ -116,12 +120,15 @@ def check_params(params: dict) -> None:
 
     shared = {k: params[k] for k in ("hr_size", "ratio", "seed") if k in params}
     wiring = {"data": "-", "out": "-", **shared}
-    stage_config("teacher", params.get("teacher_settings", {}), **wiring)
-    stage_config("assistant", params.get("assistant_settings", {}), teacher="-", **wiring)
-    for key, source in (("student", "assistant"), ("onestage", "teacher")):
+    teacher_weights, student_weights = ({"weights": params.get(f"{model}_weights", "")}
+                                        for model in ("teacher", "student"))
+    stage_config("teacher", params.get("teacher_settings", {}), **teacher_weights, **wiring)
+    stage_config("assistant", params.get("assistant_settings", {}), teacher="-", **student_weights, **wiring)
+    for key, source, weights in (("student", "assistant", {}), ("onestage", "teacher", student_weights)):
         settings = {"method": STUDENT_METHODS[key], **params.get(f"{key}_settings", {})}
-        stage_config("student", settings, **{source: "-"}, **wiring)
-    stage_config("lr-baseline", params.get("lr_baseline_settings", {}), **wiring)
+        stage_config("student", settings, **{source: "-"}, **weights, **wiring)
+    stage_config("lr-baseline", params.get("lr_baseline_settings", {}), **student_weights, **wiring)
+    stage_config("export", params.get("export_settings", {}), model="-", data="-", out="-")
     stage_config("evaluate", params.get("evaluate_settings", {}), data="-", out="-", models={"m": "-"},
                  **{k: v for k, v in shared.items() if k != "seed"})
 
@@ -133,10 +140,15 @@ def check_detection_params(params: dict) -> None:
     shared = {k: params[k] for k in ("ratio", "seed", "kind") if k in params}
     prepare = {k: params[k] for k in ("images", "image_size") if k in params}
     stage_config("prepare-data", params["prepare_settings"], source=params["source"], out="-", **prepare)
-    stage_config("detector", params["teacher_settings"], data="-", out="-", view="hr", **shared)
+    teacher_weights, student_weights = ({"weights": params.get(f"{model}_backbone_weights", "")}
+                                        for model in ("teacher", "student"))
+    stage_config("detector", params["teacher_settings"], data="-", out="-", view="hr", **teacher_weights, **shared)
     for key, method in (("afp", "afp"), ("msad", "msad")):
-        stage_config("afp", params[f"{key}_settings"], data="-", out="-", teacher="-", method=method, **shared)
-    stage_config("detector", params["lr_baseline_settings"], data="-", out="-", view="lr", **shared)
+        stage_config("afp", params[f"{key}_settings"], data="-", out="-", teacher="-", method=method,
+                     **student_weights, **shared)
+    stage_config("detector", params["lr_baseline_settings"], data="-", out="-", view="lr", **student_weights,
+                 **shared)
+    stage_config("export", params["export_settings"], model="-", data="-", out="-")
     stage_config("evaluate", params["evaluate_settings"], data="-", out="-", models={"m": "-"})
 
 
@@ -262,6 +274,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--seed", type=int)
     run.add_argument("--teacher-arch")
     run.add_argument("--student-arch")
+    run.add_argument("--teacher-weights", help="where the teacher starts from: torchvision:DEFAULT, timm:TAG, "
+                     "or a model folder / state dict / .safetensors URI (default: random)")
+    run.add_argument("--student-weights", help="where the assistant, one-stage student and LR baseline start "
+                     "from (the TAS student starts from the assistant)")
     run.add_argument("--epochs", type=int, help="epochs of every training stage")
     run.add_argument("--set", action="append", default=[], metavar="STAGE.FIELD=VALUE",
                      help="a stage setting, e.g. --set teacher.lr=0.1 (repeatable)")
@@ -275,6 +291,9 @@ def build_parser() -> argparse.ArgumentParser:
     detect.add_argument("--kind", choices=("fcos", "retinanet"))
     detect.add_argument("--teacher-backbone")
     detect.add_argument("--student-backbone")
+    detect.add_argument("--teacher-backbone-weights", help="where the teacher's backbone starts from: "
+                        "torchvision:DEFAULT or a classification model folder / state dict URI (default: random)")
+    detect.add_argument("--student-backbone-weights", help="the same for the students' backbones")
     detect.add_argument("--epochs", type=int, help="epochs of every training stage")
     detect.add_argument("--set", action="append", default=[], metavar="STAGE.FIELD=VALUE",
                         help=f"a stage setting; STAGE is one of {', '.join(DETECTION_SETTINGS_KEYS)}")

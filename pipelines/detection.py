@@ -1,6 +1,6 @@
 """The detection pipeline as KFP v2 lightweight components.
 
-    prepare-data (COCO or YOLO) -> teacher (detector, HR) -> afp (method afp: assistant + student)
+    prepare-data (COCO or YOLO) -> teacher (detector, HR) -> afp (method afp: assistant + student) -> export
                                                           \\-> afp (method msad: MSAD teacher + student)
                                 -> lr-baseline (detector, LR)
     all of them -> evaluate (COCO mAP, GFLOPs, latency, input bytes)
@@ -9,7 +9,10 @@ Built like :mod:`pipelines.pixel_distillation`: each component runs one
 stage of ``components/`` in the project's image, stage outputs are the
 output artifacts' URIs, the data fingerprint and ``code_version`` are inputs
 of every training task so that the cache follows data and code. Parameters:
-the shared fields (``ratio``, ``seed``, ``kind``, the two backbones), the
+the shared fields (``ratio``, ``seed``, ``kind``, the two backbones and where
+they start from, ``teacher_backbone_weights`` and ``student_backbone_weights``,
+a classification checkpoint's trunk such as the classification pipeline's
+teacher, see :mod:`kd_lib.models.weights`), the
 letterbox side ``image_size``, a ``*_settings`` mapping per stage, and a
 ``rerun_*`` token per stage (a new value reruns that stage and what reads its
 output; see :mod:`pipelines.cluster`).
@@ -19,7 +22,7 @@ from kfp import dsl
 from kfp.dsl import HTML, Artifact, Dataset, Input, Metrics, Model, Output
 
 from pipelines.cluster import ClusterOptions, configure_task, launcher_input
-from pipelines.pixel_distillation import DEFAULT_IMAGE, source_version_op
+from pipelines.pixel_distillation import DEFAULT_IMAGE, export_op, source_version_op
 
 PIPELINE_NAME = "detection-distillation"
 #: Per-stage settings unless told otherwise.
@@ -29,6 +32,7 @@ DEFAULT_SETTINGS = {
     "afp": {"epochs": 12},
     "msad": {"epochs": 12},
     "lr_baseline": {"epochs": 24},
+    "export": {},
     "evaluate": {"latency_batch_sizes": [1, 8]},
 }
 
@@ -43,31 +47,35 @@ def prepare_detection_op(source: str, images: str, source_version: str, image_si
 
 
 def detector_op(data: Input[Dataset], data_fingerprint: str, code_version: str, rerun_token: str, launcher: dict,
-                settings: dict, view: str, kind: str, backbone: str, ratio: int, seed: int, checkpoint_root: str,
-                model: Output[Model], metrics: Output[Metrics]):
-    """detector: a detector trained with its detection loss alone on the HR or LR image."""
+                settings: dict, view: str, kind: str, backbone: str, weights: str, ratio: int, seed: int,
+                checkpoint_root: str, model: Output[Model], metrics: Output[Metrics]):
+    """detector: a detector trained with its detection loss alone on the HR or LR image, its
+    backbone started from ``weights``."""
     from components.kfp_entry import run_stage
     run_stage("detector", settings, metrics, launcher, data=data.uri, out=model.uri, view=view, kind=kind,
-              backbone=backbone, ratio=ratio, seed=seed, checkpoint_root=checkpoint_root)
+              backbone=backbone, weights=weights, ratio=ratio, seed=seed, checkpoint_root=checkpoint_root)
 
 
 def afp_op(data: Input[Dataset], data_fingerprint: str, code_version: str, rerun_token: str, launcher: dict,
-           teacher: Input[Model], method: str, settings: dict, kind: str, backbone: str, ratio: int, seed: int, checkpoint_root: str,
-           model: Output[Model], metrics: Output[Metrics]):
-    """afp: the aligned HR assistant (or MSAD teacher) and the LR student distilled through it."""
+           teacher: Input[Model], method: str, settings: dict, kind: str, backbone: str, weights: str, ratio: int,
+           seed: int, checkpoint_root: str, model: Output[Model], metrics: Output[Metrics]):
+    """afp: the aligned HR assistant (or MSAD teacher), its backbone started from ``weights``, and
+    the LR student distilled through it."""
     from components.kfp_entry import run_stage
     run_stage("afp", settings, metrics, launcher, data=data.uri, out=model.uri, teacher=teacher.uri, method=method,
-              kind=kind, backbone=backbone, ratio=ratio, seed=seed, checkpoint_root=checkpoint_root)
+              kind=kind, backbone=backbone, weights=weights, ratio=ratio, seed=seed, checkpoint_root=checkpoint_root)
 
 
 def evaluate_detection_op(data: Input[Dataset], code_version: str, rerun_token: str, teacher: Input[Model],
-                          afp: Input[Model], msad: Input[Model], lr_baseline: Input[Model], settings: dict,
-                          summary: Output[Artifact], report: Output[HTML], metrics: Output[Metrics]):
-    """evaluate: COCO mAP, FLOPs, latency and input bytes of every detector; summary and report."""
+                          afp: Input[Model], msad: Input[Model], lr_baseline: Input[Model], student_export: Input[Model],
+                          settings: dict, summary: Output[Artifact], report: Output[HTML], metrics: Output[Metrics]):
+    """evaluate: COCO mAP, FLOPs, latency and input bytes of every detector, the AFP student's
+    export; summary and report."""
     from components.kfp_entry import detection_models, run_stage
     from kd_lib.io.fs import join, read_bytes
     models = detection_models(teacher=teacher.uri, afp=afp.uri, msad=msad.uri, lr_baseline=lr_baseline.uri)
-    run_stage("evaluate", settings, metrics, data=data.uri, out=summary.uri, models=models)
+    run_stage("evaluate", settings, metrics, data=data.uri, out=summary.uri, models=models,
+              exports={"student_afp": student_export.uri})
     with open(report.path, "wb") as f:
         f.write(read_bytes(join(summary.uri, "report.html")))
 
@@ -76,8 +84,8 @@ def build_pipeline(image: str = DEFAULT_IMAGE, options: ClusterOptions | None = 
     """The detection pipeline function, its components built for ``image``, its tasks configured
     with ``options`` (:func:`pipelines.cluster.configure_task`; None: no cluster settings, for kfp.local)."""
     component = dsl.component(base_image=image, install_kfp_package=False)
-    source_version, prepare, train_detector, train_afp, evaluate = (
-        component(op) for op in (source_version_op, prepare_detection_op, detector_op, afp_op,
+    source_version, prepare, train_detector, train_afp, export, evaluate = (
+        component(op) for op in (source_version_op, prepare_detection_op, detector_op, afp_op, export_op,
                                  evaluate_detection_op))
     launcher = launcher_input(options, image)
 
@@ -93,11 +101,14 @@ def build_pipeline(image: str = DEFAULT_IMAGE, options: ClusterOptions | None = 
         kind: str = "fcos",
         teacher_backbone: str = "resnet34",
         student_backbone: str = "resnet18",
+        teacher_backbone_weights: str = "",
+        student_backbone_weights: str = "",
         prepare_settings: dict = DEFAULT_SETTINGS["prepare"],
         teacher_settings: dict = DEFAULT_SETTINGS["teacher"],
         afp_settings: dict = DEFAULT_SETTINGS["afp"],
         msad_settings: dict = DEFAULT_SETTINGS["msad"],
         lr_baseline_settings: dict = DEFAULT_SETTINGS["lr_baseline"],
+        export_settings: dict = DEFAULT_SETTINGS["export"],
         evaluate_settings: dict = DEFAULT_SETTINGS["evaluate"],
         code_version: str = "",
         rerun_prepare: str = "",
@@ -105,6 +116,7 @@ def build_pipeline(image: str = DEFAULT_IMAGE, options: ClusterOptions | None = 
         rerun_afp: str = "",
         rerun_msad: str = "",
         rerun_lr_baseline: str = "",
+        rerun_export: str = "",
         rerun_evaluate: str = "",
     ) -> Artifact:
         version = source_version(source=source, images=images)
@@ -113,19 +125,23 @@ def build_pipeline(image: str = DEFAULT_IMAGE, options: ClusterOptions | None = 
         common = dict(data=data.outputs["data"], data_fingerprint=data.outputs["Output"], kind=kind, ratio=ratio,
                       seed=seed, checkpoint_root=checkpoint_root, code_version=code_version, launcher=launcher)
         teacher = train_detector(settings=teacher_settings, view="hr", backbone=teacher_backbone,
-                                 rerun_token=rerun_teacher, **common)
+                                 weights=teacher_backbone_weights, rerun_token=rerun_teacher, **common)
         afp = train_afp(teacher=teacher.outputs["model"], method="afp", settings=afp_settings,
-                        backbone=student_backbone, rerun_token=rerun_afp, **common)
+                        backbone=student_backbone, weights=student_backbone_weights, rerun_token=rerun_afp, **common)
         msad = train_afp(teacher=teacher.outputs["model"], method="msad", settings=msad_settings,
-                         backbone=student_backbone, rerun_token=rerun_msad, **common)
+                         backbone=student_backbone, weights=student_backbone_weights, rerun_token=rerun_msad,
+                         **common)
         baseline = train_detector(settings=lr_baseline_settings, view="lr", backbone=student_backbone,
-                                  rerun_token=rerun_lr_baseline, **common)
+                                  weights=student_backbone_weights, rerun_token=rerun_lr_baseline, **common)
+        exported = export(data=data.outputs["data"], code_version=code_version, rerun_token=rerun_export,
+                          source=afp.outputs["model"], folder="student", settings=export_settings)
         report = evaluate(data=data.outputs["data"], code_version=code_version, rerun_token=rerun_evaluate,
                           teacher=teacher.outputs["model"], afp=afp.outputs["model"], msad=msad.outputs["model"],
-                          lr_baseline=baseline.outputs["model"], settings=evaluate_settings)
+                          lr_baseline=baseline.outputs["model"], student_export=exported.outputs["model"],
+                          settings=evaluate_settings)
         for task, name, training in ((data, "prepare-data", False), (teacher, "teacher", True), (afp, "afp", True),
                                      (msad, "msad", True), (baseline, "lr-baseline", True),
-                                     (report, "evaluate", False)):
+                                     (exported, "export", False), (report, "evaluate", False)):
             configure_task(task.set_display_name(name), options, training=training)
         configure_task(version.set_display_name("source-version"), options, training=False, cached=False)
         return report.outputs["summary"]

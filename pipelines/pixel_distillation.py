@@ -1,6 +1,6 @@
 """The classification pipeline as KFP v2 lightweight components.
 
-    prepare-data -> teacher -> assistant -> student (TAS: method tas from the assistant)
+    prepare-data -> teacher -> assistant -> student (TAS: method tas from the assistant) -> export
                          \\-> student-onestage (method kd+isrd from the teacher)
                  -> lr-baseline
     all of them -> evaluate
@@ -15,7 +15,9 @@ cache key of everything downstream changes exactly when the data does.
 local runs): it is an input of every task, so new code misses the cache.
 
 Pipeline parameters: the shared fields (``hr_size``, ``ratio``, ``seed``,
-the two architectures) and, per stage, a ``*_settings`` mapping of that
+the two architectures, where they start from: ``teacher_weights`` for the
+teacher, ``student_weights`` for the assistant, the one-stage student and
+the LR baseline, see :mod:`kd_lib.models.weights`) and, per stage, a ``*_settings`` mapping of that
 stage's config fields (``{"epochs": 30, "lr": 0.05}``, and for the two
 students ``{"method": "crkd"}`` to change the method); unknown or bad fields
 fail the stage with an error naming the field.
@@ -43,6 +45,7 @@ DEFAULT_SETTINGS = {
     "student": {"epochs": 10},
     "onestage": {"epochs": 10},
     "lr_baseline": {"epochs": 10, "lr": 0.05},
+    "export": {},
     "evaluate": {},
 }
 
@@ -69,53 +72,65 @@ def prepare_data_op(source: str, source_version: str, settings: dict, code_versi
 
 
 def teacher_op(data: Input[Dataset], data_fingerprint: str, code_version: str, rerun_token: str, launcher: dict,
-               settings: dict, arch: str, hr_size: int, ratio: int, seed: int, checkpoint_root: str,
+               settings: dict, arch: str, weights: str, hr_size: int, ratio: int, seed: int, checkpoint_root: str,
                model: Output[Model], metrics: Output[Metrics]):
-    """teacher: the large model at HR, cross-entropy."""
+    """teacher: the large model at HR, cross-entropy, started from ``weights``."""
     from components.kfp_entry import run_stage
-    run_stage("teacher", settings, metrics, launcher, data=data.uri, out=model.uri, arch=arch, hr_size=hr_size,
-              ratio=ratio, seed=seed, checkpoint_root=checkpoint_root)
-
-
-def assistant_op(data: Input[Dataset], data_fingerprint: str, code_version: str, rerun_token: str, launcher: dict,
-                 teacher: Input[Model], settings: dict, arch: str, hr_size: int, ratio: int, seed: int,
-                 checkpoint_root: str, model: Output[Model], metrics: Output[Metrics]):
-    """assistant: the small model at HR, distilled from the teacher."""
-    from components.kfp_entry import run_stage
-    run_stage("assistant", settings, metrics, launcher, data=data.uri, out=model.uri, teacher=teacher.uri, arch=arch,
+    run_stage("teacher", settings, metrics, launcher, data=data.uri, out=model.uri, arch=arch, weights=weights,
               hr_size=hr_size, ratio=ratio, seed=seed, checkpoint_root=checkpoint_root)
 
 
-def student_op(data: Input[Dataset], data_fingerprint: str, code_version: str, rerun_token: str, launcher: dict,
-               source: Input[Model], source_field: str, default_method: str, settings: dict, arch: str, hr_size: int, ratio: int,
-               seed: int, checkpoint_root: str, model: Output[Model], metrics: Output[Metrics]):
-    """student: the small model at LR, distilled from ``source`` (the assistant or the teacher)
-    with ``default_method`` unless the settings name another ``method``."""
+def assistant_op(data: Input[Dataset], data_fingerprint: str, code_version: str, rerun_token: str, launcher: dict,
+                 teacher: Input[Model], settings: dict, arch: str, weights: str, hr_size: int, ratio: int, seed: int,
+                 checkpoint_root: str, model: Output[Model], metrics: Output[Metrics]):
+    """assistant: the small model at HR, started from ``weights``, distilled from the teacher."""
     from components.kfp_entry import run_stage
+    run_stage("assistant", settings, metrics, launcher, data=data.uri, out=model.uri, teacher=teacher.uri, arch=arch,
+              weights=weights, hr_size=hr_size, ratio=ratio, seed=seed, checkpoint_root=checkpoint_root)
+
+
+def student_op(data: Input[Dataset], data_fingerprint: str, code_version: str, rerun_token: str, launcher: dict,
+               source: Input[Model], source_field: str, default_method: str, settings: dict, arch: str, weights: str,
+               hr_size: int, ratio: int, seed: int, checkpoint_root: str, model: Output[Model], metrics: Output[Metrics]):
+    """student: the small model at LR, distilled from ``source`` (the assistant or the teacher)
+    with ``default_method`` unless the settings name another ``method``; started from the
+    assistant (``source_field`` assistant) or from ``weights``."""
+    from components.kfp_entry import run_stage
+    fields = {"weights": weights} if weights else {}
     run_stage("student", {"method": default_method, **settings}, metrics, launcher, data=data.uri, out=model.uri,
               arch=arch, hr_size=hr_size, ratio=ratio, seed=seed, checkpoint_root=checkpoint_root,
-              **{source_field: source.uri})
+              **{source_field: source.uri}, **fields)
 
 
 def lr_baseline_op(data: Input[Dataset], data_fingerprint: str, code_version: str, rerun_token: str, launcher: dict,
-                   settings: dict, arch: str, hr_size: int, ratio: int, seed: int, checkpoint_root: str,
+                   settings: dict, arch: str, weights: str, hr_size: int, ratio: int, seed: int, checkpoint_root: str,
                    model: Output[Model], metrics: Output[Metrics]):
-    """lr-baseline: the student's architecture at LR, cross-entropy only."""
+    """lr-baseline: the student's architecture at LR, started from ``weights``, cross-entropy only."""
     from components.kfp_entry import run_stage
-    run_stage("lr-baseline", settings, metrics, launcher, data=data.uri, out=model.uri, arch=arch, hr_size=hr_size,
-              ratio=ratio, seed=seed, checkpoint_root=checkpoint_root)
+    run_stage("lr-baseline", settings, metrics, launcher, data=data.uri, out=model.uri, arch=arch, weights=weights,
+              hr_size=hr_size, ratio=ratio, seed=seed, checkpoint_root=checkpoint_root)
+
+
+def export_op(data: Input[Dataset], code_version: str, rerun_token: str, source: Input[Model], folder: str,
+              settings: dict, model: Output[Model], metrics: Output[Metrics]):
+    """export: the model at ``source`` (its ``folder``, if given) as ONNX and int8 ONNX, checked in onnxruntime."""
+    from components.kfp_entry import run_stage
+    from kd_lib.io.fs import join
+    run_stage("export", settings, metrics, data=data.uri, out=model.uri,
+              model=join(source.uri, folder) if folder else source.uri)
 
 
 def evaluate_op(data: Input[Dataset], code_version: str, rerun_token: str, teacher: Input[Model],
                 assistant: Input[Model], student: Input[Model], student_onestage: Input[Model],
-                lr_baseline: Input[Model], settings: dict, hr_size: int, ratio: int, summary: Output[Artifact], report: Output[HTML], metrics: Output[Metrics]):
-    """evaluate: accuracy, FLOPs, latency and input bytes of every model; summary and report."""
+                lr_baseline: Input[Model], student_export: Input[Model], settings: dict, hr_size: int, ratio: int,
+                summary: Output[Artifact], report: Output[HTML], metrics: Output[Metrics]):
+    """evaluate: accuracy, FLOPs, latency and input bytes of every model, the student's export; summary and report."""
     from components.kfp_entry import run_stage
     from kd_lib.io.fs import join, read_bytes
     models = {"teacher": teacher.uri, "assistant": assistant.uri, "student": student.uri,
               "student_onestage": student_onestage.uri, "lr_baseline": lr_baseline.uri}
     run_stage("evaluate", settings, metrics, data=data.uri, out=summary.uri, models=models,
-              hr_size=hr_size, ratio=ratio)
+              exports={"student": student_export.uri}, hr_size=hr_size, ratio=ratio)
     with open(report.path, "wb") as f:
         f.write(read_bytes(join(summary.uri, "report.html")))
 
@@ -124,10 +139,9 @@ def build_pipeline(image: str = DEFAULT_IMAGE, options: ClusterOptions | None = 
     """The pipeline function, its components built for ``image``, its tasks configured with
     ``options`` (:func:`pipelines.cluster.configure_task`; None: no cluster settings, for kfp.local)."""
     component = dsl.component(base_image=image, install_kfp_package=False)
-    source_version, prepare, train_teacher, train_assistant, train_student, train_lr_baseline, evaluate = (
+    source_version, prepare, train_teacher, train_assistant, train_student, train_lr_baseline, export, evaluate = (
         component(op) for op in (source_version_op, prepare_data_op, teacher_op, assistant_op, student_op,
-                                 lr_baseline_op,
-                                 evaluate_op))
+                                 lr_baseline_op, export_op, evaluate_op))
     launcher = launcher_input(options, image)
 
     @dsl.pipeline(name=PIPELINE_NAME, description=__doc__.split("\n\n")[0],
@@ -140,12 +154,15 @@ def build_pipeline(image: str = DEFAULT_IMAGE, options: ClusterOptions | None = 
         seed: int = 0,
         teacher_arch: str = "resnet34",
         student_arch: str = "resnet18",
+        teacher_weights: str = "",
+        student_weights: str = "",
         prepare_settings: dict = DEFAULT_SETTINGS["prepare"],
         teacher_settings: dict = DEFAULT_SETTINGS["teacher"],
         assistant_settings: dict = DEFAULT_SETTINGS["assistant"],
         student_settings: dict = DEFAULT_SETTINGS["student"],
         onestage_settings: dict = DEFAULT_SETTINGS["onestage"],
         lr_baseline_settings: dict = DEFAULT_SETTINGS["lr_baseline"],
+        export_settings: dict = DEFAULT_SETTINGS["export"],
         evaluate_settings: dict = DEFAULT_SETTINGS["evaluate"],
         code_version: str = "",
         rerun_prepare: str = "",
@@ -154,6 +171,7 @@ def build_pipeline(image: str = DEFAULT_IMAGE, options: ClusterOptions | None = 
         rerun_student: str = "",
         rerun_onestage: str = "",
         rerun_lr_baseline: str = "",
+        rerun_export: str = "",
         rerun_evaluate: str = "",
     ) -> Artifact:
         version = source_version(source=source, images="")
@@ -162,26 +180,29 @@ def build_pipeline(image: str = DEFAULT_IMAGE, options: ClusterOptions | None = 
         common = dict(data=data.outputs["data"], data_fingerprint=data.outputs["Output"], hr_size=hr_size,
                       ratio=ratio, seed=seed, checkpoint_root=checkpoint_root, code_version=code_version,
                       launcher=launcher)
-        teacher = train_teacher(settings=teacher_settings, arch=teacher_arch, rerun_token=rerun_teacher, **common)
+        teacher = train_teacher(settings=teacher_settings, arch=teacher_arch, weights=teacher_weights,
+                                rerun_token=rerun_teacher, **common)
         assistant = train_assistant(teacher=teacher.outputs["model"], settings=assistant_settings,
-                                    arch=student_arch, rerun_token=rerun_assistant, **common)
+                                    arch=student_arch, weights=student_weights, rerun_token=rerun_assistant, **common)
         student = train_student(source=assistant.outputs["model"], source_field="assistant",
                                 default_method=STUDENT_METHODS["student"], settings=student_settings,
-                                arch=student_arch, rerun_token=rerun_student, **common)
+                                arch=student_arch, weights="", rerun_token=rerun_student, **common)
         onestage = train_student(source=teacher.outputs["model"], source_field="teacher",
                                  default_method=STUDENT_METHODS["onestage"], settings=onestage_settings,
-                                 arch=student_arch, rerun_token=rerun_onestage, **common)
-        baseline = train_lr_baseline(settings=lr_baseline_settings, arch=student_arch, rerun_token=rerun_lr_baseline,
-                                     **common)
+                                 arch=student_arch, weights=student_weights, rerun_token=rerun_onestage, **common)
+        baseline = train_lr_baseline(settings=lr_baseline_settings, arch=student_arch, weights=student_weights,
+                                     rerun_token=rerun_lr_baseline, **common)
+        exported = export(data=data.outputs["data"], code_version=code_version, rerun_token=rerun_export,
+                          source=student.outputs["model"], folder="", settings=export_settings)
         report = evaluate(data=data.outputs["data"], code_version=code_version, rerun_token=rerun_evaluate,
                           teacher=teacher.outputs["model"], assistant=assistant.outputs["model"],
                           student=student.outputs["model"], student_onestage=onestage.outputs["model"],
-                          lr_baseline=baseline.outputs["model"], settings=evaluate_settings, hr_size=hr_size,
-                          ratio=ratio)
+                          lr_baseline=baseline.outputs["model"], student_export=exported.outputs["model"],
+                          settings=evaluate_settings, hr_size=hr_size, ratio=ratio)
         for task, name, training in ((data, "prepare-data", False), (teacher, "teacher", True),
                                      (assistant, "assistant", True), (student, "student", True),
                                      (onestage, "student-onestage", True), (baseline, "lr-baseline", True),
-                                     (report, "evaluate", False)):
+                                     (exported, "export", False), (report, "evaluate", False)):
             configure_task(task.set_display_name(name), options, training=training)
         configure_task(version.set_display_name("source-version"), options, training=False, cached=False)
         return report.outputs["summary"]

@@ -66,3 +66,24 @@ def test_export_runs_in_onnxruntime_like_pytorch(prepared, lr_student, tmp_path)
     # a second run is a no-op
     assert export.run(from_dict(export.ExportConfig, {"model": model_uri, "data": prepared, "out": str(out),
                                                       "calibration_images": 16, "latency_repeats": 2})) == manifest
+
+
+@pytest.mark.slow
+def test_a_detector_exports_its_dense_outputs(prepared_detection, tmp_path):
+    from kd_lib.io.manifest import write_manifest
+    from kd_lib.models.detector_store import DetectorSpec, save_detector
+
+    torch.manual_seed(0)
+    spec = DetectorSpec("fcos", "resnet18", 2, 64)  # the LR side of the 128 px data at ratio 2
+    save_detector(str(tmp_path / "student"), spec.build(), spec, ["red", "blue"], started_from="random")
+    write_manifest(str(tmp_path / "student"), stage="detector", key="k", files=["model.pt"], info={})
+    out = tmp_path / "export"
+    manifest = export.run(from_dict(export.ExportConfig, {"model": str(tmp_path / "student"), "data": prepared_detection,
+                                                          "out": str(out), "calibration_images": 4,
+                                                          "latency_repeats": 1, "batch_size": 4}))
+    assert manifest["final"]["max_abs_diff"] <= 1e-3 and manifest["final"]["compared_unit"] == "anchors"
+    contract = json.loads((out / "model.json").read_text())
+    assert contract["outputs"] == ["bbox_ctrness", "bbox_regression", "cls_logits"] and contract["ratio"] == 2
+    session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    outputs = session.run(None, {"input": np.random.default_rng(0).random((3, 3, 64, 64), dtype=np.float32)})
+    assert [o.shape[0] for o in outputs] == [3, 3, 3] and outputs[2].shape[-1] == 2

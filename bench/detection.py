@@ -30,7 +30,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from components.kfp_entry import STAGES  # noqa: E402
+from components.stage import find  # noqa: E402
 from kd_lib.config import from_dict  # noqa: E402
 from kd_lib.eval.report import markdown_table, plot_accuracy_vs_gflops  # noqa: E402
 from kd_lib.io.fs import join  # noqa: E402
@@ -50,8 +50,8 @@ PARTS = {"assistant": ("afp", "assistant"), "student_afp": ("afp", "student"),
 
 
 def run_stage(stage: str, **fields) -> dict:
-    config_cls, run = STAGES[stage]
-    return run(from_dict(config_cls, fields, where=stage))
+    declared = find(stage)
+    return declared.run(from_dict(declared.config, fields, where=stage))
 
 
 def main(argv: list[str] | None = None) -> int:

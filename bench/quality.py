@@ -36,7 +36,7 @@ import pyarrow.parquet as pq
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from components.kfp_entry import STAGES  # noqa: E402
+from components.stage import find  # noqa: E402
 from kd_lib.config import from_dict  # noqa: E402
 from kd_lib.engine.loop import NonFiniteLossError  # noqa: E402
 from kd_lib.eval.cost import count_gflops, input_bytes  # noqa: E402
@@ -57,8 +57,8 @@ QUICK = {"max_per_class": 20, "teacher_epochs": 1, "assistant_epochs": 1, "stude
 
 def train(stage: str, uri: str, **fields) -> tuple[str, float]:
     """Run a stage (a no-op when its output is up to date); its URI and training seconds."""
-    config_cls, run = STAGES[stage]
-    run(from_dict(config_cls, {"out": uri, **fields}, where=stage))
+    declared = find(stage)
+    declared.run(from_dict(declared.config, {"out": uri, **fields}, where=stage))
     rows = pq.read_table(join(uri, "metrics.parquet")).to_pylist()
     return uri, sum(row["seconds"] for row in rows)
 
@@ -179,8 +179,8 @@ def main(argv: list[str] | None = None) -> int:
 
     started = time.monotonic()
     data = join(out, "data")
-    config_cls, prepare = STAGES["prepare-data"]
-    prepare(from_dict(config_cls, {"source": args.data, "out": data, "max_per_class": plan["max_per_class"]}))
+    prepare = find("prepare-data")
+    prepare.run(from_dict(prepare.config, {"source": args.data, "out": data, "max_per_class": plan["max_per_class"]}))
     shared = {"data": data, "hr_size": args.hr_size, "seed": 0}
     teacher_uri, teacher_s = train("teacher", join(out, "teacher"), arch=TEACHER_ARCH,
                                    epochs=plan["teacher_epochs"], lr=0.05, **shared)

@@ -39,9 +39,10 @@ from typing import Literal
 
 import torch
 
-from components.common import StageRun, publish_on_main, stage_cli
+from components.common import StageRun, publish_on_main
 from components.detection_common import (DetectionData, DetectionStageConfig, load_upstream_detector, read_rows,
                                           stage_inputs, start_backbone, train, write_detector)
+from components.stage import Stage
 from kd_lib.config import ConfigError, check
 from kd_lib.distill.detection import AFPDistiller, MSADDistiller, MSADTeacher, MSADTeacherTraining
 from kd_lib.io.fs import join
@@ -169,9 +170,7 @@ def run(config: AFPConfig) -> dict:
     return publish_on_main(config.out, write)
 
 
-def main(argv: list[str] | None = None) -> int:
-    return stage_cli(AFPConfig, run, argv, "kdp stage afp", __doc__)
-
+STAGE = Stage("afp", AFPConfig, run, trains=True)
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(STAGE.main())

@@ -6,7 +6,8 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 
-from components.common import StagePlan, TrainStageConfig, run_training_stage, stage_cli, started
+from components.common import StagePlan, TrainStageConfig, run_training_stage, started
+from components.stage import Stage
 from kd_lib.config import check
 from kd_lib.distill.methods import DistillSettings, build_distiller
 from kd_lib.models.weights import start_classifier
@@ -15,8 +16,11 @@ from kd_lib.models.weights import start_classifier
 @dataclass
 class AssistantConfig(TrainStageConfig):
     teacher: str = ""
+    """the teacher stage's output URI"""
     kd_alpha: float = 0.9
+    """weight of the KD term; (1 - kd_alpha) weighs the cross-entropy"""
     temperature: float = 4.0
+    """softmax temperature T of the KD term"""
 
     def validate(self) -> None:
         super().validate()
@@ -37,9 +41,7 @@ def run(config: AssistantConfig) -> dict:
     return run_training_stage("assistant", config, {"teacher": config.teacher}, plan)
 
 
-def main(argv: list[str] | None = None) -> int:
-    return stage_cli(AssistantConfig, run, argv, "kdp stage assistant", __doc__)
-
+STAGE = Stage("assistant", AssistantConfig, run, trains=True)
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(STAGE.main())

@@ -41,6 +41,7 @@ from kd_lib.eval.accuracy import classifier_validation
 from kd_lib.io.fs import StorageError, join, remove, remove_if_empty
 from kd_lib.io.manifest import IncompleteOutputError, finished_with_key, read_manifest, stage_key, unpublish, write_manifest
 from kd_lib.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from kd_lib.models import check_architecture
 from kd_lib.models.store import MODEL_FILE, load_classifier, save_classifier
 from kd_lib.models.weights import (LoadReport, WeightsError, lr_scales, resolved_weights, start_classifier,
                                    started_from, weights_fingerprint)
@@ -70,7 +71,10 @@ class TrainStageConfig(TrainSettings):
     crop_scale: float = 0.35
     checkpoint_root: str = ""
     weights: str = ""
+    """where the model starts from: "" random, torchvision:DEFAULT, timm:TAG[,file=PATH], or a model folder,
+    state dict or .safetensors URI"""
     weights_lr_scale: float = 0.1
+    """the lr of the tensors taken from weights, as a fraction of lr (a new head trains at lr)"""
 
     def validate(self) -> None:
         super().validate()
@@ -82,6 +86,7 @@ class TrainStageConfig(TrainSettings):
         check(self.hr_size % self.ratio == 0, "hr_size",
               f"{self.hr_size} is not divisible by ratio {self.ratio}: the LR side must be exact")
         check(0 < self.crop_scale <= 1, "crop_scale", f"must be in (0, 1], got {self.crop_scale}")
+        check_architecture(self.arch)
 
     @property
     def lr_size(self) -> int:

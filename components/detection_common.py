@@ -21,7 +21,7 @@ from typing import Literal
 import pyarrow.parquet as pq
 import torch
 
-from kd_lib.config import check
+from kd_lib.config import check, check_name
 from kd_lib.data.detection_shards import DetectionShardDataset, collate_detection
 from kd_lib.data.imagefolder import DataError
 from kd_lib.distill.detection import DetectorTraining
@@ -31,6 +31,7 @@ from kd_lib.eval.detection import detector_validation
 from kd_lib.io.fs import join, read_bytes
 from kd_lib.io.manifest import read_manifest
 from kd_lib.models.detector_store import MODEL_FILE, DetectorSpec, load_detector, save_detector
+from kd_lib.models.detectors import accepted_backbones
 from kd_lib.models.weights import load_backbone_weights, lr_scales, started_from, weights_fingerprint
 from kd_lib.ops import ResizeMode
 
@@ -61,7 +62,10 @@ class DetectionStageConfig(TrainSettings):
     weight_decay: float = 1e-4
     grad_clip_norm: float = 10.0
     weights: str = ""
+    """where the backbone starts from: "" random, torchvision:DEFAULT, or a classification model folder,
+    state dict or .safetensors URI (its trunk)"""
     weights_lr_scale: float = 0.1
+    """the lr of the backbone tensors taken from weights, as a fraction of lr (FPN and head train at lr)"""
 
     def validate(self) -> None:
         super().validate()
@@ -70,6 +74,8 @@ class DetectionStageConfig(TrainSettings):
         check(self.kind in ("retinanet", "fcos"), "kind", f"must be retinanet or fcos, got {self.kind!r}")
         check(0 < self.weights_lr_scale <= 1, "weights_lr_scale", f"must be in (0, 1], got {self.weights_lr_scale}")
         check(self.ratio in (1, 2, 4, 8), "ratio", f"must be 1, 2, 4 or 8 (a power of two), got {self.ratio}")
+        check_name(self.backbone, accepted_backbones(), "backbone",
+                   "detector backbone (a torchvision ResNet or MobileNet)")
 
 
 @dataclass

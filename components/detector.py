@@ -13,9 +13,10 @@ from dataclasses import asdict, dataclass, replace
 
 import torch
 
-from components.common import StageRun, publish_on_main, stage_cli
+from components.common import StageRun, publish_on_main
 from components.detection_common import (DetectionData, DetectionStageConfig, stage_inputs, start_backbone, train,
                                           write_detector)
+from components.stage import Stage
 from kd_lib.config import check
 from kd_lib.distill.detection import DetectorTraining
 from kd_lib.io.manifest import unpublish
@@ -58,9 +59,7 @@ def run(config: DetectorConfig) -> dict:
     return publish_on_main(config.out, write)
 
 
-def main(argv: list[str] | None = None) -> int:
-    return stage_cli(DetectorConfig, run, argv, "kdp stage detector", __doc__)
-
+STAGE = Stage("detector", DetectorConfig, run, trains=True)
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(STAGE.main())

@@ -24,8 +24,9 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from components.common import load_upstream, stage_cli
+from components.common import load_upstream
 from components.detection_common import load_upstream_detector
+from components.stage import Stage
 from kd_lib.config import ConfigError, check
 from kd_lib.data.detection_shards import DetectionShardDataset, collate_detection
 from kd_lib.data.shards import ShardedImageDataset
@@ -45,17 +46,29 @@ SUMMARY_FILE, REPORT_FILE, METRICS_FILE = "summary.json", "report.html", "metric
 @dataclass
 class EvaluateConfig:
     data: str = ""
+    """the prepare-data output URI"""
     out: str = ""
+    """where the summary and report go"""
     models: dict[str, str] = field(default_factory=dict)
+    """name=URI of each model to evaluate"""
     exports: dict[str, str] = field(default_factory=dict)
+    """name=URI of the export stage output of an evaluated model: its ONNX and int8 numbers join its row"""
     hr_size: int = 64
+    """classification: the side of the HR validation crop, in px"""
     ratio: int = 4
+    """classification: the LR image is the HR one downsampled by this factor"""
     resize: ResizeMode = "bilinear"
+    """how the LR image is made from the HR one"""
     batch_size: int = 256
+    """images per validation batch"""
     device: str = "auto"
+    """cpu, cuda, cuda:N or auto (the GPU if there is one); latency is measured on it"""
     num_workers: int = 1
+    """DataLoader worker processes"""
     latency_repeats: int = 10
+    """forwards timed per batch size (the median is reported)"""
     latency_batch_sizes: list[int] = field(default_factory=lambda: [1, 64])
+    """batch sizes whose latency is measured"""
 
     def validate(self) -> None:
         check(bool(self.data), "data", "is required: the prepare-data output URI")
@@ -163,9 +176,7 @@ def run(config: EvaluateConfig) -> dict:
     return summary
 
 
-def main(argv: list[str] | None = None) -> int:
-    return stage_cli(EvaluateConfig, run, argv, "kdp stage evaluate", __doc__)
-
+STAGE = Stage("evaluate", EvaluateConfig, run)
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(STAGE.main())

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from components.common import stage_cli
+from components.stage import Stage
 from kd_lib.config import check
 from kd_lib.data.detection_shards import DetectionShardDataset, collate_detection
 from kd_lib.data.imagefolder import DataError
@@ -57,12 +57,19 @@ NOT_IN_KEY = ("model", "data", "out", "latency_repeats")
 @dataclass
 class ExportConfig:
     model: str = ""
+    """the output URI of the stage that trained the model (a classifier or a detector folder)"""
     data: str = ""
+    """the prepare-data output URI the model was trained on"""
     out: str = ""
+    """where model.onnx, model.int8.onnx and model.json go"""
     tolerance: float = 1e-3
+    """the largest absolute difference allowed between onnxruntime's and PyTorch's outputs"""
     calibration_images: int = 256
+    """train images that calibrate the int8 activation ranges"""
     batch_size: int = 64
+    """images per batch of the val check"""
     latency_repeats: int = 20
+    """timed batch-1 runs of each of PyTorch, onnxruntime fp32 and int8 (median)"""
 
     def validate(self) -> None:
         check(bool(self.model), "model", "is required: the output URI of the stage that trained the model")
@@ -246,9 +253,8 @@ def run(config: ExportConfig) -> dict:
                                 "final": numbers, "started_from": subject.contract["started_from"]})
 
 
-def main(argv: list[str] | None = None) -> int:
-    return stage_cli(ExportConfig, run, argv, "kdp stage export", __doc__)
+STAGE = Stage("export", ExportConfig, run)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(STAGE.main())

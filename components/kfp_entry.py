@@ -13,27 +13,17 @@ A training task either runs its stage in its own process (``launcher``
 
 from __future__ import annotations
 
+import contextlib
 import json
-from dataclasses import dataclass
+from contextvars import ContextVar
+from dataclasses import dataclass, fields
 from typing import Literal
 
-from components import afp, assistant, detector, evaluate, export, lr_baseline, prepare_data, student, teacher
-from kd_lib.config import check, from_dict, to_flags
+from components.pod import PodSettings
+from components.stage import find
+from kd_lib.config import ConfigError, check, from_dict, to_flags
 from kd_lib.io.fs import join
 from kd_lib.io.manifest import read_manifest
-
-STAGES = {
-    "prepare-data": (prepare_data.PrepareDataConfig, prepare_data.run),
-    "teacher": (teacher.TeacherConfig, teacher.run),
-    "assistant": (assistant.AssistantConfig, assistant.run),
-    "student": (student.StudentConfig, student.run),
-    "lr-baseline": (lr_baseline.LRBaselineConfig, lr_baseline.run),
-    "detector": (detector.DetectorConfig, detector.run),
-    "afp": (afp.AFPConfig, afp.run),
-    "export": (export.ExportConfig, export.run),
-    "evaluate": (evaluate.EvaluateConfig, evaluate.run),
-}
-
 
 #: The detection pipeline's evaluated models: name -> (task, subfolder of the task's output).
 DETECTION_MODELS = {"teacher": ("teacher", ""), "assistant": ("afp", "assistant"),
@@ -55,11 +45,17 @@ def stage_config(stage: str, overrides: dict, **fields):
     """The typed config of ``stage``: ``overrides`` (user settings) plus ``fields``
     (the pipeline's wiring). A field set both ways is an error, as is any
     unknown or bad field."""
-    config_cls, _ = STAGES[stage]
     clash = sorted(set(overrides) & set(fields))
     if clash:
-        raise ValueError(f"{stage}: {clash} are set by the pipeline; remove them from the {stage} settings")
-    return from_dict(config_cls, {**overrides, **fields}, where=f"{stage} settings")
+        raise ConfigError(clash[0], f"is set by the pipeline; remove it from the {stage} settings",
+                          f"{stage} settings")
+    return from_dict(find(stage).config, {**overrides, **fields}, where=f"{stage} settings")
+
+
+def tuned(settings: dict, epochs: int = 0, lr: float = 0.0) -> dict:
+    """A training task's ``settings`` with the pipeline's typed ``epochs`` and ``lr`` parameters
+    over them, those that are set (> 0)."""
+    return {**settings, **{name: value for name, value in (("epochs", epochs), ("lr", lr)) if value}}
 
 
 def final_metrics(result: dict) -> dict[str, float]:
@@ -72,9 +68,10 @@ def final_metrics(result: dict) -> dict[str, float]:
 
 
 @dataclass
-class Launcher:
+class Launcher(PodSettings):
     """Where a training stage runs: ``pod`` (in this process) or ``torchx`` (a TorchX job of
-    ``nnodes`` x ``nproc_per_node`` processes of ``image`` on ``scheduler``, run config ``cfg``)."""
+    ``nnodes`` x ``nproc_per_node`` processes of ``image`` on ``scheduler``, run config ``cfg``,
+    its pods with the pod settings of the task)."""
 
     kind: Literal["pod", "torchx"] = "pod"
     scheduler: str = "kubernetes"
@@ -84,6 +81,7 @@ class Launcher:
     cfg: str = ""
 
     def validate(self) -> None:
+        super().validate()
         check(self.kind == "pod" or bool(self.image), "image", "is required with kind torchx: the job's image")
         check(self.nnodes >= 1, "nnodes", f"must be >= 1, got {self.nnodes}")
         check(self.nproc_per_node >= 1, "nproc_per_node", f"must be >= 1, got {self.nproc_per_node}")
@@ -93,9 +91,32 @@ def launch_with_torchx(stage: str, config, launcher: Launcher) -> dict:
     """Run ``stage`` as a TorchX job and wait for it; its result is the manifest it published."""
     from components.torchx_apps import launch_and_wait
 
+    pod = PodSettings(**{spec.name: getattr(launcher, spec.name) for spec in fields(PodSettings)})
     launch_and_wait(stage, to_flags(config), scheduler=launcher.scheduler, nnodes=launcher.nnodes,
-                    nproc_per_node=launcher.nproc_per_node, image=launcher.image, cfg=launcher.cfg)
+                    nproc_per_node=launcher.nproc_per_node, image=launcher.image, cfg=launcher.cfg, pod=pod)
     return read_manifest(config.out)
+
+
+class Planned(Exception):
+    """What :func:`run_stage` raises while :func:`planning`: the stage a task runs and its config."""
+
+    def __init__(self, stage: str, config):
+        super().__init__(stage)
+        self.stage, self.config = stage, config
+
+
+_planning: ContextVar[bool] = ContextVar("planning", default=False)
+
+
+@contextlib.contextmanager
+def planning():
+    """Within it, :func:`run_stage` builds and checks the config and the launcher of its stage,
+    then raises :class:`Planned` instead of running it (see :mod:`pipelines.tasks`)."""
+    token = _planning.set(True)
+    try:
+        yield
+    finally:
+        _planning.reset(token)
 
 
 def run_stage(stage: str, overrides: dict, metrics=None, launcher: dict | None = None, **fields) -> dict:
@@ -105,10 +126,11 @@ def run_stage(stage: str, overrides: dict, metrics=None, launcher: dict | None =
     A file is always written at the metrics artifact's path: KFP's local cache
     treats a task whose output file is missing as a miss.
     """
-    _, run = STAGES[stage]
     config = stage_config(stage, overrides, **fields)
     launch = from_dict(Launcher, launcher or {}, where="launcher")
-    result = launch_with_torchx(stage, config, launch) if launch.kind == "torchx" else run(config)
+    if _planning.get():
+        raise Planned(stage, config)
+    result = launch_with_torchx(stage, config, launch) if launch.kind == "torchx" else find(stage).run(config)
     if metrics is not None:
         numbers = final_metrics(result)
         for name, value in numbers.items():

@@ -6,7 +6,8 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 
-from components.common import TrainStageConfig, run_supervised, stage_cli
+from components.common import TrainStageConfig, run_supervised
+from components.stage import Stage
 
 
 @dataclass
@@ -18,9 +19,7 @@ def run(config: LRBaselineConfig) -> dict:
     return run_supervised("lr-baseline", config, "lr")
 
 
-def main(argv: list[str] | None = None) -> int:
-    return stage_cli(LRBaselineConfig, run, argv, "kdp stage lr-baseline", __doc__)
-
+STAGE = Stage("lr-baseline", LRBaselineConfig, run, trains=True)
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(STAGE.main())

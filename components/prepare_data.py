@@ -26,7 +26,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Literal
 
-from components.common import stage_cli
+from components.stage import Stage
 from kd_lib.config import check
 from kd_lib.data.detection import DetectionSet, keep_categories, read_coco, read_yolo
 from kd_lib.data.detection_shards import prepare_detection
@@ -37,16 +37,27 @@ from kd_lib.io.fs import exists, join
 @dataclass
 class PrepareDataConfig:
     source: str = ""
+    """the dataset: an ImageFolder root, a COCO instances JSON or a YOLO root (any fsspec URI)"""
     out: str = ""
+    """where the shards and the manifest go"""
     format: Literal["auto", "imagefolder", "coco", "yolo"] = "auto"
+    """the source's format; auto: COCO for a .json, YOLO for a data.yaml or classes.txt, else ImageFolder"""
     shard_size: int = 4096
+    """images per Parquet shard"""
     max_per_class: int = 0
+    """classification: keep the first N images of each class in each split (0: all)"""
     images: str = ""
+    """COCO: the folder of the JSON's images"""
     val_annotations: str = ""
+    """COCO: the val split's instances JSON ('': a val_fraction of the images)"""
     val_images: str = ""
+    """COCO: the folder of the val split's images"""
     image_size: int = 256
+    """detection: the side of the letterboxed HR images, in px"""
     val_fraction: float = 0.2
+    """detection without a val split: the share of images held out, chosen by a hash of their paths"""
     categories: list[str] = field(default_factory=list)
+    """detection: keep only these categories, in this order (empty: all)"""
 
     def validate(self) -> None:
         check(bool(self.source), "source", "is required: an ImageFolder root, a COCO JSON file or a YOLO root")
@@ -100,9 +111,7 @@ def run(config: PrepareDataConfig) -> dict:
     return manifest
 
 
-def main(argv: list[str] | None = None) -> int:
-    return stage_cli(PrepareDataConfig, run, argv, "kdp stage prepare-data", __doc__)
-
+STAGE = Stage("prepare-data", PrepareDataConfig, run)
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(STAGE.main())

@@ -26,7 +26,8 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 
-from components.common import StagePlan, TrainStageConfig, run_training_stage, stage_cli, started
+from components.common import StagePlan, TrainStageConfig, run_training_stage, started
+from components.stage import Stage
 from kd_lib.config import ConfigError, check
 from kd_lib.distill.methods import DistillSettings, build_distiller
 from kd_lib.models.weights import start_classifier
@@ -35,7 +36,9 @@ from kd_lib.models.weights import start_classifier
 @dataclass
 class StudentConfig(TrainStageConfig, DistillSettings):
     assistant: str = ""
+    """the assistant's output URI: the student starts from its weights and learns from it"""
     teacher: str = ""
+    """an HR model's output URI: a fresh student learns from it"""
 
     def validate(self) -> None:
         TrainStageConfig.validate(self)
@@ -77,9 +80,7 @@ def run(config: StudentConfig) -> dict:
     return run_training_stage("student", config, upstream, lambda classes, models: plan(config, classes, models))
 
 
-def main(argv: list[str] | None = None) -> int:
-    return stage_cli(StudentConfig, run, argv, "kdp stage student", __doc__)
-
+STAGE = Stage("student", StudentConfig, run, trains=True)
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(STAGE.main())

@@ -5,21 +5,21 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 
-from components.common import TrainStageConfig, run_supervised, stage_cli
+from components.common import TrainStageConfig, run_supervised
+from components.stage import Stage
 
 
 @dataclass
 class TeacherConfig(TrainStageConfig):
     arch: str = "resnet34"
+    """the teacher's architecture: a torchvision model name or timm:NAME,key=value,..."""
 
 
 def run(config: TeacherConfig) -> dict:
     return run_supervised("teacher", config, "hr")
 
 
-def main(argv: list[str] | None = None) -> int:
-    return stage_cli(TeacherConfig, run, argv, "kdp stage teacher", __doc__)
-
+STAGE = Stage("teacher", TeacherConfig, run, trains=True)
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(STAGE.main())

@@ -4,12 +4,21 @@ Every stage has one config dataclass. The same fields are the YAML keys, the
 ``--flag-name`` options of its CLI and its KFP parameters. Unknown keys,
 missing required fields and values of the wrong type are :class:`ConfigError`
 naming the field; a config class may add value checks in ``validate()``.
+
+The dataclass is the one source of its fields' help (:func:`field_help`): a
+field's text is its ``help`` metadata or its attribute docstring (the string
+literal under it); its choices are those of its ``Literal`` type; it is
+required when ``validate()`` refuses its default saying ``is required``.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import dataclasses
+import difflib
+import inspect
+import textwrap
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -33,6 +42,15 @@ def check(condition: bool, field: str, message: str) -> None:
     """Raise :class:`ConfigError` for ``field`` unless ``condition`` holds."""
     if not condition:
         raise ConfigError(field, message)
+
+
+def check_name(value: str, names: Sequence[str], field: str, what: str) -> None:
+    """Raise :class:`ConfigError` for ``field`` unless ``value`` is one of ``names`` (``what``
+    they are); the message gives the close matches (:func:`difflib.get_close_matches`)."""
+    if value not in names:
+        close = difflib.get_close_matches(value, names, n=5)
+        hint = f"close matches: {', '.join(close)}" if close else f"none of the {len(names)} known is close"
+        raise ConfigError(field, f"unknown {what} {value!r} ({hint})")
 
 
 def _coerce(value: Any, kind: Any, field: str) -> Any:
@@ -156,12 +174,73 @@ def to_flags(config: Any) -> list[str]:
     return flags
 
 
-def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
-    """One ``--flag`` per field of ``cls`` (values are parsed by :func:`from_dict`)."""
-    parser.add_argument("--config", metavar="YAML", help="config file; flags override its fields")
+def attribute_docs(cls: type) -> dict[str, str]:
+    """The attribute docstring of each field of the dataclass ``cls`` or its bases, on one line."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        try:
+            [tree] = ast.parse(textwrap.dedent(inspect.getsource(klass))).body
+        except (OSError, TypeError, ValueError):  # no source (e.g. built in a REPL)
+            continue
+        for node, after in zip(tree.body, tree.body[1:]):
+            if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
+                    and isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant)
+                    and isinstance(after.value.value, str)):
+                docs[node.target.id] = " ".join(after.value.value.split())
+    return docs
+
+
+def required_fields(cls: type) -> dict[str, str]:
+    """The fields whose default ``validate()`` refuses as required, with its reason: each one it
+    names is given a stand-in value and the config validated again, until it passes or fails
+    for another reason."""
+    hints = typing.get_type_hints(cls)
+    stand_ins = {str: "-", dict: {"-": "-"}, list: ["-"]}
+    values: dict[str, Any] = {}
+    required: dict[str, str] = {}
+    validate = getattr(cls, "validate", None)
+    while validate is not None:
+        try:
+            validate(cls(**values))
+            break
+        except ConfigError as err:
+            kind = typing.get_origin(hints.get(err.field)) or hints.get(err.field)
+            if not err.message.startswith("is required") or err.field in values or kind not in stand_ins:
+                break
+            required[err.field] = err.message.removeprefix("is required").lstrip(": ")
+            values[err.field] = stand_ins[kind]
+    return required
+
+
+def field_help(cls: type) -> dict[str, str]:
+    """One line of help per field of ``cls``: its text, choices, default or required mark."""
+    hints = typing.get_type_hints(cls)
+    docs = attribute_docs(cls)
+    required = required_fields(cls)
+    lines = {}
     for field in dataclasses.fields(cls):
+        text = field.metadata.get("help") or docs.get(field.name, "")
+        kind = hints[field.name]
+        choices = typing.get_args(kind) if typing.get_origin(kind) is typing.Literal else ()
+        parts = [f"choices: {', '.join(map(str, choices))}"] if choices else []
+        if field.name in required:
+            parts.append(f"REQUIRED{': ' + required[field.name] if required[field.name] else ''}"
+                         if not text else "REQUIRED")
+        else:
+            parts.append(f"default: {flag_text(field_default(field)) or repr('')}")
+        lines[field.name] = f"{text} ({'; '.join(parts)})" if text else f"({'; '.join(parts)})"
+    return lines
+
+
+def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
+    """One ``--flag`` per field of ``cls`` with its :func:`field_help` (values are parsed by
+    :func:`from_dict`)."""
+    parser.add_argument("--config", metavar="YAML", help="config file; flags override its fields")
+    for field, text in zip(dataclasses.fields(cls), field_help(cls).values()):
         parser.add_argument(flag_name(field.name), dest=field.name, default=argparse.SUPPRESS,
-                            metavar=field.name.upper(), help=f"(default: {field_default(field)!r})")
+                            metavar=field.name.upper(), help=text.replace("%", "%%"))
 
 
 def from_args(cls: type[T], args: argparse.Namespace) -> T:

@@ -17,40 +17,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from importlib.metadata import version
 from pathlib import Path
 
 from kd_lib.config import ConfigError
 from pipelines import detection, pixel_distillation
 from pipelines.cluster import ClusterOptions, add_cluster_arguments, options_from_args
-from pipelines.pixel_distillation import DEFAULT_IMAGE, DEFAULT_SETTINGS, STUDENT_METHODS
-
-STAGE_MODULES = {
-    "prepare-data": "components.prepare_data",
-    "teacher": "components.teacher",
-    "assistant": "components.assistant",
-    "student": "components.student",
-    "lr-baseline": "components.lr_baseline",
-    "detector": "components.detector",
-    "afp": "components.afp",
-    "export": "components.export",
-    "evaluate": "components.evaluate",
-}
-#: ``--set STAGE.FIELD=VALUE`` stage names -> keys of the pipeline's ``*_settings`` parameters.
-SETTINGS_KEYS = {
-    "prepare-data": "prepare",
-    "teacher": "teacher",
-    "assistant": "assistant",
-    "student": "student",
-    "student-onestage": "onestage",
-    "lr-baseline": "lr_baseline",
-    "export": "export",
-    "evaluate": "evaluate",
-}
-TRAINING_STAGES = ("teacher", "assistant", "student", "student-onestage", "lr-baseline")
-#: The same for the detection pipeline.
-DETECTION_SETTINGS_KEYS = {"prepare-data": "prepare", "teacher": "teacher", "afp": "afp", "msad": "msad",
-                           "lr-baseline": "lr_baseline", "export": "export", "evaluate": "evaluate"}
-DETECTION_TRAINING_STAGES = ("teacher", "afp", "msad", "lr-baseline")
+from pipelines.pixel_distillation import DEFAULT_IMAGE
+from pipelines.tasks import parameters, plan
 
 #: ``kdp compile --pipeline NAME``: the pipeline builder and its checked-in YAML.
 PIPELINES = {
@@ -64,92 +38,50 @@ DEMO_SETTINGS = {"teacher": {"epochs": 8}, "assistant": {"epochs": 6}, "student"
                  "onestage": {"epochs": 6}, "lr_baseline": {"epochs": 6}, "evaluate": {"latency_repeats": 5}}
 
 
-def parse_setting(text: str, keys: dict[str, str] = SETTINGS_KEYS) -> tuple[str, str, str]:
-    """``STAGE.FIELD=VALUE`` -> (settings key, field, value)."""
+def parse_setting(text: str, tasks: dict[str, str]) -> tuple[str, str, str]:
+    """``TASK.FIELD=VALUE`` -> (the task's settings parameter, field, value); ``tasks``: the
+    pipeline's task names -> their settings parameters."""
     target, sep, value = text.partition("=")
-    stage, dot, field = target.partition(".")
-    if not sep or not dot or stage not in keys:
+    task, dot, field = target.partition(".")
+    if not sep or not dot or task not in tasks:
         raise ConfigError("--set", f"expected STAGE.FIELD=VALUE with STAGE one of "
-                          f"{', '.join(keys)}, got {text!r}")
-    return keys[stage], field, value
+                          f"{', '.join(tasks)}, got {text!r}")
+    return tasks[task], field, value
 
 
-def merged_settings(args: argparse.Namespace, defaults: dict, keys: dict[str, str], training: tuple[str, ...],
-                    overrides: dict | None = None) -> dict[str, dict]:
-    """Each stage's settings: ``defaults``, then ``overrides``, then ``--epochs`` and ``--set``."""
-    settings = {key: dict(value) for key, value in defaults.items()}
+def merged_settings(args: argparse.Namespace, pipeline, overrides: dict | None = None) -> dict[str, dict]:
+    """The settings parameter of each stage task of ``pipeline``: its default, then ``overrides``
+    (settings key -> fields), then ``--set``."""
+    tasks = plan(pipeline, {})
+    defaults = parameters(pipeline)
+    settings = {task.settings: dict(defaults[task.settings].get("defaultValue", {})) for task in tasks}
     for key, value in (overrides or {}).items():
-        settings[key].update(value)
-    if args.epochs is not None:
-        for stage in training:
-            settings[keys[stage]]["epochs"] = args.epochs
+        settings[f"{key}_settings"].update(value)
     for text in args.set:
-        key, field, value = parse_setting(text, keys)
-        settings[key][field] = value
-    return {f"{key}_settings": value for key, value in settings.items()}
+        param, field, value = parse_setting(text, {task.name: task.settings for task in tasks})
+        settings[param][field] = value
+    return settings
 
 
 def shared_params(args: argparse.Namespace, names: tuple[str, ...]) -> dict:
     return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
 
 
-def pipeline_params(args: argparse.Namespace, source: str) -> dict:
-    """The pipeline's parameters: its defaults, the demo's when there is no
+def pipeline_params(args: argparse.Namespace, source: str, pipeline) -> dict:
+    """The classification pipeline's parameters: its defaults, the demo's when there is no
     ``--data``, then the command line, merged field by field."""
-    settings = merged_settings(args, DEFAULT_SETTINGS, SETTINGS_KEYS, TRAINING_STAGES,
-                               DEMO_SETTINGS if args.data is None else None)
-    return {"source": source, **settings,
+    return {"source": source, **merged_settings(args, pipeline, DEMO_SETTINGS if args.data is None else None),
             **shared_params(args, ("hr_size", "ratio", "seed", "teacher_arch", "student_arch", "teacher_weights",
-                                   "student_weights"))}
+                                   "student_weights", "epochs"))}
 
 
-def detection_params(args: argparse.Namespace) -> dict:
+def detection_params(args: argparse.Namespace, pipeline) -> dict:
     """The detection pipeline's parameters: its defaults, then the command line."""
     source = args.data if "://" in args.data else str(Path(args.data).resolve())
     images = args.images and (args.images if "://" in args.images else str(Path(args.images).resolve()))
-    return {"source": source, **({"images": images} if images else {}),
-            **merged_settings(args, detection.DEFAULT_SETTINGS, DETECTION_SETTINGS_KEYS, DETECTION_TRAINING_STAGES),
+    return {"source": source, **({"images": images} if images else {}), **merged_settings(args, pipeline),
             **shared_params(args, ("image_size", "ratio", "seed", "kind", "teacher_backbone", "student_backbone",
-                                   "teacher_backbone_weights", "student_backbone_weights"))}
-
-
-def check_params(params: dict) -> None:
-    """Build every stage's config once before anything runs, so a bad field
-    fails in a second rather than after the teacher has trained."""
-    from components.kfp_entry import stage_config
-
-    shared = {k: params[k] for k in ("hr_size", "ratio", "seed") if k in params}
-    wiring = {"data": "-", "out": "-", **shared}
-    teacher_weights, student_weights = ({"weights": params.get(f"{model}_weights", "")}
-                                        for model in ("teacher", "student"))
-    stage_config("teacher", params.get("teacher_settings", {}), **teacher_weights, **wiring)
-    stage_config("assistant", params.get("assistant_settings", {}), teacher="-", **student_weights, **wiring)
-    for key, source, weights in (("student", "assistant", {}), ("onestage", "teacher", student_weights)):
-        settings = {"method": STUDENT_METHODS[key], **params.get(f"{key}_settings", {})}
-        stage_config("student", settings, **{source: "-"}, **weights, **wiring)
-    stage_config("lr-baseline", params.get("lr_baseline_settings", {}), **student_weights, **wiring)
-    stage_config("export", params.get("export_settings", {}), model="-", data="-", out="-")
-    stage_config("evaluate", params.get("evaluate_settings", {}), data="-", out="-", models={"m": "-"},
-                 **{k: v for k, v in shared.items() if k != "seed"})
-
-
-def check_detection_params(params: dict) -> None:
-    """Build every detection stage's config once before anything runs."""
-    from components.kfp_entry import stage_config
-
-    shared = {k: params[k] for k in ("ratio", "seed", "kind") if k in params}
-    prepare = {k: params[k] for k in ("images", "image_size") if k in params}
-    stage_config("prepare-data", params["prepare_settings"], source=params["source"], out="-", **prepare)
-    teacher_weights, student_weights = ({"weights": params.get(f"{model}_backbone_weights", "")}
-                                        for model in ("teacher", "student"))
-    stage_config("detector", params["teacher_settings"], data="-", out="-", view="hr", **teacher_weights, **shared)
-    for key, method in (("afp", "afp"), ("msad", "msad")):
-        stage_config("afp", params[f"{key}_settings"], data="-", out="-", teacher="-", method=method,
-                     **student_weights, **shared)
-    stage_config("detector", params["lr_baseline_settings"], data="-", out="-", view="lr", **student_weights,
-                 **shared)
-    stage_config("export", params["export_settings"], model="-", data="-", out="-")
-    stage_config("evaluate", params["evaluate_settings"], data="-", out="-", models={"m": "-"})
+                                   "teacher_backbone_weights", "student_backbone_weights", "epochs"))}
 
 
 def print_result(paths: dict[str, Path]) -> None:
@@ -164,10 +96,11 @@ def print_result(paths: dict[str, Path]) -> None:
 def cmd_detect(args: argparse.Namespace) -> int:
     from pipelines.local import run_pipeline
 
-    params = detection_params(args)
-    check_detection_params(params)
+    pipeline = detection.build_pipeline()
+    params = detection_params(args, pipeline)
+    plan(pipeline, params)  # every task's settings, checked before anything runs
     name = Path(args.data.rstrip("/")).stem if args.data.endswith(".json") else Path(args.data.rstrip("/")).name
-    print_result(run_pipeline(params, args.out or f"runs/detection-{name}", detection.build_pipeline))
+    print_result(run_pipeline(params, args.out or f"runs/detection-{name}", pipeline))
     return 0
 
 
@@ -177,15 +110,17 @@ def cmd_run(args: argparse.Namespace) -> int:
     out = Path(args.out or ("runs/demo" if args.data is None else f"runs/{Path(args.data.rstrip('/')).name}"))
     source = args.data
     if source is None:
-        from kd_lib.data.demo import generate_demo_dataset
-
         source = str((out / "demo-data").resolve())
-        generate_demo_dataset(source, **DEMO_DATA)
     elif "://" not in source:
         source = str(Path(source).resolve())
-    params = pipeline_params(args, source)
-    check_params(params)
-    print_result(run_pipeline(params, out))
+    pipeline = pixel_distillation.build_pipeline()
+    params = pipeline_params(args, source, pipeline)
+    plan(pipeline, params)  # every task's settings, checked before anything runs
+    if args.data is None:
+        from kd_lib.data.demo import generate_demo_dataset
+
+        generate_demo_dataset(source, **DEMO_DATA)
+    print_result(run_pipeline(params, out, pipeline))
     return 0
 
 
@@ -248,10 +183,30 @@ def cmd_schedule(args: argparse.Namespace, client_factory=None) -> int:
     return 0
 
 
-def cmd_stage(args: argparse.Namespace, rest: list[str]) -> int:
-    import importlib
+def stage_list() -> str:
+    """``kdp stage --help``: each stage with the first line of its module's docstring."""
+    from components.stage import stages
 
-    return importlib.import_module(STAGE_MODULES[args.name]).main(rest)
+    lines = ["usage: kdp stage NAME [--config YAML] [flags]   (kdp stage NAME --help: its flags)", "", "stages:"]
+    for name, stage in stages().items():
+        summary = (sys.modules[stage.run.__module__].__doc__ or "").strip().split("\n")[0]
+        lines.append(f"  {name:<14}{summary.partition(': ')[2] or summary}")
+    return "\n".join(lines)
+
+
+def cmd_stage(args: argparse.Namespace, rest: list[str]) -> int:
+    from components.stage import find
+
+    if args.name is None:
+        help_asked = bool({"-h", "--help"} & set(rest))
+        print(stage_list(), file=sys.stdout if help_asked else sys.stderr)
+        return 0 if help_asked else 2
+    try:
+        stage = find(args.name)
+    except ConfigError as err:
+        print(f"kdp: error: {err}", file=sys.stderr)
+        return 2
+    return stage.main(rest)
 
 
 def cmd_demo_data(args: argparse.Namespace) -> int:
@@ -265,6 +220,7 @@ def cmd_demo_data(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kdp", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"kdp {version('kd-pipeline')}")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run the whole pipeline locally (kfp.local)")
     run.add_argument("--data", help="ImageFolder root (path or URI) with train/ and val/; default: the demo")
@@ -296,10 +252,10 @@ def build_parser() -> argparse.ArgumentParser:
     detect.add_argument("--student-backbone-weights", help="the same for the students' backbones")
     detect.add_argument("--epochs", type=int, help="epochs of every training stage")
     detect.add_argument("--set", action="append", default=[], metavar="STAGE.FIELD=VALUE",
-                        help=f"a stage setting; STAGE is one of {', '.join(DETECTION_SETTINGS_KEYS)}")
-    stage = sub.add_parser("stage", help="run one stage; `kdp stage NAME --help` lists its fields",
-                           add_help=False)
-    stage.add_argument("name", choices=sorted(STAGE_MODULES))
+                        help="a stage setting, e.g. --set afp.epochs=4 (repeatable)")
+    stage = sub.add_parser("stage", help="run one stage; `kdp stage --help` lists the stages, "
+                           "`kdp stage NAME --help` the fields of one", add_help=False)
+    stage.add_argument("name", nargs="?", metavar="NAME")
     demo = sub.add_parser("demo-data", help="write the generated demo dataset to DEST")
     demo.add_argument("dest")
     demo.add_argument("--seed", type=int, default=0)
@@ -321,7 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="a pipeline parameter (repeatable); STRUCT values are JSON")
     sched.add_argument("--max-concurrency", type=int, default=1, help="runs at once (default: 1)")
     sched.add_argument("--dry-run", action="store_true",
-                       help="print the kfp recurring-run create command and the parameters instead")
+                       help="print a command that creates the same recurring run instead")
     return parser
 
 

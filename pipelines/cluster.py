@@ -9,10 +9,15 @@ task gets a memory-backed ``/dev/shm`` (DataLoader workers share batches
 through it) and the GCS credentials secret, mounted as a volume with
 ``GOOGLE_APPLICATION_CREDENTIALS`` pointing at its key file.
 
+A training task that fails (a preempted node, an evicted pod) is retried
+``retries`` times with exponential backoff (1 minute, then doubling, for at
+most ``RETRY_MAX_DURATION``); the stage resumes from its last checkpoint.
+
 With ``launcher: torchx`` a training task does not train: it starts the
 stage as a TorchX job (``nnodes`` x ``nproc_per_node`` processes, DDP) on
 ``torchx_scheduler`` and waits for it, so the task itself gets the aux
-resources, no GPU, and the job's pods get the GPUs.
+resources, no GPU, and the job's pods get the GPUs, and the same GCS
+credentials, node selector and tolerations (:class:`components.pod.PodSettings`).
 
 Caching and per-stage reruns. Every task has caching on and a string input
 ``rerun_token``, fed by one pipeline parameter per stage (``rerun_teacher``,
@@ -37,32 +42,25 @@ metadata (``kfp/local/cache.py``).
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from typing import Literal
 
 from kfp import kubernetes
 from kfp.dsl import PipelineTask
 
-from kd_lib.config import ConfigError, check, field_default, flag_name, flag_text, from_dict
+from components.pod import GCS_SECRET_MOUNT, PodSettings, option, parse_toleration
+from kd_lib.config import check, field_help, flag_name, from_dict
 
-#: Where the GCS credentials secret is mounted in every task.
-GCS_SECRET_MOUNT = "/var/secrets/gcs"
 SHM_VOLUME = "dshm"
-TAINT_EFFECTS = ("NoSchedule", "PreferNoSchedule", "NoExecute")
+#: How long a training task is retried for after its first failure.
+RETRY_MAX_DURATION = "6h"
 #: Kubernetes quantities as KFP accepts them for CPU and memory.
 CPU_PATTERN = re.compile(r"^([0-9]*[.])?[0-9]+m?$")
 MEMORY_PATTERN = re.compile(r"^[0-9]+(E|Ei|P|Pi|T|Ti|G|Gi|M|Mi|K|Ki)?$")
 
 
-def option(default, help: str):
-    """A dataclass field with its ``kdp compile`` help text."""
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata={"help": help})
-    return field(default=default, metadata={"help": help})
-
-
 @dataclass
-class ClusterOptions:
+class ClusterOptions(PodSettings):
     """Resources and pod settings of the compiled pipeline's tasks (see the module docstring)."""
 
     gpus: int = option(1, "GPUs of each training task (0: none)")
@@ -71,25 +69,20 @@ class ClusterOptions:
     memory: str = option("32Gi", "memory of each training task, request = limit ('': unset)")
     aux_cpu: str = option("4", "CPU of prepare-data and evaluate ('': unset)")
     aux_memory: str = option("16Gi", "memory of prepare-data and evaluate ('': unset)")
-    node_selector: dict[str, str] = option({"nvidia.com/gpu.present": "true"},
-                                           "node labels of training tasks, KEY=VALUE,... ('': none)")
-    tolerations: list[str] = option(["nvidia.com/gpu:NoSchedule"],
-                                    "taints training tasks tolerate, KEY[=VALUE]:EFFECT,... "
-                                    "(no VALUE: operator Exists; '': none)")
     shm_size: str = option("16Gi", "size of the memory-backed /dev/shm of every task ('': none)")
-    gcs_secret: str = option("gcs-credentials", "Kubernetes secret with the GCS service-account key "
-                                                "('': none, e.g. with Workload Identity)")
-    gcs_secret_key: str = option("key.json", "the key file's name in that secret")
     launcher: Literal["pod", "torchx"] = option("pod", "pod: train in the task's pod; torchx: the task "
                                                        "launches the stage as a TorchX job and waits")
     torchx_scheduler: str = option("kubernetes", "TorchX scheduler of launcher torchx")
     nnodes: int = option(1, "nodes of each TorchX job")
     nproc_per_node: int = option(0, "processes per node of each TorchX job (0: one per GPU)")
     torchx_cfg: str = option("queue=default", "TorchX scheduler run config, KEY=VALUE,...")
+    retries: int = option(3, "retries of a failed training task, 1 minute apart, then doubling; the stage "
+                             "resumes from its checkpoint (0: none)")
     pipeline_root: str = option("", "where runs write their artifacts, e.g. gs://BUCKET/kfp ('': the KFP "
                                     "deployment's default root)")
 
     def validate(self) -> None:
+        super().validate()
         check(self.gpus >= 0, "gpus", f"must be >= 0, got {self.gpus}")
         for name in ("cpu", "aux_cpu"):
             value = getattr(self, name)
@@ -99,13 +92,9 @@ class ClusterOptions:
             value = getattr(self, name)
             check(not value or bool(MEMORY_PATTERN.match(value)), name,
                   f"must be a memory quantity such as 32Gi or 512Mi, got {value!r}")
-        check(all(self.node_selector), "node_selector", f"a label needs a key, got {self.node_selector}")
-        for text in self.tolerations:
-            parse_toleration(text)
-        check(not self.gcs_secret or bool(self.gcs_secret_key), "gcs_secret_key",
-              "is required with gcs_secret: the key file's name in the secret")
         check(self.nnodes >= 1, "nnodes", f"must be >= 1, got {self.nnodes}")
         check(self.nproc_per_node >= 0, "nproc_per_node", f"must be >= 0, got {self.nproc_per_node}")
+        check(self.retries >= 0, "retries", f"must be >= 0, got {self.retries}")
 
     @property
     def root(self) -> str | None:
@@ -117,25 +106,11 @@ class ClusterOptions:
         return self.gpus > 0 and bool(self.accelerator)
 
 
-def parse_toleration(text: str) -> dict[str, str]:
-    """``KEY[=VALUE]:EFFECT`` (``kubectl taint`` syntax) -> the arguments of
-    :func:`kfp.kubernetes.add_toleration`; no VALUE means operator Exists."""
-    target, sep, effect = text.rpartition(":")
-    key, has_value, value = target.partition("=")
-    if not sep or effect not in TAINT_EFFECTS or (has_value and not (key and value)):
-        raise ConfigError("tolerations", f"expected KEY[=VALUE]:EFFECT with EFFECT one of "
-                          f"{', '.join(TAINT_EFFECTS)}, got {text!r}", "ClusterOptions")
-    if has_value:
-        return {"key": key, "operator": "Equal", "value": value, "effect": effect}
-    return {"key": key, "operator": "Exists", "effect": effect}
-
-
 def add_cluster_arguments(parser) -> None:
     """One ``--flag`` per :class:`ClusterOptions` field, with its help and default."""
     group = parser.add_argument_group("cluster options (an empty value turns an option off)")
-    for spec in fields(ClusterOptions):
-        group.add_argument(flag_name(spec.name), dest=spec.name, metavar=spec.name.upper(),
-                           help=f"{spec.metadata['help']} (default: {flag_text(field_default(spec)) or repr('')})")
+    for name, text in field_help(ClusterOptions).items():
+        group.add_argument(flag_name(name), dest=name, metavar=name.upper(), help=text.replace("%", "%%"))
 
 
 def options_from_args(args) -> ClusterOptions:
@@ -149,20 +124,25 @@ def launcher_input(options: ClusterOptions | None, image: str) -> dict:
     """The ``launcher`` input of training tasks (see ``components.kfp_entry.Launcher``)."""
     if options is None or options.launcher == "pod":
         return {"kind": "pod"}
+    pod = {spec.name: getattr(options, spec.name) for spec in fields(PodSettings)}
     return {"kind": "torchx", "scheduler": options.torchx_scheduler, "nnodes": options.nnodes,
             "nproc_per_node": options.nproc_per_node or max(options.gpus, 1), "image": image,
-            "cfg": options.torchx_cfg}
+            "cfg": options.torchx_cfg, **pod}
 
 
-def configure_task(task: PipelineTask, options: ClusterOptions | None, *, training: bool,
-                   cached: bool = True) -> PipelineTask:
-    """Set ``task``'s caching and apply ``options`` to it; ``training``: a training stage's task.
+def configure_task(task: PipelineTask, options: ClusterOptions | None, *, cached: bool = True) -> PipelineTask:
+    """Set ``task``'s caching and apply ``options`` to it. A training task is one with a
+    ``launcher`` input: where its stage trains.
 
     ``options=None`` (the local runs of ``kfp.local``) applies no cluster settings.
     """
     task.set_caching_options(cached)
     if options is None:
         return task
+    training = "launcher" in task.inputs
+    if training and options.retries:
+        task.set_retry(options.retries, backoff_duration="60s", backoff_factor=2.0,
+                       backoff_max_duration=RETRY_MAX_DURATION)
     trains_here = training and options.launcher == "pod"
     set_resources(task, *((options.cpu, options.memory) if trains_here else (options.aux_cpu, options.aux_memory)))
     if trains_here:
@@ -172,7 +152,8 @@ def configure_task(task: PipelineTask, options: ClusterOptions | None, *, traini
                                    size_limit=options.shm_size)
     if options.gcs_secret:
         kubernetes.use_secret_as_volume(task, secret_name=options.gcs_secret, mount_path=GCS_SECRET_MOUNT)
-        task.set_env_variable("GOOGLE_APPLICATION_CREDENTIALS", f"{GCS_SECRET_MOUNT}/{options.gcs_secret_key}")
+    for name, value in options.env().items():
+        task.set_env_variable(name, value)
     return task
 
 

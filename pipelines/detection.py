@@ -10,10 +10,11 @@ stage of ``components/`` in the project's image, stage outputs are the
 output artifacts' URIs, the data fingerprint and ``code_version`` are inputs
 of every training task so that the cache follows data and code. Parameters:
 the shared fields (``ratio``, ``seed``, ``kind``, the two backbones and where
-they start from, ``teacher_backbone_weights`` and ``student_backbone_weights``,
+they start from, ``teacher_backbone_weights`` and ``student_backbone_weights``:
 a classification checkpoint's trunk such as the classification pipeline's
 teacher, see :mod:`kd_lib.models.weights`), the
-letterbox side ``image_size``, a ``*_settings`` mapping per stage, and a
+letterbox side ``image_size``, the typed ``epochs`` and ``lr`` of every
+training task (0: each stage's own setting), a ``*_settings`` mapping per stage, and a
 ``rerun_*`` token per stage (a new value reruns that stage and what reads its
 output; see :mod:`pipelines.cluster`).
 """
@@ -47,30 +48,30 @@ def prepare_detection_op(source: str, images: str, source_version: str, image_si
 
 
 def detector_op(data: Input[Dataset], data_fingerprint: str, code_version: str, rerun_token: str, launcher: dict,
-                settings: dict, view: str, kind: str, backbone: str, weights: str, ratio: int, seed: int,
-                checkpoint_root: str, model: Output[Model], metrics: Output[Metrics]):
-    """detector: a detector trained with its detection loss alone on the HR or LR image, its
-    backbone started from ``weights``."""
-    from components.kfp_entry import run_stage
-    run_stage("detector", settings, metrics, launcher, data=data.uri, out=model.uri, view=view, kind=kind,
+                settings: dict, epochs: int, lr: float, view: str, kind: str, backbone: str, weights: str, ratio: int,
+                seed: int, checkpoint_root: str, model: Output[Model], metrics: Output[Metrics]):
+    """detector: a detector trained with its detection loss alone on the HR or LR image, its backbone
+    started from ``weights``."""
+    from components.kfp_entry import run_stage, tuned
+    run_stage("detector", tuned(settings, epochs, lr), metrics, launcher, data=data.uri, out=model.uri, view=view, kind=kind,
               backbone=backbone, weights=weights, ratio=ratio, seed=seed, checkpoint_root=checkpoint_root)
 
 
 def afp_op(data: Input[Dataset], data_fingerprint: str, code_version: str, rerun_token: str, launcher: dict,
-           teacher: Input[Model], method: str, settings: dict, kind: str, backbone: str, weights: str, ratio: int,
-           seed: int, checkpoint_root: str, model: Output[Model], metrics: Output[Metrics]):
-    """afp: the aligned HR assistant (or MSAD teacher), its backbone started from ``weights``, and
-    the LR student distilled through it."""
-    from components.kfp_entry import run_stage
-    run_stage("afp", settings, metrics, launcher, data=data.uri, out=model.uri, teacher=teacher.uri, method=method,
+           teacher: Input[Model], method: str, settings: dict, epochs: int, lr: float, kind: str, backbone: str,
+           weights: str, ratio: int, seed: int, checkpoint_root: str, model: Output[Model], metrics: Output[Metrics]):
+    """afp: the aligned HR assistant (or MSAD teacher), its backbone started from ``weights``, and the
+    LR student distilled through it."""
+    from components.kfp_entry import run_stage, tuned
+    run_stage("afp", tuned(settings, epochs, lr), metrics, launcher, data=data.uri, out=model.uri, teacher=teacher.uri, method=method,
               kind=kind, backbone=backbone, weights=weights, ratio=ratio, seed=seed, checkpoint_root=checkpoint_root)
 
 
 def evaluate_detection_op(data: Input[Dataset], code_version: str, rerun_token: str, teacher: Input[Model],
                           afp: Input[Model], msad: Input[Model], lr_baseline: Input[Model], student_export: Input[Model],
                           settings: dict, summary: Output[Artifact], report: Output[HTML], metrics: Output[Metrics]):
-    """evaluate: COCO mAP, FLOPs, latency and input bytes of every detector, the AFP student's
-    export; summary and report."""
+    """evaluate: COCO mAP, FLOPs, latency and input bytes of every detector, the AFP student's export;
+    summary and report."""
     from components.kfp_entry import detection_models, run_stage
     from kd_lib.io.fs import join, read_bytes
     models = detection_models(teacher=teacher.uri, afp=afp.uri, msad=msad.uri, lr_baseline=lr_baseline.uri)
@@ -103,6 +104,8 @@ def build_pipeline(image: str = DEFAULT_IMAGE, options: ClusterOptions | None = 
         student_backbone: str = "resnet18",
         teacher_backbone_weights: str = "",
         student_backbone_weights: str = "",
+        epochs: int = 0,
+        lr: float = 0.0,
         prepare_settings: dict = DEFAULT_SETTINGS["prepare"],
         teacher_settings: dict = DEFAULT_SETTINGS["teacher"],
         afp_settings: dict = DEFAULT_SETTINGS["afp"],
@@ -123,7 +126,8 @@ def build_pipeline(image: str = DEFAULT_IMAGE, options: ClusterOptions | None = 
         data = prepare(source=source, images=images, source_version=version.output, image_size=image_size,
                        settings=prepare_settings, code_version=code_version, rerun_token=rerun_prepare)
         common = dict(data=data.outputs["data"], data_fingerprint=data.outputs["Output"], kind=kind, ratio=ratio,
-                      seed=seed, checkpoint_root=checkpoint_root, code_version=code_version, launcher=launcher)
+                      seed=seed, checkpoint_root=checkpoint_root, code_version=code_version, launcher=launcher,
+                      epochs=epochs, lr=lr)
         teacher = train_detector(settings=teacher_settings, view="hr", backbone=teacher_backbone,
                                  weights=teacher_backbone_weights, rerun_token=rerun_teacher, **common)
         afp = train_afp(teacher=teacher.outputs["model"], method="afp", settings=afp_settings,
@@ -139,11 +143,10 @@ def build_pipeline(image: str = DEFAULT_IMAGE, options: ClusterOptions | None = 
                           teacher=teacher.outputs["model"], afp=afp.outputs["model"], msad=msad.outputs["model"],
                           lr_baseline=baseline.outputs["model"], student_export=exported.outputs["model"],
                           settings=evaluate_settings)
-        for task, name, training in ((data, "prepare-data", False), (teacher, "teacher", True), (afp, "afp", True),
-                                     (msad, "msad", True), (baseline, "lr-baseline", True),
-                                     (exported, "export", False), (report, "evaluate", False)):
-            configure_task(task.set_display_name(name), options, training=training)
-        configure_task(version.set_display_name("source-version"), options, training=False, cached=False)
+        for task, name in ((data, "prepare-data"), (teacher, "teacher"), (afp, "afp"), (msad, "msad"),
+                           (baseline, "lr-baseline"), (exported, "export"), (report, "evaluate")):
+            configure_task(task.set_display_name(name), options)
+        configure_task(version.set_display_name("source-version"), options, cached=False)
         return report.outputs["summary"]
 
     return detection_distillation

@@ -69,10 +69,9 @@ class ExecutorInputFilter(io.TextIOBase):
         self.target.flush()
 
 
-def run_pipeline(params: dict, out: str | os.PathLike, build_pipeline=pixel_distillation.build_pipeline
-                 ) -> dict[str, Path]:
-    """Run the pipeline that ``build_pipeline()`` makes (the classification one unless told
-    otherwise) with ``params`` and copy its summary and report into ``out``.
+def run_pipeline(params: dict, out: str | os.PathLike, pipeline=None) -> dict[str, Path]:
+    """Run ``pipeline`` (a ``dsl.pipeline``; None: the classification pipeline) with ``params``
+    and copy its summary and report into ``out``.
 
     Returns the paths of the copied ``summary.json`` and ``report.html``.
     Raises RuntimeError if a task fails (its error is in the log above).
@@ -85,7 +84,7 @@ def run_pipeline(params: dict, out: str | os.PathLike, build_pipeline=pixel_dist
     with warnings.catch_warnings(), contextlib.redirect_stdout(ExecutorInputFilter(sys.stdout)):
         warnings.filterwarnings("ignore", message=".*non-Python base image.*")
         warnings.filterwarnings("ignore", message=".*have no effect in the current local runner.*")
-        result = build_pipeline()(**params)
+        result = (pipeline or pixel_distillation.build_pipeline())(**params)
     summary_dir = result.output.uri
     paths = {}
     for name in RESULT_FILES:

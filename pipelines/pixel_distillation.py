@@ -15,11 +15,14 @@ cache key of everything downstream changes exactly when the data does.
 local runs): it is an input of every task, so new code misses the cache.
 
 Pipeline parameters: the shared fields (``hr_size``, ``ratio``, ``seed``,
-the two architectures, where they start from: ``teacher_weights`` for the
-teacher, ``student_weights`` for the assistant, the one-stage student and
-the LR baseline, see :mod:`kd_lib.models.weights`) and, per stage, a ``*_settings`` mapping of that
-stage's config fields (``{"epochs": 30, "lr": 0.05}``, and for the two
-students ``{"method": "crkd"}`` to change the method); unknown or bad fields
+the two architectures, and where they start from: ``teacher_weights`` for the
+teacher, ``student_weights`` for the assistant, the one-stage student and the LR
+baseline, see :mod:`kd_lib.models.weights`); the most tuned settings, typed: ``epochs`` and ``lr``
+of every training task (0: each stage's own setting) and the two students'
+methods (``student_method``: TAS from the assistant; ``onestage_method``:
+one-stage pixel distillation, KD + ISRD, from the teacher); and, per stage, a
+``*_settings`` mapping of that stage's config fields (``{"epochs": 30, "lr":
+0.05}``; a ``method`` there wins over the typed one); unknown or bad fields
 fail the stage with an error naming the field.
 
 Per-stage reruns: ``rerun_prepare``, ``rerun_teacher``, ... (one per
@@ -50,11 +53,6 @@ DEFAULT_SETTINGS = {
 }
 
 
-#: The two students' methods unless their settings say otherwise: TAS from the assistant, and
-#: one-stage pixel distillation (KD + ISRD) from the teacher.
-STUDENT_METHODS = {"student": "tas", "onestage": "kd+isrd"}
-
-
 def source_version_op(source: str, images: str) -> str:
     """source-version: a fingerprint of the listing of ``source`` (and ``images``): every file's
     path, size and checksum, read without downloading. The task is never cached and prepare-data
@@ -72,43 +70,44 @@ def prepare_data_op(source: str, source_version: str, settings: dict, code_versi
 
 
 def teacher_op(data: Input[Dataset], data_fingerprint: str, code_version: str, rerun_token: str, launcher: dict,
-               settings: dict, arch: str, weights: str, hr_size: int, ratio: int, seed: int, checkpoint_root: str,
-               model: Output[Model], metrics: Output[Metrics]):
-    """teacher: the large model at HR, cross-entropy, started from ``weights``."""
-    from components.kfp_entry import run_stage
-    run_stage("teacher", settings, metrics, launcher, data=data.uri, out=model.uri, arch=arch, weights=weights,
-              hr_size=hr_size, ratio=ratio, seed=seed, checkpoint_root=checkpoint_root)
+               settings: dict, epochs: int, lr: float, arch: str, weights: str, hr_size: int, ratio: int, seed: int,
+               checkpoint_root: str, model: Output[Model], metrics: Output[Metrics]):
+    """teacher: the large model at HR, started from ``weights``, cross-entropy."""
+    from components.kfp_entry import run_stage, tuned
+    run_stage("teacher", tuned(settings, epochs, lr), metrics, launcher, data=data.uri, out=model.uri, arch=arch,
+              weights=weights, hr_size=hr_size, ratio=ratio, seed=seed, checkpoint_root=checkpoint_root)
 
 
 def assistant_op(data: Input[Dataset], data_fingerprint: str, code_version: str, rerun_token: str, launcher: dict,
-                 teacher: Input[Model], settings: dict, arch: str, weights: str, hr_size: int, ratio: int, seed: int,
-                 checkpoint_root: str, model: Output[Model], metrics: Output[Metrics]):
+                 teacher: Input[Model], settings: dict, epochs: int, lr: float, arch: str, weights: str,
+                 hr_size: int, ratio: int, seed: int, checkpoint_root: str, model: Output[Model],
+                 metrics: Output[Metrics]):
     """assistant: the small model at HR, started from ``weights``, distilled from the teacher."""
-    from components.kfp_entry import run_stage
-    run_stage("assistant", settings, metrics, launcher, data=data.uri, out=model.uri, teacher=teacher.uri, arch=arch,
+    from components.kfp_entry import run_stage, tuned
+    run_stage("assistant", tuned(settings, epochs, lr), metrics, launcher, data=data.uri, out=model.uri, teacher=teacher.uri, arch=arch,
               weights=weights, hr_size=hr_size, ratio=ratio, seed=seed, checkpoint_root=checkpoint_root)
 
 
 def student_op(data: Input[Dataset], data_fingerprint: str, code_version: str, rerun_token: str, launcher: dict,
-               source: Input[Model], source_field: str, default_method: str, settings: dict, arch: str, weights: str,
-               hr_size: int, ratio: int, seed: int, checkpoint_root: str, model: Output[Model], metrics: Output[Metrics]):
+               source: Input[Model], source_field: str, method: str, settings: dict, epochs: int, lr: float,
+               arch: str, weights: str, hr_size: int, ratio: int, seed: int, checkpoint_root: str,
+               model: Output[Model], metrics: Output[Metrics]):
     """student: the small model at LR, distilled from ``source`` (the assistant or the teacher)
-    with ``default_method`` unless the settings name another ``method``; started from the
-    assistant (``source_field`` assistant) or from ``weights``."""
-    from components.kfp_entry import run_stage
-    fields = {"weights": weights} if weights else {}
-    run_stage("student", {"method": default_method, **settings}, metrics, launcher, data=data.uri, out=model.uri,
+    with ``method`` unless the settings name another; started from the assistant (``source_field``
+    assistant) or from ``weights``."""
+    from components.kfp_entry import run_stage, tuned
+    run_stage("student", {"method": method, **tuned(settings, epochs, lr)}, metrics, launcher, data=data.uri, out=model.uri,
               arch=arch, hr_size=hr_size, ratio=ratio, seed=seed, checkpoint_root=checkpoint_root,
-              **{source_field: source.uri}, **fields)
+              **{source_field: source.uri}, **({"weights": weights} if weights else {}))
 
 
 def lr_baseline_op(data: Input[Dataset], data_fingerprint: str, code_version: str, rerun_token: str, launcher: dict,
-                   settings: dict, arch: str, weights: str, hr_size: int, ratio: int, seed: int, checkpoint_root: str,
-                   model: Output[Model], metrics: Output[Metrics]):
+                   settings: dict, epochs: int, lr: float, arch: str, weights: str, hr_size: int, ratio: int,
+                   seed: int, checkpoint_root: str, model: Output[Model], metrics: Output[Metrics]):
     """lr-baseline: the student's architecture at LR, started from ``weights``, cross-entropy only."""
-    from components.kfp_entry import run_stage
-    run_stage("lr-baseline", settings, metrics, launcher, data=data.uri, out=model.uri, arch=arch, weights=weights,
-              hr_size=hr_size, ratio=ratio, seed=seed, checkpoint_root=checkpoint_root)
+    from components.kfp_entry import run_stage, tuned
+    run_stage("lr-baseline", tuned(settings, epochs, lr), metrics, launcher, data=data.uri, out=model.uri, arch=arch,
+              weights=weights, hr_size=hr_size, ratio=ratio, seed=seed, checkpoint_root=checkpoint_root)
 
 
 def export_op(data: Input[Dataset], code_version: str, rerun_token: str, source: Input[Model], folder: str,
@@ -156,6 +155,10 @@ def build_pipeline(image: str = DEFAULT_IMAGE, options: ClusterOptions | None = 
         student_arch: str = "resnet18",
         teacher_weights: str = "",
         student_weights: str = "",
+        epochs: int = 0,
+        lr: float = 0.0,
+        student_method: str = "tas",
+        onestage_method: str = "kd+isrd",
         prepare_settings: dict = DEFAULT_SETTINGS["prepare"],
         teacher_settings: dict = DEFAULT_SETTINGS["teacher"],
         assistant_settings: dict = DEFAULT_SETTINGS["assistant"],
@@ -179,16 +182,16 @@ def build_pipeline(image: str = DEFAULT_IMAGE, options: ClusterOptions | None = 
                        code_version=code_version, rerun_token=rerun_prepare)
         common = dict(data=data.outputs["data"], data_fingerprint=data.outputs["Output"], hr_size=hr_size,
                       ratio=ratio, seed=seed, checkpoint_root=checkpoint_root, code_version=code_version,
-                      launcher=launcher)
+                      launcher=launcher, epochs=epochs, lr=lr)
         teacher = train_teacher(settings=teacher_settings, arch=teacher_arch, weights=teacher_weights,
                                 rerun_token=rerun_teacher, **common)
         assistant = train_assistant(teacher=teacher.outputs["model"], settings=assistant_settings,
                                     arch=student_arch, weights=student_weights, rerun_token=rerun_assistant, **common)
         student = train_student(source=assistant.outputs["model"], source_field="assistant",
-                                default_method=STUDENT_METHODS["student"], settings=student_settings,
+                                method=student_method, settings=student_settings,
                                 arch=student_arch, weights="", rerun_token=rerun_student, **common)
         onestage = train_student(source=teacher.outputs["model"], source_field="teacher",
-                                 default_method=STUDENT_METHODS["onestage"], settings=onestage_settings,
+                                 method=onestage_method, settings=onestage_settings,
                                  arch=student_arch, weights=student_weights, rerun_token=rerun_onestage, **common)
         baseline = train_lr_baseline(settings=lr_baseline_settings, arch=student_arch, weights=student_weights,
                                      rerun_token=rerun_lr_baseline, **common)
@@ -199,12 +202,11 @@ def build_pipeline(image: str = DEFAULT_IMAGE, options: ClusterOptions | None = 
                           student=student.outputs["model"], student_onestage=onestage.outputs["model"],
                           lr_baseline=baseline.outputs["model"], student_export=exported.outputs["model"],
                           settings=evaluate_settings, hr_size=hr_size, ratio=ratio)
-        for task, name, training in ((data, "prepare-data", False), (teacher, "teacher", True),
-                                     (assistant, "assistant", True), (student, "student", True),
-                                     (onestage, "student-onestage", True), (baseline, "lr-baseline", True),
-                                     (exported, "export", False), (report, "evaluate", False)):
-            configure_task(task.set_display_name(name), options, training=training)
-        configure_task(version.set_display_name("source-version"), options, training=False, cached=False)
+        for task, name in ((data, "prepare-data"), (teacher, "teacher"), (assistant, "assistant"),
+                           (student, "student"), (onestage, "student-onestage"), (baseline, "lr-baseline"),
+                           (exported, "export"), (report, "evaluate")):
+            configure_task(task.set_display_name(name), options)
+        configure_task(version.set_display_name("source-version"), options, cached=False)
         return report.outputs["summary"]
 
     return pixel_distillation

@@ -6,19 +6,19 @@ retrains only the stages whose inputs changed (a new data fingerprint
 reruns everything after prepare-data; unchanged data is a cache hit
 throughout). ``--param KEY=VALUE`` values are typed by the package's own
 parameter definitions (a ``STRUCT`` such as ``teacher_settings`` is JSON).
-``--dry-run`` prints the equivalent ``kfp recurring-run create`` command
-line and the parameters instead of calling the server.
+``--dry-run`` prints a command that creates the same recurring run through
+``kfp.Client`` instead of calling the server.
 """
 
 from __future__ import annotations
 
 import json
-import shlex
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
+from croniter import CroniterError, croniter
 
 from kd_lib.config import ConfigError
 
@@ -41,12 +41,18 @@ class Schedule:
 
 
 def check_cron(cron: str) -> str:
-    """``cron`` if it has KFP's 6 fields, seconds first; else a ConfigError that says so."""
+    """``cron`` if it is a valid cron expression of KFP's 6 fields, seconds first (checked by
+    croniter); else a ConfigError that says what is wrong."""
     count = len(cron.split())
     if count != len(CRON_FIELDS):
         hint = f": add the seconds first, e.g. {'0 ' + cron.strip()!r}" if count == 5 else ""
         raise ConfigError("--cron", f"KFP cron expressions have 6 fields ({', '.join(CRON_FIELDS)}), "
                           f"got {count} in {cron!r}{hint}", WHERE)
+    try:
+        croniter.expand(cron, second_at_beginning=True)
+    except CroniterError as err:
+        raise ConfigError("--cron", f"{cron!r} is not a valid cron expression ({', '.join(CRON_FIELDS)}): "
+                          f"{err}", WHERE) from None
     return cron
 
 
@@ -98,25 +104,28 @@ def parse_params(texts: list[str], definitions: dict[str, dict]) -> dict:
     return params
 
 
+def recurring_run_arguments(schedule: Schedule) -> dict:
+    """The keyword arguments of ``kfp.Client.create_recurring_run`` but the experiment's id: an
+    enabled recurring run of the package, cached, with the typed parameters."""
+    return {"job_name": schedule.name, "cron_expression": schedule.cron, "max_concurrency": schedule.max_concurrency,
+            "params": schedule.params, "pipeline_package_path": schedule.package, "enable_caching": True,
+            "enabled": True}
+
+
 def dry_run_text(schedule: Schedule) -> str:
-    """The ``kfp recurring-run create`` command line of ``schedule`` and its parameters."""
-    argv = ["kfp", "--endpoint", schedule.host, "recurring-run", "create", "--experiment-name",
-            schedule.experiment, "--job-name", schedule.name, "--cron-expression", schedule.cron,
-            "--max-concurrency", str(schedule.max_concurrency), "--pipeline-package-path", schedule.package,
-            *(f"{k}={json.dumps(v) if isinstance(v, (dict, list)) else v}" for k, v in schedule.params.items())]
-    return "\n".join([
-        shlex.join(argv),
-        "# kfp recurring-run create has no caching flag: every task of the package has caching on.",
-        "parameters:",
-        json.dumps(schedule.params, indent=2, sort_keys=True),
-    ])
+    """A shell command that creates the very recurring run of ``schedule`` through ``kfp.Client``.
+
+    Not ``kfp recurring-run create``: kfp 2.17's CLI passes every parameter as a string and,
+    without ``--enabled``, creates the recurring run disabled.
+    """
+    arguments = "".join(f"\n    {name}={value!r}," for name, value in recurring_run_arguments(schedule).items())
+    return (f"python3 - <<'EOF'\nimport kfp\n\nclient = kfp.Client(host={schedule.host!r})\n"
+            f"experiment = client.create_experiment(name={schedule.experiment!r})\n"
+            f"client.create_recurring_run(\n    experiment_id=experiment.experiment_id,{arguments}\n)\nEOF")
 
 
 def create(schedule: Schedule, client_factory: Callable[..., object]):
     """Create the recurring run through ``client_factory(host=...)`` (``kfp.Client``); returns it."""
     client = client_factory(host=schedule.host)
     experiment = client.create_experiment(name=schedule.experiment)
-    return client.create_recurring_run(
-        experiment_id=experiment.experiment_id, job_name=schedule.name, cron_expression=schedule.cron,
-        max_concurrency=schedule.max_concurrency, params=schedule.params,
-        pipeline_package_path=schedule.package, enable_caching=True)
+    return client.create_recurring_run(experiment_id=experiment.experiment_id, **recurring_run_arguments(schedule))

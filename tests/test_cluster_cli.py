@@ -1,10 +1,12 @@
 """``kdp compile`` and ``kdp schedule`` on the command line, and the TorchX launcher of a training task."""
 
 import json
-import shlex
+import re
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import pytest
 import yaml
 
 from pipelines import cli
@@ -40,24 +42,46 @@ def test_kdp_compile_refuses_bad_options_naming_them(tmp_path, capsys):
     assert not (tmp_path / "p.yaml").exists()
 
 
-def test_kdp_schedule_dry_run_prints_the_kfp_command_and_typed_parameters(capsys):
-    assert cli.main(schedule_args("--param", "hr_size=96", "--param", 'teacher_settings={"epochs": 30}',
-                                  "--param", "rerun_teacher=2026-01-01", "--max-concurrency", "2",
-                                  "--dry-run")) == 0
-    command, *rest = capsys.readouterr().out.splitlines()
-    assert shlex.split(command) == [
-        "kfp", "--endpoint", "http://kfp.example:8080", "recurring-run", "create", "--experiment-name", "nightly",
-        "--job-name", "retrain", "--cron-expression", "0 0 3 * * *", "--max-concurrency", "2",
-        "--pipeline-package-path", PACKAGE, "source=gs://b/imagenet", "checkpoint_root=gs://b/ckpt", "hr_size=96",
-        'teacher_settings={"epochs": 30}', "rerun_teacher=2026-01-01"]
-    params = json.loads("\n".join(rest[rest.index("parameters:") + 1:]))
-    assert params == {"source": "gs://b/imagenet", "checkpoint_root": "gs://b/ckpt", "hr_size": 96,
-                      "teacher_settings": {"epochs": 30}, "rerun_teacher": "2026-01-01"}
+class StandInClient:
+    """There is no KFP server here: a stand-in for ``kfp.Client`` records what is asked of it."""
+
+    def __init__(self, calls: list, host: str):
+        self.calls = calls
+        calls.append(("client", host))
+
+    def create_experiment(self, name):
+        self.calls.append(("experiment", name))
+        return SimpleNamespace(experiment_id="exp-1")
+
+    def create_recurring_run(self, **kwargs):
+        self.calls.append(("recurring run", kwargs))
+        return SimpleNamespace(recurring_run_id="rr-7")
+
+
+def test_kdp_schedule_dry_run_prints_a_command_that_creates_the_same_recurring_run(capsys, monkeypatch):
+    extra = ("--param", "hr_size=96", "--param", 'teacher_settings={"epochs": 30}', "--param",
+             "rerun_teacher=2026-01-01", "--max-concurrency", "2")
+    assert cli.main(schedule_args(*extra, "--dry-run")) == 0
+    command = capsys.readouterr().out
+    first, *script, last = command.strip().splitlines()
+    assert first == "python3 - <<'EOF'" and last == "EOF"
+    printed, created = [], []
+    monkeypatch.setitem(sys.modules, "kfp", SimpleNamespace(Client=lambda host: StandInClient(printed, host)))
+    exec("\n".join(script), {})
+    args = cli.build_parser().parse_args(schedule_args(*extra))
+    assert cli.cmd_schedule(args, client_factory=lambda host: StandInClient(created, host)) == 0
+    assert printed == created
+    run = created[-1][1]
+    assert run["enabled"] is True and run["enable_caching"] is True and run["max_concurrency"] == 2
+    assert run["params"] == {"source": "gs://b/imagenet", "checkpoint_root": "gs://b/ckpt", "hr_size": 96,
+                             "teacher_settings": {"epochs": 30}, "rerun_teacher": "2026-01-01"}
 
 
 def test_kdp_schedule_checks_its_arguments(capsys):
     cases = (
         (["--cron", "0 3 * * *"], "6 fields"),
+        (["--cron", "0 0 25 * * *"], "'0 0 25 * * *' is not a valid cron expression"),
+        (["--cron", "0 0 3 * * Funday"], "is not a valid cron expression"),
         (["--param", "hr_sise=96"], "got 'hr_sise=96'"),
         (["--param", "hr_size=big"], "hr_size is a NUMBER_INTEGER parameter"),
         (["--param", "teacher_settings=epochs"], "teacher_settings is a STRUCT parameter"),
@@ -78,27 +102,13 @@ def test_a_five_field_cron_is_refused_with_the_seconds_hint(capsys):
 
 
 def test_kdp_schedule_creates_the_recurring_run_through_the_client(capsys):
-    """There is no KFP server here: a stand-in for ``kfp.Client`` records what kdp asks of it."""
     calls = []
-
-    class StandInClient:
-        def __init__(self, host):
-            calls.append(("client", host))
-
-        def create_experiment(self, name):
-            calls.append(("experiment", name))
-            return SimpleNamespace(experiment_id="exp-1")
-
-        def create_recurring_run(self, **kwargs):
-            calls.append(("recurring run", kwargs))
-            return SimpleNamespace(recurring_run_id="rr-7")
-
     args = cli.build_parser().parse_args(schedule_args("--param", "seed=3"))
-    assert cli.cmd_schedule(args, client_factory=StandInClient) == 0
+    assert cli.cmd_schedule(args, client_factory=lambda host: StandInClient(calls, host)) == 0
     assert calls == [("client", "http://kfp.example:8080"), ("experiment", "nightly"), ("recurring run", {
         "experiment_id": "exp-1", "job_name": "retrain", "cron_expression": "0 0 3 * * *", "max_concurrency": 1,
         "params": {"source": "gs://b/imagenet", "checkpoint_root": "gs://b/ckpt", "seed": 3},
-        "pipeline_package_path": PACKAGE, "enable_caching": True})]
+        "pipeline_package_path": PACKAGE, "enable_caching": True, "enabled": True})]
     assert "rr-7" in capsys.readouterr().out
 
 
@@ -119,9 +129,12 @@ def test_flags_rebuild_the_stage_config():
 
 
 def test_the_torchx_launcher_runs_the_stage_as_a_job_and_reads_its_manifest(tmp_path, monkeypatch):
+    """The job gets the stage's flags and the pod settings of the KFP tasks: GCS key, node selector, tolerations."""
     import components.torchx_apps as torchx_apps
     from components.kfp_entry import run_stage
+    from components.pod import PodSettings
     from kd_lib.io.manifest import write_manifest
+    from pipelines.cluster import ClusterOptions, launcher_input
 
     out = str(tmp_path / "teacher")
     launched = []
@@ -133,13 +146,54 @@ def test_the_torchx_launcher_runs_the_stage_as_a_job_and_reads_its_manifest(tmp_
     monkeypatch.setattr(torchx_apps, "launch_and_wait", stand_in_launch)
     metrics = SimpleNamespace(path=str(tmp_path / "metrics.json"), logged={})
     metrics.log_metric = metrics.logged.__setitem__
-    launcher = {"kind": "torchx", "scheduler": "kubernetes", "nnodes": 2.0, "nproc_per_node": 4.0,
-                "image": "registry.example/kdp:2.0", "cfg": "queue=gpu"}
+    options = ClusterOptions(launcher="torchx", nnodes=2, gpus=4, torchx_cfg="queue=gpu", gcs_secret="kdp-gcs",
+                             gcs_secret_key="sa.json", node_selector={"pool": "a100"}, tolerations=["gpu:NoExecute"])
+    launcher = launcher_input(options, "registry.example/kdp:2.0")
+    launcher.update(nnodes=2.0, nproc_per_node=4.0)  # KFP hands numbers of a STRUCT over as floats
     result = run_stage("lr-baseline", {"epochs": 2}, metrics, launcher, data="gs://b/data", out=out, hr_size=64,
                        ratio=4, seed=0, checkpoint_root="")
     [(stage, args, options)] = launched
     assert stage == "lr-baseline" and args == ["--epochs", "2", "--data", "gs://b/data", "--out", out]
     assert options == {"scheduler": "kubernetes", "nnodes": 2, "nproc_per_node": 4,
-                       "image": "registry.example/kdp:2.0", "cfg": "queue=gpu"}
+                       "image": "registry.example/kdp:2.0", "cfg": "queue=gpu",
+                       "pod": PodSettings({"pool": "a100"}, ["gpu:NoExecute"], "kdp-gcs", "sa.json")}
     assert result["final"] == {"val_top1": 0.5} and metrics.logged == {"val_top1": 0.5}
     assert json.loads(Path(metrics.path).read_text()) == {"val_top1": 0.5}
+
+
+def test_kdp_run_refuses_a_bad_setting_before_any_work(tmp_path, capsys):
+    out = tmp_path / "run"
+    cases = ((["--student-arch", "resnet19"], r"student \(student_settings\): field 'arch': unknown torchvision "
+                                              r"architecture 'resnet19' \(close matches: resnet18"),
+             (["--teacher-arch", "timm:resnet5O"], r"field 'arch': unknown timm model 'resnet5O'"),
+             (["--set", "student-onestage.method=kd+isdr"], r"student-onestage \(onestage_settings\): field 'method'"),
+             (["--set", "teacher.lr=fast"], r"teacher \(teacher_settings\): field 'lr': must be a number"),
+             (["--set", "teachr.lr=0.1"], r"field '--set': expected STAGE.FIELD=VALUE with STAGE one of .*teacher"))
+    for argv, message in cases:
+        assert cli.main(["run", "--out", str(out), *argv]) == 2, argv
+        assert re.search(message, capsys.readouterr().err), argv
+    assert cli.main(["detect", "--data", str(tmp_path / "coco.json"), "--out", str(out), "--student-backbone",
+                     "resnet19"]) == 2
+    assert re.search(r"afp \(afp_settings\): field 'backbone': unknown detector backbone .*'resnet19' "
+                     r"\(close matches: resnet18", capsys.readouterr().err)
+    assert not out.exists(), "a refused run wrote something"
+
+
+def test_kdp_version_and_field_help(capsys):
+    import tomllib
+
+    with pytest.raises(SystemExit) as done:
+        cli.main(["--version"])
+    assert done.value.code == 0
+    assert capsys.readouterr().out.strip() == f"kdp {tomllib.loads((ROOT / 'pyproject.toml').read_text())['project']['version']}"
+    with pytest.raises(SystemExit):
+        cli.main(["stage", "evaluate", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--models MODELS name=URI of each model to evaluate (REQUIRED)" in text
+    assert "--resize RESIZE how the LR image is made from the HR one (choices: bilinear, area, bicubic, " \
+           "nearest; default: bilinear)" in text
+    assert "forwards timed per batch size (the median is reported) (default: 10)" in text
+    with pytest.raises(SystemExit):
+        cli.main(["stage", "lr-baseline", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--data DATA (REQUIRED: the prepare-data output URI)" in text  # no text: the reason validate() gives

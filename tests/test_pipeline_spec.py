@@ -61,12 +61,12 @@ def test_pipeline_compiles_with_every_stage_wired(tmp_path):
     tasks = spec["root"]["dag"]["tasks"]
     assert set(tasks) == {"source-version-op", "prepare-data-op", "teacher-op", "assistant-op", "student-op", "student-op-2",
                           "lr-baseline-op", "export-op", "evaluate-op"}
-    assert tasks["student-op"]["inputs"]["artifacts"]["source"]["taskOutputArtifact"]["producerTask"] == "assistant-op"
     assert tasks["export-op"]["inputs"]["artifacts"]["source"]["taskOutputArtifact"]["producerTask"] == "student-op"
     assert tasks["evaluate-op"]["inputs"]["artifacts"]["student_export"]["taskOutputArtifact"]["producerTask"] \
         == "export-op"
     assert tasks["teacher-op"]["inputs"]["parameters"]["weights"]["componentInputParameter"] == "teacher_weights"
     assert tasks["lr-baseline-op"]["inputs"]["parameters"]["weights"]["componentInputParameter"] == "student_weights"
+    assert tasks["student-op"]["inputs"]["artifacts"]["source"]["taskOutputArtifact"]["producerTask"] == "assistant-op"
     assert tasks["student-op-2"]["inputs"]["artifacts"]["source"]["taskOutputArtifact"]["producerTask"] == "teacher-op"
     for name in ("teacher-op", "assistant-op", "student-op", "lr-baseline-op"):
         fingerprint = tasks[name]["inputs"]["parameters"]["data_fingerprint"]["taskOutputParameter"]
@@ -150,6 +150,18 @@ def test_training_tasks_ask_for_gpus_cpu_memory_and_gpu_nodes(tmp_path, pipeline
 
 
 @pytest.mark.parametrize("pipeline", sorted(TASKS))
+def test_training_tasks_retry_with_backoff_and_the_others_do_not(tmp_path, pipeline):
+    """A preempted training pod fails its task; the retry resumes the stage from its checkpoint."""
+    spec = compiled(tmp_path, pipeline)
+    for name, training in TASKS[pipeline].items():
+        policy = spec.tasks[name].get("retryPolicy")
+        assert policy == ({"maxRetryCount": 3, "backoffDuration": "60s", "backoffFactor": 2.0,
+                           "backoffMaxDuration": "21600s"} if training else None), name
+    spec = compiled(tmp_path, pipeline, "--retries", "0")
+    assert not [name for name, task in spec.tasks.items() if "retryPolicy" in task]
+
+
+@pytest.mark.parametrize("pipeline", sorted(TASKS))
 def test_every_task_gets_shm_and_the_gcs_secret(tmp_path, pipeline):
     spec = compiled(tmp_path, pipeline)
     for name in TASKS[pipeline]:
@@ -202,7 +214,7 @@ def test_the_ops_keep_the_rerun_token_from_the_stage(monkeypatch):
         uri, path = "memory://x", "/dev/null"
 
     common = dict(data=Uri, data_fingerprint="f", code_version="c", rerun_token="again", launcher={"kind": "pod"},
-                  settings={}, ratio=4, seed=0, checkpoint_root="", model=Uri, metrics=Uri)
+                  settings={}, epochs=0, lr=0.0, ratio=4, seed=0, checkpoint_root="", model=Uri, metrics=Uri)
     pixel_distillation.teacher_op(arch="resnet18", weights="", hr_size=64, **common)
     detection.afp_op(teacher=Uri, method="afp", kind="fcos", backbone="resnet18", weights="", **common)
     for args, fields in calls:

@@ -3,6 +3,7 @@
 from kd_lib.models.backbones import (
     available_architectures,
     build_classifier,
+    check_architecture,
     classifier_module_name,
     default_feature_layers,
     input_module_name,
@@ -15,6 +16,7 @@ __all__ = [
     "ISRDDecoder",
     "available_architectures",
     "build_classifier",
+    "check_architecture",
     "classifier_module_name",
     "default_feature_layers",
     "feature_shapes",

@@ -19,6 +19,8 @@ import timm
 import torch.nn as nn
 import torchvision
 
+from kd_lib.config import ConfigError, check_name
+
 RESNET_FEATURE_LAYERS: tuple[str, ...] = ("layer1", "layer2", "layer3", "layer4")
 TIMM_PREFIX = "timm:"
 
@@ -26,6 +28,19 @@ TIMM_PREFIX = "timm:"
 def available_architectures() -> list[str]:
     """Names of torchvision's classification models (``torchvision.models`` only)."""
     return torchvision.models.list_models(module=torchvision.models)
+
+
+def check_architecture(arch: str, field: str = "arch") -> None:
+    """Raise :class:`~kd_lib.config.ConfigError` for ``field`` unless :func:`build_classifier`
+    takes the name ``arch``: an unknown name (with its close matches) or malformed timm arguments."""
+    if not arch.startswith(TIMM_PREFIX):
+        check_name(arch, available_architectures(), field, "torchvision architecture")
+        return
+    try:
+        name, _ = parse_timm_arch(arch)
+    except ValueError as err:
+        raise ConfigError(field, str(err)) from None
+    check_name(name, timm.list_models(), field, "timm model")
 
 
 def _unknown(arch: str, names: list[str], where: str) -> ValueError:

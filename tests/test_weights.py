@@ -14,6 +14,7 @@ from kd_lib.models import build_classifier
 from kd_lib.models.detector_store import DetectorSpec
 from kd_lib.models.store import save_classifier
 from kd_lib.models.weights import WeightsError, load_backbone_weights, lr_scales, start_classifier
+from test_gcs import gcs  # noqa: F401  (the GCS emulator fixture)
 
 
 def same(model, state, names):
@@ -157,3 +158,27 @@ def test_fine_tuning_lr_trunk_below_head(tmp_path, resnet_state):
     by_lr = {round(group["lr"], 6): {id(p) for p in group["params"]} for group in optimizer.param_groups}
     assert by_lr.keys() == {0.01, 0.1}
     assert by_lr[0.1] == {id(model.fc.weight), id(model.fc.bias)}
+
+
+def test_gs_uri_through_the_gcs_emulator(gcs, resnet_state):
+    import io
+
+    buffer = io.BytesIO()
+    torch.save(resnet_state, buffer)
+    gcs.mkdir("weights")
+    gcs.pipe("weights/teacher/model.pt", buffer.getvalue())
+    model, report = start_classifier("resnet18", 10, "gs://weights/teacher")
+    assert len(report.taken) == len(resnet_state) and same(model, resnet_state, resnet_state)
+    with pytest.raises(FileNotFoundError, match="gs://weights/missing.pt"):
+        start_classifier("resnet18", 10, "gs://weights/missing.pt")
+
+
+def test_prepare_data_selects_imagefolder_classes(tmp_path, make_imagefolder):
+    from kd_lib.data.imagefolder import DataError
+    from kd_lib.data.shards import prepare_imagefolder
+
+    source = make_imagefolder(tmp_path / "src", classes=3, train=2, val=1, size=8)
+    manifest = prepare_imagefolder(str(source), str(tmp_path / "data"), classes=["class2", "class0"])
+    assert manifest["classes"] == ["class2", "class0"] and manifest["splits"]["train"]["images"] == 4
+    with pytest.raises(DataError, match=r"\['class7'\] are not class folders"):
+        prepare_imagefolder(str(source), str(tmp_path / "data2"), classes=["class7"])

@@ -121,10 +121,11 @@ def _latency_column(key: str) -> _Column:
 
 
 def _export_columns(models: list[Model]) -> list[_Column]:
-    """Where each model started from and, when any model was exported (``export``: the export
-    stage's numbers), its ONNX size, top-1 agreement of onnxruntime with PyTorch, int8 size and
-    int8 agreement; a dash for a model without them."""
-    columns = [_Column("started from", False, lambda m: str(m.get("started_from", "random")))]
+    """Where each model started from (when the summary says) and, when any model was exported
+    (``export``: the export stage's numbers), its ONNX size, top-1 agreement of onnxruntime with
+    PyTorch, int8 size and int8 agreement; a dash for a model without them."""
+    columns = [_Column("started from", False, lambda m: str(m.get("started_from", "random")))
+               ] if any("started_from" in m for m in models) else []
     if not any("export" in m for m in models):
         return columns
 

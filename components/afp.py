@@ -51,6 +51,7 @@ from kd_lib.losses.afp import DenseOutputKD
 from kd_lib.losses.msad import CrossFeatureFusion, MSADDistillLoss
 from kd_lib.models.detector_store import DetectorSpec, load_detector
 from kd_lib.models.detectors import FPN_CHANNELS
+from kd_lib.models.weights import started_from
 
 PHASES = ("assistant", "student")
 
@@ -107,7 +108,7 @@ def train_assistant(config: AFPConfig, data: DetectionData, teacher: torch.nn.Mo
             fusion.load_state_dict(meta["info"]["fusion"])
     else:
         assistant = spec.build()
-        origin, scales = start_backbone(assistant, spec, config)
+        _, scales = start_backbone(assistant, spec, config)
         if fusion is None:
             task = AFPDistiller(assistant, "hr", teacher, config.dense_kd())
         else:
@@ -154,11 +155,13 @@ def run(config: AFPConfig) -> dict:
     def write() -> dict:
         unpublish(config.out)
         files = []
-        for phase, model, model_spec, phase_rows in (("assistant", assistant, spec, assistant_rows),
-                                                     ("student", student, lr_spec, rows)):
+        origin = started_from(config.weights)
+        for phase, model, model_spec, phase_rows, start in (
+                ("assistant", assistant, spec, assistant_rows, origin),
+                ("student", student, lr_spec, rows, f"assistant ({origin})")):
             folder = join(config.out, phase)
             written = write_detector(folder, model, model_spec, data, phase_rows, stage=f"afp-{phase}",
-                                     method=config.method, ratio=config.ratio)
+                                     method=config.method, ratio=config.ratio, started_from=start)
             write_manifest(folder, stage=f"afp-{phase}", key=job.key, files=written, info={"final": phase_rows[-1]})
             files += [f"{phase}/{name}" for name in (*written, MANIFEST)]
         return job.publish(config.out, files, {"config": asdict(config),

@@ -41,7 +41,7 @@ import torch
 
 from components.common import StageRun, Write, preflight, publish_on_main, run_lifecycle
 from components.detection_common import (DetectionData, DetectionStageConfig, load_upstream_detector, read_rows,
-                                          train, write_detector)
+                                          stage_inputs, start_backbone, train, write_detector)
 from components.stage import Stage
 from kd_lib.config import ConfigError, check
 from kd_lib.distill.detection import AFPDistiller, MSADDistiller, MSADTeacher, MSADTeacherTraining
@@ -52,6 +52,7 @@ from kd_lib.losses.afp import DenseOutputKD
 from kd_lib.losses.msad import CrossFeatureFusion, MSADDistillLoss
 from kd_lib.models.detector_store import DetectorSpec, load_detector
 from kd_lib.models.detectors import FPN_CHANNELS
+from kd_lib.models.weights import started_from
 
 STAGE = "afp"
 PHASES = ("assistant", "student")
@@ -121,11 +122,13 @@ def train_assistant(config: AFPConfig, data: DetectionData, teacher: torch.nn.Mo
             fusion.load_state_dict(meta["info"]["fusion"])
     else:
         assistant = spec.build()
+        _, scales = start_backbone(assistant, spec, config)
         if fusion is None:
             task = AFPDistiller(assistant, "hr", teacher, config.dense_kd())
         else:
             kd = (teacher, config.dense_kd()) if config.msad_teacher_kd else (None, None)
             task = MSADTeacherTraining(MSADTeacher(assistant, lr_spec.build(), fusion), config.msad_fused_weight, *kd)
+        task.lr_scales = scales
         rows = train(task, data, config, join(job.checkpoint_dir, "assistant-train"), f"{config.method} assistant",
                      epochs=config.assistant_epochs or config.epochs)
         extra = {"fusion": fusion.state_dict()} if fusion is not None else {}
@@ -143,7 +146,7 @@ def train_assistant(config: AFPConfig, data: DetectionData, teacher: torch.nn.Mo
 def run(config: AFPConfig) -> dict:
     preflight(STAGE, config, {"data": config.data, "teacher": config.teacher})
     data = DetectionData.load(config)
-    teacher, teacher_spec, teacher_fingerprint = load_upstream_detector(config.teacher, "teacher", data.classes)
+    teacher, teacher_spec, teacher_fingerprint, _ = load_upstream_detector(config.teacher, "teacher", data.classes)
     if teacher_spec.kind != config.kind:
         raise ConfigError("kind", f"the teacher is a {teacher_spec.kind} and the student a {config.kind}: dense "
                           "distillation pairs their outputs anchor by anchor, so they must be the same kind")
@@ -164,11 +167,13 @@ def run(config: AFPConfig) -> dict:
         rows = train(task, data, config, join(job.checkpoint_dir, "student-train"), f"{config.method} student")
 
         def write(publication: Publication) -> tuple[list[str], dict]:
-            for phase, model, model_spec, phase_rows in (("assistant", assistant, spec, assistant_rows),
-                                                         ("student", student, lr_spec, rows)):
+            origin = started_from(config.weights)
+            for phase, model, model_spec, phase_rows, start in (
+                    ("assistant", assistant, spec, assistant_rows, origin),
+                    ("student", student, lr_spec, rows, f"assistant ({origin})")):
                 child = publication.child(phase, f"afp-{phase}")
                 written = write_detector(child.folder, model, model_spec, data, phase_rows, stage=f"afp-{phase}",
-                                         method=config.method, ratio=config.ratio)
+                                         method=config.method, ratio=config.ratio, started_from=start)
                 child.commit(written, {"final": phase_rows[-1]})
             return [], {"config": asdict(config), "inputs": {"data": config.data, "teacher": config.teacher},
                         "final": {f"{phase}_{k}": v for phase, r in zip(PHASES, (assistant_rows, rows))
@@ -176,7 +181,8 @@ def run(config: AFPConfig) -> dict:
 
         return write
 
-    return run_lifecycle(STAGE, config, {"data": data.fingerprint, "teacher": teacher_fingerprint}, train_phases)
+    return run_lifecycle(STAGE, config, stage_inputs(config, data=data.fingerprint, teacher=teacher_fingerprint),
+                         train_phases)
 
 
 STAGE = Stage("afp", AFPConfig, run, trains=True)

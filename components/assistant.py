@@ -6,11 +6,11 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 
-from components.common import StagePlan, TrainStageConfig, run_training_stage
+from components.common import StagePlan, TrainStageConfig, run_training_stage, started
 from components.stage import Stage
 from kd_lib.config import check
 from kd_lib.distill.methods import DistillSettings, build_distiller
-from kd_lib.models import build_classifier
+from kd_lib.models.weights import start_classifier
 
 
 @dataclass
@@ -32,11 +32,11 @@ class AssistantConfig(TrainStageConfig):
 def run(config: AssistantConfig) -> dict:
     def plan(classes, models):
         teacher, _ = models["teacher"]
-        student = build_classifier(config.arch, len(classes))
+        student, report = start_classifier(config.arch, len(classes), config.weights)
         kd = DistillSettings(method="kd", kd_alpha=config.kd_alpha, temperature=config.temperature)
         task = build_distiller(kd, student, teacher, hr_size=config.hr_size, student_input_size=config.hr_size,
                                student_view="hr")
-        return StagePlan(task, config.arch, "hr")
+        return StagePlan(task, config.arch, "hr", *started(config.arch, config.weights, report))
 
     return run_training_stage("assistant", config, {"teacher": config.teacher}, plan)
 

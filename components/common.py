@@ -40,7 +40,7 @@ import torch
 
 from kd_lib.config import ConfigError, add_arguments, check, from_args
 from kd_lib.data.shards import ShardedImageDataset
-from kd_lib.data.transforms import CropTransform
+from kd_lib.data.transforms import IMAGENET_MEAN, IMAGENET_STD, CropTransform
 from kd_lib.distill.distiller import Distiller, View
 from kd_lib.engine import distributed
 from kd_lib.engine.loop import fit, resolve_device, write_metrics
@@ -51,8 +51,10 @@ from kd_lib.io.checkpoint import discard_damaged
 from kd_lib.io.fs import STORAGE_TIMEOUT, check_reachable, check_writable, is_file, join, remove, remove_if_empty, same_location
 from kd_lib.io.manifest import MANIFEST, IncompleteOutputError, finished_with_key, read_manifest, stage_key
 from kd_lib.io.publish import Publication, previous_manifest
-from kd_lib.models import build_classifier, check_architecture
+from kd_lib.models import check_architecture
 from kd_lib.models.store import MODEL_FILE, load_classifier, save_classifier
+from kd_lib.models.weights import (LoadReport, lr_scales, resolved_weights, start_classifier,
+                                   started_from, weights_fingerprint)
 from kd_lib.ops import ResizeMode
 
 METRICS_FILE = "metrics.parquet"
@@ -85,7 +87,13 @@ class TrainingOutputSettings(OutputSettings):
 
 @dataclass
 class TrainStageConfig(TrainSettings, TrainingOutputSettings):
-    """Fields of every classification training stage (on top of the loop's settings)."""
+    """Fields of every classification training stage (on top of the loop's settings).
+
+    ``weights``: where the trained model starts from (:mod:`kd_lib.models.weights`: ``""`` random,
+    ``torchvision:DEFAULT``, ``timm:TAG[,file=PATH]``, or the URI of a model folder, a state dict
+    or a ``.safetensors`` file). The tensors taken from it train at ``weights_lr_scale x lr``
+    and a re-initialised head at ``lr`` (the fine-tuning recipe, :func:`kd_lib.models.weights.lr_scales`).
+    """
 
     data: str = ""
     """the prepare-data output URI"""
@@ -103,11 +111,17 @@ class TrainStageConfig(TrainSettings, TrainingOutputSettings):
     """the smallest share of the image a random training crop covers"""
     checkpoint_root: str = ""
     """where checkpoints go ('': a checkpoints/ folder under out)"""
+    weights: str = ""
+    """where the model starts from: "" random, torchvision:DEFAULT, timm:TAG[,file=PATH], or a model folder,
+    state dict or .safetensors URI"""
+    weights_lr_scale: float = 0.1
+    """the lr of the tensors taken from weights, as a fraction of lr (a new head trains at lr)"""
 
     def validate(self) -> None:
         super().validate()
         self.validate_output()
         check(bool(self.data), "data", "is required: the prepare-data output URI")
+        check(0 < self.weights_lr_scale <= 1, "weights_lr_scale", f"must be in (0, 1], got {self.weights_lr_scale}")
         check(bool(self.out), "out", "is required: where this stage writes its outputs")
         check(self.ratio >= 1, "ratio", f"must be >= 1, got {self.ratio}")
         check(self.hr_size >= 8, "hr_size", f"must be >= 8, got {self.hr_size}")
@@ -197,11 +211,14 @@ def load_upstream(uri: str, field: str, classes: list[str]) -> tuple[torch.nn.Mo
 
 @dataclass
 class StagePlan:
-    """What a training stage trains: the task and the metadata of the model it publishes."""
+    """What a training stage trains: the task and the metadata of the model it publishes, with
+    where its student started from (``started_from``, and the load's report when weights were loaded)."""
 
     task: Distiller
     arch: str
     view: View
+    started_from: str = "random"
+    weights_report: LoadReport | None = None
 
 
 @dataclass
@@ -289,6 +306,7 @@ def run_training_stage(stage: str, config: TrainStageConfig, upstream: dict[str,
 
     def train(run: StageRun) -> Write:
         planned = plan(classes, {name: (model, meta) for name, (model, meta, _) in loaded.items()})
+        planned.task.lr_scales = lr_scales(planned.task.student, planned.weights_report, config.weights_lr_scale)
         train_set, val_set = (ShardedImageDataset(config.data, split, CropTransform(
             config.hr_size, config.ratio, train=split == "train", resize=config.resize,
             crop_scale=config.crop_scale)) for split in ("train", "val"))
@@ -298,21 +316,35 @@ def run_training_stage(stage: str, config: TrainStageConfig, upstream: dict[str,
         def write(publication: Publication) -> tuple[list[str], dict]:
             input_size = config.hr_size if planned.view == "hr" else config.lr_size
             save_classifier(publication.folder, planned.task.student.cpu(), arch=planned.arch, classes=classes,
-                            input_size=input_size, stage=stage, hr_size=config.hr_size, ratio=config.ratio)
+                            input_size=input_size, stage=stage, hr_size=config.hr_size, ratio=config.ratio,
+                            mean=list(IMAGENET_MEAN), std=list(IMAGENET_STD), resize=config.resize,
+                            started_from=planned.started_from)
             write_metrics(rows, join(publication.folder, METRICS_FILE))
+            report = {"weights": planned.weights_report.as_dict()} if planned.weights_report else {}
             return [MODEL_FILE, METRICS_FILE], {"config": asdict(config),
-                                                "inputs": {"data": config.data, **upstream}, "final": rows[-1]}
+                                                "inputs": {"data": config.data, **upstream}, "final": rows[-1],
+                                                "started_from": planned.started_from, **report}
 
         return write
 
     fingerprints = {"data": data["data_fingerprint"], **{n: fp for n, (_, _, fp) in loaded.items()}}
+    if config.weights:
+        fingerprints["weights"] = weights_fingerprint(config.weights)
     return run_lifecycle(stage, config, fingerprints, train)
 
 
+def started(arch: str, weights: str, report: LoadReport | None) -> tuple[str, LoadReport | None]:
+    """A :class:`StagePlan`'s ``started_from`` and ``weights_report`` for a model started from ``weights``."""
+    if report is not None:
+        print(f"weights {report.summary()}", file=sys.stderr)
+    return started_from(resolved_weights(arch, weights)), report
+
+
 def run_supervised(stage: str, config: TrainStageConfig, view: View) -> dict[str, Any]:
-    """A stage that trains ``config.arch`` from scratch with cross-entropy alone on one view."""
+    """A stage that trains ``config.arch`` from ``config.weights`` with cross-entropy alone on one view."""
     def plan(classes, models):
-        return StagePlan(Distiller(build_classifier(config.arch, len(classes)), view), config.arch, view)
+        model, report = start_classifier(config.arch, len(classes), config.weights)
+        return StagePlan(Distiller(model, view), config.arch, view, *started(config.arch, config.weights, report))
 
     return run_training_stage(stage, config, {}, plan)
 

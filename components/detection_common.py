@@ -14,6 +14,7 @@ like every stage (see :mod:`components.common`).
 from __future__ import annotations
 
 import io
+import sys
 from dataclasses import dataclass, replace
 from typing import Literal
 
@@ -32,6 +33,7 @@ from kd_lib.io.fs import join
 from kd_lib.io.manifest import read_manifest, read_published
 from kd_lib.models.detector_store import MODEL_FILE, DetectorSpec, load_detector, save_detector
 from kd_lib.models.detectors import accepted_backbones
+from kd_lib.models.weights import load_backbone_weights, lr_scales, started_from, weights_fingerprint
 from kd_lib.ops import ResizeMode
 
 METRICS_FILE = "metrics.parquet"
@@ -43,7 +45,12 @@ SIDE_MULTIPLE = 32
 @dataclass
 class DetectionStageConfig(TrainSettings, TrainingOutputSettings):
     """Fields of every detection stage. Defaults: SGD lr 0.01, batch 8, weight decay 1e-4 and
-    the gradient norm clipped at 10, a common from-scratch recipe for RetinaNet and FCOS."""
+    the gradient norm clipped at 10, a common from-scratch recipe for RetinaNet and FCOS.
+
+    ``weights``: where the backbone starts from, a classification checkpoint's trunk (the
+    classification pipeline's teacher, ``torchvision:DEFAULT``, a state dict, ...; see
+    :mod:`kd_lib.models.weights`), random by default; its tensors train at ``weights_lr_scale x lr``,
+    the FPN and the head at ``lr``."""
 
     data: str = ""
     """the prepare-data output URI (detection data)"""
@@ -65,6 +72,11 @@ class DetectionStageConfig(TrainSettings, TrainingOutputSettings):
     """SGD weight decay"""
     grad_clip_norm: float = 10.0
     """clip the global gradient norm of each step to this (0: off)"""
+    weights: str = ""
+    """where the backbone starts from: "" random, torchvision:DEFAULT, or a classification model folder,
+    state dict or .safetensors URI (its trunk)"""
+    weights_lr_scale: float = 0.1
+    """the lr of the backbone tensors taken from weights, as a fraction of lr (FPN and head train at lr)"""
 
     def validate(self) -> None:
         super().validate()
@@ -72,6 +84,7 @@ class DetectionStageConfig(TrainSettings, TrainingOutputSettings):
         check(bool(self.data), "data", "is required: the prepare-data output URI (detection data)")
         check(bool(self.out), "out", "is required: where this stage writes its outputs")
         check(self.kind in ("retinanet", "fcos"), "kind", f"must be retinanet or fcos, got {self.kind!r}")
+        check(0 < self.weights_lr_scale <= 1, "weights_lr_scale", f"must be in (0, 1], got {self.weights_lr_scale}")
         check(self.ratio in (1, 2, 4, 8), "ratio", f"must be 1, 2, 4 or 8 (a power of two), got {self.ratio}")
         check_name(self.backbone, accepted_backbones(), "backbone",
                    "detector backbone (a torchvision ResNet or MobileNet)")
@@ -100,14 +113,31 @@ class DetectionData:
         return cls(manifest["classes"], size, manifest["data_fingerprint"], train, val)
 
 
-def load_upstream_detector(uri: str, field: str, classes: list[str]) -> tuple[torch.nn.Module, DetectorSpec, str]:
-    """An upstream detector, its spec and its fingerprint, checked against the data's classes."""
+def load_upstream_detector(uri: str, field: str, classes: list[str]
+                           ) -> tuple[torch.nn.Module, DetectorSpec, str, dict]:
+    """An upstream detector, its spec, its fingerprint and its metadata, checked against the data's classes."""
     manifest = read_manifest(uri)
     model, spec, meta = load_detector(uri)
     if meta["classes"] != classes:
         raise DataError(f"{field} at {uri} detects {len(meta['classes'])} classes, but the data has "
                         f"{len(classes)}: they must be the same classes in the same order")
-    return model, spec, manifest["fingerprint"]
+    return model, spec, manifest["fingerprint"], meta
+
+
+def start_backbone(model: torch.nn.Module, spec: DetectorSpec, config: DetectionStageConfig
+                   ) -> tuple[str, dict[int, float]]:
+    """Load ``config.weights`` into the backbone of ``model`` (nothing when empty); returns what
+    the model started from and the lr factors of its parameters (a task's ``lr_scales``)."""
+    if not config.weights:
+        return started_from(""), {}
+    report = load_backbone_weights(model, spec.backbone, config.weights)
+    print(f"backbone weights {report.summary()}", file=sys.stderr)
+    return started_from(config.weights), lr_scales(model, report, config.weights_lr_scale)
+
+
+def stage_inputs(config: DetectionStageConfig, **inputs: str) -> dict[str, str]:
+    """A detection stage's key inputs: ``inputs`` and the fingerprint of its weights, if any."""
+    return {**inputs, **({"weights": weights_fingerprint(config.weights)} if config.weights else {})}
 
 
 def train(task: DetectorTraining, data: DetectionData, config: DetectionStageConfig, checkpoint_dir: str,

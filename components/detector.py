@@ -12,7 +12,8 @@ import sys
 from dataclasses import asdict, dataclass, replace
 
 from components.common import StageRun, Write, preflight, run_lifecycle
-from components.detection_common import DetectionData, DetectionStageConfig, train, write_detector
+from components.detection_common import (DetectionData, DetectionStageConfig, stage_inputs, start_backbone, train,
+                                          write_detector)
 from components.stage import Stage
 from kd_lib.config import check
 from kd_lib.distill.detection import DetectorTraining
@@ -40,17 +41,22 @@ def run(config: DetectorConfig) -> dict:
 
     def train_detector(run: StageRun) -> Write:
         model = spec.build()
-        rows = train(DetectorTraining(model, config.view), data, config, run.checkpoint_dir, f"detector-{config.view}")
+        origin, scales = start_backbone(model, spec, config)
+        task = DetectorTraining(model, config.view)
+        task.lr_scales = scales
+        rows = train(task, data, config, run.checkpoint_dir, f"detector-{config.view}")
 
         def write(publication: Publication) -> tuple[list[str], dict]:
             files = write_detector(publication.folder, model, spec, data, rows, stage=STAGE, view=config.view,
-                                   ratio=config.ratio)
-            return files, {"config": asdict(config), "inputs": {"data": config.data}, "final": rows[-1]}
+                                   ratio=config.ratio, started_from=origin)
+            return files, {"config": asdict(config), "inputs": {"data": config.data}, "final": rows[-1],
+                           "started_from": origin}
 
         return write
 
     keyed = replace(config, ratio=1) if config.view == "hr" else config  # an HR model ignores the ratio
-    return run_lifecycle(STAGE, config, {"data": data.fingerprint}, train_detector, key_config=keyed)
+    return run_lifecycle(STAGE, config, stage_inputs(config, data=data.fingerprint), train_detector,
+                         key_config=keyed)
 
 
 STAGE = Stage("detector", DetectorConfig, run, trains=True)

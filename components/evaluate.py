@@ -21,7 +21,8 @@ whose gate skipped the students evaluates the teacher and the LR baseline.
 
 Writes under ``out``: ``summary.json``, ``metrics.parquet`` (one row per
 model), ``report.html`` (tables, verdicts, training curves and a plot of
-top-1 against GFLOPs), and ``manifest.json`` last.
+top-1 against GFLOPs), and ``manifest.json`` last. ``exports`` (model name ->
+export stage output) adds each exported model's ONNX and int8 numbers to its row.
 """
 
 from __future__ import annotations
@@ -60,6 +61,8 @@ class EvaluateConfig:
     """where the summary and report go"""
     models: dict[str, str] = field(default_factory=dict)
     """name=URI of each model to evaluate"""
+    exports: dict[str, str] = field(default_factory=dict)
+    """name=URI of the export stage output of an evaluated model: its ONNX and int8 numbers join its row"""
     hr_size: int = 64
     """classification: the side of the HR validation crop, in px"""
     ratio: int = 4
@@ -85,6 +88,8 @@ class EvaluateConfig:
         check(bool(self.data), "data", "is required: the prepare-data output URI")
         check(bool(self.out), "out", "is required: where the summary and report go")
         check(bool(self.models), "models", "is required: name=URI of each model to evaluate")
+        check(set(self.exports) <= set(self.models), "exports",
+              f"names models that are not evaluated: {sorted(set(self.exports) - set(self.models))}")
         check(self.hr_size % self.ratio == 0, "hr_size", f"{self.hr_size} is not divisible by ratio {self.ratio}")
         check(self.latency_repeats >= 1, "latency_repeats", f"must be >= 1, got {self.latency_repeats}")
         check(bool(self.latency_batch_sizes) and all(b >= 1 for b in self.latency_batch_sizes),
@@ -155,13 +160,14 @@ def evaluate_model(name: str, uri: str, classes: list[str], loader, pairing: Pai
     accuracy = evaluate_classifier(model, loader, pairing, view, device)
     return {"name": name, "arch": meta["arch"], "input_size": size, "view": view,
             "top1": accuracy["top1"], "top5": accuracy["top5"], **deployment_cost(model, size, config, device),
+            "started_from": meta["info"].get("started_from", "random"),
             "uri": uri, "fingerprint": fingerprint,
             **training_record(uri, {u: n for n, u in config.models.items()})}
 
 
 def evaluate_detector(name: str, uri: str, classes: list[str], image_size: int, config: EvaluateConfig,
                       device: torch.device) -> dict:
-    model, spec, fingerprint = load_upstream_detector(uri, name, classes)
+    model, spec, fingerprint, meta = load_upstream_detector(uri, name, classes)
     size = spec.image_size
     if image_size % size:
         raise ConfigError("models", f"{name} reads {size} px images, which is not the data's {image_size} px "
@@ -174,7 +180,8 @@ def evaluate_detector(name: str, uri: str, classes: list[str], image_size: int, 
     model.to(device)
     metrics = coco_map(val_set.ground_truth(), detect(model, loader, val_set.pairing, view, device))
     return {"name": name, "arch": f"{spec.kind} {spec.backbone}", "input_size": size, "view": view,
-            "ratio": ratio, **metrics, **deployment_cost(model, size, config, device), "uri": uri,
+            "ratio": ratio, **metrics, **deployment_cost(model, size, config, device),
+            "started_from": meta["info"].get("started_from", "random"), "uri": uri,
             "fingerprint": fingerprint}
 
 
@@ -195,6 +202,10 @@ def run(config: EvaluateConfig) -> dict:
         loader = torch.utils.data.DataLoader(val_set, batch_size=config.batch_size, num_workers=config.num_workers)
         models = [evaluate_model(name, uri, classes, loader, val_set.pairing, config, device)
                   for name, uri in config.models.items()]
+    exports = {name: read_manifest(uri) for name, uri in config.exports.items()}
+    for model in models:
+        if model["name"] in exports:
+            model["export"] = exports[model["name"]]["final"]
     summary = {"task": task,
                "dataset": {"uri": data["source"], "fingerprint": data["data_fingerprint"],
                            "num_classes": data["num_classes"],
@@ -211,7 +222,8 @@ def run(config: EvaluateConfig) -> dict:
                    {f"latency_ms_{k}": v for k, v in m["latency_ms"].items()} for m in models],
                   join(config.out, METRICS_FILE))
     write_report(summary, config.out)
-    inputs = {m["name"]: m["fingerprint"] for m in models}
+    inputs = {m["name"]: m["fingerprint"] for m in models} | {f"{n} export": e["fingerprint"]
+                                                              for n, e in exports.items()}
     write_manifest(config.out, stage="evaluate", key=stage_key("evaluate", asdict(config), inputs),
                    files=[SUMMARY_FILE, METRICS_FILE, REPORT_FILE], info={"config": asdict(config)})
     print("\n".join([format_table(summary), *verdict_lines(summary)]))

@@ -6,7 +6,8 @@ file or folder, and nothing is published.
 
 Classification: ``source`` is an ImageFolder root with train/ and val/;
 ``max_per_class`` keeps the first N images of each class in each split (0:
-all).
+all); ``categories`` keeps only the named class folders, labelled in that
+order (``[cat, dog]``: a two-class task).
 
 Detection: ``source`` is a COCO ``instances_*.json`` (its images under
 ``images``) or a YOLO root (``data.yaml`` or ``classes.txt``, ``images/`` and
@@ -103,7 +104,8 @@ def run(config: PrepareDataConfig) -> dict:
               if getattr(config, name)}
     preflight("prepare-data", config, inputs)
     if config.resolved_format() == "imagefolder":
-        manifest = prepare_imagefolder(config.source, config.out, config.shard_size, config.max_per_class)
+        manifest = prepare_imagefolder(config.source, config.out, config.shard_size, config.max_per_class,
+                                       config.categories)
     else:
         train, val = read_detection(config)
         manifest = prepare_detection(train, config.out, config.image_size, source=config.source, val=val,

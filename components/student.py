@@ -13,6 +13,8 @@ LR baseline. Where the student starts from and what it learns from:
   baselines, CRKD, and one-stage pixel distillation (``method: kd+isrd``).
 - neither: ``ce`` or ``isrd`` alone, no teacher.
 
+Without an assistant the student starts from ``weights`` (random by default).
+
 Defaults: alpha 0.9 and T 4, eta 50 (Pixel Distillation's official configs),
 the TAS feature weight 1 (our choice: the official code has the loss but
 never calls it); the other methods' defaults are in
@@ -24,11 +26,11 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 
-from components.common import StagePlan, TrainStageConfig, run_training_stage
+from components.common import StagePlan, TrainStageConfig, run_training_stage, started
 from components.stage import Stage
 from kd_lib.config import ConfigError, check
 from kd_lib.distill.methods import DistillSettings, build_distiller
-from kd_lib.models import build_classifier
+from kd_lib.models.weights import start_classifier
 
 
 @dataclass
@@ -43,6 +45,8 @@ class StudentConfig(TrainStageConfig, DistillSettings):
         DistillSettings.validate(self)
         check(not (self.assistant and self.teacher), "teacher",
               "give the assistant (start from it and distil from it) or the teacher, not both")
+        check(not (self.assistant and self.weights), "weights",
+              "the student starts from the assistant's weights: give weights or the assistant, not both")
         if self.needs_assistant:
             check(bool(self.assistant), "assistant", f"is required with method {self.method}: the student "
                   "starts from the assistant's weights")
@@ -55,7 +59,8 @@ class StudentConfig(TrainStageConfig, DistillSettings):
 
 
 def plan(config: StudentConfig, classes: list[str], models: dict) -> StagePlan:
-    student = build_classifier(config.arch, len(classes))
+    student, report = start_classifier(config.arch, len(classes), config.weights)
+    origin = started(config.arch, config.weights, report)
     teacher = None
     if config.assistant:
         teacher, meta = models["assistant"]
@@ -63,11 +68,12 @@ def plan(config: StudentConfig, classes: list[str], models: dict) -> StagePlan:
             raise ConfigError("arch", f"the student starts from the assistant's weights, so it has the "
                               f"assistant's architecture {meta['arch']!r}; the config says {config.arch!r}")
         student.load_state_dict(teacher.state_dict())
+        origin = (f"assistant ({meta['info'].get('started_from', 'random')})", None)
     elif config.teacher:
         teacher, _ = models["teacher"]
     task = build_distiller(config, student, teacher, hr_size=config.hr_size, student_input_size=config.lr_size,
                            epochs=config.epochs)
-    return StagePlan(task, config.arch, "lr")
+    return StagePlan(task, config.arch, "lr", *origin)
 
 
 def run(config: StudentConfig) -> dict:

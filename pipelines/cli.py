@@ -71,8 +71,8 @@ def pipeline_params(args: argparse.Namespace, source: str, pipeline) -> dict:
     """The classification pipeline's parameters: its defaults, the demo's when there is no
     ``--data``, then the command line, merged field by field."""
     return {"source": source, **merged_settings(args, pipeline, DEMO_SETTINGS if args.data is None else None),
-            **shared_params(args, ("hr_size", "ratio", "seed", "teacher_arch", "student_arch", "epochs",
-                                   "min_teacher_margin"))}
+            **shared_params(args, ("hr_size", "ratio", "seed", "teacher_arch", "student_arch", "teacher_weights",
+                                   "student_weights", "epochs", "min_teacher_margin"))}
 
 
 def detection_params(args: argparse.Namespace, pipeline) -> dict:
@@ -81,7 +81,7 @@ def detection_params(args: argparse.Namespace, pipeline) -> dict:
     images = args.images and (args.images if "://" in args.images else str(Path(args.images).resolve()))
     return {"source": source, **({"images": images} if images else {}), **merged_settings(args, pipeline),
             **shared_params(args, ("image_size", "ratio", "seed", "kind", "teacher_backbone", "student_backbone",
-                                   "epochs"))}
+                                   "teacher_backbone_weights", "student_backbone_weights", "epochs"))}
 
 
 def print_result(paths: dict[str, Path]) -> None:
@@ -233,6 +233,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--seed", type=int)
     run.add_argument("--teacher-arch")
     run.add_argument("--student-arch")
+    run.add_argument("--teacher-weights", help="where the teacher starts from: torchvision:DEFAULT, timm:TAG, "
+                     "or a model folder / state dict / .safetensors URI (default: random)")
+    run.add_argument("--student-weights", help="where the assistant, one-stage student and LR baseline start "
+                     "from (the TAS student starts from the assistant)")
     run.add_argument("--epochs", type=int, help="epochs of every training stage")
     run.add_argument("--min-teacher-margin", type=float, metavar="POINTS",
                      help="train the assistant and the students only if the teacher's val top-1 beats the LR "
@@ -249,6 +253,9 @@ def build_parser() -> argparse.ArgumentParser:
     detect.add_argument("--kind", choices=("fcos", "retinanet"))
     detect.add_argument("--teacher-backbone")
     detect.add_argument("--student-backbone")
+    detect.add_argument("--teacher-backbone-weights", help="where the teacher's backbone starts from: "
+                        "torchvision:DEFAULT or a classification model folder / state dict URI (default: random)")
+    detect.add_argument("--student-backbone-weights", help="the same for the students' backbones")
     detect.add_argument("--epochs", type=int, help="epochs of every training stage")
     detect.add_argument("--set", action="append", default=[], metavar="STAGE.FIELD=VALUE",
                         help="a stage setting, e.g. --set afp.epochs=4 (repeatable)")

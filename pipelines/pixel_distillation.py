@@ -1,9 +1,9 @@
 """The classification pipeline as KFP v2 lightweight components.
 
     prepare-data -> teacher + lr-baseline -> teacher-gate
-    gate passed: teacher -> assistant -> student (TAS: method tas from the assistant)
+    gate passed: teacher -> assistant -> student (TAS: method tas from the assistant) -> export
                  teacher -> student-onestage (method kd+isrd from the teacher)
-                 all five models -> evaluate
+                 all five models and the export -> evaluate
     otherwise:   teacher + lr-baseline -> evaluate
 
 Each component runs one stage of ``components/`` in the image of its role
@@ -17,7 +17,9 @@ cache key of everything downstream changes exactly when the data does.
 local runs): it is an input of every task, so new code misses the cache.
 
 Pipeline parameters: the shared fields (``hr_size``, ``ratio``, ``seed``,
-the two architectures); the most tuned settings, typed: ``epochs`` and ``lr``
+the two architectures, and where they start from: ``teacher_weights`` for the
+teacher, ``student_weights`` for the assistant, the one-stage student and the LR
+baseline, see :mod:`kd_lib.models.weights`); the most tuned settings, typed: ``epochs`` and ``lr``
 of every training task (0: each stage's own setting) and the two students'
 methods (``student_method``: TAS from the assistant; ``onestage_method``:
 one-stage pixel distillation, KD + ISRD, from the teacher); and, per stage, a
@@ -59,6 +61,7 @@ DEFAULT_SETTINGS = {
     "student": {"epochs": 10},
     "onestage": {"epochs": 10},
     "lr_baseline": {"epochs": 10, "lr": 0.05},
+    "export": {},
     "evaluate": {},
 }
 
@@ -80,42 +83,53 @@ def prepare_data_op(source: str, source_version: str, settings: dict, code_versi
 
 
 def teacher_op(data: Input[Dataset], data_fingerprint: str, code_version: str, rerun_token: str, launcher: dict,
-               settings: dict, epochs: int, lr: float, arch: str, hr_size: int, ratio: int, seed: int,
+               settings: dict, epochs: int, lr: float, arch: str, weights: str, hr_size: int, ratio: int, seed: int,
                checkpoint_root: str, model: Output[Model], metrics: Output[Metrics]):
-    """teacher: the large model at HR, cross-entropy."""
+    """teacher: the large model at HR, started from ``weights``, cross-entropy."""
     from components.kfp_entry import run_stage, tuned
-    run_stage("teacher", tuned(settings, epochs, lr), metrics, launcher, data=data.uri, out=model.uri, arch=arch, hr_size=hr_size,
-              ratio=ratio, seed=seed, checkpoint_root=checkpoint_root)
+    run_stage("teacher", tuned(settings, epochs, lr), metrics, launcher, data=data.uri, out=model.uri, arch=arch,
+              weights=weights, hr_size=hr_size, ratio=ratio, seed=seed, checkpoint_root=checkpoint_root)
 
 
 def assistant_op(data: Input[Dataset], data_fingerprint: str, code_version: str, rerun_token: str, launcher: dict,
-                 teacher: Input[Model], settings: dict, epochs: int, lr: float, arch: str, hr_size: int,
-                 ratio: int, seed: int, checkpoint_root: str, model: Output[Model], metrics: Output[Metrics]):
-    """assistant: the small model at HR, distilled from the teacher."""
+                 teacher: Input[Model], settings: dict, epochs: int, lr: float, arch: str, weights: str,
+                 hr_size: int, ratio: int, seed: int, checkpoint_root: str, model: Output[Model],
+                 metrics: Output[Metrics]):
+    """assistant: the small model at HR, started from ``weights``, distilled from the teacher."""
     from components.kfp_entry import run_stage, tuned
     run_stage("assistant", tuned(settings, epochs, lr), metrics, launcher, data=data.uri, out=model.uri, teacher=teacher.uri, arch=arch,
-              hr_size=hr_size, ratio=ratio, seed=seed, checkpoint_root=checkpoint_root)
+              weights=weights, hr_size=hr_size, ratio=ratio, seed=seed, checkpoint_root=checkpoint_root)
 
 
 def student_op(data: Input[Dataset], data_fingerprint: str, code_version: str, rerun_token: str, launcher: dict,
                source: Input[Model], source_field: str, method: str, settings: dict, epochs: int, lr: float,
-               arch: str, hr_size: int, ratio: int, seed: int, checkpoint_root: str, model: Output[Model],
-               metrics: Output[Metrics]):
+               arch: str, weights: str, hr_size: int, ratio: int, seed: int, checkpoint_root: str,
+               model: Output[Model], metrics: Output[Metrics]):
     """student: the small model at LR, distilled from ``source`` (the assistant or the teacher)
-    with ``method`` unless the settings name another."""
+    with ``method`` unless the settings name another; started from the assistant (``source_field``
+    assistant) or from ``weights``."""
     from components.kfp_entry import run_stage, tuned
     run_stage("student", {"method": method, **tuned(settings, epochs, lr)}, metrics, launcher, data=data.uri, out=model.uri,
               arch=arch, hr_size=hr_size, ratio=ratio, seed=seed, checkpoint_root=checkpoint_root,
-              **{source_field: source.uri})
+              **{source_field: source.uri}, **({"weights": weights} if weights else {}))
 
 
 def lr_baseline_op(data: Input[Dataset], data_fingerprint: str, code_version: str, rerun_token: str, launcher: dict,
-                   settings: dict, epochs: int, lr: float, arch: str, hr_size: int, ratio: int, seed: int,
-                   checkpoint_root: str, model: Output[Model], metrics: Output[Metrics]):
-    """lr-baseline: the student's architecture at LR, cross-entropy only."""
+                   settings: dict, epochs: int, lr: float, arch: str, weights: str, hr_size: int, ratio: int,
+                   seed: int, checkpoint_root: str, model: Output[Model], metrics: Output[Metrics]):
+    """lr-baseline: the student's architecture at LR, started from ``weights``, cross-entropy only."""
     from components.kfp_entry import run_stage, tuned
-    run_stage("lr-baseline", tuned(settings, epochs, lr), metrics, launcher, data=data.uri, out=model.uri, arch=arch, hr_size=hr_size,
-              ratio=ratio, seed=seed, checkpoint_root=checkpoint_root)
+    run_stage("lr-baseline", tuned(settings, epochs, lr), metrics, launcher, data=data.uri, out=model.uri, arch=arch,
+              weights=weights, hr_size=hr_size, ratio=ratio, seed=seed, checkpoint_root=checkpoint_root)
+
+
+def export_op(data: Input[Dataset], code_version: str, rerun_token: str, source: Input[Model], folder: str,
+              settings: dict, model: Output[Model], metrics: Output[Metrics]):
+    """export: the model at ``source`` (its ``folder``, if given) as ONNX and int8 ONNX, checked in onnxruntime."""
+    from components.kfp_entry import run_stage
+    from kd_lib.io.fs import join
+    run_stage("export", settings, metrics, data=data.uri, out=model.uri,
+              model=join(source.uri, folder) if folder else source.uri)
 
 
 def teacher_gate_op(teacher: Input[Model], lr_baseline: Input[Model], min_teacher_margin: float
@@ -131,15 +145,16 @@ def evaluate_op(data: Input[Dataset], code_version: str, rerun_token: str, teach
                 lr_baseline: Input[Model], gate: dict, settings: dict, hr_size: int, ratio: int,
                 summary: Output[Artifact], report: Output[HTML], metrics: Output[Metrics],
                 assistant: Input[Model] = None, student: Input[Model] = None,
-                student_onestage: Input[Model] = None) -> str:
-    """evaluate: accuracy, FLOPs, latency and input bytes of every model given; summary, verdicts
-    and report. Returns the summary folder's URI."""
+                student_onestage: Input[Model] = None, student_export: Input[Model] = None) -> str:
+    """evaluate: accuracy, FLOPs, latency and input bytes of every model given, the student's
+    export; summary, verdicts and report. Returns the summary folder's URI."""
     from components.kfp_entry import run_stage
     from kd_lib.io.fs import join, read_bytes
     given = {"teacher": teacher, "assistant": assistant, "student": student, "student_onestage": student_onestage,
              "lr_baseline": lr_baseline}
     run_stage("evaluate", settings, metrics, data=data.uri, out=summary.uri, hr_size=hr_size, ratio=ratio,
               models={name: model.uri for name, model in given.items() if model is not None}, gate=gate,
+              exports={"student": student_export.uri} if student_export is not None else {},
               code_version=code_version)
     with open(report.path, "wb") as f:
         f.write(read_bytes(join(summary.uri, "report.html")))
@@ -151,8 +166,9 @@ def build_pipeline(options: ClusterOptions | None = None):
     each task's image, resources and pod settings; None: no cluster settings, for kfp.local)."""
     component = dsl.component(base_image=IMAGES["train"], install_kfp_package=False)
     (source_version, prepare, train_teacher, train_assistant, train_student, train_lr_baseline, teacher_gate,
-     evaluate) = (component(op) for op in (source_version_op, prepare_data_op, teacher_op, assistant_op, student_op,
-                                           lr_baseline_op, teacher_gate_op, evaluate_op))
+     export, evaluate) = (component(op) for op in (source_version_op, prepare_data_op, teacher_op, assistant_op,
+                                                   student_op, lr_baseline_op, teacher_gate_op, export_op,
+                                                   evaluate_op))
     launcher = launcher_input(options)
 
     @dsl.pipeline(name=PIPELINE_NAME, description=__doc__.split("\n\n")[0],
@@ -165,6 +181,8 @@ def build_pipeline(options: ClusterOptions | None = None):
         seed: int = 0,
         teacher_arch: str = "resnet34",
         student_arch: str = "resnet18",
+        teacher_weights: str = "",
+        student_weights: str = "",
         epochs: int = 0,
         lr: float = 0.0,
         student_method: str = "tas",
@@ -176,6 +194,7 @@ def build_pipeline(options: ClusterOptions | None = None):
         student_settings: dict = DEFAULT_SETTINGS["student"],
         onestage_settings: dict = DEFAULT_SETTINGS["onestage"],
         lr_baseline_settings: dict = DEFAULT_SETTINGS["lr_baseline"],
+        export_settings: dict = DEFAULT_SETTINGS["export"],
         evaluate_settings: dict = DEFAULT_SETTINGS["evaluate"],
         code_version: str = "",
         rerun_prepare: str = "",
@@ -184,6 +203,7 @@ def build_pipeline(options: ClusterOptions | None = None):
         rerun_student: str = "",
         rerun_onestage: str = "",
         rerun_lr_baseline: str = "",
+        rerun_export: str = "",
         rerun_evaluate: str = "",
     ) -> str:
         version = source_version(source=source, images="")
@@ -192,9 +212,10 @@ def build_pipeline(options: ClusterOptions | None = None):
         common = dict(data=data.outputs["data"], data_fingerprint=data.outputs["Output"], hr_size=hr_size,
                       ratio=ratio, seed=seed, checkpoint_root=checkpoint_root, code_version=code_version,
                       launcher=launcher, epochs=epochs, lr=lr)
-        teacher = train_teacher(settings=teacher_settings, arch=teacher_arch, rerun_token=rerun_teacher, **common)
-        baseline = train_lr_baseline(settings=lr_baseline_settings, arch=student_arch, rerun_token=rerun_lr_baseline,
-                                     **common)
+        teacher = train_teacher(settings=teacher_settings, arch=teacher_arch, weights=teacher_weights,
+                                rerun_token=rerun_teacher, **common)
+        baseline = train_lr_baseline(settings=lr_baseline_settings, arch=student_arch, weights=student_weights,
+                                     rerun_token=rerun_lr_baseline, **common)
         gate = teacher_gate(teacher=teacher.outputs["model"], lr_baseline=baseline.outputs["model"],
                             min_teacher_margin=min_teacher_margin)
         evaluated = dict(data=data.outputs["data"], code_version=code_version, rerun_token=rerun_evaluate,
@@ -202,20 +223,25 @@ def build_pipeline(options: ClusterOptions | None = None):
                          gate=gate.outputs["decision"], settings=evaluate_settings, hr_size=hr_size, ratio=ratio)
         with dsl.If(gate.outputs["passed"] == True, name="teacher-beats-baseline"):  # noqa: E712
             assistant = train_assistant(teacher=teacher.outputs["model"], settings=assistant_settings,
-                                        arch=student_arch, rerun_token=rerun_assistant, **common)
+                                        arch=student_arch, weights=student_weights, rerun_token=rerun_assistant,
+                                        **common)
             student = train_student(source=assistant.outputs["model"], source_field="assistant",
                                     method=student_method, settings=student_settings,
-                                    arch=student_arch, rerun_token=rerun_student, **common)
+                                    arch=student_arch, weights="", rerun_token=rerun_student, **common)
             onestage = train_student(source=teacher.outputs["model"], source_field="teacher",
                                      method=onestage_method, settings=onestage_settings,
-                                     arch=student_arch, rerun_token=rerun_onestage, **common)
+                                     arch=student_arch, weights=student_weights, rerun_token=rerun_onestage, **common)
+            exported = export(data=data.outputs["data"], code_version=code_version, rerun_token=rerun_export,
+                              source=student.outputs["model"], folder="", settings=export_settings)
             report = evaluate(assistant=assistant.outputs["model"], student=student.outputs["model"],
-                              student_onestage=onestage.outputs["model"], **evaluated)
+                              student_onestage=onestage.outputs["model"], student_export=exported.outputs["model"],
+                              **evaluated)
         with dsl.Else(name="teacher-below-margin"):
             short_report = evaluate(**evaluated)
         for task, name in ((data, "prepare-data"), (teacher, "teacher"), (assistant, "assistant"),
                            (student, "student"), (onestage, "student-onestage"), (baseline, "lr-baseline"),
-                           (gate, "teacher-gate"), (report, "evaluate"), (short_report, "evaluate")):
+                           (gate, "teacher-gate"), (exported, "export"), (report, "evaluate"),
+                           (short_report, "evaluate")):
             configure_task(task.set_display_name(name), options)
         configure_task(version.set_display_name("source-version"), options, cached=False)
         return dsl.OneOf(report.outputs["Output"], short_report.outputs["Output"])

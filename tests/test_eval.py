@@ -217,3 +217,15 @@ def test_training_curves_draw_each_loss_term_and_the_chance_line():
     assert training_curves_figure(summary()) is None  # no history, no curves
     ax = accuracy_vs_gflops_figure(trained_summary()).axes[0]
     assert "chance (10.0 %)" in [t.get_text() for t in ax.get_legend().get_texts()]
+
+
+def test_the_table_says_where_models_started_and_what_their_export_gives():
+    data = summary()
+    data["models"][0]["started_from"] = "torchvision:DEFAULT"
+    data["models"][-1]["export"] = {"onnx_bytes": 44_700_000, "agreement": 1.0, "int8_bytes": 11_300_000,
+                                    "int8_agreement": 0.975}
+    header, _, *rows = format_table(data).splitlines()
+    for column in ("started from", "onnx MB", "onnx agree %", "int8 MB", "int8 agree %"):
+        assert column in header
+    assert "torchvision:DEFAULT" in rows[0] and rows[0].rstrip().endswith("-")
+    assert rows[-1].split()[-4:] == ["44.70", "100.0", "11.30", "97.5"] and " random " in rows[-1]

@@ -16,7 +16,8 @@ def run_kdp(data, out, *flags):
             "--teacher-arch", "resnet18", "--student-arch", "resnet18", *flags]
     for stage in ("teacher", "assistant", "student", "student-onestage", "lr-baseline"):
         argv += [f"--set={stage}.{kv}" for kv in TINY_STAGE.split(",")]
-    argv += ["--set=evaluate.latency_repeats=1", "--set=evaluate.num_workers=0"]
+    argv += ["--set=evaluate.latency_repeats=1", "--set=evaluate.num_workers=0",
+             "--set=export.calibration_images=8", "--set=export.latency_repeats=1"]
     return cli.main(argv)
 
 
@@ -46,9 +47,17 @@ def test_local_pipeline_runs_end_to_end_then_caches(tmp_path, capsys, monkeypatc
         assert 0 <= model["top1"] <= model["top5"] <= 1 and model["gflops"] > 0 and model["params"] > 0
         assert model["latency_ms"]["batch_1"] > 0 and model["latency_ms"]["batch_64"] > 0
     assert "<table" in (out / "report.html").read_text()
+    # the TAS student is exported, checked in onnxruntime, and the table says so
+    export = models["student"]["export"]
+    assert export["max_rel_diff"] <= 1e-3 and export["int8_bytes"] < export["onnx_bytes"]
+    assert "onnx agree %" in printed and all(m["started_from"] == "random" for n, m in models.items()
+                                              if n != "student")
+    assert models["student"]["started_from"] == "assistant (random)"
+    [exported] = (out / "pipeline_root").glob("*/export-op/model")
+    assert {p.name for p in exported.iterdir()} >= {"model.onnx", "model.int8.onnx", "model.json"}
     first = executed_tasks(out / "pipeline_root")
     assert first == sorted(["source-version-op", "prepare-data-op", "teacher-op", "assistant-op", "student-op",
-                            "student-op-2", "lr-baseline-op", "teacher-gate-op", "evaluate-op"])
+                            "student-op-2", "lr-baseline-op", "teacher-gate-op", "export-op", "evaluate-op"])
 
     assert run_kdp(data, out) == 0  # only the listing of the unchanged data runs again
     assert executed_tasks(out / "pipeline_root") == sorted([*first, "source-version-op"]), \

@@ -17,14 +17,16 @@ ROOT = Path(__file__).resolve().parents[1]
 #: Display name -> training task?, per pipeline.
 TASKS = {
     "classification": {"source-version": False, "prepare-data": False, "teacher": True, "assistant": True, "student": True,
-                       "student-onestage": True, "lr-baseline": True, "teacher-gate": False, "evaluate": False},
+                       "student-onestage": True, "lr-baseline": True, "teacher-gate": False, "export": False,
+                       "evaluate": False},
     "detection": {"source-version": False, "prepare-data": False, "teacher": True, "afp": True, "msad": True, "lr-baseline": True,
-                  "evaluate": False},
+                  "export": False, "evaluate": False},
 }
 #: Display name -> the pipeline parameter that reruns it.
 RERUN = {"prepare-data": "rerun_prepare", "teacher": "rerun_teacher", "assistant": "rerun_assistant",
          "student": "rerun_student", "student-onestage": "rerun_onestage", "afp": "rerun_afp",
-         "msad": "rerun_msad", "lr-baseline": "rerun_lr_baseline", "evaluate": "rerun_evaluate"}
+         "msad": "rerun_msad", "lr-baseline": "rerun_lr_baseline", "export": "rerun_export",
+         "evaluate": "rerun_evaluate"}
 
 
 class Compiled:
@@ -65,13 +67,13 @@ def test_pipeline_compiles_with_every_stage_wired(tmp_path):
             **{name: c["dag"]["tasks"] for name, c in spec["components"].items() if "dag" in c}}
     tasks = {name: task for dag in dags.values() for name, task in dag.items() if not name.startswith("condition")}
     assert set(tasks) == {"source-version-op", "prepare-data-op", "teacher-op", "assistant-op", "student-op", "student-op-2",
-                          "lr-baseline-op", "teacher-gate-op", "evaluate-op", "evaluate-op-2"}
+                          "lr-baseline-op", "teacher-gate-op", "export-op", "evaluate-op", "evaluate-op-2"}
     # the assistant, the students and the full evaluation run only if the gate passes; else the short evaluation
     branches = dags["comp-condition-branches-1"]
     passed = "inputs.parameter_values['pipelinechannel--teacher-gate-op-passed'] == true"
     assert branches["condition-2"]["triggerPolicy"]["condition"] == passed
     assert branches["condition-3"]["triggerPolicy"]["condition"] == f"!({passed})"
-    assert set(dags["comp-condition-2"]) == {"assistant-op", "student-op", "student-op-2", "evaluate-op"}
+    assert set(dags["comp-condition-2"]) == {"assistant-op", "student-op", "student-op-2", "export-op", "evaluate-op"}
     assert set(dags["comp-condition-3"]) == {"evaluate-op-2"}
     assert "min_teacher_margin" in tasks["teacher-gate-op"]["inputs"]["parameters"]
 
@@ -87,6 +89,9 @@ def test_pipeline_compiles_with_every_stage_wired(tmp_path):
     assert [producer("teacher-gate-op", a) for a in ("teacher", "lr_baseline")] == ["teacher-op", "lr-baseline-op"]
     assert [producer("evaluate-op-2", a) for a in ("teacher", "lr_baseline")] == ["teacher-op", "lr-baseline-op"]
     assert "student" not in tasks["evaluate-op-2"]["inputs"]["artifacts"]
+    assert producer("export-op", "source") == "student-op" and producer("evaluate-op", "student_export") == "export-op"
+    assert producer("teacher-op", "weights", "parameters") == "teacher_weights"
+    assert producer("lr-baseline-op", "weights", "parameters") == "student_weights"
     for name in ("teacher-op", "assistant-op", "student-op", "lr-baseline-op"):
         assert producer(name, "data_fingerprint", "parameters") == "prepare-data-op"
     images = {e["container"]["image"] for e in spec["deploymentSpec"]["executors"].values()}
@@ -118,7 +123,7 @@ def test_the_detection_pipeline_compiles_with_its_stages_wired(tmp_path):
     spec = yaml.safe_load(path.read_text())
     tasks = spec["root"]["dag"]["tasks"]
     assert set(tasks) == {"source-version-op", "prepare-detection-op", "detector-op", "afp-op", "afp-op-2", "detector-op-2",
-                          "evaluate-detection-op"}
+                          "export-op", "evaluate-detection-op"}
 
     def producer(task, artifact):
         return tasks[task]["inputs"]["artifacts"][artifact]["taskOutputArtifact"]["producerTask"]
@@ -129,8 +134,11 @@ def test_the_detection_pipeline_compiles_with_its_stages_wired(tmp_path):
     assert producer("afp-op", "teacher") == producer("afp-op-2", "teacher") == "detector-op"
     assert (constant("afp-op", "method"), constant("afp-op-2", "method")) == ("afp", "msad")
     assert (constant("detector-op", "view"), constant("detector-op-2", "view")) == ("hr", "lr")
-    assert [producer("evaluate-detection-op", a) for a in ("teacher", "afp", "msad", "lr_baseline")] == [
-        "detector-op", "afp-op", "afp-op-2", "detector-op-2"]
+    assert [producer("evaluate-detection-op", a) for a in ("teacher", "afp", "msad", "lr_baseline", "student_export")
+            ] == ["detector-op", "afp-op", "afp-op-2", "detector-op-2", "export-op"]
+    assert producer("export-op", "source") == "afp-op" and constant("export-op", "folder") == "student"
+    assert tasks["detector-op"]["inputs"]["parameters"]["weights"]["componentInputParameter"] == \
+        "teacher_backbone_weights"
     for name in ("detector-op", "afp-op", "afp-op-2", "detector-op-2"):
         fingerprint = tasks[name]["inputs"]["parameters"]["data_fingerprint"]["taskOutputParameter"]
         assert fingerprint["producerTask"] == "prepare-detection-op"
@@ -245,8 +253,8 @@ def test_the_ops_keep_the_rerun_token_from_the_stage(monkeypatch):
 
     common = dict(data=Uri, data_fingerprint="f", code_version="c", rerun_token="again", launcher={"kind": "pod"},
                   settings={}, epochs=0, lr=0.0, ratio=4, seed=0, checkpoint_root="", model=Uri, metrics=Uri)
-    pixel_distillation.teacher_op(arch="resnet18", hr_size=64, **common)
-    detection.afp_op(teacher=Uri, method="afp", kind="fcos", backbone="resnet18", **common)
+    pixel_distillation.teacher_op(arch="resnet18", weights="", hr_size=64, **common)
+    detection.afp_op(teacher=Uri, method="afp", kind="fcos", backbone="resnet18", weights="", **common)
     for args, fields in calls:
         assert "again" not in args and "again" not in fields.values() and "rerun_token" not in fields
         assert args[-1] == {"kind": "pod"}

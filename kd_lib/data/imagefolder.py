@@ -59,9 +59,17 @@ def split_classes(root: str, split: str) -> list[str]:
                         "and ROOT/val/<class>/<image>)") from None
 
 
-def list_classes(root: str) -> list[str]:
-    """Sorted class folder names under ``root/train``; :class:`DataError` when there are fewer than 2."""
+def list_classes(root: str, selection: list[str] | None = None) -> list[str]:
+    """Sorted class folder names under ``root/train``, or ``selection``, in its order, each
+    checked to be one of them; :class:`DataError` when there are fewer than 2."""
     classes = split_classes(root, "train")
+    if selection:
+        missing = [name for name in selection if name not in classes]
+        if missing or len(set(selection)) != len(selection):
+            raise DataError(f"{join(root, 'train')}: selected classes {missing or selection} are not "
+                            f"{'class folders' if missing else 'distinct'} (it has {', '.join(classes[:10])}"
+                            f"{', ...' if len(classes) > 10 else ''})")
+        classes = list(selection)
     if len(classes) < 2:
         raise DataError(f"{join(root, 'train')}: {len(classes)} class folder{'s' if not classes else ''} "
                         f"({', '.join(classes) or 'none'}); a classifier needs at least 2")
@@ -72,15 +80,17 @@ def list_images(root: str, classes: list[str]) -> list[ImageRecord]:
     """Every image of both splits, in a stable order.
 
     Raises :class:`DataError` when a split is missing, when ``val/`` has other
-    classes than ``train/``, or when a class folder holds no image.
+    classes than ``train/``, or when a class folder (of ``classes``, which may
+    be a selection of them) holds no image.
     """
     fs, path = filesystem(root)
     records = []
+    expected = split_classes(root, "train")
     for split in SPLITS:
         split_path = posixpath.join(path, split)
         found = split_classes(root, split)
-        if found != classes:
-            missing, extra = sorted(set(classes) - set(found)), sorted(set(found) - set(classes))
+        if found != expected:
+            missing, extra = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
             raise DataError(f"{join(root, split)}: classes differ from train/: "
                             f"missing {missing}, unexpected {extra}")
         for label, name in enumerate(classes):

@@ -58,18 +58,20 @@ class ShardWriter(Publication):
         return self.commit(self.written, {**info, "data_fingerprint": fingerprint})
 
 
-def prepare_imagefolder(source: str, out: str, shard_size: int = 4096, max_per_class: int = 0) -> dict:
+def prepare_imagefolder(source: str, out: str, shard_size: int = 4096, max_per_class: int = 0,
+                        classes: list[str] | None = None) -> dict:
     """Validate the ImageFolder at ``source`` and publish it as shards under ``out``.
 
     ``max_per_class > 0`` keeps the first ``max_per_class`` images (in sorted
     path order) of each class in each split: a quick, reproducible subset.
+    ``classes`` keeps only those class folders, labelled in that order.
 
     On any error, the shards written so far are removed and no manifest is
     written; the error names the offending file or folder. An earlier output
     under ``out`` stays whole until the new manifest replaces it; its shards
     are removed after that.
     """
-    classes = list_classes(source)
+    classes = list_classes(source, classes)
     records = list_images(source, classes)
     if max_per_class:
         seen: Counter = Counter()

@@ -43,6 +43,7 @@ class TeacherStudentTask(nn.Module):
         if teacher is not None:
             teacher.requires_grad_(False).eval()
         self.progress = 0.0
+        self.lr_scales: dict[int, float] = {}  # parameter id -> lr factor (fine-tuning), 1 if absent
 
     def train(self, mode: bool = True) -> TeacherStudentTask:
         super().train(mode)

@@ -119,9 +119,14 @@ class StopOnSignal:
             signal.signal(sig, handler)
 
 
-def build_optimizer(params, settings: TrainSettings) -> torch.optim.Optimizer:
-    return torch.optim.SGD(params, lr=settings.lr, momentum=settings.momentum,
-                           weight_decay=settings.weight_decay)
+def build_optimizer(params, settings: TrainSettings, lr_scales: dict[int, float] | None = None
+                    ) -> torch.optim.Optimizer:
+    """SGD on ``params``, each at ``lr`` times its factor in ``lr_scales`` (parameter id -> factor, 1 if absent)."""
+    groups: dict[float, list] = {}
+    for p in params:
+        groups.setdefault((lr_scales or {}).get(id(p), 1.0), []).append(p)
+    return torch.optim.SGD([{"params": ps, "lr": settings.lr * scale} for scale, ps in sorted(groups.items())],
+                           lr=settings.lr, momentum=settings.momentum, weight_decay=settings.weight_decay)
 
 
 def build_scheduler(optimizer, settings: TrainSettings, steps_per_epoch: int):
@@ -217,7 +222,7 @@ class _Run:
         self.desc, self.collate_fn = desc, collate_fn
         self.checkpoint_dir, self.uri = checkpoint_dir, join(checkpoint_dir, CHECKPOINT)
         self.params = task.optimized_parameters()
-        self.optimizer = build_optimizer(self.params, settings)
+        self.optimizer = build_optimizer(self.params, settings, getattr(task, "lr_scales", None))
         self.steps_per_epoch = len(EpochBatchSampler(len(train_set), settings.batch_size, settings.seed, 0))
         self.scheduler = build_scheduler(self.optimizer, settings, self.steps_per_epoch)
         self.state = LoopState()

@@ -6,7 +6,9 @@ The summary (``summary.json``) has the form::
      "dataset": {"uri", "fingerprint", "num_classes", "train_images", "val_images"},
      "hr_size": int, "ratio": int,
      "models": [{"name", "arch", "input_size", <accuracy keys>, "params", "gflops",
-                 "input_bytes", "latency_ms": {"batch_1": ms, "batch_64": ms}}]}
+                 "input_bytes", "latency_ms": {"batch_1": ms, "batch_64": ms},
+                 "started_from": "random" | weights,                # optional
+                 "export": {<the export stage's numbers>}}]}        # optional
 
 The accuracy keys depend on the task, see :data:`TASKS`: ``top1`` and ``top5``
 for classification; COCO's ``AP``, ``AP50``, ``AP75``, ``APs``, ``APm`` and
@@ -129,6 +131,26 @@ def _latency_column(key: str) -> _Column:
     return _Column(f"lat {label} ms", True, cell)
 
 
+def _export_columns(models: list[Model]) -> list[_Column]:
+    """Where each model started from (when the summary says) and, when any model was exported
+    (``export``: the export stage's numbers), its ONNX size, top-1 agreement of onnxruntime with
+    PyTorch, int8 size and int8 agreement; a dash for a model without them."""
+    columns = [_Column("started from", False, lambda m: str(m.get("started_from", "random")))
+               ] if any("started_from" in m for m in models) else []
+    if not any("export" in m for m in models):
+        return columns
+
+    def cell(key: str, text: Callable[[float], str]) -> Callable[[Model], str]:
+        return lambda m: text(m["export"][key]) if key in m.get("export", {}) else "-"
+
+    return columns + [
+        _Column("onnx MB", True, cell("onnx_bytes", lambda v: f"{v / 1e6:.2f}")),
+        _Column("onnx agree %", True, cell("agreement", lambda v: f"{100 * v:.1f}")),
+        _Column("int8 MB", True, cell("int8_bytes", lambda v: f"{v / 1e6:.2f}")),
+        _Column("int8 agree %", True, cell("int8_agreement", lambda v: f"{100 * v:.1f}")),
+    ]
+
+
 def _columns(summary: Summary) -> list[_Column]:
     """The report's columns, with the task's accuracy columns; numbers are formatted once
     here for every output format."""
@@ -142,6 +164,7 @@ def _columns(summary: Summary) -> list[_Column]:
         _Column("GFLOPs", True, lambda m: f"{m['gflops']:.3f}"),
         _Column("input bytes", True, lambda m: f"{m['input_bytes']:,}"),
         *(_latency_column(key) for key in _latency_keys(models)),
+        *_export_columns(models),
     ]
 
 

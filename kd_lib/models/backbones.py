@@ -3,9 +3,11 @@
 An architecture is a torchvision classification model name (``resnet18``) or a
 timm model with keyword arguments, ``timm:NAME,key=value,...``, for example
 ``timm:vit_tiny_patch16_224,patch_size=4,img_size=64`` (a ViT-Tiny with 4 px
-patches). Everything is built from scratch (no pretrained weights): nothing is
-downloaded. The architecture string alone rebuilds the model, so it is what
-stage outputs record.
+patches). Models are built randomly initialised; where a model starts from is
+a separate ``weights`` setting (:mod:`kd_lib.models.weights`), and
+``pretrained=True`` in a timm arch string means ``weights: "timm:"``. The
+architecture string alone rebuilds the model, so it is what stage outputs
+record.
 """
 
 from __future__ import annotations
@@ -59,24 +61,36 @@ def parse_timm_arch(arch: str) -> tuple[str, dict]:
     return name.strip(), kwargs
 
 
-def _build_timm(arch: str, num_classes: int) -> nn.Module:
-    """timm model ``NAME`` with ``num_classes`` and the arch's keyword arguments.
+def build_timm(arch: str, num_classes: int | None, name: str | None = None, **extra) -> nn.Module:
+    """timm model ``NAME`` (or ``name``, e.g. ``NAME.TAG``) with ``num_classes`` (None: timm's
+    default) and the arch's keyword arguments, plus ``extra`` (timm's ``pretrained`` arguments).
 
     ``dynamic_img_size=True`` is added for models that take it (the ViTs), so
     one model runs at any input size, its position embedding resampled to the
     patch grid: the HR assistant's weights then initialise the LR student.
-    An explicit ``dynamic_img_size`` in the arch string wins.
+    An explicit ``dynamic_img_size`` in the arch string wins. ``pretrained``
+    in the arch string is dropped here: the architecture alone builds a random
+    model, and :mod:`kd_lib.models.weights` loads the weights it asks for.
     """
-    name, kwargs = parse_timm_arch(arch)
+    check_architecture(arch)
+    arch_name, kwargs = parse_timm_arch(arch)
+    kwargs.pop("pretrained", None)
+    kwargs = {"pretrained": False, **extra, **kwargs}
+    if num_classes is not None:
+        kwargs["num_classes"] = num_classes
     if "dynamic_img_size" in kwargs:
-        return timm.create_model(name, pretrained=False, num_classes=num_classes, **kwargs)
+        return timm.create_model(name or arch_name, **kwargs)
     try:
-        return timm.create_model(name, pretrained=False, num_classes=num_classes,
-                                 dynamic_img_size=True, **kwargs)
+        return timm.create_model(name or arch_name, dynamic_img_size=True, **kwargs)
     except TypeError as err:
         if "dynamic_img_size" not in str(err):
             raise
-        return timm.create_model(name, pretrained=False, num_classes=num_classes, **kwargs)
+        return timm.create_model(name or arch_name, **kwargs)
+
+
+def timm_pretrained(arch: str) -> bool:
+    """Whether a timm arch string asks for timm's pretrained weights (``pretrained=True``)."""
+    return arch.startswith(TIMM_PREFIX) and parse_timm_arch(arch)[1].get("pretrained") is True
 
 
 def build_classifier(arch: str, num_classes: int) -> nn.Module:
@@ -95,9 +109,9 @@ def build_classifier(arch: str, num_classes: int) -> nn.Module:
     """
     if num_classes < 1:
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
-    check_architecture(arch)
     if arch.startswith(TIMM_PREFIX):
-        return _build_timm(arch, num_classes)
+        return build_timm(arch, num_classes)
+    check_architecture(arch)
     return torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
 
 

@@ -132,7 +132,7 @@ def export_op(data: Input[Dataset], code_version: str, rerun_token: str, source:
               model=join(source.uri, folder) if folder else source.uri)
 
 
-def teacher_gate_op(teacher: Input[Model], lr_baseline: Input[Model], min_teacher_margin: float
+def teacher_gate_op(code_version: str, teacher: Input[Model], lr_baseline: Input[Model], min_teacher_margin: float
                     ) -> NamedTuple("Outputs", [("passed", bool), ("decision", dict)]):
     """teacher-gate: does the teacher beat the LR baseline by ``min_teacher_margin`` points of top-1?"""
     from collections import namedtuple
@@ -216,8 +216,8 @@ def build_pipeline(options: ClusterOptions | None = None):
                                 rerun_token=rerun_teacher, **common)
         baseline = train_lr_baseline(settings=lr_baseline_settings, arch=student_arch, weights=student_weights,
                                      rerun_token=rerun_lr_baseline, **common)
-        gate = teacher_gate(teacher=teacher.outputs["model"], lr_baseline=baseline.outputs["model"],
-                            min_teacher_margin=min_teacher_margin)
+        gate = teacher_gate(code_version=code_version, teacher=teacher.outputs["model"],
+                            lr_baseline=baseline.outputs["model"], min_teacher_margin=min_teacher_margin)
         evaluated = dict(data=data.outputs["data"], code_version=code_version, rerun_token=rerun_evaluate,
                          teacher=teacher.outputs["model"], lr_baseline=baseline.outputs["model"],
                          gate=gate.outputs["decision"], settings=evaluate_settings, hr_size=hr_size, ratio=ratio)

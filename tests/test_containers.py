@@ -20,6 +20,7 @@ from packaging.specifiers import SpecifierSet
 from components import torchx_apps
 from components.image import IMAGES
 from components.stage import stages
+from pipelines.tasks import dag_tasks
 from pipelines import cli
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -326,7 +327,7 @@ def task_images(path: Path) -> dict[str, tuple[str, bool]]:
     spec = next(yaml.safe_load_all(path.read_text()))
     executors = spec["deploymentSpec"]["executors"]
     result = {}
-    for task in spec["root"]["dag"]["tasks"].values():
+    for _, task in dag_tasks(spec, spec["root"]):  # those inside conditions too
         container = executors[spec["components"][task["componentRef"]["name"]]["executorLabel"]]["container"]
         result[task["taskInfo"]["name"]] = (container["image"], "accelerator" in container.get("resources", {}))
     return result

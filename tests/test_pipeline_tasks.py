@@ -22,7 +22,7 @@ def detection_pipeline():
 
 def test_every_stage_module_declares_its_stage():
     assert set(stages()) == {"prepare-data", "teacher", "assistant", "student", "lr-baseline", "detector", "afp",
-                             "evaluate"}
+                             "evaluate", "export"}
     assert {name for name, stage in stages().items() if stage.trains} == {
         "teacher", "assistant", "student", "lr-baseline", "detector", "afp"}
     for name, stage in stages().items():
@@ -42,11 +42,12 @@ def test_the_tasks_of_each_pipeline_come_from_its_dag(classification, detection_
                      "assistant": ("assistant_settings", "assistant"), "student": ("student_settings", "student"),
                      "student-onestage": ("onestage_settings", "student"),
                      "lr-baseline": ("lr_baseline_settings", "lr-baseline"),
-                     "evaluate": ("evaluate_settings", "evaluate")}
+                     "export": ("export_settings", "export"), "evaluate": ("evaluate_settings", "evaluate")}
     tasks = {task.name: (task.settings, task.stage.name) for task in plan(detection_pipeline, {"source": "s"})}
     assert tasks == {"prepare-data": ("prepare_settings", "prepare-data"), "teacher": ("teacher_settings", "detector"),
                      "afp": ("afp_settings", "afp"), "msad": ("msad_settings", "afp"),
-                     "lr-baseline": ("lr_baseline_settings", "detector"), "evaluate": ("evaluate_settings", "evaluate")}
+                     "lr-baseline": ("lr_baseline_settings", "detector"), "export": ("export_settings", "export"),
+                     "evaluate": ("evaluate_settings", "evaluate")}
 
 
 def test_each_task_is_planned_with_the_dags_wiring(classification, detection_pipeline):
@@ -55,7 +56,7 @@ def test_each_task_is_planned_with_the_dags_wiring(classification, detection_pip
     assert configs["student"].method == "tas" and configs["student"].assistant and not configs["student"].teacher
     assert configs["student-onestage"].method == "dkd" and configs["student-onestage"].teacher
     assert configs["teacher"].arch == "resnet34" and configs["lr-baseline"].arch == "resnet34"
-    assert {config.hr_size for name, config in configs.items() if name != "prepare-data"} == {96}
+    assert {config.hr_size for name, config in configs.items() if name not in ("prepare-data", "export")} == {96}
     configs = {task.name: task.config for task in plan(detection_pipeline, {"source": "s", "ratio": 4})}
     assert (configs["teacher"].view, configs["lr-baseline"].view) == ("hr", "lr")
     assert (configs["afp"].method, configs["msad"].method, configs["msad"].ratio) == ("afp", "msad", 4)

@@ -120,10 +120,12 @@ def _read_torch(uri: str, data: bytes) -> dict:
 def read_state_dict(uri: str) -> dict[str, torch.Tensor]:
     """The tensors of a project model folder or ``model.pt``, a ``state_dict`` file or a
     ``.safetensors`` file at ``uri``."""
-    if not uri.endswith((".pt", ".pth", ".bin", ".safetensors")) and exists(join(uri, MANIFEST)):
-        manifest = read_manifest(uri)  # a project model folder: its model.pt, checked against its manifest
+    folder = not uri.endswith((".pt", ".pth", ".bin", ".safetensors"))
+    if folder and exists(join(uri, MANIFEST)):
+        manifest = read_manifest(uri)  # a stage's output: its model.pt, checked against its manifest
         uri, data = published_uri(uri, MODEL_FILE, manifest), read_published(uri, MODEL_FILE, manifest, True)
     else:
+        uri = join(uri, MODEL_FILE) if folder and exists(join(uri, MODEL_FILE)) else uri
         data = read_bytes(uri)
     if uri.endswith(".safetensors"):
         from safetensors.torch import load

@@ -57,7 +57,7 @@ PIPELINES = {
 }
 
 #: The demo: the generated dataset at 64 px, students at 16 px, a few minutes on 2 CPU cores.
-DEMO_DATA = {"seed": 0, "num_classes": 8, "train_per_class": 150, "val_per_class": 30, "size": 64}
+DEMO_DATA = {"seed": 0, "num_classes": 8, "train_per_class": 150, "val_per_class": 50, "size": 64}
 DEMO_SETTINGS = {"teacher": {"epochs": 8}, "assistant": {"epochs": 6}, "student": {"epochs": 6},
                  "onestage": {"epochs": 6}, "lr_baseline": {"epochs": 6}, "evaluate": {"latency_repeats": 5}}
 

@@ -84,3 +84,32 @@ def test_colour_and_shape_do_not_depend_on_the_class():
             for s in ("stripes", "dots"))
     differ = np.abs(a - b).max(axis=2) > 0
     assert 0.05 < differ.mean() < 0.4
+
+
+#: A reduced demo: fewer images and epochs, and the HR model is a ResNet-18 that serves as both
+#: teacher and assistant (the TAS student starts from it). ``bench/demo_seeds.py`` checks the full demo.
+REDUCED = {"seed": 0, "num_classes": 8, "train_per_class": 60, "val_per_class": 25, "size": 64}
+REDUCED_EPOCHS = 5
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [0])
+def test_distillation_pays_on_the_demo_data(tmp_path, seed):
+    """The ordering the demo shows: the HR model well above the LR baseline, and the LR student
+    distilled from it above the LR baseline."""
+    from components import lr_baseline, prepare_data, student, teacher
+    from kd_lib.config import from_dict
+
+    generate_demo_dataset(str(tmp_path / "source"), **REDUCED)
+    data = str(tmp_path / "data")
+    prepare_data.run(from_dict(prepare_data.PrepareDataConfig, {"source": str(tmp_path / "source"), "out": data}))
+    shared = {"data": data, "seed": seed, "epochs": REDUCED_EPOCHS, "num_workers": 0}
+
+    def top1(module, cls, name, **fields):
+        return 100 * module.run(from_dict(cls, {**shared, "out": str(tmp_path / name), **fields}))["final"]["val_top1"]
+
+    hr = top1(teacher, teacher.TeacherConfig, "hr", arch="resnet18", lr=0.05)
+    baseline = top1(lr_baseline, lr_baseline.LRBaselineConfig, "lr_baseline", lr=0.05)
+    distilled = top1(student, student.StudentConfig, "student", assistant=str(tmp_path / "hr"))
+    print(f"hr {hr:.1f}  lr_baseline {baseline:.1f}  student {distilled:.1f}")
+    assert hr > baseline + 15 and distilled > baseline, (hr, baseline, distilled)

@@ -109,7 +109,7 @@ def _smooth_field(rng: np.random.Generator, size: int, cells: int, amplitude: fl
     weights = np.exp(-0.5 * ((pixels[:, None] - centres[None, :]) / (size / cells)) ** 2)
     weights /= weights.sum(axis=1, keepdims=True)
     coarse = rng.normal(0.0, amplitude, (cells, cells, 3))
-    return np.einsum("ia,abc,jb->ijc", weights, coarse, weights)
+    return np.einsum("ia,abc,jb->ijc", weights, coarse, weights, optimize=True)
 
 
 def _background(rng: np.random.Generator, size: int, luminance: float) -> Array:

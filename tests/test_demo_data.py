@@ -89,7 +89,7 @@ def test_colour_and_shape_do_not_depend_on_the_class():
 #: A reduced demo: fewer images and epochs, and the HR model is a ResNet-18 that serves as both
 #: teacher and assistant (the TAS student starts from it). ``bench/demo_seeds.py`` checks the full demo.
 REDUCED = {"seed": 0, "num_classes": 8, "train_per_class": 60, "val_per_class": 25, "size": 64}
-REDUCED_EPOCHS = 5
+REDUCED_SETTINGS = {"epochs": 5, "batch_size": 32}
 
 
 @pytest.mark.slow
@@ -103,13 +103,13 @@ def test_distillation_pays_on_the_demo_data(tmp_path, seed):
     generate_demo_dataset(str(tmp_path / "source"), **REDUCED)
     data = str(tmp_path / "data")
     prepare_data.run(from_dict(prepare_data.PrepareDataConfig, {"source": str(tmp_path / "source"), "out": data}))
-    shared = {"data": data, "seed": seed, "epochs": REDUCED_EPOCHS, "num_workers": 0}
+    shared = {"data": data, "seed": seed, "num_workers": 0, **REDUCED_SETTINGS}
 
     def top1(module, cls, name, **fields):
         return 100 * module.run(from_dict(cls, {**shared, "out": str(tmp_path / name), **fields}))["final"]["val_top1"]
 
-    hr = top1(teacher, teacher.TeacherConfig, "hr", arch="resnet18", lr=0.05)
-    baseline = top1(lr_baseline, lr_baseline.LRBaselineConfig, "lr_baseline", lr=0.05)
+    hr = top1(teacher, teacher.TeacherConfig, "hr", arch="resnet18", lr=0.02)
+    baseline = top1(lr_baseline, lr_baseline.LRBaselineConfig, "lr_baseline", lr=0.02)
     distilled = top1(student, student.StudentConfig, "student", assistant=str(tmp_path / "hr"))
     print(f"hr {hr:.1f}  lr_baseline {baseline:.1f}  student {distilled:.1f}")
     assert hr > baseline + 15 and distilled > baseline, (hr, baseline, distilled)

@@ -1,30 +1,31 @@
 """A generated ImageFolder where resolution matters, for the CPU demo.
 
-Every class is a surface texture on one object: ``plain``, ``stripes``,
-``checks``, ``rings``, ``dots``, ``grid``, ``waves`` or ``lines``. The texture
-follows the object's pose, its period is drawn from 7-12 high-resolution (HR)
-pixels and its contrast is high; everything else is drawn independently of
-the class (see below), so the texture is the only cue.
+Every class is a pair (colour family, surface):
 
-Why it is clear at HR and degraded at LR, as in real images: downsampling by
-``K`` with an antialiased bilinear filter (a tent ``2K`` HR pixels wide, as
+* Coarse part, the object's colour family: red, yellow, green or blue (hue
+  jittered by +-12 degrees, random saturation and brightness). Colour is
+  carried by the low frequencies, so it survives any downsampling: a
+  low-resolution (LR) model can still tell the families apart.
+* Fine part, the object's surface: ``plain`` or ``striped`` (a sinusoidal
+  grating of period 3.2-4.4 HR pixels, random orientation and phase, zero
+  mean, contrast 0.18-0.28). The grating averages out to the plain surface.
+
+Why the stripes are lost at LR: downsampling by ``K`` with an antialiased
+bilinear filter (a tent ``2K`` HR pixels wide, as
 ``F.interpolate(x, scale_factor=1/K, mode="bilinear", antialias=True)``)
-keeps a fraction ``sinc(K / P)^2`` of a grating of period ``P`` (0.3 to 0.7
-for ``P`` = 7-12 and ``K = 4``) and folds periods under ``2K = 8`` into wrong
-frequencies and orientations. The fundamental of each texture therefore
-survives at 16 px, blurred, partly aliased and closer to the clutter and
-noise, while its harmonics, which tell ``stripes`` from ``lines`` or
-``checks`` from ``dots`` at 64 px, are gone. An HR model sees every texture
-clearly; an LR model trained on labels alone learns the degraded cue poorly,
-and one distilled from the HR model can recover part of it.
+removes the frequencies above the LR Nyquist limit, i.e. periods shorter than
+``2K`` HR pixels. For ``K = 4`` that is 8 HR pixels, about twice the stripe
+period: what survives (a few per cent of the amplitude) is below the sensor
+noise. So at LR a striped and a plain object of the same colour look alike:
+an LR model can at best recognise the colour family (half the classes, 50 %
+top-1 with 8 classes), a high-resolution (HR) model can also see the stripes.
 
 Nuisance variation, drawn independently of the class: a smooth cluttered
 background (greyish low-frequency field plus soft blobs), thin distractor
-strokes, the object's colour (any hue), shape (disc, square, triangle or
-cross), position, size, rotation, aspect, edge softness and shading, the
-texture's period and phase, the global lighting (brightness and gradient) and
-Gaussian sensor noise. The random draws do not depend on the class either, so
-one generator renders the same scene with any texture.
+strokes, the object's shape (disc, square, triangle or cross), position,
+size, rotation, aspect, edge softness and shading, the stripes' period,
+orientation and phase, the global lighting (brightness and gradient) and
+Gaussian sensor noise.
 
 Each image is drawn from its own ``numpy.random.Generator`` seeded from
 ``(seed, split, class, index)``, so the dataset is reproducible bit for bit
@@ -45,13 +46,12 @@ from tqdm import tqdm
 
 from kd_lib.io.fs import exists, filesystem, join, read_text, write_text
 
-FORMAT_VERSION = 3
+FORMAT_VERSION = 2
 SPLITS = ("train", "val")
 SHAPES = ("disc", "square", "triangle", "cross")
-SURFACES = ("plain", "stripes", "checks", "rings", "dots", "grid", "waves", "lines")
-PERIOD_RANGE = (7.0, 12.0)  # texture period in HR pixels
-RADIUS_RANGE = (0.2, 0.3)  # object radius, a fraction of the image side
-CONTRAST_RANGE = (0.2, 0.3)  # texture standard deviation on [0, 1] intensities
+HUES = {"red": 0.0, "yellow": 1 / 6, "green": 1 / 3, "blue": 2 / 3}
+SURFACES = ("plain", "striped")
+PERIOD_RANGE = (3.2, 4.4)  # stripe period in HR pixels, below 2K = 8 for K = 4
 MANIFEST = "demo.json"
 
 Array = np.ndarray
@@ -59,17 +59,21 @@ Array = np.ndarray
 
 @dataclass(frozen=True)
 class DemoClass:
-    """One class: its folder name and surface texture."""
+    """One class: its folder name, colour family and surface."""
 
     name: str
+    hue: str
     surface: str
 
 
 def demo_classes(num_classes: int) -> list[DemoClass]:
-    """The first ``num_classes`` classes, in label order."""
-    if not 2 <= num_classes <= len(SURFACES):
-        raise ValueError(f"num_classes must be between 2 and {len(SURFACES)}, got {num_classes}")
-    return [DemoClass(f"{i:02d}_{surface}", surface) for i, surface in enumerate(SURFACES[:num_classes])]
+    """The first ``num_classes`` classes, in label order (colour-major, so
+    classes 2k and 2k + 1 share a colour and differ only in surface)."""
+    limit = len(HUES) * len(SURFACES)
+    if not 2 <= num_classes <= limit:
+        raise ValueError(f"num_classes must be between 2 and {limit}, got {num_classes}")
+    pairs = [(hue, surface) for hue in HUES for surface in SURFACES][:num_classes]
+    return [DemoClass(f"{i:02d}_{hue}_{surface}", hue, surface) for i, (hue, surface) in enumerate(pairs)]
 
 
 def image_rng(seed: int, split: str, label: int, index: int) -> np.random.Generator:
@@ -109,7 +113,7 @@ def _smooth_field(rng: np.random.Generator, size: int, cells: int, amplitude: fl
     weights = np.exp(-0.5 * ((pixels[:, None] - centres[None, :]) / (size / cells)) ** 2)
     weights /= weights.sum(axis=1, keepdims=True)
     coarse = rng.normal(0.0, amplitude, (cells, cells, 3))
-    return np.einsum("ia,abc,jb->ijc", weights, coarse, weights, optimize=True)
+    return np.einsum("ia,abc,jb->ijc", weights, coarse, weights)
 
 
 def _background(rng: np.random.Generator, size: int, luminance: float) -> Array:
@@ -169,52 +173,32 @@ def _shape_distance(shape: str, u: Array, v: Array, radius: float) -> Array:
     raise ValueError(f"unknown shape {shape!r}")
 
 
-def _lines(phase: Array) -> Array:
-    """Thin bright lines, one per period of ``phase`` (radians)."""
-    return ((1.0 + np.cos(phase)) / 2) ** 4
+def _stripes(rng: np.random.Generator, yy: Array, xx: Array) -> Array:
+    """A zero-mean, unit-variance sinusoidal grating with a random period,
+    orientation and phase."""
+    frequency = 2 * np.pi / rng.uniform(*PERIOD_RANGE)
+    angle = rng.uniform(0, np.pi)
+    return np.sqrt(2.0) * np.cos(frequency * (xx * np.cos(angle) + yy * np.sin(angle)) + rng.uniform(0, 2 * np.pi))
 
 
-def _pattern(surface: str, rng: np.random.Generator, u: Array, v: Array) -> Array:
-    """The surface texture in object coordinates ``(u, v)``: period drawn from
-    :data:`PERIOD_RANGE`, random phases, zero mean and unit variance over the image."""
-    w = 2 * np.pi / rng.uniform(*PERIOD_RANGE)
-    phase_u, phase_v = rng.uniform(0, 2 * np.pi, 2)
-    a, b = w * u + phase_u, w * v + phase_v
-    if surface == "plain":
-        return np.zeros_like(u)
-    if surface == "stripes":
-        pattern = np.cos(a)
-    elif surface == "lines":
-        pattern = _lines(a)
-    elif surface == "checks":
-        pattern = np.cos(a) * np.cos(b)
-    elif surface == "dots":
-        pattern = _lines(a) * _lines(b)
-    elif surface == "grid":
-        pattern = np.maximum(_lines(a), _lines(b))
-    elif surface == "rings":
-        pattern = np.cos(w * np.hypot(u, v) + phase_u)
-    elif surface == "waves":
-        pattern = np.cos(a + 1.6 * np.sin(b / 2))
-    else:
-        raise ValueError(f"unknown surface {surface!r}")
-    return (pattern - pattern.mean()) / pattern.std()
-
-
-def _object_colour(rng: np.random.Generator, luminance: float) -> Array:
-    """A random RGB colour about as bright as ``luminance``."""
-    rgb = np.array(colorsys.hsv_to_rgb(rng.uniform(0, 1), rng.uniform(0.3, 0.8), 1.0))
+def _object_colour(rng: np.random.Generator, hue: str, luminance: float) -> Array:
+    """An RGB colour of the ``hue`` family, about as bright as ``luminance``."""
+    h = (HUES[hue] + rng.uniform(-1 / 30, 1 / 30)) % 1.0
+    rgb = np.array(colorsys.hsv_to_rgb(h, rng.uniform(0.45, 0.8), 1.0))
     return np.clip(rgb * luminance / rgb.mean(), 0.02, 0.98)
 
 
 def _draw_object(rng: np.random.Generator, image: Array, cls: DemoClass,
                  luminance: float) -> Array:
-    """The coloured, shaded, textured object at a random pose."""
+    """The coloured, shaded, plain or striped object at a random pose.
+
+    The random draws are the same for both surfaces, so the same generator
+    renders the same scene with or without stripes."""
     size = image.shape[0]
     yy, xx = _grid(size)
     shape = SHAPES[int(rng.integers(len(SHAPES)))]
-    cy, cx = rng.uniform(0.35, 0.65, 2) * size
-    radius = rng.uniform(*RADIUS_RANGE) * size
+    cy, cx = rng.uniform(0.32, 0.68, 2) * size
+    radius = rng.uniform(0.2, 0.3) * size
     rotation = rng.uniform(0, 2 * np.pi)
     stretch = np.exp(rng.uniform(-0.12, 0.12))
     u = ((xx - cx) * np.cos(rotation) + (yy - cy) * np.sin(rotation)) / stretch
@@ -222,9 +206,9 @@ def _draw_object(rng: np.random.Generator, image: Array, cls: DemoClass,
     alpha = _coverage(_shape_distance(shape, u, v, radius), rng.uniform(0.8, 1.8))
     slope = rng.normal(0.0, 0.1, 2)
     shading = (slope[0] * u + slope[1] * v) / radius
-    texture = rng.uniform(*CONTRAST_RANGE) * _pattern(cls.surface, rng, u, v)
-    colour = _object_colour(rng, luminance)
-    return _blend(image, colour + (shading + texture)[..., None], alpha)
+    stripes = rng.uniform(0.18, 0.28) * _stripes(rng, yy, xx) * (cls.surface == "striped")
+    colour = _object_colour(rng, cls.hue, luminance)
+    return _blend(image, colour + (shading + stripes)[..., None], alpha)
 
 
 def _lighting(rng: np.random.Generator, image: Array) -> Array:

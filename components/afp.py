@@ -54,7 +54,6 @@ from kd_lib.models.detector_store import DetectorSpec, load_detector
 from kd_lib.models.detectors import FPN_CHANNELS
 from kd_lib.models.weights import started_from
 
-STAGE = "afp"
 PHASES = ("assistant", "student")
 
 
@@ -144,7 +143,7 @@ def train_assistant(config: AFPConfig, data: DetectionData, teacher: torch.nn.Mo
 
 
 def run(config: AFPConfig) -> dict:
-    preflight(STAGE, config, {"data": config.data, "teacher": config.teacher})
+    preflight(STAGE.name, config, {"data": config.data, "teacher": config.teacher})
     data = DetectionData.load(config)
     teacher, teacher_spec, teacher_fingerprint, _ = load_upstream_detector(config.teacher, "teacher", data.classes)
     if teacher_spec.kind != config.kind:
@@ -181,7 +180,7 @@ def run(config: AFPConfig) -> dict:
 
         return write
 
-    return run_lifecycle(STAGE, config, stage_inputs(config, data=data.fingerprint, teacher=teacher_fingerprint),
+    return run_lifecycle(STAGE.name, config, stage_inputs(config, data=data.fingerprint, teacher=teacher_fingerprint),
                          train_phases)
 
 

@@ -166,7 +166,8 @@ def preflight(stage: str, config, inputs: dict[str, str]) -> None:
             raise ConfigError("out", f"{out} holds the output of stage {other['stage']!r} ({MANIFEST}); a "
                               f"{stage} stage never writes over another stage's output: choose another out, or "
                               "pass --force to replace its manifest (its files stay)")
-    check_writable(out, timeout)
+    if distributed.is_main():  # the one process that writes (a probe from each would race on the folder)
+        check_writable(out, timeout)
     if isinstance(config, TrainSettings) and config.device != "auto":
         check_device(config.device)
 

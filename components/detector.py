@@ -20,8 +20,6 @@ from kd_lib.distill.detection import DetectorTraining
 from kd_lib.io.publish import Publication
 from kd_lib.models.detector_store import DetectorSpec
 
-STAGE = "detector"
-
 
 @dataclass
 class DetectorConfig(DetectionStageConfig):
@@ -34,7 +32,7 @@ class DetectorConfig(DetectionStageConfig):
 
 
 def run(config: DetectorConfig) -> dict:
-    preflight(STAGE, config, {"data": config.data})
+    preflight(STAGE.name, config, {"data": config.data})
     data = DetectionData.load(config)
     side = data.image_size if config.view == "hr" else data.image_size // config.ratio
     spec = DetectorSpec(config.kind, config.backbone, len(data.classes), side)
@@ -47,7 +45,7 @@ def run(config: DetectorConfig) -> dict:
         rows = train(task, data, config, run.checkpoint_dir, f"detector-{config.view}")
 
         def write(publication: Publication) -> tuple[list[str], dict]:
-            files = write_detector(publication.folder, model, spec, data, rows, stage=STAGE, view=config.view,
+            files = write_detector(publication.folder, model, spec, data, rows, stage=STAGE.name, view=config.view,
                                    ratio=config.ratio, started_from=origin)
             return files, {"config": asdict(config), "inputs": {"data": config.data}, "final": rows[-1],
                            "started_from": origin}
@@ -55,7 +53,7 @@ def run(config: DetectorConfig) -> dict:
         return write
 
     keyed = replace(config, ratio=1) if config.view == "hr" else config  # an HR model ignores the ratio
-    return run_lifecycle(STAGE, config, stage_inputs(config, data=data.fingerprint), train_detector,
+    return run_lifecycle(STAGE.name, config, stage_inputs(config, data=data.fingerprint), train_detector,
                          key_config=keyed)
 
 

@@ -38,6 +38,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from components.common import OutputSettings, preflight
 from components.stage import Stage
 from kd_lib.config import check
 from kd_lib.data.detection_shards import DetectionShardDataset, collate_detection
@@ -47,16 +48,17 @@ from kd_lib.data.transforms import IMAGENET_MEAN, IMAGENET_STD, CropTransform
 from kd_lib.export.onnx import OPSET, export_onnx, median_ms, quantize_int8, run_session, session
 from kd_lib.io import checkpoint
 from kd_lib.io.fs import join, write_bytes, write_text
-from kd_lib.io.manifest import finished_with_key, read_manifest, stage_key, unpublish, write_manifest
+from kd_lib.io.manifest import finished_with_key, read_manifest, stage_key
+from kd_lib.io.publish import Publication
 from kd_lib.models.detector_store import DetectorSpec
 from kd_lib.models.store import MODEL_FILE, load_classifier
 
 ONNX_FILE, INT8_FILE, CONTRACT_FILE = "model.onnx", "model.int8.onnx", "model.json"
-NOT_IN_KEY = ("model", "data", "out", "latency_repeats")
+NOT_IN_KEY = ("model", "data", "out", "latency_repeats", "force", "storage_timeout")
 
 
 @dataclass
-class ExportConfig:
+class ExportConfig(OutputSettings):
     model: str = ""
     """the output URI of the stage that trained the model (a classifier or a detector folder)"""
     data: str = ""
@@ -74,6 +76,7 @@ class ExportConfig:
     """timed batch-1 runs of each of PyTorch, onnxruntime fp32 and int8 (median)"""
 
     def validate(self) -> None:
+        self.validate_output()
         check(bool(self.model), "model", "is required: the output URI of the stage that trained the model")
         check(bool(self.data), "data", "is required: the prepare-data output URI the model was trained on")
         check(bool(self.out), "out", "is required: where model.onnx and model.json go")
@@ -219,6 +222,7 @@ def latency(subject: Subject, fp32: str, int8: str, repeats: int) -> dict:
 
 
 def run(config: ExportConfig) -> dict:
+    preflight(STAGE.name, config, {"model": config.model, "data": config.data})
     data, source = read_manifest(config.data), read_manifest(config.model)
     settings = {k: v for k, v in asdict(config).items() if k not in NOT_IN_KEY}
     key = stage_key("export", settings, {"model": source["fingerprint"], "data": data["data_fingerprint"]})
@@ -226,7 +230,7 @@ def run(config: ExportConfig) -> dict:
     if done is not None:
         print(f"export: up to date at {config.out} (key {key[:12]})", file=sys.stderr)
         return done
-    state = checkpoint.load(join(config.model, MODEL_FILE))
+    state = checkpoint.load_published(config.model, MODEL_FILE)
     if state["classes"] != data["classes"]:
         raise DataError(f"model at {config.model} has {len(state['classes'])} classes, the data at {config.data} "
                         f"{len(data['classes'])}: export needs the data the model was trained on")
@@ -245,18 +249,18 @@ def run(config: ExportConfig) -> dict:
                    **latency(subject, fp32, int8, config.latency_repeats),
                    "onnx_bytes": os.path.getsize(fp32), "int8_bytes": os.path.getsize(int8),
                    "calibration_images": sum(len(x) for x in subject.calibration)}
-        unpublish(config.out)
-        for name, path in ((ONNX_FILE, fp32), (INT8_FILE, int8)):
-            with open(path, "rb") as f:
-                write_bytes(join(config.out, name), f.read())
-    write_text(join(config.out, CONTRACT_FILE), json.dumps(subject.contract, indent=2))
-    print(f"export: {ONNX_FILE} {numbers['onnx_bytes'] / 1e6:.2f} MB, agreement {100 * numbers['agreement']:.1f}%,"
-          f" max |diff| {numbers['max_abs_diff']:.2g}; {INT8_FILE} {numbers['int8_bytes'] / 1e6:.2f} MB, agreement "
-          f"{100 * numbers['int8_agreement']:.1f}%", file=sys.stderr)
-    return write_manifest(config.out, stage="export", key=key, files=[ONNX_FILE, INT8_FILE, CONTRACT_FILE],
-                          info={"config": asdict(config), "inputs": {"model": config.model, "data": config.data},
-                                "final": numbers, "started_from": subject.contract["started_from"]})
-
+        with Publication(config.out, STAGE.name, key) as publication:
+            for name, path in ((ONNX_FILE, fp32), (INT8_FILE, int8)):
+                with open(path, "rb") as f:
+                    write_bytes(join(publication.folder, name), f.read())
+            write_text(join(publication.folder, CONTRACT_FILE), json.dumps(subject.contract, indent=2))
+            print(f"export: {ONNX_FILE} {numbers['onnx_bytes'] / 1e6:.2f} MB, agreement "
+                  f"{100 * numbers['agreement']:.1f}%, max |diff| {numbers['max_abs_diff']:.2g}; {INT8_FILE} "
+                  f"{numbers['int8_bytes'] / 1e6:.2f} MB, agreement {100 * numbers['int8_agreement']:.1f}%",
+                  file=sys.stderr)
+            return publication.commit([ONNX_FILE, INT8_FILE, CONTRACT_FILE], {
+                "config": asdict(config), "inputs": {"model": config.model, "data": config.data},
+                "final": numbers, "started_from": subject.contract["started_from"]})
 
 STAGE = Stage("export", ExportConfig, run)
 

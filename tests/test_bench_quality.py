@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+from kd_lib.io.manifest import published_uri
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "tiny-imagenet-10"
@@ -59,7 +60,7 @@ def test_quick_quality_benchmark_writes_every_row(tmp_path):
                 for seed in result["seeds"]]
         assert result["top1"] == [100 * json.loads((run / "manifest.json").read_text())["final"]["val_top1"]
                                   for run in runs]  # each seed's own run, in order
-        epochs = [pq.read_table(run / "metrics.parquet").to_pylist() for run in runs]
+        epochs = [pq.read_table(published_uri(str(run), "metrics.parquet")).to_pylist() for run in runs]
         training = sum(sum(row["training_seconds"] for row in rows) for rows in epochs) / len(runs)
         with_validation = sum(sum(row["seconds"] for row in rows) for rows in epochs) / len(runs)
         assert result["train_seconds"] == pytest.approx(training) and 0 < training < with_validation

@@ -13,7 +13,7 @@ from components import export, lr_baseline, teacher
 from kd_lib.config import from_dict
 from kd_lib.data.shards import ShardedImageDataset
 from kd_lib.data.transforms import CropTransform
-from kd_lib.io.manifest import read_manifest
+from kd_lib.io.manifest import published_uri, read_manifest
 from kd_lib.models.store import load_classifier
 
 TINY = {"epochs": 1, "batch_size": 8, "hr_size": 32, "ratio": 4, "num_workers": 0, "lr": 0.05}
@@ -53,13 +53,13 @@ def test_export_runs_in_onnxruntime_like_pytorch(prepared, lr_student, tmp_path)
     assert contract["classes"] == ["class0", "class1", "class2"] and contract["started_from"] == teacher_out
 
     # the exported file on its own, against PyTorch, at a batch size it was not exported with
-    graph = onnx.load(str(out / "model.onnx"))
+    graph = onnx.load(published_uri(str(out), "model.onnx"))
     assert graph.opset_import[0].version >= 17
     model, _ = load_classifier(model_uri)
     val = ShardedImageDataset(prepared, "val", CropTransform(32, 4, train=False))
     images = torch.stack([torch.as_tensor(val[i][0]) for i in range(5)])
     _, lr = val.pairing(images)
-    session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(published_uri(str(out), "model.onnx"), providers=["CPUExecutionProvider"])
     (logits,) = session.run(None, {"input": lr.numpy()})
     with torch.no_grad():
         np.testing.assert_allclose(logits, model(lr).numpy(), atol=1e-4)
@@ -84,6 +84,6 @@ def test_a_detector_exports_its_dense_outputs(prepared_detection, tmp_path):
     assert manifest["final"]["max_rel_diff"] <= 1e-3 and manifest["final"]["compared_unit"] == "anchors"
     contract = json.loads((out / "model.json").read_text())
     assert contract["outputs"] == ["bbox_ctrness", "bbox_regression", "cls_logits"] and contract["ratio"] == 2
-    session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(published_uri(str(out), "model.onnx"), providers=["CPUExecutionProvider"])
     outputs = session.run(None, {"input": np.random.default_rng(0).random((3, 3, 64, 64), dtype=np.float32)})
     assert [o.shape[0] for o in outputs] == [3, 3, 3] and outputs[2].shape[-1] == 2

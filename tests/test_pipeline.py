@@ -54,7 +54,8 @@ def test_local_pipeline_runs_end_to_end_then_caches(tmp_path, capsys, monkeypatc
                                               if n != "student")
     assert models["student"]["started_from"] == "assistant (random)"
     [exported] = (out / "pipeline_root").glob("*/export-op/model")
-    assert {p.name for p in exported.iterdir()} >= {"model.onnx", "model.int8.onnx", "model.json"}
+    assert set(json.loads((exported / "manifest.json").read_text())["files"]) == {
+        "model.onnx", "model.int8.onnx", "model.json"}
     first = executed_tasks(out / "pipeline_root")
     assert first == sorted(["source-version-op", "prepare-data-op", "teacher-op", "assistant-op", "student-op",
                             "student-op-2", "lr-baseline-op", "teacher-gate-op", "export-op", "evaluate-op"])

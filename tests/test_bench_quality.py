@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+
 from kd_lib.io.manifest import published_uri
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -13,6 +13,7 @@ from components import export, lr_baseline, teacher
 from kd_lib.config import from_dict
 from kd_lib.data.shards import ShardedImageDataset
 from kd_lib.data.transforms import CropTransform
+from kd_lib.io.fs import read_text
 from kd_lib.io.manifest import published_uri, read_manifest
 from kd_lib.models.store import load_classifier
 
@@ -48,7 +49,7 @@ def test_export_runs_in_onnxruntime_like_pytorch(prepared, lr_student, tmp_path)
     numbers = manifest["final"]
     assert numbers["max_rel_diff"] <= 1e-3 and numbers["agreement"] >= 0.95
     assert 0 <= numbers["int8_top1"] <= 1 and numbers["int8_bytes"] < numbers["onnx_bytes"] / 2
-    contract = json.loads((out / "model.json").read_text())
+    contract = json.loads(read_text(published_uri(str(out), "model.json")))
     assert contract["input_size"] == 8 and contract["ratio"] == 4 and contract["resize"] == "bilinear"
     assert contract["classes"] == ["class0", "class1", "class2"] and contract["started_from"] == teacher_out
 
@@ -82,7 +83,7 @@ def test_a_detector_exports_its_dense_outputs(prepared_detection, tmp_path):
                                                           "out": str(out), "calibration_images": 4,
                                                           "latency_repeats": 1, "batch_size": 4}))
     assert manifest["final"]["max_rel_diff"] <= 1e-3 and manifest["final"]["compared_unit"] == "anchors"
-    contract = json.loads((out / "model.json").read_text())
+    contract = json.loads(read_text(published_uri(str(out), "model.json")))
     assert contract["outputs"] == ["bbox_ctrness", "bbox_regression", "cls_logits"] and contract["ratio"] == 2
     session = ort.InferenceSession(published_uri(str(out), "model.onnx"), providers=["CPUExecutionProvider"])
     outputs = session.run(None, {"input": np.random.default_rng(0).random((3, 3, 64, 64), dtype=np.float32)})

@@ -68,7 +68,8 @@ def test_local_pipeline_runs_end_to_end_then_caches(tmp_path, capsys, monkeypatc
     from pipelines import local
 
     run_pipeline = local.run_pipeline
-    monkeypatch.setattr(local, "run_pipeline", lambda params, out: run_pipeline({**params, "rerun_student": "1"}, out))
+    monkeypatch.setattr(local, "run_pipeline",
+                        lambda params, out, pipeline=None: run_pipeline({**params, "rerun_student": "1"}, out, pipeline))
     assert run_kdp(data, out) == 0  # rerun_student: the student and what reads it run again, nothing else
     monkeypatch.setattr(local, "run_pipeline", run_pipeline)
     again = sorted([*first, "source-version-op", "source-version-op", "student-op", "evaluate-op"])

@@ -116,8 +116,10 @@ FROM nvidia/cuda:${CUDA_VERSION}-base-ubuntu22.04 AS train
 COPY --from=train-build /opt/python /opt/python
 COPY --from=train-build /opt/venv /opt/venv
 COPY --from=train-build /opt/kd_lib_ops /opt/kd_lib_ops
+# the same TORCH_CUDA_ARCH_LIST as the build: it is part of the kernels' tag, which names their folder
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
+    TORCH_CUDA_ARCH_LIST="8.0;9.0+PTX" \
     KD_LIB_OPS_DIR=/opt/kd_lib_ops
 RUN useradd --create-home --uid 1000 kdp
 USER kdp

@@ -222,6 +222,21 @@ class StagePlan:
     weights_report: LoadReport | None = None
 
 
+def run_key(stage: str, config, inputs: dict[str, str], ignored: tuple[str, ...] = ()) -> str:
+    """The key of a run of ``stage``: the fields of ``config`` that change its result (all but
+    :data:`NOT_IN_KEY` and ``ignored``) and ``inputs``, the fingerprints of what it reads."""
+    ignored = NOT_IN_KEY + ignored
+    return stage_key(stage, {k: v for k, v in asdict(config).items() if k not in ignored}, inputs)
+
+
+def finished(stage: str, out: str, key: str) -> dict | None:
+    """The manifest under ``out`` if a run of ``stage`` with ``key`` already published there (and says so)."""
+    done = finished_with_key(out, key)
+    if done is not None:
+        print(f"{stage}: up to date at {out} (key {key[:12]})", file=sys.stderr)
+    return done
+
+
 @dataclass
 class StageRun:
     """One run of a stage: its key (stage, settings, input fingerprints) and its checkpoint folder."""
@@ -234,17 +249,13 @@ class StageRun:
 
     @classmethod
     def of(cls, stage: str, config, inputs: dict[str, str]) -> StageRun:
-        settings = {k: v for k, v in asdict(config).items() if k not in NOT_IN_KEY}
-        key = stage_key(stage, settings, inputs)
+        key = run_key(stage, config, inputs)
         root = config.checkpoint_root or join(config.out, "checkpoints")
         return cls(stage, key, root, join(root, f"{stage}-{key[:16]}"), not config.checkpoint_root)
 
     def finished(self, out: str) -> dict | None:
         """The manifest under ``out`` if this very run already published there."""
-        done = finished_with_key(out, self.key)
-        if done is not None:
-            print(f"{self.stage}: up to date at {out} (key {self.key[:12]})", file=sys.stderr)
-        return done
+        return finished(self.stage, out, self.key)
 
     def publish(self, out: str, write: Write) -> dict:
         """Publish what ``write`` writes under ``out`` (:class:`~kd_lib.io.publish.Publication`), then

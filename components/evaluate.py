@@ -19,9 +19,11 @@ top-1). The summary then gets the verdicts of :mod:`kd_lib.eval.verdicts`
 the teacher ``gate``'s decision. Only the models given are evaluated: a run
 whose gate skipped the students evaluates the teacher and the LR baseline.
 
-Writes under ``out``: ``summary.json``, ``metrics.parquet`` (one row per
-model), ``report.html`` (tables, verdicts, training curves and a plot of
-top-1 against GFLOPs), and ``manifest.json`` last. ``exports`` (model name ->
+Publishes under ``out`` (:class:`~kd_lib.io.publish.Publication`: a failed
+run leaves the previous summary in place): ``summary.json``,
+``metrics.parquet`` (one row per model), ``report.html`` (tables, verdicts,
+training curves and a plot of top-1 against GFLOPs), and ``manifest.json``
+last, whose ``paths`` say where each file is. ``exports`` (model name ->
 export stage output) adds each exported model's ONNX and int8 numbers to its row.
 """
 
@@ -33,7 +35,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from components.common import load_upstream
+from components.common import OutputSettings, load_upstream, preflight
 from components.detection_common import load_upstream_detector, read_rows
 from components.stage import Stage
 from kd_lib.config import ConfigError, check
@@ -47,14 +49,15 @@ from kd_lib.eval.detection import coco_map, detect
 from kd_lib.eval.report import format_table, write_report
 from kd_lib.eval.verdicts import verdict_lines, with_verdicts
 from kd_lib.io.fs import join, write_text
-from kd_lib.io.manifest import read_manifest, stage_key, unpublish, write_manifest
+from kd_lib.io.manifest import published_uri, read_manifest, stage_key
+from kd_lib.io.publish import Publication
 from kd_lib.ops import ResizeMode
 
 SUMMARY_FILE, REPORT_FILE, METRICS_FILE = "summary.json", "report.html", "metrics.parquet"
 
 
 @dataclass
-class EvaluateConfig:
+class EvaluateConfig(OutputSettings):
     data: str = ""
     """the prepare-data output URI"""
     out: str = ""
@@ -85,6 +88,7 @@ class EvaluateConfig:
     """the code that trained the models: an image tag or a hash of the sources"""
 
     def validate(self) -> None:
+        self.validate_output()
         check(bool(self.data), "data", "is required: the prepare-data output URI")
         check(bool(self.out), "out", "is required: where the summary and report go")
         check(bool(self.models), "models", "is required: name=URI of each model to evaluate")
@@ -186,6 +190,8 @@ def evaluate_detector(name: str, uri: str, classes: list[str], image_size: int, 
 
 
 def run(config: EvaluateConfig) -> dict:
+    preflight(STAGE.name, config, {"data": config.data, **config.models,
+                                   **{f"{name} export": uri for name, uri in config.exports.items()}})
     data = read_manifest(config.data)
     classes = data["classes"]
     device = resolve_device(config.device)
@@ -216,18 +222,18 @@ def run(config: EvaluateConfig) -> dict:
     if config.gate:
         summary["gate"] = config.gate
     summary = with_verdicts(summary)
-    unpublish(config.out)
-    write_text(join(config.out, SUMMARY_FILE), json.dumps(summary, indent=2))
-    write_metrics([{k: v for k, v in m.items() if k not in ("latency_ms", "settings", "history")} |
-                   {f"latency_ms_{k}": v for k, v in m["latency_ms"].items()} for m in models],
-                  join(config.out, METRICS_FILE))
-    write_report(summary, config.out)
     inputs = {m["name"]: m["fingerprint"] for m in models} | {f"{n} export": e["fingerprint"]
                                                               for n, e in exports.items()}
-    write_manifest(config.out, stage="evaluate", key=stage_key("evaluate", asdict(config), inputs),
-                   files=[SUMMARY_FILE, METRICS_FILE, REPORT_FILE], info={"config": asdict(config)})
+    with Publication(config.out, STAGE.name, stage_key(STAGE.name, asdict(config), inputs)) as publication:
+        write_text(join(publication.folder, SUMMARY_FILE), json.dumps(summary, indent=2))
+        write_metrics([{k: v for k, v in m.items() if k not in ("latency_ms", "settings", "history")} |
+                       {f"latency_ms_{k}": v for k, v in m["latency_ms"].items()} for m in models],
+                      join(publication.folder, METRICS_FILE))
+        write_report(summary, publication.folder)
+        manifest = publication.commit([SUMMARY_FILE, METRICS_FILE, REPORT_FILE], {"config": asdict(config)})
     print("\n".join([format_table(summary), *verdict_lines(summary)]))
-    print(f"summary: {join(config.out, SUMMARY_FILE)}\nreport:  {join(config.out, REPORT_FILE)}")
+    print(f"summary: {published_uri(config.out, SUMMARY_FILE, manifest)}\n"
+          f"report:  {published_uri(config.out, REPORT_FILE, manifest)}")
     return summary
 
 

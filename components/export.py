@@ -38,7 +38,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from components.common import OutputSettings, preflight
+from components.common import OutputSettings, finished, preflight, run_key
 from components.stage import Stage
 from kd_lib.config import check
 from kd_lib.data.detection_shards import DetectionShardDataset, collate_detection
@@ -48,13 +48,12 @@ from kd_lib.data.transforms import IMAGENET_MEAN, IMAGENET_STD, CropTransform
 from kd_lib.export.onnx import OPSET, export_onnx, median_ms, quantize_int8, run_session, session
 from kd_lib.io import checkpoint
 from kd_lib.io.fs import join, write_bytes, write_text
-from kd_lib.io.manifest import finished_with_key, read_manifest, stage_key
+from kd_lib.io.manifest import read_manifest
 from kd_lib.io.publish import Publication
 from kd_lib.models.detector_store import DetectorSpec
 from kd_lib.models.store import MODEL_FILE, load_classifier
 
 ONNX_FILE, INT8_FILE, CONTRACT_FILE = "model.onnx", "model.int8.onnx", "model.json"
-NOT_IN_KEY = ("model", "data", "out", "latency_repeats", "force", "storage_timeout")
 
 
 @dataclass
@@ -224,11 +223,10 @@ def latency(subject: Subject, fp32: str, int8: str, repeats: int) -> dict:
 def run(config: ExportConfig) -> dict:
     preflight(STAGE.name, config, {"model": config.model, "data": config.data})
     data, source = read_manifest(config.data), read_manifest(config.model)
-    settings = {k: v for k, v in asdict(config).items() if k not in NOT_IN_KEY}
-    key = stage_key("export", settings, {"model": source["fingerprint"], "data": data["data_fingerprint"]})
-    done = finished_with_key(config.out, key)
+    key = run_key(STAGE.name, config, {"model": source["fingerprint"], "data": data["data_fingerprint"]},
+                  ignored=("model", "latency_repeats"))
+    done = finished(STAGE.name, config.out, key)
     if done is not None:
-        print(f"export: up to date at {config.out} (key {key[:12]})", file=sys.stderr)
         return done
     state = checkpoint.load_published(config.model, MODEL_FILE)
     if state["classes"] != data["classes"]:
@@ -262,8 +260,8 @@ def run(config: ExportConfig) -> dict:
                 "config": asdict(config), "inputs": {"model": config.model, "data": config.data},
                 "final": numbers, "started_from": subject.contract["started_from"]})
 
-STAGE = Stage("export", ExportConfig, run)
 
+STAGE = Stage("export", ExportConfig, run)
 
 if __name__ == "__main__":
     sys.exit(STAGE.main())

@@ -130,10 +130,3 @@ def quiet_interrupt(prog: str) -> Iterator[None]:
         yield
     except KeyboardInterrupt as err:
         sys.exit(report(prog, err, take_debug_flag(None)[1]))
-
-
-def kdp() -> int:
-    """The ``kdp`` console script: SIGINT during the start-up imports also exits 130 quietly."""
-    with quiet_interrupt("kdp"):
-        from pipelines.cli import main
-    return main()

@@ -74,12 +74,12 @@ def evaluate_detection_op(data: Input[Dataset], code_version: str, rerun_token: 
     """evaluate: COCO mAP, FLOPs, latency and input bytes of every detector, the AFP student's export;
     summary and report."""
     from components.kfp_entry import detection_models, run_stage
-    from kd_lib.io.fs import join, read_bytes
+    from kd_lib.io.manifest import read_published
     models = detection_models(teacher=teacher.uri, afp=afp.uri, msad=msad.uri, lr_baseline=lr_baseline.uri)
     run_stage("evaluate", settings, metrics, data=data.uri, out=summary.uri, models=models,
               exports={"student_afp": student_export.uri})
     with open(report.path, "wb") as f:
-        f.write(read_bytes(join(summary.uri, "report.html")))
+        f.write(read_published(summary.uri, "report.html"))
 
 
 def build_pipeline(options: ClusterOptions | None = None):

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from kfp import local
 
-from kd_lib.io.fs import join, read_bytes
+from kd_lib.io.manifest import read_published
 from pipelines import pixel_distillation
 
 RESULT_FILES = ("summary.json", "report.html")
@@ -91,6 +91,6 @@ def run_pipeline(params: dict, out: str | os.PathLike, pipeline=None) -> dict[st
     paths = {}
     for name in RESULT_FILES:
         paths[name] = out / name
-        paths[name].write_bytes(read_bytes(join(summary_dir, name)))
+        paths[name].write_bytes(read_published(summary_dir, name))
     json.loads(paths["summary.json"].read_text())  # a summary that does not parse is a failed run
     return paths

@@ -149,7 +149,7 @@ def evaluate_op(data: Input[Dataset], code_version: str, rerun_token: str, teach
     """evaluate: accuracy, FLOPs, latency and input bytes of every model given, the student's
     export; summary, verdicts and report. Returns the summary folder's URI."""
     from components.kfp_entry import run_stage
-    from kd_lib.io.fs import join, read_bytes
+    from kd_lib.io.manifest import read_published
     given = {"teacher": teacher, "assistant": assistant, "student": student, "student_onestage": student_onestage,
              "lr_baseline": lr_baseline}
     run_stage("evaluate", settings, metrics, data=data.uri, out=summary.uri, hr_size=hr_size, ratio=ratio,
@@ -157,7 +157,7 @@ def evaluate_op(data: Input[Dataset], code_version: str, rerun_token: str, teach
               exports={"student": student_export.uri} if student_export is not None else {},
               code_version=code_version)
     with open(report.path, "wb") as f:
-        f.write(read_bytes(join(summary.uri, "report.html")))
+        f.write(read_published(summary.uri, "report.html"))
     return summary.uri
 
 

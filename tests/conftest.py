@@ -11,7 +11,12 @@ import pytest
 import torch
 from PIL import Image
 
-torch.set_num_threads(2)
+#: CPU threads of each test process: the cores shared among pytest-xdist's workers. More threads
+#: than cores make OpenMP spin against itself, many times slower; the subprocesses that tests start
+#: (stages, kfp.local tasks, torchrun) inherit the same share through OMP_NUM_THREADS.
+THREADS = max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+os.environ["OMP_NUM_THREADS"] = str(THREADS)
+torch.set_num_threads(THREADS)
 
 
 def require(ok: bool, missing: str) -> None:
@@ -28,6 +33,12 @@ def require(ok: bool, missing: str) -> None:
 
 def pytest_configure(config) -> None:
     config.addinivalue_line("markers", "requires(ok, missing): skip when ok is false, fail when env CI is set")
+
+
+def pytest_collection_modifyitems(items) -> None:
+    """The end-to-end tests (marked ``slow``) first: pytest-xdist hands them out in turn, so that
+    each worker starts on long ones and the short tests fill in around them."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
 def pytest_runtest_setup(item) -> None:

@@ -288,8 +288,9 @@ def test_every_stage_module_is_installed_in_both_images(role):
 
 
 def test_the_kernels_are_built_in_train_build_and_found_at_run_time():
-    """`python -m kd_lib.ops.build` runs in train-build with the KD_LIB_OPS_DIR that the train
-    stage sets and copies, so the train image (which has no nvcc) loads the kernels."""
+    """`python -m kd_lib.ops.build` runs in train-build with the KD_LIB_OPS_DIR and the
+    TORCH_CUDA_ARCH_LIST that the train stage sets, and the train stage copies the kernels, so the
+    train image (which has no nvcc) loads them."""
     from kd_lib.ops import extension
 
     build, train = STAGES_OF_DOCKERFILE["train-build"], STAGES_OF_DOCKERFILE["train"]
@@ -298,6 +299,8 @@ def test_the_kernels_are_built_in_train_build_and_found_at_run_time():
     assert envs(train)[extension.DIRECTORY_VARIABLE] == directory
     assert f"--from=train-build {directory} {directory}" in train.arguments("COPY")
     assert envs(build)["TORCH_CUDA_ARCH_LIST"] == extension.DEFAULT_ARCH_LIST
+    # the arch list is part of the kernels' tag: at run time on a GPU it must still name the build's
+    assert envs(train)["TORCH_CUDA_ARCH_LIST"] == envs(build)["TORCH_CUDA_ARCH_LIST"]
 
 
 def test_the_cuda_sources_are_package_data():

@@ -14,7 +14,7 @@ from kd_lib.data.detection_shards import DetectionShardDataset
 from kd_lib.data.imagefolder import DataError
 from kd_lib.distill.detection import AFPDistiller
 from kd_lib.engine.loop import TrainingInterrupted
-from kd_lib.io.manifest import IncompleteOutputError, read_manifest
+from kd_lib.io.manifest import IncompleteOutputError, read_manifest, read_published
 from kd_lib.models.detector_store import load_detector
 
 COCO128 = Path(__file__).parents[1].parent / "shared/data/coco128"
@@ -162,8 +162,8 @@ def test_evaluate_scores_detectors_by_coco_map_against_hr_boxes(prepared_detecti
     assert teacher_row["gflops"] > 4 * baseline_row["gflops"]
     for row in summary["models"]:
         assert all(row[k] is None or 0 <= row[k] <= 1 for k in ("AP", "AP50", "AP75", "APs", "APm", "APl"))
-    assert json.loads((tmp_path / "eval" / "summary.json").read_text()) == summary
-    assert "AP50" in (tmp_path / "eval" / "report.html").read_text()
+    assert json.loads(read_published(str(tmp_path / "eval"), "summary.json")) == summary
+    assert "AP50" in read_published(str(tmp_path / "eval"), "report.html").decode()
 
 
 @pytest.mark.slow

@@ -6,6 +6,7 @@ import pytest
 
 from components import evaluate, lr_baseline, student, teacher
 from kd_lib.config import from_dict
+from kd_lib.io.manifest import read_published
 
 pytestmark = pytest.mark.slow  # trains three models
 
@@ -43,6 +44,6 @@ def test_summary_says_how_each_model_was_trained_and_gives_verdicts(prepared, tm
     assert summary["device"].startswith("cpu (") and "threads)" in summary["device"]
     for verdict in summary["verdicts"]:
         assert verdict["text"] in printed
-    assert json.loads((tmp_path / "eval" / "summary.json").read_text()) == summary
-    report = (tmp_path / "eval" / "report.html").read_text()
+    assert json.loads(read_published(str(tmp_path / "eval"), "summary.json")) == summary
+    report = read_published(str(tmp_path / "eval"), "report.html").decode()
     assert summary["verdicts"][0]["text"].replace("%", "%") in report

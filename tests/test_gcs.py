@@ -140,8 +140,9 @@ def test_stages_read_and_write_only_gcs(gcs, tmp_path, monkeypatch, capsys, make
     gcs.invalidate_cache()
     stored = {path.removeprefix("out-bucket/") for path in gcs.find("out-bucket")}
     model = "teacher/" + read_manifest("gs://out-bucket/teacher")["paths"]["model.pt"]
-    assert {"data/manifest.json", "teacher/manifest.json", model, "eval/manifest.json", "eval/summary.json",
-            "eval/report.html", "eval/metrics.parquet"} <= stored
+    evaluated = read_manifest("gs://out-bucket/eval")["paths"]
+    assert {"data/manifest.json", "teacher/manifest.json", model, "eval/manifest.json",
+            *(f"eval/{evaluated[name]}" for name in ("summary.json", "report.html", "metrics.parquet"))} <= stored
     assert not [path for path in stored if path.startswith("ckpt/")], "the checkpoint outlived the published stage"
     assert not [path for path in stored if ".tmp-" in path], "a temporary file of an atomic write was left behind"
     assert local_files(tmp_path) == created

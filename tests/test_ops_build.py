@@ -37,10 +37,12 @@ def have_nvcc() -> bool:
 
 
 @pytest.mark.requires(have_nvcc(), "no CUDA toolkit (nvcc) on this machine")
-def test_extension_compiles_and_registers_its_operators() -> None:
+def test_extension_compiles_and_registers_its_operators(monkeypatch) -> None:
     """`python -m kd_lib.ops.build` compiles the sources (a compile error fails here) and prints
     the library, which `extension.load()` then finds and loads without building again, and which
-    registers every kd_lib_cuda operator for CUDA tensors only."""
+    registers every kd_lib_cuda operator for CUDA tensors only. One architecture is enough to catch
+    a compile error (the image builds for all of them)."""
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "9.0")
     built = subprocess.run([sys.executable, "-m", "kd_lib.ops.build"], capture_output=True, text=True,
                            timeout=900)
     assert built.returncode == 0, built.stderr[-4000:]
@@ -65,13 +67,16 @@ def test_extension_compiles_and_registers_its_operators() -> None:
     assert "'CPU' backend" in lines[-1]
 
 
-def test_tag_follows_the_sources(tmp_path: Path, monkeypatch) -> None:
+def test_tag_follows_the_sources_and_the_gpus(tmp_path: Path, monkeypatch) -> None:
     copy = tmp_path / "csrc"
     shutil.copytree(extension.SOURCE_DIR, copy)
     monkeypatch.setattr(extension, "SOURCE_DIR", copy)
     before = extension.tag()
     (copy / "kd_loss.cu").write_text((copy / "kd_loss.cu").read_text() + "\n// changed\n")
     assert extension.tag() != before
+    changed = extension.tag()
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "7.5")  # a build for other GPUs is another build
+    assert extension.tag() != changed
     monkeypatch.setenv(extension.DIRECTORY_VARIABLE, str(tmp_path / "ops"))
     assert extension.library_path() == tmp_path / "ops" / extension.tag() / "kd_lib_ops.so"
 

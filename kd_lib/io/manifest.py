@@ -20,7 +20,7 @@ import json
 from typing import Any
 
 from kd_lib.errors import DataError
-from kd_lib.io.fs import exists, join, read_bytes, read_text, remove, sha256_bytes, write_text
+from kd_lib.io.fs import exists, join, read_bytes, read_text, sha256_bytes, write_text
 
 MANIFEST = "manifest.json"
 
@@ -103,11 +103,6 @@ def read_published(uri: str, name: str, manifest: dict[str, Any] | None = None, 
     if size is not None and len(data) != size:
         raise DataError(f"{path}: {len(data)} bytes, but {join(uri, MANIFEST)} promises {size}: {redo}")
     return data
-
-
-def unpublish(uri: str) -> None:
-    """Remove the manifest at ``uri`` before rewriting the output under it."""
-    remove(join(uri, MANIFEST))
 
 
 def build_manifest(uri: str, *, stage: str, key: str, paths: dict[str, str], info: dict[str, Any]) -> dict[str, Any]:

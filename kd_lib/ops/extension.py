@@ -57,9 +57,22 @@ def sources() -> list[Path]:
     return sorted(p for p in SOURCE_DIR.iterdir() if p.suffix in (".cpp", ".cu", ".h"))
 
 
+def arch_list() -> str:
+    """The compute capabilities to compile for: ``TORCH_CUDA_ARCH_LIST``, else the visible GPUs',
+    else :data:`DEFAULT_ARCH_LIST`."""
+    if os.environ.get("TORCH_CUDA_ARCH_LIST"):
+        return os.environ["TORCH_CUDA_ARCH_LIST"]
+    if torch.cuda.is_available():
+        return ";".join(sorted({"%d.%d" % torch.cuda.get_device_capability(i)
+                                for i in range(torch.cuda.device_count())}))
+    return DEFAULT_ARCH_LIST
+
+
 def tag() -> str:
-    """Digest of the sources, the flags and the torch and CUDA versions they build against."""
-    digest = hashlib.sha256(f"{torch.__version__}|{torch.version.cuda}|{CXX_FLAGS}|{CUDA_FLAGS}".encode())
+    """Digest of the sources, the flags, the compute capabilities and the torch and CUDA versions
+    they build against."""
+    digest = hashlib.sha256(
+        f"{torch.__version__}|{torch.version.cuda}|{CXX_FLAGS}|{CUDA_FLAGS}|{arch_list()}".encode())
     for path in sources():
         digest.update(path.name.encode() + b"\0" + path.read_bytes())
     return digest.hexdigest()[:16]
@@ -123,8 +136,7 @@ def build(verbose: bool = False) -> Path:
     global _loaded
     home = cuda_home()
     os.environ["CUDA_HOME"] = str(home)
-    if not torch.cuda.is_available():
-        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCH_LIST)
+    os.environ["TORCH_CUDA_ARCH_LIST"] = arch_list()  # what tag() names
     # ninja, when it came with the venv rather than the system
     os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
     from torch.utils import cpp_extension

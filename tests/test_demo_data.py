@@ -58,12 +58,12 @@ def test_works_on_memory_filesystem():
         fs.rm("/demo", recursive=True)
 
 
-def test_stripes_differ_at_hr_and_mostly_vanish_at_lr():
-    """Two classes that share a colour differ only in stripes finer than a 4x
-    antialiased downsampling keeps: the same draw rendered with either surface
-    gives images far apart at 64 px and close at 16 px (what remains comes
-    from colour channels clipping under the stripes), while a downsampling
-    that aliases (nearest) would keep the difference."""
+def test_stripes_differ_at_hr_and_are_degraded_not_gone_at_lr():
+    """Two classes that share a colour differ only in stripes near the limit of what a 4x
+    antialiased downsampling keeps: the same draw rendered with either surface gives images far
+    apart at 64 px and closer at 16 px, but not alike (the cue is degraded, not removed: what an
+    LR model can still learn from, poorly), while a downsampling that aliases (nearest) keeps the
+    whole difference."""
     antialiased, aliased = [], []
     for index in range(8):
         pair = [render_image(image_rng(0, "train", 0, index), DemoClass("x", "green", surface), 64)
@@ -73,4 +73,5 @@ def test_stripes_differ_at_hr_and_mostly_vanish_at_lr():
         assert gap(hr) > 0.02, "the surfaces should differ visibly at HR"
         antialiased.append(gap(downsample(hr, 4, "bilinear")) / gap(hr))
         aliased.append(gap(downsample(hr, 4, "nearest")) / gap(hr))
-    assert np.mean(antialiased) < 0.2 and np.mean(aliased) > 0.6, (antialiased, aliased)
+    assert 0.15 < np.mean(antialiased) < 0.6 and max(antialiased) < 0.6, antialiased
+    assert np.mean(aliased) > 0.6, aliased

@@ -7,18 +7,20 @@ Every class is a pair (colour family, surface):
   carried by the low frequencies, so it survives any downsampling: a
   low-resolution (LR) model can still tell the families apart.
 * Fine part, the object's surface: ``plain`` or ``striped`` (a sinusoidal
-  grating of period 3.2-4.4 HR pixels, random orientation and phase, zero
-  mean, contrast 0.18-0.28). The grating averages out to the plain surface.
+  grating of period 5-9 HR pixels, random orientation and phase, zero mean,
+  contrast 0.25-0.4). The grating averages out to the plain surface.
 
-Why the stripes are lost at LR: downsampling by ``K`` with an antialiased
+What the stripes become at LR: downsampling by ``K`` with an antialiased
 bilinear filter (a tent ``2K`` HR pixels wide, as
 ``F.interpolate(x, scale_factor=1/K, mode="bilinear", antialias=True)``)
-removes the frequencies above the LR Nyquist limit, i.e. periods shorter than
-``2K`` HR pixels. For ``K = 4`` that is 8 HR pixels, about twice the stripe
-period: what survives (a few per cent of the amplitude) is below the sensor
-noise. So at LR a striped and a plain object of the same colour look alike:
-an LR model can at best recognise the colour family (half the classes, 50 %
-top-1 with 8 classes), a high-resolution (HR) model can also see the stripes.
+keeps a fraction ``sinc^2(K / period)`` of a grating's amplitude and cannot
+represent periods under ``2K`` HR pixels (the LR Nyquist limit). For ``K = 4``
+a 9-pixel grating keeps about half its contrast, an 8-pixel one two fifths, a
+5-pixel one a few per cent, below the sensor noise. So at LR the cue is
+degraded, not gone: the coarser gratings survive faintly, the finer ones
+vanish, and an LR model learns the surface poorly from the labels alone,
+while a high-resolution (HR) model sees every grating clearly. Colour alone
+gives half the classes (50 % top-1 with 8 classes).
 
 Nuisance variation, drawn independently of the class: a smooth cluttered
 background (greyish low-frequency field plus soft blobs), thin distractor
@@ -46,12 +48,13 @@ from tqdm import tqdm
 
 from kd_lib.io.fs import exists, filesystem, join, read_text, write_text
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 SPLITS = ("train", "val")
 SHAPES = ("disc", "square", "triangle", "cross")
 HUES = {"red": 0.0, "yellow": 1 / 6, "green": 1 / 3, "blue": 2 / 3}
 SURFACES = ("plain", "striped")
-PERIOD_RANGE = (3.2, 4.4)  # stripe period in HR pixels, below 2K = 8 for K = 4
+PERIOD_RANGE = (5.0, 9.0)  # stripe period in HR pixels, around 2K = 8 for K = 4
+CONTRAST_RANGE = (0.25, 0.4)  # stripe amplitude (of the unit-variance grating) on the [0, 1] scale
 MANIFEST = "demo.json"
 
 Array = np.ndarray
@@ -206,7 +209,7 @@ def _draw_object(rng: np.random.Generator, image: Array, cls: DemoClass,
     alpha = _coverage(_shape_distance(shape, u, v, radius), rng.uniform(0.8, 1.8))
     slope = rng.normal(0.0, 0.1, 2)
     shading = (slope[0] * u + slope[1] * v) / radius
-    stripes = rng.uniform(0.18, 0.28) * _stripes(rng, yy, xx) * (cls.surface == "striped")
+    stripes = rng.uniform(*CONTRAST_RANGE) * _stripes(rng, yy, xx) * (cls.surface == "striped")
     colour = _object_colour(rng, cls.hue, luminance)
     return _blend(image, colour + (shading + stripes)[..., None], alpha)
 

@@ -72,7 +72,9 @@ class OutputSettings:
     the first contact with each location may take before it counts as unreachable."""
 
     force: bool = False
+    """write into an out that holds another stage's output (its files stay, its manifest is replaced)"""
     storage_timeout: float = STORAGE_TIMEOUT
+    """seconds the first contact with each location may take before it counts as unreachable"""
 
     def validate_output(self) -> None:
         check(self.storage_timeout > 0, "storage_timeout", f"must be > 0 seconds, got {self.storage_timeout}")
@@ -83,6 +85,7 @@ class TrainingOutputSettings(OutputSettings):
     """:class:`OutputSettings` plus ``restart``: start the training over when no checkpoint is readable."""
 
     restart: bool = False
+    """start the training over when no checkpoint is readable"""
 
 
 @dataclass

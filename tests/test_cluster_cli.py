@@ -1,5 +1,6 @@
 """``kdp compile`` and ``kdp schedule`` on the command line, and the TorchX launcher of a training task."""
 
+import dataclasses
 import inspect
 import json
 import re
@@ -10,6 +11,8 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
+from components.stage import stages
+from kd_lib.config import field_help
 from pipelines import cli
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -191,6 +194,13 @@ def test_kdp_run_refuses_a_bad_setting_before_any_work(tmp_path, capsys):
     assert re.search(r"\w+ \(parameter student_backbone\): field 'backbone': unknown detector backbone .*'resnet19' "
                      r"\(close matches: resnet18", capsys.readouterr().err)
     assert not out.exists(), "a refused run wrote something"
+
+
+@pytest.mark.parametrize("name", sorted(stages()))
+def test_every_stage_field_has_help(name):
+    config = stages()[name].config
+    helps = field_help(config)
+    assert [f.name for f in dataclasses.fields(config) if not helps.get(f.name)] == []
 
 
 def test_kdp_version_and_field_help(capsys):

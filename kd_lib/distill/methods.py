@@ -66,26 +66,48 @@ class DistillSettings:
     """The method and the settings of every method (see the module docstring)."""
 
     method: str = "tas"
+    """the method, or several joined by '+' (ce, kd, dkd, fitnet, at, sp, crkd, isrd, feature, tas)"""
     kd_alpha: float = 0.9
+    """the weight of the logit KD term; CE gets 1 - kd_alpha"""
     temperature: float = 4.0
+    """the softmax temperature T of the logit KD terms"""
     isrd_weight: float = 50.0
+    """eta: the weight of ISRD's L1 between the decoded first-layer feature and the HR image"""
     feature_weight: float = 1.0
+    """the weight of TAS's upsampled-feature MSE"""
     feature_layers: list[str] = field(default_factory=list)
+    """the layers the feature term pairs (empty: a ResNet's four stage outputs)"""
     fitnet_weight: float = 100.0
+    """the weight of FitNet's hint MSE"""
     fitnet_layer: str = ""
+    """the layer FitNet's hint is taken from (empty: a ResNet's second stage output)"""
     at_weight: float = 1000.0
+    """the weight of attention transfer (beta)"""
     at_layers: list[str] = field(default_factory=list)
+    """the layers attention transfer pairs (empty: a ResNet's four stage outputs)"""
     at_pool: Literal["feature", "attention"] = "feature"
+    """feature: pool the larger feature to the smaller grid, then take its attention (Pixel
+    Distillation); attention: pool the larger attention map"""
     sp_weight: float = 3000.0
+    """the weight of similarity-preserving KD (gamma)"""
     sp_layers: list[str] = field(default_factory=list)
+    """the layers similarity-preserving KD compares (empty: a ResNet's last stage output)"""
     dkd_alpha: float = 1.0
+    """DKD's weight of target-class KD"""
     dkd_beta: float = 2.0
+    """DKD's weight of non-target-class KD"""
     dkd_warmup: float = 20 / 240
+    """the share of the run over which DKD ramps in linearly"""
     crkd_embed_weight: float = 1.0
+    """CRKD's weight of the L2 between normalized embeddings"""
     crkd_pair_weight: float = 25.0
+    """CRKD's weight of the pair-wise distance term"""
     crkd_mmd_weight: float = 1.0
+    """CRKD's weight of the multi-bandwidth MMD"""
     crkd_adv_weight: float = 0.1
+    """CRKD's weight of the adversarial term"""
     crkd_adv_lr: float = 2e-4
+    """the learning rate of CRKD's discriminator"""
 
     def validate(self) -> None:
         methods = self.methods

@@ -35,7 +35,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from components.common import OutputSettings, load_upstream, preflight
+from components.common import OutputSettings, load_upstream, preflight, run_key
 from components.detection_common import load_upstream_detector, read_rows
 from components.stage import Stage
 from kd_lib.config import ConfigError, check
@@ -49,7 +49,7 @@ from kd_lib.eval.detection import coco_map, detect
 from kd_lib.eval.report import format_table, write_report
 from kd_lib.eval.verdicts import verdict_lines, with_verdicts
 from kd_lib.io.fs import join, write_text
-from kd_lib.io.manifest import published_uri, read_manifest, stage_key
+from kd_lib.io.manifest import published_uri, read_manifest
 from kd_lib.io.publish import Publication
 from kd_lib.ops import ResizeMode
 
@@ -222,9 +222,9 @@ def run(config: EvaluateConfig) -> dict:
     if config.gate:
         summary["gate"] = config.gate
     summary = with_verdicts(summary)
-    inputs = {m["name"]: m["fingerprint"] for m in models} | {f"{n} export": e["fingerprint"]
-                                                              for n, e in exports.items()}
-    with Publication(config.out, STAGE.name, stage_key(STAGE.name, asdict(config), inputs)) as publication:
+    inputs = {"data": data["data_fingerprint"]} | {m["name"]: m["fingerprint"] for m in models} | {
+        f"{n} export": e["fingerprint"] for n, e in exports.items()}
+    with Publication(config.out, STAGE.name, run_key(STAGE.name, config, inputs)) as publication:
         write_text(join(publication.folder, SUMMARY_FILE), json.dumps(summary, indent=2))
         write_metrics([{k: v for k, v in m.items() if k not in ("latency_ms", "settings", "history")} |
                        {f"latency_ms_{k}": v for k, v in m["latency_ms"].items()} for m in models],

@@ -149,7 +149,7 @@ def test_the_torchx_launcher_runs_the_stage_as_a_job_and_reads_its_manifest(tmp_
     import components.torchx_apps as torchx_apps
     from components.kfp_entry import run_stage
     from components.pod import PodSettings
-    from kd_lib.io.manifest import write_manifest
+    from kd_lib.io.publish import Publication
     from pipelines.cluster import ClusterOptions, launcher_input
 
     out = str(tmp_path / "teacher")
@@ -157,7 +157,8 @@ def test_the_torchx_launcher_runs_the_stage_as_a_job_and_reads_its_manifest(tmp_
 
     def stand_in_launch(stage, args, **options):
         launched.append((stage, args, options))
-        write_manifest(out, stage=stage, key="k", files=[], info={"final": {"val_top1": 0.5}})
+        with Publication(out, stage, "k") as publication:
+            publication.commit([], {"final": {"val_top1": 0.5}})
 
     monkeypatch.setattr(torchx_apps, "launch_and_wait", stand_in_launch)
     metrics = SimpleNamespace(path=str(tmp_path / "metrics.json"), logged={})

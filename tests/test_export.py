@@ -71,13 +71,14 @@ def test_export_runs_in_onnxruntime_like_pytorch(prepared, lr_student, tmp_path)
 
 @pytest.mark.slow
 def test_a_detector_exports_its_dense_outputs(prepared_detection, tmp_path):
-    from kd_lib.io.manifest import write_manifest
+    from kd_lib.io.publish import Publication
     from kd_lib.models.detector_store import DetectorSpec, save_detector
 
     torch.manual_seed(0)
     spec = DetectorSpec("fcos", "resnet18", 2, 64)  # the LR side of the 128 px data at ratio 2
-    save_detector(str(tmp_path / "student"), spec.build(), spec, ["red", "blue"], started_from="random")
-    write_manifest(str(tmp_path / "student"), stage="detector", key="k", files=["model.pt"], info={})
+    with Publication(str(tmp_path / "student"), "detector", "k") as publication:
+        save_detector(publication.folder, spec.build(), spec, ["red", "blue"], started_from="random")
+        publication.commit(["model.pt"], {})
     out = tmp_path / "export"
     manifest = export.run(from_dict(export.ExportConfig, {"model": str(tmp_path / "student"), "data": prepared_detection,
                                                           "out": str(out), "calibration_images": 4,

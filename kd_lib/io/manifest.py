@@ -20,7 +20,7 @@ import json
 from typing import Any
 
 from kd_lib.errors import DataError
-from kd_lib.io.fs import exists, join, read_bytes, read_text, sha256_bytes, write_text
+from kd_lib.io.fs import exists, join, read_bytes, read_text, sha256_bytes
 
 MANIFEST = "manifest.json"
 
@@ -120,8 +120,3 @@ def build_manifest(uri: str, *, stage: str, key: str, paths: dict[str, str], inf
             **info}
 
 
-def write_manifest(uri: str, *, stage: str, key: str, files: list[str], info: dict[str, Any]) -> dict[str, Any]:
-    """Hash the files ``files``, stored under their own names below ``uri``, and write ``manifest.json``."""
-    manifest = build_manifest(uri, stage=stage, key=key, paths={name: name for name in files}, info=info)
-    write_text(join(uri, MANIFEST), json.dumps(manifest, indent=2, sort_keys=True))
-    return manifest

@@ -67,9 +67,7 @@ MIN_LR_SIDE = 8
 
 @dataclass
 class OutputSettings:
-    """Fields of every stage about its output: ``force`` writes into an ``out`` that holds another
-    stage's output (its files stay, its manifest is replaced); ``storage_timeout`` is how many seconds
-    the first contact with each location may take before it counts as unreachable."""
+    """Fields of every stage about its output (each field's docstring says what it does)."""
 
     force: bool = False
     """write into an out that holds another stage's output (its files stay, its manifest is replaced)"""
@@ -82,7 +80,7 @@ class OutputSettings:
 
 @dataclass
 class TrainingOutputSettings(OutputSettings):
-    """:class:`OutputSettings` plus ``restart``: start the training over when no checkpoint is readable."""
+    """:class:`OutputSettings` plus ``restart``, for stages that train."""
 
     restart: bool = False
     """start the training over when no checkpoint is readable"""

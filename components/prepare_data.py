@@ -2,7 +2,9 @@
 shards with a manifest holding the class names and a content fingerprint.
 Every image is decoded once: a corrupt image, an empty class folder or
 classes that differ between splits stop the stage with an error naming the
-file or folder, and nothing is published.
+file or folder, and nothing is published. ``num_workers`` processes do the
+per-image work (decode, check, letterbox); the shards and the fingerprint are
+the same whatever their number.
 
 Classification: ``source`` is an ImageFolder root with train/ and val/;
 ``max_per_class`` keeps the first N images of each class in each split (0:
@@ -59,6 +61,8 @@ class PrepareDataConfig(OutputSettings):
     """detection without a val split: the share of images held out, chosen by a hash of their paths"""
     categories: list[str] = field(default_factory=list)
     """detection: keep only these categories, in this order (empty: all)"""
+    num_workers: int = 0
+    """processes that decode, check and letterbox the images (0: this one); the output does not depend on it"""
 
     def validate(self) -> None:
         self.validate_output()
@@ -67,6 +71,7 @@ class PrepareDataConfig(OutputSettings):
         check(self.format in ("auto", "imagefolder", "coco", "yolo"), "format",
               f"must be auto, imagefolder, coco or yolo, got {self.format!r}")
         check(self.shard_size >= 1, "shard_size", f"must be >= 1, got {self.shard_size}")
+        check(self.num_workers >= 0, "num_workers", f"must be >= 0 (0: this process), got {self.num_workers}")
         check(self.max_per_class >= 0, "max_per_class", f"must be >= 0 (0: all), got {self.max_per_class}")
         check(self.image_size >= 32, "image_size", f"must be >= 32, got {self.image_size}")
         check(0 < self.val_fraction < 1, "val_fraction", f"must be in (0, 1), got {self.val_fraction}")
@@ -105,11 +110,12 @@ def run(config: PrepareDataConfig) -> dict:
     preflight("prepare-data", config, inputs)
     if config.resolved_format() == "imagefolder":
         manifest = prepare_imagefolder(config.source, config.out, config.shard_size, config.max_per_class,
-                                       config.categories)
+                                       config.categories, config.num_workers)
     else:
         train, val = read_detection(config)
         manifest = prepare_detection(train, config.out, config.image_size, source=config.source, val=val,
-                                     val_fraction=config.val_fraction, shard_size=config.shard_size)
+                                     val_fraction=config.val_fraction, shard_size=config.shard_size,
+                                     num_workers=config.num_workers)
     splits = manifest["splits"]
     print(f"prepare-data: {manifest['num_classes']} classes, {splits['train']['images']} train / "
           f"{splits['val']['images']} val images, fingerprint {manifest['data_fingerprint'][:12]}", file=sys.stderr)

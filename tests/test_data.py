@@ -240,3 +240,27 @@ def test_the_listing_fingerprint_changes_exactly_when_files_do(tmp_path):
     assert listing_fingerprint(folder, file) != second
     with pytest.raises(FileNotFoundError, match="missing"):
         listing_fingerprint(str(tmp_path / "missing"))
+
+
+def shard_bytes(out) -> dict[str, bytes]:
+    """Each published shard's bytes by its name (the run folder left out)."""
+    manifest = read_manifest(str(out))
+    return {name: (out / path).read_bytes() for name, path in manifest["paths"].items()}
+
+
+def test_workers_give_the_same_shards_and_fingerprint(imagefolder, tmp_path):
+    Image.new("L", (20, 30), 128).save(imagefolder / "train" / "class0" / "gray.png")  # a 16 px short side
+    alone = prepare_imagefolder(str(imagefolder), str(tmp_path / "alone"), shard_size=10)
+    pooled = prepare_imagefolder(str(imagefolder), str(tmp_path / "pooled"), shard_size=10, num_workers=2)
+    assert pooled["data_fingerprint"] == alone["data_fingerprint"]
+    assert pooled["short_sides"] == alone["short_sides"] == {"16": 1, "32": 48}
+    assert shard_bytes(tmp_path / "pooled") == shard_bytes(tmp_path / "alone")
+    assert len(shard_bytes(tmp_path / "alone")) == 6  # 37 train, 12 val images in shards of 10
+
+
+def test_a_corrupt_image_found_by_a_worker_is_named_and_nothing_is_published(imagefolder, tmp_path):
+    (imagefolder / "val" / "class1" / "004.png").write_bytes(b"not an image")
+    out = tmp_path / "data"
+    with pytest.raises(DataError, match=r"corrupt image .*val/class1/004\.png"):
+        prepare_imagefolder(str(imagefolder), str(out), num_workers=2)
+    assert_nothing_published(out)

@@ -99,6 +99,20 @@ def test_letterboxing_scales_boxes_and_pads_with_the_mean_colour(sets, tmp_path,
     assert truth[2].areas[0] == pytest.approx(24 * 48 * 4 / 9)
 
 
+def test_workers_give_the_same_shards_fingerprint_and_counts(sets, tmp_path, caplog):
+    alone = prepare(sets, tmp_path / "alone", shard_size=2)
+    with caplog.at_level(logging.WARNING):
+        pooled = prepare(sets, tmp_path / "pooled", shard_size=2, num_workers=2)
+    assert re.search(rf"a\.png: 1 {DEGENERATE} to {SIZE} px", caplog.text)  # logged here, found by a worker
+    assert pooled["data_fingerprint"] == alone["data_fingerprint"]
+    assert pooled["splits"] == alone["splits"] and pooled["adjusted"] == alone["adjusted"]
+    assert alone["adjusted"][DEGENERATE] == 1
+    stored = {name: [(root / path).read_bytes() for path in manifest["paths"].values()]
+              for name, root, manifest in (("alone", tmp_path / "alone", alone),
+                                           ("pooled", tmp_path / "pooled", pooled))}
+    assert stored["pooled"] == stored["alone"] and len(stored["alone"]) == 3
+
+
 def test_corrupt_image_is_named_and_nothing_is_published(sets, tmp_path):
     out = tmp_path / "data"
     first = prepare(sets, out, shard_size=1)

@@ -36,6 +36,7 @@ from tqdm import tqdm
 
 from kd_lib.data.detection import DetectionImage, DetectionSet
 from kd_lib.data.imagefolder import SPLITS, DataError, decode_rgb
+from kd_lib.data.parallel import OrderedPool
 from kd_lib.data.shards import READ_BATCH, ShardWriter
 from kd_lib.data.transforms import PairedResize
 from kd_lib.io.fs import filesystem, join
@@ -108,8 +109,11 @@ def letterbox(image: Image.Image, size: int) -> tuple[Image.Image, float]:
     return canvas, scale
 
 
-def _row(image: DetectionImage, data: bytes, uri: str, size: int, adjusted: Counter) -> dict:
-    """The shard row of one image: letterboxed JPEG bytes and its scaled annotations."""
+def letterboxed_row(item: tuple[DetectionImage, bytes, str, int]) -> dict:
+    """``(image, bytes, uri, size)`` -> the shard row of one image: its letterboxed JPEG bytes and its
+    scaled annotations, plus ``dropped``, the number of its boxes that letterboxing made degenerate.
+    The per-image work of :func:`prepare_detection`, run in its worker processes."""
+    image, data, uri, size = item
     decoded = decode_rgb(data, uri)
     if decoded.size != (image.width, image.height):
         raise DataError(f"{uri}: the image is {decoded.width}x{decoded.height} but its annotations say "
@@ -119,34 +123,42 @@ def _row(image: DetectionImage, data: bytes, uri: str, size: int, adjusted: Coun
     canvas.save(buffer, format="JPEG", quality=JPEG_QUALITY)
     boxes = np.clip(np.asarray(image.boxes, dtype=np.float64).reshape(-1, 4) * scale, 0, size).astype(np.float32)
     keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
-    if not keep.all():
-        adjusted[DEGENERATE] += int((~keep).sum())
-        log.warning("%s: %d %s to %d px", uri, int((~keep).sum()), DEGENERATE, size)
     areas = (np.asarray(image.areas, dtype=np.float64) * scale**2).astype(np.float32)
     return {"image": buffer.getvalue(), "image_id": image.image_id, "path": image.path, "scale": scale,
             "boxes": boxes[keep].reshape(-1).tolist(), "labels": np.asarray(image.labels)[keep].tolist(),
-            "crowd": np.asarray(image.crowd, dtype=bool)[keep].tolist(), "areas": areas[keep].tolist()}
+            "crowd": np.asarray(image.crowd, dtype=bool)[keep].tolist(), "areas": areas[keep].tolist(),
+            "dropped": int((~keep).sum())}
 
 
 def _rows(split: str, source: DetectionSet, images: list[DetectionImage], size: int, digest,
-          adjusted: Counter, progress: tqdm) -> Iterator[dict]:
-    """The rows of one split, read in batches; each image's content goes into ``digest``."""
+          adjusted: Counter, progress: tqdm, pool: OrderedPool) -> Iterator[dict]:
+    """The rows of one split, read in batches and letterboxed by ``pool``; each image's content goes
+    into ``digest``, in order."""
     fs, base = filesystem(source.root)
     for start in range(0, len(images), READ_BATCH):
         batch = images[start:start + READ_BATCH]
         blobs = fs.cat([posixpath.join(base, image.path) for image in batch])
-        for image in batch:
-            data = blobs[posixpath.join(base, image.path)]
+        datas = [blobs[posixpath.join(base, image.path)] for image in batch]
+        uris = [join(source.root, image.path) for image in batch]
+        rows = pool.map(letterboxed_row, [(image, data, uri, size) for image, data, uri in zip(batch, datas, uris)])
+        for image, data, uri, row in zip(batch, datas, uris, rows):
             digest.update(json.dumps([split, image.path, hashlib.sha256(data).hexdigest(), image.image_id,
                                       image.boxes, image.labels, image.crowd, image.areas]).encode() + b"\n")
-            yield _row(image, data, join(source.root, image.path), size, adjusted)
+            if row["dropped"]:
+                adjusted[DEGENERATE] += row["dropped"]
+                log.warning("%s: %d %s to %d px", uri, row["dropped"], DEGENERATE, size)
+            yield row
             progress.update()
 
 
 def prepare_detection(dataset: DetectionSet, out: str, image_size: int, *, source: str,
                       val: DetectionSet | None = None, val_fraction: float = 0.2,
-                      shard_size: int = 1024) -> dict:
+                      shard_size: int = 1024, num_workers: int = 0) -> dict:
     """Letterbox ``dataset`` to ``image_size`` and publish it as shards under ``out``.
+
+    ``num_workers`` processes decode and letterbox the images (0: this
+    process); the shards and the fingerprint do not depend on it
+    (:class:`~kd_lib.data.parallel.OrderedPool`).
 
     ``val`` is the val split when given (``dataset`` is then all train);
     otherwise an image goes to val when a hash of its path falls under
@@ -170,10 +182,10 @@ def prepare_detection(dataset: DetectionSet, out: str, image_size: int, *, sourc
     digest = hashlib.sha256(json.dumps({"image_size": image_size, "categories": dataset.categories}).encode())
     adjusted = Counter(dataset.adjusted) + Counter(val.adjusted if val is not None else {})
     info: dict[str, dict] = {}
-    with ShardWriter(out, SCHEMA) as writer:
+    with ShardWriter(out, SCHEMA) as writer, OrderedPool(num_workers) as pool:
         progress = tqdm(total=sum(len(images) for _, images in splits.values()), desc="prepare-data", unit="img")
         for split, (split_source, images) in splits.items():
-            rows = _rows(split, split_source, images, image_size, digest, adjusted, progress)
+            rows = _rows(split, split_source, images, image_size, digest, adjusted, progress, pool)
             shards, boxes = [], 0
             while chunk := list(islice(rows, shard_size)):
                 shards.append(writer.write(split, len(shards), {name: [row[name] for row in chunk]

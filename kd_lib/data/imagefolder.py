@@ -7,6 +7,7 @@ palette, CMYK and alpha images included).
 
 from __future__ import annotations
 
+import hashlib
 import io
 import posixpath
 import warnings
@@ -48,6 +49,15 @@ def side_bucket(width: int, height: int) -> str:
     """The power of two at or below the shorter side: images are counted by it in the manifest's
     ``short_sides``, so that a stage can tell how many are far smaller than the size it trains at."""
     return str(1 << (max(1, min(width, height)).bit_length() - 1))
+
+
+def inspect_image(item: tuple[bytes, str]) -> tuple[str, str]:
+    """``(bytes, name)`` of one image -> its :func:`side_bucket` and the SHA-256 of its bytes, after
+    checking that it decodes (:class:`DataError` naming ``name`` if not). The per-image work of
+    :func:`kd_lib.data.shards.prepare_imagefolder`, run in its worker processes."""
+    data, name = item
+    image = decode_rgb(data, name)
+    return side_bucket(*image.size), hashlib.sha256(data).hexdigest()
 
 
 def split_classes(root: str, split: str) -> list[str]:

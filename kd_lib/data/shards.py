@@ -19,7 +19,8 @@ import pyarrow.parquet as pq
 import torch
 from tqdm import tqdm
 
-from kd_lib.data.imagefolder import SPLITS, decode_rgb, list_classes, list_images, side_bucket
+from kd_lib.data.imagefolder import SPLITS, decode_rgb, inspect_image, list_classes, list_images
+from kd_lib.data.parallel import OrderedPool
 from kd_lib.data.transforms import CropTransform, PairedResize
 from kd_lib.io.fs import filesystem, join, write_bytes
 from kd_lib.io.manifest import read_manifest, read_published, stage_key
@@ -59,12 +60,15 @@ class ShardWriter(Publication):
 
 
 def prepare_imagefolder(source: str, out: str, shard_size: int = 4096, max_per_class: int = 0,
-                        classes: list[str] | None = None) -> dict:
+                        classes: list[str] | None = None, num_workers: int = 0) -> dict:
     """Validate the ImageFolder at ``source`` and publish it as shards under ``out``.
 
     ``max_per_class > 0`` keeps the first ``max_per_class`` images (in sorted
     path order) of each class in each split: a quick, reproducible subset.
     ``classes`` keeps only those class folders, labelled in that order.
+    ``num_workers`` processes decode and hash the images (0: this process);
+    the shards and the fingerprint do not depend on it
+    (:class:`~kd_lib.data.parallel.OrderedPool`).
 
     On any error, the shards written so far are removed and no manifest is
     written; the error names the offending file or folder. An earlier output
@@ -85,7 +89,7 @@ def prepare_imagefolder(source: str, out: str, shard_size: int = 4096, max_per_c
     digest = hashlib.sha256("\n".join(classes).encode())
     splits: dict[str, dict] = {}
     short_sides: Counter = Counter()
-    with ShardWriter(out) as writer:
+    with ShardWriter(out) as writer, OrderedPool(num_workers) as pool:
         progress = tqdm(total=len(records), desc="prepare-data", unit="img")
         for split in SPLITS:
             split_records = [r for r in records if r.split == split]
@@ -94,11 +98,11 @@ def prepare_imagefolder(source: str, out: str, shard_size: int = 4096, max_per_c
             for start in range(0, len(split_records), READ_BATCH):
                 batch = split_records[start:start + READ_BATCH]
                 blobs = fs.cat([f"{root}/{r.path}" for r in batch])
-                for record in batch:
-                    data = blobs[f"{root}/{record.path}"]
-                    image = decode_rgb(data, join(source, record.path))
-                    short_sides[side_bucket(*image.size)] += 1
-                    digest.update(f"{record.path}\t{record.label}\t{hashlib.sha256(data).hexdigest()}\n".encode())
+                datas = [blobs[f"{root}/{record.path}"] for record in batch]
+                checked = pool.map(inspect_image, [(data, join(source, r.path)) for data, r in zip(datas, batch)])
+                for record, data, (bucket, sha) in zip(batch, datas, checked):
+                    short_sides[bucket] += 1
+                    digest.update(f"{record.path}\t{record.label}\t{sha}\n".encode())
                     rows["image"].append(data)
                     rows["label"].append(record.label)
                     rows["path"].append(record.path)

@@ -2,6 +2,7 @@
 uninterrupted run: the weights, the terms' modules, the discriminators' optimizers and the metrics rows,
 for a model with dropout as well."""
 
+import math
 import os
 import signal
 
@@ -82,3 +83,26 @@ def test_a_stopped_run_resumes_bit_identical_to_an_uninterrupted_one(prepared, t
     torch.testing.assert_close(resumed.trainable_state_dict(), straight.trainable_state_dict(), rtol=0, atol=0)
     assert without_timing(rows) == without_timing(straight_rows)
     assert [r["epoch"] for r in rows] == [1, 2]
+
+
+def test_channels_last_trains_the_same_task_in_the_other_memory_format(prepared, tmp_path):
+    """The weights and both batches in channels-last: the same first step up to float rounding."""
+    train_set = ShardedImageDataset(prepared, "train", CropTransform(32, 4, train=True))
+
+    def first_outputs(channels_last: bool) -> tuple[Distiller, list]:
+        task, seen = build_task("kd+isrd"), []
+        task.student.register_forward_hook(lambda module, args, out: seen.append(
+            (args[0].is_contiguous(memory_format=torch.channels_last) and not args[0].is_contiguous(),
+             out.detach().clone())))
+        settings = from_dict(teacher.TeacherConfig, {**SETTINGS, "epochs": 1, "data": prepared, "out": "unused",
+                                                     "channels_last": channels_last})
+        rows = fit(task, train_set, settings, str(tmp_path / str(channels_last)), lambda student, device: {})
+        assert math.isfinite(rows[0]["train_loss"])
+        return task, seen
+
+    task, seen = first_outputs(True)
+    assert task.student.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    assert len(seen) == 9 and all(layout for layout, _ in seen)  # every LR batch the student saw
+    _, plain = first_outputs(False)
+    assert not any(layout for layout, _ in plain)
+    torch.testing.assert_close(seen[0][1], plain[0][1], atol=1e-4, rtol=1e-4)

@@ -61,9 +61,10 @@ class PairedResize:
     mode: ResizeMode = "bilinear"
     mean: tuple[float, ...] = IMAGENET_MEAN
     std: tuple[float, ...] = IMAGENET_STD
+    channels_last: bool = False  #: both batches in the channels-last memory format
 
     def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return paired_resize(images, self.ratio, self.mode, self.mean, self.std)
+        return paired_resize(images, self.ratio, self.mode, self.mean, self.std, channels_last=self.channels_last)
 
 
 class CropTransform:

@@ -68,6 +68,10 @@ class Distiller(TeacherStudentTask):
         ce_weight: weight of the cross-entropy, ``1 - alpha``.
     """
 
+    #: Every step uses the same parameters: data-parallel training need not look
+    #: for unused ones after each forward (:func:`kd_lib.engine.distributed.data_parallel`).
+    same_parameters_every_step = True
+
     def __init__(self, student: nn.Module, student_view: View, teacher: nn.Module | None = None,
                  terms: list[Term] = (), ce_weight: float = 1.0):
         if teacher is None and any(term.needs_teacher for term in terms):

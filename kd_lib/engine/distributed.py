@@ -2,18 +2,25 @@
 
 Under ``torchrun`` (``WORLD_SIZE`` > 1 in the environment) every process
 holds a full replica of the task and trains it on its share of each batch.
-The training loop keeps the replicas bit-identical: it averages the
-gradients over the processes before each optimizer step and copies process
-0's buffers (BatchNorm running statistics) to the others after it, which is
-what :class:`~torch.nn.parallel.DistributedDataParallel` does with its
-default ``broadcast_buffers``. The DDP wrapper itself is not used: the CRKD
-discriminator runs its own backward and optimizer step inside the task's
-forward, and detection tasks leave some parameters without gradients, two
-things the wrapper's gradient hooks do not allow.
+The replicas are kept identical by
+:class:`~torch.nn.parallel.DistributedDataParallel` (DDP), which
+:func:`data_parallel` wraps around the task's trained parameters and buffers:
+it averages the gradients over the processes in buckets while the backward
+runs, and copies process 0's buffers (BatchNorm running statistics) to the
+others at the start of each forward (its default ``broadcast_buffers``). The
+frozen teacher stays outside it. The CRKD discriminator, which takes its own
+backward and optimizer step inside the task's forward, gets a DDP wrapper of
+its own, and detection tasks, which leave some parameters without gradients,
+have DDP look for those after each forward (``find_unused_parameters``);
+other tasks use the same parameters at every step (``static_graph``).
+The loop synchronises with the host only every few steps, through
+:func:`agree` (the steps' losses, averaged over the processes, and any stop
+signal).
 
 Processes talk over NCCL on CUDA (each on ``cuda:LOCAL_RANK``) and over gloo
-on the CPU. In a single process (no ``torchrun``) every function here is a
-no-op, so results there are exactly those of a plain run.
+on the CPU. In a single process (no ``torchrun``) nothing is wrapped and
+every collective here is skipped, so results there are exactly those of a
+plain run.
 """
 
 from __future__ import annotations
@@ -117,41 +124,17 @@ def _coalesced(tensors: Iterable[torch.Tensor], collective: Callable[[torch.Tens
                 tensor.copy_(part.view_as(tensor))
 
 
-def _all_reduce_mean(flat: torch.Tensor) -> None:
-    dist.all_reduce(flat)
-    flat.div_(dist.get_world_size())
-
-
 def _broadcast_from_main(flat: torch.Tensor) -> None:
     dist.broadcast(flat, src=0)
-
-
-def average_gradients(params: Iterable[torch.nn.Parameter]) -> None:
-    """Replace each parameter's gradient by its mean over the processes, before an optimizer step.
-
-    A parameter that got no gradient on some processes (a branch their
-    batches did not reach) counts as zero there; one that got none anywhere
-    keeps ``None``, so the optimizer skips it as it would in one process.
-    """
-    if world_size() == 1:
-        return
-    params = list(params)
-    if not params:
-        return
-    has_grad = torch.tensor([p.grad is not None for p in params], dtype=torch.int32, device=_collective_device())
-    dist.all_reduce(has_grad, op=dist.ReduceOp.MAX)
-    reduced = [p for p, present in zip(params, has_grad.tolist()) if present]
-    for p in reduced:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-    _coalesced([p.grad for p in reduced], _all_reduce_mean)
 
 
 def broadcast_buffers(module: torch.nn.Module) -> None:
     """Copy the main process's buffers (BatchNorm running statistics, counters) to every process.
 
     Each process updates its BatchNorm statistics on its own share of the
-    batch; taking process 0's after each step keeps the replicas identical.
+    batch. :func:`data_parallel`'s wrapper copies process 0's at the start of
+    each forward; the loop also calls this at each epoch's end, so that
+    validation and the replicas after the last step agree too.
     """
     if world_size() > 1:
         _coalesced(list(module.buffers()), _broadcast_from_main)
@@ -163,30 +146,76 @@ def broadcast_state(module: torch.nn.Module) -> None:
         _coalesced([*module.parameters(), *module.buffers()], _broadcast_from_main)
 
 
-def mean_over_processes(values: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Each scalar of ``values`` averaged over the processes (``values`` itself in one process).
+class _Trained(torch.nn.Module):
+    """What the task's DDP wrapper holds: the task's trained parameters and buffers (named as in the
+    task, dots made ``__``), with the task's ``forward``.
 
-    The loop reports and checks the mean loss of the whole batch, so that
-    every process logs the same numbers and stops together on a NaN.
+    The task itself is not a submodule, so DDP neither broadcasts the frozen
+    teacher nor hooks the discriminators that step on their own.
     """
-    if world_size() == 1 or not values:
-        return values
-    stacked = torch.stack([v.detach().reshape(()).to(_collective_device(), torch.float64) for v in values])
-    _all_reduce_mean(stacked)
-    return list(stacked.unbind())
+
+    def __init__(self, task: torch.nn.Module, parameters: list[torch.nn.Parameter],
+                 buffers: list[torch.Tensor]):
+        super().__init__()
+        object.__setattr__(self, "task", task)
+        names = {id(t): name.replace(".", "__") for name, t in [*task.named_parameters(), *task.named_buffers()]}
+        for index, parameter in enumerate(parameters):
+            self.register_parameter(names.get(id(parameter), f"parameter{index}"), parameter)
+        for index, buffer in enumerate(buffers):
+            self.register_buffer(names.get(id(buffer), f"buffer{index}"), buffer)
+
+    def forward(self, *args, **kwargs):
+        return self.task(*args, **kwargs)
 
 
-def agreed_signal(signum: int | None) -> int | None:
-    """The stop signal if any process received one (the highest number if several), else None.
+def data_parallel(task: torch.nn.Module, parameters: list[torch.nn.Parameter], device: torch.device,
+                  find_unused: bool) -> torch.nn.Module:
+    """What the loop calls for a step: ``task`` itself in one process, else a DDP wrapper of it.
 
-    Processes get a signal at slightly different steps; agreeing on it each
-    step makes them all checkpoint and stop after the same one.
+    The wrapper (:class:`~torch.nn.parallel.DistributedDataParallel`) holds
+    ``parameters`` (the optimizer's) and the task's buffers but those of its
+    ``teacher`` and of the modules that update themselves, and calls
+    ``task``'s forward: the parameters' gradients are averaged over the
+    processes in buckets during the backward, and process 0's buffers are
+    copied to the others at the start of each forward. Every submodule with a
+    ``set_data_parallel(wrap)`` method (the CRKD discriminator) is given
+    ``wrap``, which makes a DDP wrapper of a module of its own; its updates run
+    through it. ``find_unused``: some parameters may get no gradient on some
+    steps (detection), so the wrapper looks for them after each forward;
+    otherwise the parameters a step uses are taken to be the same at every
+    step (``static_graph``), which also allows some never to be used.
+    The task's own modules and state dicts are untouched.
     """
     if world_size() == 1:
-        return signum
-    flag = torch.tensor([signum or 0], dtype=torch.int32, device=_collective_device())
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return int(flag.item()) or None
+        return task
+    from torch.nn.parallel import DistributedDataParallel
+
+    device_ids = [device] if device.type == "cuda" else None
+    own = [m for m in task.modules() if m is not task and callable(getattr(type(m), "set_data_parallel", None))]
+    for module in own:
+        module.set_data_parallel(lambda m: DistributedDataParallel(m, device_ids=device_ids))
+    teacher = getattr(task, "teacher", None)
+    skipped = {id(b) for m in [*own, *([teacher] if teacher is not None else [])] for b in m.buffers()}
+    buffers = [b for b in task.buffers() if id(b) not in skipped]
+    return DistributedDataParallel(_Trained(task, parameters, buffers), device_ids=device_ids,
+                                   find_unused_parameters=find_unused, static_graph=not find_unused)
+
+
+def agree(values: torch.Tensor, flags: list[bool]) -> tuple[list[float], list[bool]]:
+    """``values`` averaged over the processes, and whether any process raised each of ``flags``:
+    one collective and one copy to the host (none of either in one process but the copy).
+
+    The loop's only synchronisation, every few steps: the steps' losses, and
+    the stop signals received since.
+    """
+    dtype = torch.float32 if values.device.type == "mps" else torch.float64  # mps has no float64
+    packed = torch.cat([values.detach().reshape(-1).to(dtype), torch.tensor(flags, dtype=dtype, device=values.device)])
+    if world_size() > 1:
+        packed = packed.to(_collective_device())
+        dist.all_reduce(packed)
+        packed[:values.numel()].div_(dist.get_world_size())
+    host = packed.tolist()
+    return host[:values.numel()], [flag > 0 for flag in host[values.numel():]]
 
 
 def parameters_digest(module: torch.nn.Module) -> str:

@@ -18,6 +18,8 @@ to the device:
   and a resumed run restores from the checkpoint: a run stopped and resumed
   ends with the weights of an uninterrupted one, bit for bit;
 - bf16 autocast on CUDA devices that support it, full precision elsewhere;
+  with ``channels_last``, the task's weights and both input batches in the
+  channels-last memory format (the pairing writes it directly);
 - SGD with a per-step cosine or step schedule, optional gradient-norm clipping;
 - a checkpoint (``last.pt``: the task's trainable state, the optimizer, the
   schedule, the :class:`LoopState` and the RNG states) every
@@ -25,18 +27,26 @@ to the device:
   which :class:`TrainingInterrupted` is raised; an existing ``last.pt`` is
   resumed from, mid-epoch included (an earlier one where it is damaged:
   :func:`kd_lib.io.checkpoint.load_latest`);
-- a progress bar per epoch, and at its end one progress line (loss and its
-  terms, learning rate, training images per second, validation metrics) and
-  one metrics row (the same, the terms prefixed ``train_``, the metrics
-  ``val_``, ``seconds`` with validation and ``training_seconds`` without),
-  also written to ``metrics.parquet``
-  beside the checkpoint after every epoch;
+- no synchronisation with the host inside a step: each step's loss and terms
+  stay on the device until the loop syncs, every :data:`SYNC_EVERY` steps,
+  before every checkpoint and at each epoch's end; there a non-finite loss
+  raises :class:`NonFiniteLossError` naming its epoch and batch (the steps
+  taken since are never checkpointed), and a stop signal is acted on (in one
+  process after any step);
+- a progress bar per epoch (its loss updated at each sync), and at its end
+  one progress line (loss and its terms, learning rate, training images per
+  second, validation metrics) and one metrics row (the same, the terms
+  prefixed ``train_``, the metrics ``val_``, ``seconds`` with validation and
+  ``training_seconds`` without), also written to ``metrics.parquet`` beside
+  the checkpoint after every epoch;
 - data-parallel under ``torchrun`` (:mod:`kd_lib.engine.distributed`): each
   process trains on its slice of every batch (``batch_size`` stays the whole
-  batch), gradients are averaged before each step and process 0's buffers
-  copied after it, so the replicas stay identical; the logged loss is the
-  mean over the processes, only process 0 writes, and every process resumes
-  from the same checkpoint and stops at the same step on a signal.
+  batch) through a DistributedDataParallel wrapper of the task, which
+  averages the gradients during the backward and copies process 0's buffers
+  at the start of each forward (and the loop once more at each epoch's end),
+  so the replicas stay identical; the logged loss is the mean over the
+  processes, only process 0 writes, and every process resumes from the same
+  checkpoint and stops at the same step on a signal, agreed on at a sync.
 
 The model kept is the last epoch's: the validation split is watched, never
 used to pick a checkpoint.
@@ -50,7 +60,7 @@ import math
 import signal
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -68,6 +78,10 @@ from kd_lib.io.fs import join, write_bytes
 
 CHECKPOINT = "last.pt"
 METRICS = "metrics.parquet"
+#: Steps between the loop's synchronisations with the host (and, under ``torchrun``, between the
+#: processes): the non-finite loss check, the agreement on a stop signal and the progress bar's loss.
+#: One also comes before every checkpoint and at each epoch's end.
+SYNC_EVERY = 10
 #: ``validate(student, device) -> {metric: value}``, run after every epoch.
 Validate = Callable[[torch.nn.Module, torch.device], dict[str, float]]
 
@@ -81,7 +95,7 @@ class TrainingInterrupted(RuntimeError):
 
 
 class NonFiniteLossError(FloatingPointError):
-    """The loss became NaN or infinite; nothing was saved for that step."""
+    """The loss became NaN or infinite; nothing was saved from that step on."""
 
 
 def resolve_device(name: str) -> torch.device:
@@ -219,6 +233,11 @@ class _Run:
         self.rank, self.world, self.device = distributed.init_from_env(resolve_device(settings.device))
         _check_split(settings.batch_size, self.world)
         self.task, self.train_set, self.settings, self.validate = task.to(self.device), train_set, settings, validate
+        self.pairing = train_set.pairing
+        if settings.channels_last:
+            self.task.to(memory_format=torch.channels_last)
+            self.pairing = replace(self.pairing, channels_last=True)
+        self.model = self.task  # what a step calls: the task, or its data-parallel wrapper (start)
         self.desc, self.collate_fn = desc, collate_fn
         self.checkpoint_dir, self.uri = checkpoint_dir, join(checkpoint_dir, CHECKPOINT)
         self.params = task.optimized_parameters()
@@ -226,10 +245,15 @@ class _Run:
         self.steps_per_epoch = len(EpochBatchSampler(len(train_set), settings.batch_size, settings.seed, 0))
         self.scheduler = build_scheduler(self.optimizer, settings, self.steps_per_epoch)
         self.state = LoopState()
+        # the loss and terms of the steps since the last sync, one row each, on the device
+        self.names: list[str] = []
+        self.window: torch.Tensor | None = None
+        self.pending = 0
+        self.last_loss = math.nan
 
     def start(self) -> None:
         """Resume from the checkpoint if there is one, else seed in-model randomness from the settings;
-        then make every process's replica the main one's.
+        then make every process's replica the main one's and wrap the task for data-parallel training.
 
         Under ``torchrun`` every process resumes from the main process's checkpoint, RNG states
         included: they draw alike (one seed, one model, equal shares of each batch).
@@ -246,6 +270,8 @@ class _Run:
         else:
             torch.manual_seed(self.settings.seed)
         distributed.broadcast_state(self.task)
+        self.model = distributed.data_parallel(self.task, self.params, self.device,
+                                               not getattr(self.task, "same_parameters_every_step", False))
 
     def save(self, with_metrics: bool = False) -> None:
         """Checkpoint (and the metrics rows so far) from the main process; every process waits for it."""
@@ -257,37 +283,66 @@ class _Run:
                 write_metrics(self.state.rows, join(self.checkpoint_dir, METRICS))
         distributed.barrier()
 
-    def step(self, hr: torch.Tensor, lr_images: torch.Tensor, targets: Any) -> float:
-        """One optimizer step on one batch; adds the batch's loss and terms (means over the processes)
-        to the epoch's sums and returns its loss."""
+    def step(self, hr: torch.Tensor, lr_images: torch.Tensor, targets: Any, stop: StopOnSignal) -> None:
+        """One optimizer step on one batch, its loss and terms kept on the device until the next
+        :meth:`sync`."""
         state = self.state
         self.task.set_progress(state.step / self.steps_per_epoch)
         with autocast(self.device, self.settings.amp):
-            loss, terms = self.task(hr, lr_images, targets)
-        means = distributed.mean_over_processes([loss, *terms.values()])
-        values = dict(zip(["loss", *terms], (v.item() for v in means), strict=True))
-        if not math.isfinite(values["loss"]):
-            split = ", ".join(f"{k}={v:.4g}" for k, v in values.items() if k != "loss")
-            raise NonFiniteLossError(
-                f"{self.desc}: loss is {values['loss']} at epoch {state.epoch + 1}, batch {state.batch} ({split}); "
-                f"the last good checkpoint is {self.uri}; lower lr (now {self.settings.lr}), "
-                "set grad_clip_norm, or check the data")
+            loss, terms = self.model(hr, lr_images, targets)
+        self.record({"loss": loss, **terms}, stop)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        distributed.average_gradients(self.params)
         if self.settings.grad_clip_norm:
             torch.nn.utils.clip_grad_norm_(self.params, self.settings.grad_clip_norm)
         self.optimizer.step()
         self.scheduler.step()
-        distributed.broadcast_buffers(self.task)
         state.step, state.batch = state.step + 1, state.batch + 1
-        for name, value in values.items():
-            state.sums[name] = state.sums.get(name, 0.0) + value
-        return values["loss"]
+
+    def record(self, values: dict[str, torch.Tensor], stop: StopOnSignal) -> None:
+        """Copy a step's scalar loss and terms into the next row of the window, on the device."""
+        names = list(values)
+        if names != self.names:
+            if self.pending:
+                self.sync(stop)  # the rows so far are of other names (every process sees the same)
+            dtype = torch.float32 if self.device.type == "mps" else torch.float64  # mps has no float64
+            self.names, self.window = names, torch.empty(SYNC_EVERY, len(names), dtype=dtype, device=self.device)
+        self.window[self.pending].copy_(torch.stack([v.detach().reshape(()).to(self.window.dtype)
+                                                     for v in values.values()]))
+        self.pending += 1
+
+    def sync(self, stop: StopOnSignal) -> int | None:
+        """The loop's synchronisation: every :data:`SYNC_EVERY` steps, before each checkpoint and at the
+        epoch's end.
+
+        Brings the pending steps' losses and terms to the host (under ``torchrun`` their means over the
+        processes), raises :class:`NonFiniteLossError` for the first non-finite loss among them, adds
+        them to the epoch's sums, and returns the stop signal any process received (the highest number if
+        several), so that all stop after the same step.
+        """
+        state, rows = self.state, self.pending
+        window = self.window[:rows] if rows else torch.zeros(0)
+        values, raised = distributed.agree(window, [stop.signum == s for s in StopOnSignal.SIGNALS])
+        self.pending = 0
+        width = len(self.names)
+        for row in range(rows):
+            named = dict(zip(self.names, values[row * width:(row + 1) * width], strict=True))
+            if not math.isfinite(named["loss"]):
+                batch = state.batch - rows + row
+                split = ", ".join(f"{k}={v:.4g}" for k, v in named.items() if k != "loss")
+                raise NonFiniteLossError(
+                    f"{self.desc}: loss is {named['loss']} at epoch {state.epoch + 1}, batch {batch} ({split}; "
+                    f"found after batch {state.batch - 1}, nothing saved since); the last good checkpoint is {self.uri}; "
+                    f"lower lr (now {self.settings.lr}), set grad_clip_norm, or check the data")
+            for name, value in named.items():
+                state.sums[name] = state.sums.get(name, 0.0) + value
+            self.last_loss = named["loss"]
+        return max((s for s, r in zip(StopOnSignal.SIGNALS, raised) if r), default=None)
 
     def epoch(self, stop: StopOnSignal) -> None:
-        """The rest of the current epoch: its steps, with checkpoints every ``checkpoint_every`` steps
-        and on a signal, then validation, the epoch's metrics row and its progress line."""
+        """The rest of the current epoch: its steps, with a :meth:`sync` every :data:`SYNC_EVERY` steps,
+        checkpoints every ``checkpoint_every`` steps and on a signal, then validation, the epoch's metrics row
+        and its progress line."""
         settings, state = self.settings, self.state
         sampler = EpochBatchSampler(len(self.train_set), settings.batch_size, settings.seed, state.epoch,
                                     state.batch, self.rank, self.world)
@@ -302,18 +357,26 @@ class _Run:
                    disable=not distributed.is_main())
         self.task.train()
         started, steps = time.monotonic(), 0
-        for hr, lr_images, targets in paired_batches(bar, self.train_set.pairing, self.device):
-            bar.set_postfix(loss=f"{self.step(hr, lr_images, targets):.3f}", refresh=False)
+        for hr, lr_images, targets in paired_batches(bar, self.pairing, self.device):
+            self.step(hr, lr_images, targets, stop)
             steps += 1
-            signum = distributed.agreed_signal(stop.signum)
-            if signum is not None:
-                self.save()
-                bar.close()
-                raise TrainingInterrupted(signum, self.uri)
-            if state.step % settings.checkpoint_every == 0:
-                self.save()
+            checkpoint_due = state.step % settings.checkpoint_every == 0
+            # in one process a signal is seen at once; under torchrun at the next sync, where all agree on it
+            if (checkpoint_due or state.step % SYNC_EVERY == 0 or state.batch == self.steps_per_epoch
+                    or (self.world == 1 and stop.signum is not None)):
+                signum = self.sync(stop)
+                bar.set_postfix(loss=f"{self.last_loss:.3f}", refresh=False)
+                if signum is not None:
+                    self.save()
+                    bar.close()
+                    raise TrainingInterrupted(signum, self.uri)
+                if checkpoint_due:
+                    self.save()
         bar.close()
+        if self.pending:  # only if the loader gave fewer than steps_per_epoch batches
+            self.sync(stop)
         train_seconds = time.monotonic() - started
+        distributed.broadcast_buffers(self.task)  # the last step's statistics: process 0's everywhere
         metrics = self.validate(self.task.student, self.device)
         means = {name: total / self.steps_per_epoch for name, total in state.sums.items()}
         row = {"epoch": state.epoch + 1, "step": state.step, "lr": self.scheduler.get_last_lr()[0],

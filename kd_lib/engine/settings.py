@@ -44,6 +44,8 @@ class TrainSettings:
     """auto (the GPU if there is one), cpu, cuda[:N] or mps"""
     amp: bool = True
     """bfloat16 autocast on a CUDA GPU that supports it"""
+    channels_last: bool = False
+    """train in the channels-last memory format (faster convolutions on recent GPUs)"""
     num_workers: int = 1
     """DataLoader worker processes"""
     checkpoint_every: int = 200

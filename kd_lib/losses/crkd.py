@@ -12,13 +12,12 @@ the HR image of the same crop. Each term's weight is the caller's.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kd_lib.engine.distributed import average_gradients
 from kd_lib.ops import multi_bandwidth_mmd2
 from kd_lib.ops.mmd import check_batches
 
@@ -297,7 +296,8 @@ class AdversarialLoss(nn.Module):
     :meth:`forward` uses ``D`` with detached parameters, so the student's
     backward never writes ``D``'s ``.grad``, and :meth:`discriminator_step`
     leaves it ``None``. Save :meth:`optimizer_state_dict` with the checkpoint
-    to resume exactly.
+    to resume exactly. Under data-parallel training the updates of ``D`` run
+    through the wrapper that :meth:`set_data_parallel` is given.
 
     Our choices: Adam with ``betas = (0.5, 0.999)`` and ``lr = 2e-4``, DCGAN's
     settings (Radford et al., ICLR 2016); one discriminator update per step.
@@ -315,27 +315,36 @@ class AdversarialLoss(nn.Module):
             self.discriminator.parameters(), lr=lr, betas=(0.5, 0.999)
         )
 
+    def set_data_parallel(self, wrap: Callable[[nn.Module], nn.Module]) -> None:
+        """Run :meth:`discriminator_step` through ``wrap(discriminator)``: a
+        :class:`~torch.nn.parallel.DistributedDataParallel` wrapper, which averages
+        ``D``'s gradients over the processes, so every process's ``D`` stays the same.
+
+        The wrapper is kept outside the module tree: the state dict is unchanged.
+        """
+        object.__setattr__(self, "_data_parallel", wrap(self.discriminator))
+
     def discriminator_step(self, real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
         """Update ``D`` once on ``(N, dim)`` teacher (real) and student (fake) embeddings.
 
         Both inputs are detached. Gradients are enabled inside, so the step
         also runs in a ``torch.no_grad`` context. Under data-parallel training
-        the gradients are averaged over the processes before the step, so
-        every process's ``D`` stays the same. Returns ``L_D`` before the
-        update (this process's batch), detached.
+        the gradients are averaged over the processes before the step
+        (:meth:`set_data_parallel`). Returns ``L_D`` before the update (this
+        process's batch), detached.
 
         Raises:
             ValueError: an input is not ``(N, dim)``.
         """
         with torch.enable_grad():
-            real_logits = self.discriminator(real.detach())
-            fake_logits = self.discriminator(fake.detach())
+            discriminator = self.__dict__.get("_data_parallel", self.discriminator)
+            real_logits = discriminator(real.detach())
+            fake_logits = discriminator(fake.detach())
             loss = F.binary_cross_entropy_with_logits(
                 real_logits, torch.ones_like(real_logits)
             ) + F.binary_cross_entropy_with_logits(fake_logits, torch.zeros_like(fake_logits))
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            average_gradients(self.discriminator.parameters())
             self.optimizer.step()
         # Drop the gradients now, so none is left for anything else to accumulate onto.
         self.optimizer.zero_grad(set_to_none=True)

@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast clean
+.PHONY: demo test test-fast gpu-check clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -20,6 +20,10 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -m "not slow"
+
+# on a CUDA machine: build the kernels, run the GPU tests and the GPU benchmarks (bench/gpu.sh)
+gpu-check: $(STAMP)
+	bash bench/gpu.sh
 
 clean:
 	rm -rf runs .pytest_cache

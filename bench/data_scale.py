@@ -1,0 +1,254 @@
+"""Does the data path scale? Training memory, loader and prepare-data throughput, data-parallel steps.
+
+On generated ImageFolders of small images (``--side`` px PNGs of smooth
+noise over 10 classes), measures:
+
+- ``rss_mib``: the peak RSS of one training process (a subprocess that opens
+  the training split of a prepared dataset and trains a ResNet-18 at
+  ``--side`` px on it for ``TRAIN_STEPS`` steps with :func:`kd_lib.engine.loop.fit`),
+  keyed by the dataset's image count. Target: less than ``RSS_GROWTH`` growth
+  from the smallest set to the largest.
+- ``loader_img_per_s``: training items per second out of a ``DataLoader`` with
+  ``--workers`` workers, over the same images of the smallest set:
+  ``project``, the prepared shards with their random crop and the HR/LR pair
+  made in the main process (:class:`~kd_lib.data.transforms.PairedResize`, as
+  the loop does on its device); ``official_style``, torchvision
+  ``ImageFolder`` with ``RandomResizedCrop``, ``ToTensor`` and ``Normalize``,
+  the HR and LR tensors both made in the workers. Target: project / official
+  style >= ``LOADER_RATIO``.
+- ``prepare_img_per_s``: prepare-data's images per second on the smallest set,
+  keyed by its ``num_workers``, 1 and 2. Target: 2 workers >= ``PREPARE_RATIO``
+  x 1 worker.
+- ``ddp_steps_per_s``: ``fit`` steps per second under ``torchrun`` with 2 gloo
+  processes (the same training as for ``rss_mib``, batch 32 split in two):
+  ``ddp``, this checkout; with ``--baseline-commit C`` also ``hand_rolled``,
+  the same script run on the library of a ``git worktree`` of ``C``.
+
+Writes ``bench/results/data_scale.json`` and ``.md`` and prints the table;
+exits 1 when a target is missed::
+
+    python bench/data_scale.py --baseline-commit ff9e714    # 20 k and 200 k images
+    python bench/data_scale.py --sizes 1000 10000 --batches 5  # a quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(os.environ.get("DATA_SCALE_LIBRARY", Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torchvision  # noqa: E402
+import torchvision.transforms as T  # noqa: E402
+import torchvision.transforms.functional as TF  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from kd_lib.data.shards import ShardedImageDataset, prepare_imagefolder  # noqa: E402
+from kd_lib.data.transforms import IMAGENET_MEAN, IMAGENET_STD, CropTransform  # noqa: E402
+
+HERE = Path(__file__).resolve()
+CLASSES, RATIO, BATCH, TRAIN_STEPS = 10, 4, 32, 20
+RSS_GROWTH, LOADER_RATIO, PREPARE_RATIO = 0.15, 1.5, 1.6
+
+
+def write_images(root: Path, count: int, side: int) -> Path:
+    """``count`` train PNGs (and ``CLASSES`` val) of smooth noise, ``side`` px, in ``CLASSES`` class folders."""
+    if (root / "complete").exists():
+        return root
+    rng = np.random.default_rng(count)
+    for split, n in (("train", count), ("val", CLASSES)):
+        for c in range(CLASSES):
+            (root / split / f"class{c}").mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            coarse = rng.integers(0, 256, (4, 4, 3), dtype=np.uint8)
+            Image.fromarray(coarse).resize((side, side), Image.Resampling.BILINEAR).save(
+                root / split / f"class{i % CLASSES}" / f"{i:07d}.png")
+    (root / "complete").touch()
+    return root
+
+
+def train_steps(data: str, side: int) -> float:
+    """Train a ResNet-18 for ``TRAIN_STEPS`` steps on ``data``'s training split; returns steps per second.
+
+    The training set is the whole split (what a stage opens) with a ``TRAIN_STEPS``-batch view of it trained
+    on; under ``torchrun`` each process takes its share of every batch."""
+    from kd_lib.distill.methods import DistillSettings, build_distiller
+    from kd_lib.engine.loop import fit
+    from kd_lib.engine.settings import TrainSettings
+
+    trained = FirstItems(ShardedImageDataset(data, "train", CropTransform(side, RATIO, train=True)),
+                         BATCH * TRAIN_STEPS)
+    torch.manual_seed(0)
+    task = build_distiller(DistillSettings(method="ce"), torchvision.models.resnet18(num_classes=CLASSES), None,
+                           hr_size=side, student_input_size=side)
+    settings = TrainSettings(epochs=1, batch_size=BATCH, device="cpu", num_workers=0, amp=False)
+    with tempfile.TemporaryDirectory() as checkpoints:
+        started = time.perf_counter()
+        fit(task, trained, settings, checkpoints, lambda student, device: {}, desc="data_scale")
+        return TRAIN_STEPS / (time.perf_counter() - started)
+
+
+class FirstItems(torch.utils.data.Dataset):
+    """The first ``count`` items of a training set, which stays whole (and as large) behind them."""
+
+    def __init__(self, dataset, count: int):
+        self.dataset, self.count, self.pairing = dataset, count, dataset.pairing
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, item):
+        return self.dataset[item]
+
+
+def child(kind: str, data: str, side: int, extra_env: dict | None = None) -> dict:
+    """Run this script's ``--child KIND`` in a subprocess (under ``torchrun`` for ``ddp``); its JSON line."""
+    command = [sys.executable, str(HERE), "--child", kind, "--data", data, "--side", str(side)]
+    if kind == "ddp":
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                   *command[1:]]
+    done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, **(extra_env or {})})
+    if done.returncode:
+        raise SystemExit(f"bench/data_scale.py: the {kind} child failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+class OfficialPairs(torchvision.datasets.ImageFolder):
+    """Pixel Distillation's official data path: the normalized HR crop and its LR resize, made in the workers."""
+
+    def __init__(self, root: str, side: int):
+        super().__init__(root, T.Compose([T.RandomResizedCrop(side, scale=(0.35, 1.0)), T.RandomHorizontalFlip(),
+                                          T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]))
+        self.lr_side = side // RATIO
+
+    def __getitem__(self, index):
+        hr, label = super().__getitem__(index)
+        return hr, TF.resize(hr, [self.lr_side, self.lr_side], antialias=True), label
+
+
+def loader_rates(source: Path, data: str, side: int, workers: int, batches: int) -> dict[str, float]:
+    """Items per second out of each variant's loader: ``batches`` batches of 64 after a first one."""
+    project = ShardedImageDataset(data, "train", CropTransform(side, RATIO, train=True))
+    official = OfficialPairs(str(source / "train"), side)
+    order = torch.randperm(len(project), generator=torch.Generator().manual_seed(0)).tolist()[:64 * (batches + 1)]
+
+    def rate(dataset, indices, pair) -> float:
+        loader = torch.utils.data.DataLoader(dataset, batch_size=64, sampler=indices, num_workers=workers)
+        started = None
+        for seen, batch in enumerate(loader):
+            pair(batch)
+            if seen == 0:
+                started = time.perf_counter()
+        return batches * 64 / (time.perf_counter() - started)
+
+    return {"project": rate(project, [(i, i) for i in order], lambda batch: project.pairing(batch[0])),
+            "official_style": rate(official, order, lambda batch: batch)}
+
+
+def prepare_rate(source: Path, work: Path, workers: int) -> float:
+    images = sum(1 for _ in source.glob("*/*/*.png"))
+    with tempfile.TemporaryDirectory(dir=work) as out:
+        return images / timed(lambda: prepare_imagefolder(str(source), out, num_workers=workers))
+
+
+def timed(function) -> float:
+    started = time.perf_counter()
+    function()
+    return time.perf_counter() - started
+
+
+def baseline_library(commit: str, work: Path) -> Path:
+    """A ``git worktree`` of ``commit`` under ``work`` (made once)."""
+    tree = work / f"baseline-{commit}"
+    if not tree.exists():
+        subprocess.run(["git", "-C", str(HERE.parents[1]), "worktree", "add", "--detach", str(tree), commit],
+                       check=True, capture_output=True)
+    return tree
+
+
+def misses(result: dict) -> list[str]:
+    found = []
+    rss = list(result["rss_mib"].values())
+    if rss[-1] > rss[0] * (1 + RSS_GROWTH):
+        found.append(f"peak RSS grows {100 * (rss[-1] / rss[0] - 1):.0f} % from {min(result['rss_mib'])} to "
+                     f"{max(result['rss_mib'])} images (target: under {100 * RSS_GROWTH:.0f} %)")
+    loader = result["loader_img_per_s"]
+    if loader["project"] < LOADER_RATIO * loader["official_style"]:
+        found.append(f"the project's loader is {loader['project'] / loader['official_style']:.2f}x the official "
+                     f"style's (target: {LOADER_RATIO}x)")
+    prepare = result["prepare_img_per_s"]
+    if prepare["2"] < PREPARE_RATIO * prepare["1"]:
+        found.append(f"prepare-data with 2 workers is {prepare['2'] / prepare['1']:.2f}x 1 worker "
+                     f"(target: {PREPARE_RATIO}x)")
+    return found
+
+
+def markdown(result: dict) -> str:
+    lines = ["| measure | key | value |", "|---|---|---:|"]
+    for measure in ("rss_mib", "loader_img_per_s", "prepare_img_per_s", "ddp_steps_per_s"):
+        lines += [f"| {measure} | {key} | {value:.4g} |" for key, value in result[measure].items()]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[20_000, 200_000], help="image counts")
+    parser.add_argument("--side", type=int, default=32)
+    parser.add_argument("--workers", type=int, default=2, help="loader workers of both loader variants")
+    parser.add_argument("--batches", type=int, default=30, help="timed loader batches of each variant")
+    parser.add_argument("--baseline-commit", help="also measure the hand-rolled data parallelism of this commit")
+    parser.add_argument("--work", default=str(HERE.parents[1] / "runs" / "bench-data-scale"))
+    parser.add_argument("--results", default=str(HERE.parents[1] / "bench" / "results"))
+    parser.add_argument("--child", choices=("rss", "ddp"), help=argparse.SUPPRESS)
+    parser.add_argument("--data", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        rate = train_steps(args.data, args.side)
+        if int(os.environ.get("RANK", "0")) == 0:
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+            print(json.dumps({"steps_per_s": rate, "peak_rss_mib": peak}), flush=True)
+        return 0
+    if min(args.sizes) < BATCH * TRAIN_STEPS:
+        parser.error(f"--sizes: each must be at least {BATCH * TRAIN_STEPS}, the images trained on")
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    sources, data = {}, {}
+    for count in sorted(args.sizes):
+        sources[count] = write_images(work / f"images-{count}-{args.side}px", count, args.side)
+        data[count] = str(work / f"data-{count}-{args.side}px")
+        prepare_imagefolder(str(sources[count]), data[count])
+    smallest = min(args.sizes)
+    result = {"setup": {"sizes": sorted(args.sizes), "side": args.side, "workers": args.workers,
+                        "batches": args.batches, "train_steps": TRAIN_STEPS, "batch": BATCH,
+                        "baseline_commit": args.baseline_commit},
+              "rss_mib": {str(n): child("rss", data[n], args.side)["peak_rss_mib"] for n in sorted(args.sizes)},
+              "loader_img_per_s": loader_rates(sources[smallest], data[smallest], args.side, args.workers,
+                                               args.batches),
+              "prepare_img_per_s": {str(w): prepare_rate(sources[smallest], work, w) for w in (1, 2)},
+              "ddp_steps_per_s": {"ddp": child("ddp", data[smallest], args.side)["steps_per_s"]}}
+    if args.baseline_commit:
+        library = baseline_library(args.baseline_commit, work)
+        result["ddp_steps_per_s"]["hand_rolled"] = child("ddp", data[smallest], args.side,
+                                                         {"DATA_SCALE_LIBRARY": str(library)})["steps_per_s"]
+    result["missed"] = misses(result)
+    results = Path(args.results)
+    results.mkdir(parents=True, exist_ok=True)
+    table = markdown(result)
+    (results / "data_scale.json").write_text(json.dumps(result, indent=2) + "\n")
+    (results / "data_scale.md").write_text(table)
+    print(table + "".join(f"missed: {line}\n" for line in result["missed"]), end="")
+    return 1 if result["missed"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

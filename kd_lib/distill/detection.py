@@ -270,8 +270,10 @@ class MSADDistiller(DetectorTraining):
         self.kd, self.ramp_iters = kd, ramp_iters
         self.register_buffer("iteration", torch.zeros((), dtype=torch.long))
 
-    def ramp(self) -> float:
-        return min(1.0, self.iteration.item() / self.ramp_iters) if self.ramp_iters else 1.0
+    def ramp(self) -> torch.Tensor | float:
+        """The KD weight now, ``min(1, iteration / ramp_iters)``: a tensor on the buffer's device (no
+        host synchronisation), or 1 without a ramp."""
+        return (self.iteration / self.ramp_iters).clamp(max=1.0) if self.ramp_iters else 1.0
 
     def distill(self, hr, lr, targets, outputs):
         with torch.no_grad():

@@ -46,35 +46,16 @@ from pathlib import Path
 ROOT = Path(os.environ.get("DATA_SCALE_LIBRARY", Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(ROOT))
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torchvision  # noqa: E402
-import torchvision.transforms as T  # noqa: E402
-import torchvision.transforms.functional as TF  # noqa: E402
-from PIL import Image  # noqa: E402
 
 from kd_lib.data.shards import ShardedImageDataset, prepare_imagefolder  # noqa: E402
-from kd_lib.data.transforms import IMAGENET_MEAN, IMAGENET_STD, CropTransform  # noqa: E402
+from kd_lib.data.transforms import CropTransform  # noqa: E402
+from official_style import CLASSES, PairedFolder, write_images  # noqa: E402
 
 HERE = Path(__file__).resolve()
-CLASSES, RATIO, BATCH, TRAIN_STEPS = 10, 4, 32, 20
+RATIO, BATCH, TRAIN_STEPS = 4, 32, 20
 RSS_GROWTH, LOADER_RATIO, PREPARE_RATIO = 0.15, 1.5, 1.6
-
-
-def write_images(root: Path, count: int, side: int) -> Path:
-    """``count`` train PNGs (and ``CLASSES`` val) of smooth noise, ``side`` px, in ``CLASSES`` class folders."""
-    if (root / "complete").exists():
-        return root
-    rng = np.random.default_rng(count)
-    for split, n in (("train", count), ("val", CLASSES)):
-        for c in range(CLASSES):
-            (root / split / f"class{c}").mkdir(parents=True, exist_ok=True)
-        for i in range(n):
-            coarse = rng.integers(0, 256, (4, 4, 3), dtype=np.uint8)
-            Image.fromarray(coarse).resize((side, side), Image.Resampling.BILINEAR).save(
-                root / split / f"class{i % CLASSES}" / f"{i:07d}.png")
-    (root / "complete").touch()
-    return root
 
 
 def train_steps(data: str, side: int) -> float:
@@ -123,23 +104,10 @@ def child(kind: str, data: str, side: int, extra_env: dict | None = None) -> dic
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-class OfficialPairs(torchvision.datasets.ImageFolder):
-    """Pixel Distillation's official data path: the normalized HR crop and its LR resize, made in the workers."""
-
-    def __init__(self, root: str, side: int):
-        super().__init__(root, T.Compose([T.RandomResizedCrop(side, scale=(0.35, 1.0)), T.RandomHorizontalFlip(),
-                                          T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]))
-        self.lr_side = side // RATIO
-
-    def __getitem__(self, index):
-        hr, label = super().__getitem__(index)
-        return hr, TF.resize(hr, [self.lr_side, self.lr_side], antialias=True), label
-
-
 def loader_rates(source: Path, data: str, side: int, workers: int, batches: int) -> dict[str, float]:
     """Items per second out of each variant's loader: ``batches`` batches of 64 after a first one."""
     project = ShardedImageDataset(data, "train", CropTransform(side, RATIO, train=True))
-    official = OfficialPairs(str(source / "train"), side)
+    official = PairedFolder(str(source / "train"), side, RATIO)
     order = torch.randperm(len(project), generator=torch.Generator().manual_seed(0)).tolist()[:64 * (batches + 1)]
 
     def rate(dataset, indices, pair) -> float:

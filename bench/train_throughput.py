@@ -34,38 +34,21 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torchvision
-import torchvision.transforms as T
-import torchvision.transforms.functional as TF
-from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from kd_lib.data.shards import ShardedImageDataset, prepare_imagefolder  # noqa: E402
-from kd_lib.data.transforms import IMAGENET_MEAN, IMAGENET_STD, CropTransform  # noqa: E402
+from kd_lib.data.transforms import CropTransform  # noqa: E402
 from kd_lib.distill.methods import DistillSettings, build_distiller  # noqa: E402
 from kd_lib.engine.loop import fit, resolve_device  # noqa: E402
 from kd_lib.engine.settings import TrainSettings  # noqa: E402
+from official_style import CLASSES, PairedFolder, write_images  # noqa: E402
 
-CLASSES = 10
 WARMUP = 5
 METHOD = "kd+isrd"
-
-
-def write_images(root: Path, count: int, side: int, seed: int = 0) -> Path:
-    """An ImageFolder of ``count`` train JPEGs (and a few val) of smooth noise, ``side`` px, over ``CLASSES``."""
-    rng = np.random.default_rng(seed)
-    for split, n in (("train", count), ("val", CLASSES)):
-        for i in range(n):
-            folder = root / split / f"class{i % CLASSES}"
-            folder.mkdir(parents=True, exist_ok=True)
-            coarse = rng.integers(0, 256, (side // 8, side // 8, 3), dtype=np.uint8)
-            Image.fromarray(coarse).resize((side, side), Image.Resampling.BILINEAR).save(folder / f"{i:06d}.jpg",
-                                                                                        quality=90)
-    return root
 
 
 def build_task(args: argparse.Namespace):
@@ -86,19 +69,6 @@ def project_rate(args: argparse.Namespace, data: str, device: torch.device) -> f
     with tempfile.TemporaryDirectory() as checkpoints:
         rows = fit(build_task(args), dataset, settings, checkpoints, lambda student, device: {}, desc="project")
     return rows[-1]["images_per_second"]
-
-
-class PairedFolder(torchvision.datasets.ImageFolder):
-    """The official style: the HR tensor and its LR resize, both made in the loader's workers."""
-
-    def __init__(self, root: str, hr_size: int, ratio: int):
-        super().__init__(root, T.Compose([T.RandomResizedCrop(hr_size), T.RandomHorizontalFlip(), T.ToTensor(),
-                                          T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]))
-        self.lr_size = hr_size // ratio
-
-    def __getitem__(self, index):
-        hr, label = super().__getitem__(index)
-        return hr, TF.resize(hr, [self.lr_size, self.lr_size], antialias=True), label
 
 
 def official_style_rate(args: argparse.Namespace, source: Path, device: torch.device) -> float:
@@ -158,8 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(args.work)
     count = args.batch_size * max(args.steps, WARMUP + args.steps)
     source = work / f"images-{args.hr_size}-{count}"
-    if not (source / "val").exists():
-        write_images(source, count, round(args.hr_size * 1.15))
+    write_images(source, count, round(args.hr_size * 1.15), ".jpg")
     data = str(work / f"data-{args.hr_size}-{count}")
     prepare_imagefolder(str(source), data)
     result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",

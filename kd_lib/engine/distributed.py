@@ -208,8 +208,8 @@ def agree(values: torch.Tensor, flags: list[bool]) -> tuple[list[float], list[bo
     The loop's only synchronisation, every few steps: the steps' losses, and
     the stop signals received since.
     """
-    dtype = torch.float32 if values.device.type == "mps" else torch.float64  # mps has no float64
-    packed = torch.cat([values.detach().reshape(-1).to(dtype), torch.tensor(flags, dtype=dtype, device=values.device)])
+    packed = torch.cat([values.detach().reshape(-1),
+                        torch.tensor(flags, dtype=values.dtype, device=values.device)])
     if world_size() > 1:
         packed = packed.to(_collective_device())
         dist.all_reduce(packed)

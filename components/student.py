@@ -7,7 +7,12 @@ LR baseline. Where the student starts from and what it learns from:
 
 - ``assistant: URI``: input compression as in Pixel Distillation's TAS. The
   student has the assistant's architecture, starts from its weights and is
-  distilled from it (``method: tas`` = ``kd+feature+isrd``).
+  distilled from it (``method: tas`` = ``kd+feature+isrd``). With
+  ``start_from_assistant: false`` it starts from ``weights`` instead and is
+  only distilled from the assistant: where the LR input is so small that the
+  network's feature maps collapse (16 px into a torchvision ResNet: 1x1 from
+  ``layer3`` on), weights made for HR inputs are a worse start than random
+  ones (the README's demo).
 - ``teacher: URI``: a freshly initialised student distilled from that HR model
   (the teacher, or the assistant as a same-architecture HR teacher): the KD
   baselines, CRKD, and one-stage pixel distillation (``method: kd+isrd``).
@@ -39,14 +44,17 @@ class StudentConfig(TrainStageConfig, DistillSettings):
     """the assistant's output URI: the student starts from its weights and learns from it"""
     teacher: str = ""
     """an HR model's output URI: a fresh student learns from it"""
+    start_from_assistant: bool = True
+    """with an assistant: start from its weights (Pixel Distillation's TAS); false: start from weights"""
 
     def validate(self) -> None:
         TrainStageConfig.validate(self)
         DistillSettings.validate(self)
         check(not (self.assistant and self.teacher), "teacher",
               "give the assistant (start from it and distil from it) or the teacher, not both")
-        check(not (self.assistant and self.weights), "weights",
-              "the student starts from the assistant's weights: give weights or the assistant, not both")
+        check(not (self.assistant and self.start_from_assistant and self.weights), "weights",
+              "the student starts from the assistant's weights: give weights or the assistant, not both "
+              "(or set start_from_assistant: false)")
         if self.needs_assistant:
             check(bool(self.assistant), "assistant", f"is required with method {self.method}: the student "
                   "starts from the assistant's weights")
@@ -64,11 +72,12 @@ def plan(config: StudentConfig, classes: list[str], models: dict) -> StagePlan:
     teacher = None
     if config.assistant:
         teacher, meta = models["assistant"]
-        if meta["arch"] != config.arch:
-            raise ConfigError("arch", f"the student starts from the assistant's weights, so it has the "
-                              f"assistant's architecture {meta['arch']!r}; the config says {config.arch!r}")
-        student.load_state_dict(teacher.state_dict())
-        origin = (f"assistant ({meta['info'].get('started_from', 'random')})", None)
+        if config.start_from_assistant:
+            if meta["arch"] != config.arch:
+                raise ConfigError("arch", f"the student starts from the assistant's weights, so it has the "
+                                  f"assistant's architecture {meta['arch']!r}; the config says {config.arch!r}")
+            student.load_state_dict(teacher.state_dict())
+            origin = (f"assistant ({meta['info'].get('started_from', 'random')})", None)
     elif config.teacher:
         teacher, _ = models["teacher"]
     task = build_distiller(config, student, teacher, hr_size=config.hr_size, student_input_size=config.lr_size,

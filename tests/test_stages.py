@@ -73,6 +73,25 @@ def test_tas_student_must_keep_the_assistants_architecture(prepared, trained_tea
     assert not (tmp_path / "s").exists()
 
 
+def test_tas_student_starts_from_the_assistant_unless_told_not_to():
+    assistant_model = build_classifier("resnet18", 3)
+    models = {"assistant": (assistant_model, {"arch": "resnet18", "info": {"started_from": "random"}})}
+    same = []
+    for start in (True, False):
+        settings = from_dict(student.StudentConfig, {**TINY, "data": "d", "out": "o", "arch": "resnet18",
+                                                     "assistant": "a", "start_from_assistant": start})
+        planned = student.plan(settings, ["a", "b", "c"], models)
+        assert planned.task.teacher is assistant_model  # distilled from the assistant either way
+        same.append(all(torch.equal(p, q) for p, q in zip(planned.task.student.state_dict().values(),
+                                                          assistant_model.state_dict().values())))
+        assert planned.started_from == ("assistant (random)" if start else "random")
+    assert same == [True, False]
+    with pytest.raises(Exception, match="start_from_assistant: false"):
+        from_dict(student.StudentConfig, {**TINY, "data": "d", "out": "o", "assistant": "a", "weights": "w.pt"})
+    from_dict(student.StudentConfig, {**TINY, "data": "d", "out": "o", "assistant": "a", "weights": "w.pt",
+                                      "start_from_assistant": False})
+
+
 def test_missing_upstream_output_is_named(prepared, tmp_path):
     missing = tmp_path / "no-teacher"
     with pytest.raises(IncompleteOutputError, match=f"teacher: {missing} does not exist"):

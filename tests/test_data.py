@@ -1,7 +1,9 @@
+import pickle
 import shutil
 
 import fsspec
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import torch
 import torchvision.transforms.v2.functional as TF
@@ -9,6 +11,7 @@ from PIL import Image
 
 from kd_lib.data.imagefolder import DataError
 from kd_lib.data.sampler import EpochBatchSampler
+from kd_lib.data import shards
 from kd_lib.data.shards import ShardedImageDataset, prepare_imagefolder
 from kd_lib.data.transforms import IMAGENET_MEAN, IMAGENET_STD, CropTransform, PairedResize
 from kd_lib.engine.loop import paired_batches
@@ -113,6 +116,11 @@ def test_resumed_sampler_continues_the_same_epoch():
     assert list(EpochBatchSampler(50, 8, seed=3, epoch=3)) != full
 
 
+def paths(dataset):
+    """Every image's path in the dataset's order, read from its shards."""
+    return [path for uri in dataset.files for path in pq.read_table(uri, columns=["path"]).column("path").to_pylist()]
+
+
 def test_prepare_reads_every_image_and_converts_to_rgb(imagefolder):
     Image.new("L", (20, 30), 128).save(imagefolder / "train" / "class0" / "gray.png")
     Image.new("CMYK", (20, 30), (0, 50, 100, 0)).save(imagefolder / "train" / "class1" / "cmyk.jpg")
@@ -120,7 +128,7 @@ def test_prepare_reads_every_image_and_converts_to_rgb(imagefolder):
     assert manifest["classes"] == ["class0", "class1", "class2"]
     assert manifest["splits"]["train"]["images"] == 3 * 12 + 2
     dataset = ShardedImageDataset(str(imagefolder.parent / "data"), "train", CropTransform(32, 4, train=False))
-    index = dataset.paths.index("train/class1/cmyk.jpg")
+    index = paths(dataset).index("train/class1/cmyk.jpg")
     image, label = dataset[index]
     assert image.shape == (32, 32, 3) and image.dtype == torch.uint8 and label == 1
     assert dataset.pairing == PairedResize(4)
@@ -160,8 +168,53 @@ def test_max_per_class_keeps_the_first_images_of_each_class(imagefolder, tmp_pat
     subset = prepare_imagefolder(str(imagefolder), str(tmp_path / "subset"), max_per_class=3)
     assert (subset["splits"]["train"]["images"], subset["splits"]["val"]["images"]) == (9, 9)
     dataset = ShardedImageDataset(str(tmp_path / "subset"), "train", CropTransform(32, 4, train=False))
-    assert dataset.paths == [f"train/class{c}/{i:03d}.png" for c in range(3) for i in range(3)]
+    assert paths(dataset) == [f"train/class{c}/{i:03d}.png" for c in range(3) for i in range(3)]
     assert subset["data_fingerprint"] != full["data_fingerprint"]
+
+
+def test_a_split_is_read_a_row_group_at_a_time_through_a_bounded_cache(imagefolder, tmp_path, monkeypatch):
+    monkeypatch.setattr(shards, "ROW_GROUP_BYTES", 1)  # one image per row group
+    monkeypatch.setattr(shards, "CACHED_GROUPS", 4)
+    prepare_imagefolder(str(imagefolder), str(tmp_path / "data"), shard_size=10)
+    dataset = ShardedImageDataset(str(tmp_path / "data"), "train", CropTransform(32, 4, train=False))
+    assert len(dataset.files) == 4 and dataset.blocks == [1] * 36 and len(dataset) == 36
+    reads = []
+    read_row_group = pq.ParquetFile.read_row_group
+    monkeypatch.setattr(pq.ParquetFile, "read_row_group",
+                        lambda self, group, **kw: reads.append(group) or read_row_group(self, group, **kw))
+    for index in (0, 0, 11, 0, 25, 35, 2, 3, 35):
+        image, label = dataset[index]
+        assert label == index // 12 and image.shape == (32, 32, 3)
+    assert reads == [0, 1, 5, 5, 2, 3]  # 0 and 35 come from the cache; a row group's number is per shard
+    assert list(dataset.cache) == [25, 2, 3, 35]  # the last CACHED_GROUPS blocks read, least recent first
+    assert pickle.loads(pickle.dumps(dataset)).cache == {}  # a loader worker starts with an empty cache
+
+
+def test_a_damaged_shard_is_named_when_the_split_is_opened(imagefolder, tmp_path):
+    manifest = prepare_imagefolder(str(imagefolder), str(tmp_path / "data"))
+    shard = tmp_path / "data" / manifest["paths"]["train-00000.parquet"]
+    shard.write_bytes(shard.read_bytes()[:-10])
+    with pytest.raises(DataError, match=f"{shard}: .* bytes, but the manifest of .* promises"):
+        ShardedImageDataset(str(tmp_path / "data"), "train", CropTransform(32, 4, train=False))
+
+
+def test_the_windowed_shuffle_reads_few_blocks_per_batch_and_is_a_permutation():
+    blocks = [7, 5, 9, 6, 8, 5, 10, 6]
+    sampler = EpochBatchSampler(56, 8, seed=1, epoch=2, blocks=blocks, window=3)
+    batches = list(sampler)
+    flat = [index for batch in batches for index, _ in batch]
+    assert len(flat) == 56 and sorted(flat) == list(range(56))
+    starts = np.cumsum([0, *blocks])
+    for batch in batches:
+        touched = {int(np.searchsorted(starts, index, side="right")) - 1 for index, _ in batch}
+        assert len(touched) <= 2 * 3  # the blocks of at most two consecutive windows
+    assert batches == list(EpochBatchSampler(56, 8, seed=1, epoch=2, blocks=blocks, window=3))
+    assert list(EpochBatchSampler(56, 8, seed=1, epoch=2, start_batch=3, blocks=blocks, window=3)) == batches[3:]
+    # few blocks: the plain permutation, as without blocks
+    assert list(EpochBatchSampler(56, 8, seed=1, epoch=2, blocks=blocks, window=8)) == \
+        list(EpochBatchSampler(56, 8, seed=1, epoch=2))
+    with pytest.raises(ValueError, match="blocks of 56 items in all, but 50 items"):
+        EpochBatchSampler(50, 8, seed=1, epoch=2, blocks=blocks)
 
 
 def assert_nothing_published(out):

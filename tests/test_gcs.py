@@ -146,3 +146,27 @@ def test_stages_read_and_write_only_gcs(gcs, tmp_path, monkeypatch, capsys, make
     assert not [path for path in stored if path.startswith("ckpt/")], "the checkpoint outlived the published stage"
     assert not [path for path in stored if ".tmp-" in path], "a temporary file of an atomic write was left behind"
     assert local_files(tmp_path) == created
+
+
+def test_a_split_streams_from_gcs_a_row_group_at_a_time(gcs, tmp_path, monkeypatch, make_imagefolder):
+    import gcsfs
+
+    from kd_lib.data import shards
+    from kd_lib.data.transforms import CropTransform
+
+    monkeypatch.setattr(shards, "ROW_GROUP_BYTES", 1)  # a row group per image
+    source = make_imagefolder(tmp_path / "src", classes=3, train=12, val=2, size=128)  # shards over 64 KiB
+    gcs.mkdir("out-bucket")
+    shards.prepare_imagefolder(str(source), "gs://out-bucket/data", shard_size=12)
+    shards.prepare_imagefolder(str(source), str(tmp_path / "local"), shard_size=12)
+    read = []  # the bytes the Parquet reader asks of the gs:// files
+    read_file = gcsfs.core.GCSFile.read
+    monkeypatch.setattr(gcsfs.core.GCSFile, "read", lambda self, length=-1: read.append(length) or read_file(self, length))
+    remote = shards.ShardedImageDataset("gs://out-bucket/data", "train", CropTransform(32, 4, train=False))
+    local = shards.ShardedImageDataset(str(tmp_path / "local"), "train", CropTransform(32, 4, train=False))
+    assert remote.blocks == local.blocks == [1] * 36
+    for index in (0, 17, 35):
+        (image, label), (expected, expected_label) = remote[index], local[index]
+        assert torch.equal(image, expected) and label == expected_label
+    stored = sum(gcs.size(uri) for uri in remote.files)
+    assert read and all(length > 0 for length in read) and sum(read) < stored / 2, (sum(read), stored)

@@ -2,7 +2,8 @@
 
 ``prepare_imagefolder`` reads every image once, checks that it decodes, and
 writes ``{split}-{i:05d}.parquet`` files (columns ``image`` bytes as stored,
-``label`` int32, ``path`` string) plus ``manifest.json`` last. The manifest
+``label`` int32, ``path`` string; row groups of about ``ROW_GROUP_BYTES``,
+the unit a reader fetches) plus ``manifest.json`` last. The manifest
 holds the class names and a content fingerprint: the SHA-256 over the class
 names and every image's split, relative path, label and bytes hash, so the
 same images at another URI have the same fingerprint.
@@ -10,10 +11,13 @@ same images at another URI have the same fingerprint.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
-from collections import Counter
+from collections import Counter, OrderedDict
+from collections.abc import Iterator
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
@@ -23,12 +27,17 @@ from kd_lib.data.imagefolder import SPLITS, decode_rgb, inspect_image, list_clas
 from kd_lib.data.parallel import OrderedPool
 from kd_lib.data.transforms import CropTransform, PairedResize
 from kd_lib.io.fs import filesystem, join, write_bytes
-from kd_lib.io.manifest import read_manifest, read_published, stage_key
+from kd_lib.errors import DataError
+from kd_lib.io.manifest import published_uri, read_manifest, stage_key
 from kd_lib.io.publish import Publication
 
 
 SCHEMA = pa.schema([("image", pa.binary()), ("label", pa.int32()), ("path", pa.string())])
 READ_BATCH = 256
+#: The target size of a shard's row groups: what a reader fetches and caches to get one image.
+ROW_GROUP_BYTES = 4 << 20
+#: Row groups a reader keeps (per process and loader worker); EpochBatchSampler's shuffle window.
+CACHED_GROUPS = 16
 
 
 class ShardWriter(Publication):
@@ -48,7 +57,9 @@ class ShardWriter(Publication):
         """Write shard ``index`` of ``split``; returns its file name."""
         name = f"{split}-{index:05d}.parquet"
         buffer = io.BytesIO()
-        pq.write_table(pa.table(rows, schema=self.schema), buffer, compression="none")
+        table = pa.table(rows, schema=self.schema)
+        group = max(1, int(table.num_rows * ROW_GROUP_BYTES / max(1, table.nbytes)))
+        pq.write_table(table, buffer, compression="none", row_group_size=group, write_statistics=False)
         write_bytes(join(self.folder, name), buffer.getvalue())
         self.written.append(name)
         return name
@@ -120,33 +131,79 @@ def prepare_imagefolder(source: str, out: str, shard_size: int = 4096, max_per_c
 
 
 class ShardedImageDataset(torch.utils.data.Dataset):
-    """One split of prepared data; items are ``(transform(rgb_image, seed), label)``: the uint8
-    ``(hr_size, hr_size, 3)`` crop and the class index.
+    """One split of prepared data, read from its shards as needed; items are
+    ``(transform(rgb_image, seed), label)``: the uint8 ``(hr_size, hr_size, 3)`` crop and the class index.
 
     ``pairing``, the transform's, makes the normalized HR and LR batches of a
     batch of crops on the training device
-    (:func:`kd_lib.engine.loop.paired_batches`). The encoded image bytes of
-    the split are held in memory (a few KB per image); decoding happens per
-    item, in the loader's workers. Indices are ``(index, seed)`` pairs from
-    :class:`kd_lib.data.sampler.EpochBatchSampler` or plain ints (seed 0).
+    (:func:`kd_lib.engine.loop.paired_batches`). Opening the split reads the
+    shards' footers and label columns only; an item reads the row group that
+    holds it (range reads from object storage, through fsspec), and each
+    process and loader worker keeps the last :data:`CACHED_GROUPS` row groups
+    it read. Memory is therefore bounded by the cache and grows with the split
+    only by its labels (4 bytes an image). ``blocks``, the row groups' sizes
+    in item order, lets :class:`kd_lib.data.sampler.EpochBatchSampler` shuffle
+    within windows of row groups, so that a batch hits the cache. Decoding
+    happens per item, in the loader's workers. Indices are ``(index, seed)``
+    pairs from the sampler or plain ints (seed 0).
     """
 
     def __init__(self, data: str, split: str, transform: CropTransform):
+        self.data = data
         self.manifest = read_manifest(data)
         self.classes: list[str] = self.manifest["classes"]
-        tables = [pq.read_table(io.BytesIO(read_published(data, name, self.manifest)))
-                  for name in self.manifest["splits"][split]["shards"]]
-        table = pa.concat_tables(tables)
-        self.images = table.column("image").combine_chunks()
-        self.labels = table.column("label").to_pylist()
-        self.paths = table.column("path").to_pylist()
+        self.files = [self._checked(name) for name in self.manifest["splits"][split]["shards"]]
+        labels, self.groups, self.blocks = [], [], []  # groups: (file, row group) of each block
+        for number, uri in enumerate(self.files):
+            with self._open(uri) as shard:
+                labels.append(shard.read(columns=["label"]).column("label").to_numpy())
+                for group in range(shard.num_row_groups):
+                    self.groups.append((number, group))
+                    self.blocks.append(shard.metadata.row_group(group).num_rows)
+        self.labels = np.concatenate(labels) if labels else np.zeros(0, np.int32)
+        self.starts = np.cumsum([0, *self.blocks])
+        self.cache: OrderedDict[int, pa.Table] = OrderedDict()
         self.transform = transform
         self.pairing: PairedResize = transform.pairing
+
+    def _checked(self, name: str) -> str:
+        """The URI of shard ``name``, once its size is checked against the manifest."""
+        uri = published_uri(self.data, name, self.manifest)
+        fs, path = filesystem(uri)
+        size, promised = fs.size(path), self.manifest.get("sizes", {}).get(name)
+        if promised is not None and size != promised:
+            raise DataError(f"{uri}: {size} bytes, but the manifest of {self.data} promises {promised}: the "
+                            f"file was damaged or replaced; run the stage that wrote {self.data} again")
+        return uri
+
+    @staticmethod
+    @contextlib.contextmanager
+    def _open(uri: str) -> Iterator[pq.ParquetFile]:
+        fs, path = filesystem(uri)
+        with fs.open(path, "rb") as file:
+            yield pq.ParquetFile(file)
+
+    def _group(self, block: int) -> pa.Table:
+        """The images and paths of row group ``block``, from the cache or read."""
+        if block in self.cache:
+            self.cache.move_to_end(block)
+        else:
+            number, group = self.groups[block]
+            with self._open(self.files[number]) as shard:
+                self.cache[block] = shard.read_row_group(group, columns=["image", "path"])
+            if len(self.cache) > CACHED_GROUPS:
+                self.cache.popitem(last=False)
+        return self.cache[block]
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "cache": OrderedDict()}  # a loader worker starts with its own empty cache
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def __getitem__(self, item):
         index, seed = item if isinstance(item, tuple) else (item, 0)
-        image = decode_rgb(self.images[index].as_py(), self.paths[index])
-        return self.transform(image, seed), self.labels[index]
+        block = int(np.searchsorted(self.starts, index, side="right")) - 1
+        row, group = index - int(self.starts[block]), self._group(block)
+        image = decode_rgb(group.column("image")[row].as_py(), group.column("path")[row].as_py())
+        return self.transform(image, seed), int(self.labels[index])

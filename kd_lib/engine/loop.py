@@ -345,7 +345,7 @@ class _Run:
         and its progress line."""
         settings, state = self.settings, self.state
         sampler = EpochBatchSampler(len(self.train_set), settings.batch_size, settings.seed, state.epoch,
-                                    state.batch, self.rank, self.world)
+                                    state.batch, self.rank, self.world, getattr(self.train_set, "blocks", ()))
         # a generator of its own: the loader draws its workers' base seed from it, not from the
         # generator dropout draws from
         loader = torch.utils.data.DataLoader(self.train_set, batch_sampler=sampler, collate_fn=self.collate_fn,

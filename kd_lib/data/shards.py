@@ -2,8 +2,9 @@
 
 ``prepare_imagefolder`` reads every image once, checks that it decodes, and
 writes ``{split}-{i:05d}.parquet`` files (columns ``image`` bytes as stored,
-``label`` int32, ``path`` string; row groups of about ``ROW_GROUP_BYTES``,
-the unit a reader fetches) plus ``manifest.json`` last. The manifest
+``label`` int32, ``path`` string; the images of a split in a fixed shuffled
+order, in row groups of about ``ROW_GROUP_BYTES``, the unit a reader fetches)
+plus ``manifest.json`` last. The manifest
 holds the class names and a content fingerprint: the SHA-256 over the class
 names and every image's split, relative path, label and bytes hash, so the
 same images at another URI have the same fingerprint.
@@ -38,6 +39,14 @@ READ_BATCH = 256
 ROW_GROUP_BYTES = 4 << 20
 #: Row groups a reader keeps (per process and loader worker); EpochBatchSampler's shuffle window.
 CACHED_GROUPS = 16
+
+
+def shuffled(records: list) -> list:
+    """``records`` in a fixed pseudo-random order: the order a split is written in, so that every row
+    group holds a sample of all classes (a listing is sorted by class) and a window of a few row groups is
+    a fair sample of the split. The order depends on the listing alone, so the shards and the fingerprint
+    stay a function of the data."""
+    return [records[i] for i in np.random.default_rng(0).permutation(len(records))]
 
 
 class ShardWriter(Publication):
@@ -103,7 +112,7 @@ def prepare_imagefolder(source: str, out: str, shard_size: int = 4096, max_per_c
     with ShardWriter(out) as writer, OrderedPool(num_workers) as pool:
         progress = tqdm(total=len(records), desc="prepare-data", unit="img")
         for split in SPLITS:
-            split_records = [r for r in records if r.split == split]
+            split_records = shuffled([r for r in records if r.split == split])
             rows: dict[str, list] = {"image": [], "label": [], "path": []}
             shards = []
             for start in range(0, len(split_records), READ_BATCH):

@@ -253,9 +253,11 @@ def test_an_absent_device_is_a_config_error_before_data_loads(prepared, tmp_path
 
 def test_a_decompression_bomb_is_named(make_imagefolder, tmp_path, monkeypatch, capsys):
     source = make_imagefolder(tmp_path / "src", classes=2, train=2, val=1, size=32)
-    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 500)  # 32 x 32 = 1024 pixels: above it
+    bomb = source / "train" / "class1" / "001.png"
+    Image.new("RGB", (64, 64)).save(bomb)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 2000)  # 32 x 32 = 1024 pixels below it, 64 x 64 above
     code, err = kdp(capsys, "stage", "prepare-data", "--source", source, "--out", tmp_path / "d")
-    assert_failed_cleanly(code, err, 1, source / "train" / "class0" / "000.png", "decompression bomb")
+    assert_failed_cleanly(code, err, 1, bomb, "decompression bomb")
     assert not (tmp_path / "d" / "manifest.json").exists()
 
 

@@ -27,8 +27,8 @@ from tqdm import tqdm
 from kd_lib.data.imagefolder import SPLITS, decode_rgb, inspect_image, list_classes, list_images
 from kd_lib.data.parallel import OrderedPool
 from kd_lib.data.transforms import CropTransform, PairedResize
-from kd_lib.io.fs import filesystem, join, write_bytes
 from kd_lib.errors import DataError
+from kd_lib.io.fs import filesystem, join, write_bytes
 from kd_lib.io.manifest import published_uri, read_manifest, stage_key
 from kd_lib.io.publish import Publication
 

@@ -11,6 +11,7 @@ import torch
 
 from components import teacher
 from kd_lib.config import from_dict
+from kd_lib.data import shards
 from kd_lib.data.shards import ShardedImageDataset
 from kd_lib.data.transforms import CropTransform
 from kd_lib.distill.distiller import Distiller
@@ -64,8 +65,21 @@ def without_timing(rows: list[dict]) -> list[dict]:
     return [{k: v for k, v in row.items() if k not in TIMING} for row in rows]
 
 
-@pytest.mark.parametrize("method", ["ce", "crkd+isrd", "dropout"])
-def test_a_stopped_run_resumes_bit_identical_to_an_uninterrupted_one(prepared, tmp_path, capfd, method):
+def windowed(tmp_path, monkeypatch, make_imagefolder) -> str:
+    """The prepared fixture's images with one image per row group: 72 blocks, so the sampler's windowed
+    shuffle (more blocks than CACHED_GROUPS) orders the epochs."""
+    monkeypatch.setattr(shards, "ROW_GROUP_BYTES", 1)
+    data = str(tmp_path / "windowed")
+    shards.prepare_imagefolder(str(make_imagefolder(tmp_path / "src", train=24, val=6)), data)
+    assert len(ShardedImageDataset(data, "train", CropTransform(32, 4, train=True)).blocks) == 72 > shards.CACHED_GROUPS
+    return data
+
+
+@pytest.mark.parametrize("method, data", [("ce", "prepared"), ("crkd+isrd", "prepared"), ("dropout", "prepared"),
+                                          ("ce", "windowed")])
+def test_a_stopped_run_resumes_bit_identical_to_an_uninterrupted_one(prepared, tmp_path, capfd, monkeypatch,
+                                                                     make_imagefolder, method, data):
+    prepared = prepared if data == "prepared" else windowed(tmp_path, monkeypatch, make_imagefolder)
     straight, straight_rows, straight_steps = train(prepared, tmp_path / "straight", method)
     assert straight_steps == STEPS
 

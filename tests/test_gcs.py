@@ -161,7 +161,8 @@ def test_a_split_streams_from_gcs_a_row_group_at_a_time(gcs, tmp_path, monkeypat
     shards.prepare_imagefolder(str(source), str(tmp_path / "local"), shard_size=12)
     read = []  # the bytes the Parquet reader asks of the gs:// files
     read_file = gcsfs.core.GCSFile.read
-    monkeypatch.setattr(gcsfs.core.GCSFile, "read", lambda self, length=-1: read.append(length) or read_file(self, length))
+    monkeypatch.setattr(gcsfs.core.GCSFile, "read",
+                        lambda self, length=-1: read.append(length) or read_file(self, length))
     remote = shards.ShardedImageDataset("gs://out-bucket/data", "train", CropTransform(32, 4, train=False))
     local = shards.ShardedImageDataset(str(tmp_path / "local"), "train", CropTransform(32, 4, train=False))
     assert remote.blocks == local.blocks == [1] * 36

@@ -51,7 +51,6 @@ from kd_lib.io.publish import Publication
 from kd_lib.losses.afp import DenseOutputKD
 from kd_lib.losses.msad import CrossFeatureFusion, MSADDistillLoss
 from kd_lib.models.detector_store import DetectorSpec, load_detector
-from kd_lib.models.detectors import FPN_CHANNELS
 from kd_lib.models.weights import started_from
 
 PHASES = ("assistant", "student")
@@ -103,7 +102,7 @@ def aligned_specs(config: AFPConfig, num_classes: int, hr_size: int) -> tuple[De
     shift = int(math.log2(config.ratio))
     low = 3 if config.method == "afp" else 2
     hr = DetectorSpec(config.kind, config.backbone, num_classes, hr_size, first_level=low + shift,
-                      lowest_level=low, highest_level=low + 4 + shift)
+                      lowest_level=low, highest_level=low + 4 + shift, fpn_channels=config.fpn_channels)
     return hr, hr.window(low, hr_size // config.ratio)
 
 
@@ -112,7 +111,7 @@ def train_assistant(config: AFPConfig, data: DetectionData, teacher: torch.nn.Mo
     """Phase 1, or its result when a run with this key finished it already: the assistant,
     the MSAD teacher around it (``method: msad``) and the phase's metrics rows."""
     folder = join(job.checkpoint_dir, "assistant")
-    fusion = CrossFeatureFusion(FPN_CHANNELS) if config.method == "msad" else None
+    fusion = CrossFeatureFusion(config.fpn_channels) if config.method == "msad" else None
     if finished_with_key(folder, job.key) is not None:
         assistant, _, meta = load_detector(folder)
         print(f"afp: assistant phase already done ({folder})", file=sys.stderr)
@@ -152,6 +151,11 @@ def run(config: AFPConfig) -> dict:
     if teacher_spec.image_size != data.image_size:
         raise ConfigError("teacher", f"the teacher reads {teacher_spec.image_size} px images, the data is "
                           f"{data.image_size} px")
+    if config.afp_feature_weight and teacher_spec.fpn_channels != config.fpn_channels and (
+            config.method == "afp" or config.msad_teacher_kd):
+        raise ConfigError("fpn_channels", f"is {config.fpn_channels} and the teacher's pyramid is "
+                          f"{teacher_spec.fpn_channels} channels wide: AFP's feature term compares them level by "
+                          "level; give both the same width, or afp_feature_weight 0")
     spec, lr_spec = aligned_specs(config, len(data.classes), data.image_size)
 
     def train_phases(job: StageRun) -> Write:

@@ -32,7 +32,7 @@ from kd_lib.eval.detection import detector_validation
 from kd_lib.io.fs import join
 from kd_lib.io.manifest import read_manifest, read_published
 from kd_lib.models.detector_store import MODEL_FILE, DetectorSpec, load_detector, save_detector
-from kd_lib.models.detectors import accepted_backbones
+from kd_lib.models.detectors import FPN_CHANNELS, accepted_backbones
 from kd_lib.models.weights import load_backbone_weights, lr_scales, started_from, weights_fingerprint
 from kd_lib.ops import ResizeMode
 
@@ -44,8 +44,9 @@ SIDE_MULTIPLE = 32
 
 @dataclass
 class DetectionStageConfig(TrainSettings, TrainingOutputSettings):
-    """Fields of every detection stage. Defaults: SGD lr 0.01, batch 8, weight decay 1e-4 and
-    the gradient norm clipped at 10, a common from-scratch recipe for RetinaNet and FCOS.
+    """Fields of every detection stage. Defaults: SGD lr 0.01, batch 8, weight decay 1e-4, the
+    gradient norm clipped at 10 and a 50-step warm-up, a common from-scratch recipe for RetinaNet and
+    FCOS (torchvision's reference warms up over 1000 iterations; the demo's runs are 150-300 steps).
 
     ``weights``: where the backbone starts from, a classification checkpoint's trunk (the
     classification pipeline's teacher, ``torchvision:DEFAULT``, a state dict, ...; see
@@ -60,6 +61,8 @@ class DetectionStageConfig(TrainSettings, TrainingOutputSettings):
     """the detector: FCOS or RetinaNet, on an FPN"""
     backbone: str = "resnet18"
     """the FPN's backbone: a torchvision ResNet or MobileNet"""
+    fpn_channels: int = FPN_CHANNELS
+    """width of the feature pyramid and of the head's convolutions, a multiple of 32 (torchvision: 256)"""
     ratio: int = 2
     """the LR image is the HR one downsampled by this factor"""
     resize: ResizeMode = "bilinear"
@@ -72,6 +75,8 @@ class DetectionStageConfig(TrainSettings, TrainingOutputSettings):
     """SGD weight decay"""
     grad_clip_norm: float = 10.0
     """clip the global gradient norm of each step to this (0: off)"""
+    warmup_steps: int = 50
+    """steps of linear warm-up from lr / 1000 (from scratch, FCOS's box branch can die without one)"""
     weights: str = ""
     """where the backbone starts from: "" random, torchvision:DEFAULT, or a classification model folder,
     state dict or .safetensors URI (its trunk)"""
@@ -84,6 +89,8 @@ class DetectionStageConfig(TrainSettings, TrainingOutputSettings):
         check(bool(self.data), "data", "is required: the prepare-data output URI (detection data)")
         check(bool(self.out), "out", "is required: where this stage writes its outputs")
         check(self.kind in ("retinanet", "fcos"), "kind", f"must be retinanet or fcos, got {self.kind!r}")
+        check(self.fpn_channels > 0 and self.fpn_channels % 32 == 0, "fpn_channels",
+              f"must be a positive multiple of 32, got {self.fpn_channels}")
         check(0 < self.weights_lr_scale <= 1, "weights_lr_scale", f"must be in (0, 1], got {self.weights_lr_scale}")
         check(self.ratio in (1, 2, 4, 8), "ratio", f"must be 1, 2, 4 or 8 (a power of two), got {self.ratio}")
         check_name(self.backbone, accepted_backbones(), "backbone",

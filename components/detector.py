@@ -35,7 +35,7 @@ def run(config: DetectorConfig) -> dict:
     preflight(STAGE.name, config, {"data": config.data})
     data = DetectionData.load(config)
     side = data.image_size if config.view == "hr" else data.image_size // config.ratio
-    spec = DetectorSpec(config.kind, config.backbone, len(data.classes), side)
+    spec = DetectorSpec(config.kind, config.backbone, len(data.classes), side, fpn_channels=config.fpn_channels)
 
     def train_detector(run: StageRun) -> Write:
         model = spec.build()

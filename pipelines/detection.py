@@ -9,7 +9,8 @@ Built like :mod:`pipelines.pixel_distillation`: each component runs one
 stage of ``components/`` in the image of its role, stage outputs are the
 output artifacts' URIs, the data fingerprint and ``code_version`` are inputs
 of every training task so that the cache follows data and code. Parameters:
-the shared fields (``ratio``, ``seed``, ``kind``, the two backbones and where
+the shared fields (``ratio``, ``seed``, ``kind``, the pyramid's width
+``fpn_channels``, the two backbones and where
 they start from, ``teacher_backbone_weights`` and ``student_backbone_weights``:
 a classification checkpoint's trunk such as the classification pipeline's
 teacher, see :mod:`kd_lib.models.weights`), the
@@ -49,23 +50,27 @@ def prepare_detection_op(source: str, images: str, source_version: str, image_si
 
 
 def detector_op(data: Input[Dataset], data_fingerprint: str, code_version: str, rerun_token: str, launcher: dict,
-                settings: dict, epochs: int, lr: float, view: str, kind: str, backbone: str, weights: str, ratio: int,
-                seed: int, checkpoint_root: str, model: Output[Model], metrics: Output[Metrics]):
+                settings: dict, epochs: int, lr: float, view: str, kind: str, backbone: str, fpn_channels: int,
+                weights: str, ratio: int, seed: int, checkpoint_root: str, model: Output[Model],
+                metrics: Output[Metrics]):
     """detector: a detector trained with its detection loss alone on the HR or LR image, its backbone
     started from ``weights``."""
     from components.kfp_entry import run_stage, tuned
     run_stage("detector", tuned(settings, epochs, lr), metrics, launcher, data=data.uri, out=model.uri, view=view, kind=kind,
-              backbone=backbone, weights=weights, ratio=ratio, seed=seed, checkpoint_root=checkpoint_root)
+              backbone=backbone, fpn_channels=fpn_channels, weights=weights, ratio=ratio, seed=seed,
+              checkpoint_root=checkpoint_root)
 
 
 def afp_op(data: Input[Dataset], data_fingerprint: str, code_version: str, rerun_token: str, launcher: dict,
            teacher: Input[Model], method: str, settings: dict, epochs: int, lr: float, kind: str, backbone: str,
-           weights: str, ratio: int, seed: int, checkpoint_root: str, model: Output[Model], metrics: Output[Metrics]):
+           fpn_channels: int, weights: str, ratio: int, seed: int, checkpoint_root: str, model: Output[Model],
+           metrics: Output[Metrics]):
     """afp: the aligned HR assistant (or MSAD teacher), its backbone started from ``weights``, and the
     LR student distilled through it."""
     from components.kfp_entry import run_stage, tuned
     run_stage("afp", tuned(settings, epochs, lr), metrics, launcher, data=data.uri, out=model.uri, teacher=teacher.uri, method=method,
-              kind=kind, backbone=backbone, weights=weights, ratio=ratio, seed=seed, checkpoint_root=checkpoint_root)
+              kind=kind, backbone=backbone, fpn_channels=fpn_channels, weights=weights, ratio=ratio, seed=seed,
+              checkpoint_root=checkpoint_root)
 
 
 def evaluate_detection_op(data: Input[Dataset], code_version: str, rerun_token: str, teacher: Input[Model],
@@ -104,6 +109,7 @@ def build_pipeline(options: ClusterOptions | None = None):
         kind: str = "fcos",
         teacher_backbone: str = "resnet34",
         student_backbone: str = "resnet18",
+        fpn_channels: int = 256,
         teacher_backbone_weights: str = "",
         student_backbone_weights: str = "",
         epochs: int = 0,
@@ -127,7 +133,8 @@ def build_pipeline(options: ClusterOptions | None = None):
         version = source_version(source=source, images=images)
         data = prepare(source=source, images=images, source_version=version.output, image_size=image_size,
                        settings=prepare_settings, code_version=code_version, rerun_token=rerun_prepare)
-        common = dict(data=data.outputs["data"], data_fingerprint=data.outputs["Output"], kind=kind, ratio=ratio,
+        common = dict(data=data.outputs["data"], data_fingerprint=data.outputs["Output"], kind=kind,
+                      fpn_channels=fpn_channels, ratio=ratio,
                       seed=seed, checkpoint_root=checkpoint_root, code_version=code_version, launcher=launcher,
                       epochs=epochs, lr=lr)
         teacher = train_detector(settings=teacher_settings, view="hr", backbone=teacher_backbone,

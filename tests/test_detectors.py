@@ -75,6 +75,15 @@ def test_mobilenet_detectors_train_on_a_batch(backbone):
     assert all(torch.isfinite(v) for v in losses.values())
 
 
+def test_fcos_box_distances_start_alive_at_the_chosen_width():
+    model = build_detector("fcos", "resnet18", 3, image_size=64, fpn_channels=64).eval()
+    with torch.no_grad():
+        features = list(model.backbone(torch.rand(2, 3, 64, 64)).values())
+        distances = model.head(features)["bbox_regression"]
+    assert all(f.shape[1] == 64 for f in features)
+    assert (distances > 0).float().mean() > 0.99  # at torchvision's zero bias about half start dead at 0
+
+
 @pytest.mark.parametrize("backbone", ["vgg11", "nope", "vit_b_16"])
 def test_unknown_backbones_are_named_with_the_accepted_ones(backbone):
     with pytest.raises(ValueError, match=rf"'{backbone}' is not a torchvision ResNet or MobileNet") as error:
@@ -86,6 +95,7 @@ def test_unknown_backbones_are_named_with_the_accepted_ones(backbone):
     ({"kind": "yolo"}, "unknown detector 'yolo'"),
     ({"first_level": 4}, "the head's levels P4..P8 are not all in the pyramid P3..P7"),
     ({"lowest_level": 1}, "must start at P2 or P3"),
+    ({"fpn_channels": 48}, "fpn_channels must be a positive multiple of 32, got 48"),
 ])
 def test_bad_detector_settings_are_named(kwargs, words):
     settings = {"kind": "retinanet", "backbone": "resnet18", "num_classes": 3, "image_size": 64, **kwargs}

@@ -105,12 +105,22 @@ def decode_boxes(detector: nn.Module, outputs: DenseOutputs) -> Tensor:
     return torch.stack([decode(d, a) for d, a in zip(deltas, outputs.anchors)])
 
 
-def aligned_levels(student: DenseOutputs, teacher: DenseOutputs) -> list[tuple[int, int]]:
+def aligned_levels(student: DenseOutputs, teacher: DenseOutputs, size_ranges: bool = False
+                   ) -> list[tuple[int, int]]:
     """``(student level, teacher level)`` index pairs whose grids and anchors are the same.
 
     A level pairs with the teacher level of its grid whose anchors, scaled by
     the ratio of the input sides, have its anchors' size: on a small image the
     top levels are all 1x1, and only the anchor size tells them apart.
+
+    ``size_ranges``: the detectors give each level the objects of a size range
+    (FCOS: ``4a`` to ``8a`` for points of size ``a``), open below on the first
+    level of the window and above on the last. Two levels with the same
+    anchors then agree on their objects only if both or neither are first, and
+    both or neither are last; other pairs are left out, since their targets
+    contradict each other (an HR assistant's first level ``P4`` holds the
+    small objects that a teacher reading from ``P3`` puts on ``P3``, and
+    labels background on its ``P4``).
 
     Raises:
         ValueError: no level pairs, or paired levels differ in anchors per cell.
@@ -126,6 +136,9 @@ def aligned_levels(student: DenseOutputs, teacher: DenseOutputs) -> list[tuple[i
                 raise ValueError(f"student level {i} has {s_sizes[i]} anchors and teacher level {j} {t_sizes[j]}: "
                                  "both must be the same detector kind")
         same_anchors = [j for j in same_grid if torch.allclose(s_extents[i], t_extents[j], rtol=1e-3, atol=0)]
+        if size_ranges:
+            ends = lambda k, count: (k == 0, k == count - 1)  # noqa: E731
+            same_anchors = [j for j in same_anchors if ends(i, len(student.features)) == ends(j, len(teacher.features))]
         if same_anchors:
             pairs.append((i, same_anchors[0]))
     if not pairs:
@@ -180,12 +193,13 @@ class DetectorTraining(TeacherStudentTask):
 
 def afp_terms(kd: DenseOutputKD, student: nn.Module, student_out: DenseOutputs, teacher: nn.Module,
               teacher_out: DenseOutputs) -> dict[str, Tensor]:
-    """AFP's dense KD of ``student_out`` from ``teacher_out`` on their aligned levels.
+    """AFP's dense KD of ``student_out`` from ``teacher_out`` on their aligned levels (for FCOS, those
+    whose size ranges agree: :func:`aligned_levels`).
 
     The teacher's boxes are mapped into the student's pixels by the ratio of
     the two input sides.
     """
-    pairs = aligned_levels(student_out, teacher_out)
+    pairs = aligned_levels(student_out, teacher_out, size_ranges=isinstance(student, FCOS))
     s_levels, t_levels = [i for i, _ in pairs], [j for _, j in pairs]
     s_sizes, t_sizes = student_out.level_sizes(), teacher_out.level_sizes()
     scale = student_out.images.tensors.shape[-1] / teacher_out.images.tensors.shape[-1]

@@ -82,6 +82,8 @@ METRICS = "metrics.parquet"
 #: processes): the non-finite loss check, the agreement on a stop signal and the progress bar's loss.
 #: One also comes before every checkpoint and at each epoch's end.
 SYNC_EVERY = 10
+#: Where a warm-up starts, as a fraction of lr.
+WARMUP_FACTOR = 0.001
 #: ``validate(student, device) -> {metric: value}``, run after every epoch.
 Validate = Callable[[torch.nn.Module, torch.device], dict[str, float]]
 
@@ -144,12 +146,20 @@ def build_optimizer(params, settings: TrainSettings, lr_scales: dict[int, float]
 
 
 def build_scheduler(optimizer, settings: TrainSettings, steps_per_epoch: int):
-    """Per-step schedule: cosine to zero over the run, or x``gamma`` at each milestone epoch."""
+    """Per-step schedule: cosine to zero over the run, or x``gamma`` at each milestone epoch; times a
+    linear warm-up from ``WARMUP_FACTOR`` to 1 over the first ``warmup_steps`` steps (torchvision's
+    detection reference warms up the same way, from 0.001, over 1000 iterations)."""
     total = settings.epochs * steps_per_epoch
     if settings.schedule == "cosine":
-        lam = lambda step: 0.5 * (1 + math.cos(math.pi * step / total))  # noqa: E731
+        base = lambda step: 0.5 * (1 + math.cos(math.pi * step / total))  # noqa: E731
     else:
-        lam = lambda step: settings.gamma ** sum(step >= m * steps_per_epoch for m in settings.milestones)  # noqa: E731
+        base = lambda step: settings.gamma ** sum(step >= m * steps_per_epoch for m in settings.milestones)  # noqa: E731
+
+    def lam(step: int) -> float:
+        warm = WARMUP_FACTOR + (1 - WARMUP_FACTOR) * step / settings.warmup_steps \
+            if step < settings.warmup_steps else 1.0
+        return warm * base(step)
+
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lam)
 
 

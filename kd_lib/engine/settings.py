@@ -36,6 +36,8 @@ class TrainSettings:
     """step schedule: the epochs at which the rate is multiplied by gamma"""
     gamma: float = 0.1
     """step schedule: the factor at each milestone"""
+    warmup_steps: int = 0
+    """steps of linear warm-up from lr / 1000 before the schedule (0: none)"""
     grad_clip_norm: float = 0.0
     """clip the global gradient norm of each step to this (0: off)"""
     seed: int = 0
@@ -61,6 +63,7 @@ class TrainSettings:
               "the step schedule needs milestones (epochs)")
         check(all(0 < m < self.epochs for m in self.milestones), "milestones",
               f"each milestone must be an epoch in 1..{self.epochs - 1}, got {self.milestones}")
+        check(self.warmup_steps >= 0, "warmup_steps", f"must be >= 0 (0: none), got {self.warmup_steps}")
         check(self.grad_clip_norm >= 0, "grad_clip_norm", f"must be >= 0 (0: off), got {self.grad_clip_norm}")
         check(self.device == "auto" or self.device.split(":")[0] in ("cpu", "cuda", "mps"), "device",
               f"must be auto, cpu, cuda[:N] or mps, got {self.device!r}")

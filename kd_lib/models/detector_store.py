@@ -16,14 +16,14 @@ import torch.nn as nn
 from kd_lib.errors import ModelKindError
 from kd_lib.io import checkpoint
 from kd_lib.io.fs import join
-from kd_lib.models.detectors import build_detector
+from kd_lib.models.detectors import FPN_CHANNELS, build_detector
 
 MODEL_FILE = "model.pt"
 
 
 @dataclass(frozen=True)
 class DetectorSpec:
-    """Detector kind, backbone, classes, input side and pyramid window (see :mod:`kd_lib.models.detectors`)."""
+    """Detector kind, backbone, classes, input side, pyramid window and width (see :mod:`kd_lib.models.detectors`)."""
 
     kind: str
     backbone: str
@@ -32,11 +32,12 @@ class DetectorSpec:
     first_level: int = 3
     lowest_level: int = 3
     highest_level: int = 7
+    fpn_channels: int = FPN_CHANNELS
 
     def build(self) -> nn.Module:
         return build_detector(self.kind, self.backbone, self.num_classes, image_size=self.image_size,
                               first_level=self.first_level, lowest_level=self.lowest_level,
-                              highest_level=self.highest_level)
+                              highest_level=self.highest_level, fpn_channels=self.fpn_channels)
 
     def window(self, first_level: int, image_size: int) -> DetectorSpec:
         """The same architecture (the same parameters) reading another window at another input side."""

@@ -45,6 +45,7 @@ Our choices:
   anchors are not rounded to whole pixels: torchvision rounds both (sizes 32,
   40, 50; corners to integers), which puts an HR anchor up to a pixel away from
   K times its LR partner. :class:`ExactAnchorGenerator` drops the rounding.
+- FCOS's box distances start alive (:data:`FCOS_BOX_BIAS`).
 - The images are fed at their size: the detector's transform normalizes
   (ImageNet mean and std) and neither resizes nor pads (``size_divisible=1``);
   grids then line up whenever the HR side is a multiple of ``K``.
@@ -70,10 +71,15 @@ HEAD_LEVELS = 5
 #: (torchvision's RetinaNet default; its FCOS default, 0.2, would cut the
 #: low-confidence tail that AP counts) and COCO's limit of 100 per image.
 SCORE_THRESHOLD, DETECTIONS_PER_IMAGE = 0.05, 100
-FPN_CHANNELS = 256
+FPN_CHANNELS = 256  # torchvision's; a narrower pyramid and head cut the head's FLOPs quadratically
 TOP_BACKBONE_LEVEL = 5  # the backbones end at stride 32
 PROBE_SIDE = 64  # a dummy image this size leaves a 2x2 map at stride 32
 MOBILENETS = ("mobilenet_v2", "mobilenet_v3_large", "mobilenet_v3_small")
+#: The initial bias of FCOS's box distances, in anchor sizes. torchvision's head puts a ReLU on them and
+#: starts the bias at 0, so about half start at zero; from scratch the whole box branch can then die
+#: within the first steps (every distance 0, the GIoU loss stuck at 1), as it did here on small sets
+#: for some seeds. At 1 every distance starts alive, a box of two anchor sizes around each point.
+FCOS_BOX_BIAS = 1.0
 
 
 class ExtraLevels(ExtraFPNBlock):
@@ -196,20 +202,23 @@ def pyramid_inputs(backbone: str, lowest_level: int) -> tuple[nn.Module, dict[st
 
 
 def build_detector(kind: DetectorKind, backbone: str, num_classes: int, *, image_size: int,
-                   first_level: int = 3, lowest_level: int = 3, highest_level: int = 7) -> nn.Module:
+                   first_level: int = 3, lowest_level: int = 3, highest_level: int = 7,
+                   fpn_channels: int = FPN_CHANNELS) -> nn.Module:
     """A randomly initialised RetinaNet or FCOS on a torchvision ResNet or MobileNet with an FPN.
 
     ``backbone`` is one of :func:`accepted_backbones` (``resnet18``,
     ``mobilenet_v3_large``, ...). ``lowest_level``..``highest_level`` fix the
     architecture (and so the parameters); ``first_level`` picks the five levels
     the head reads (see the module docstring). ``image_size`` is the side of
-    the images it is fed.
+    the images it is fed. ``fpn_channels`` is the width of the pyramid and
+    of the head's convolutions, a multiple of 32 (FCOS's head normalizes in
+    32 groups); the head's cost grows with its square.
 
     Raises:
         ValueError: an unknown kind, a backbone that is not a torchvision
             ResNet or one of the three MobileNets, or a window outside the
             pyramid (``lowest_level`` must be 2 or 3, ``highest_level`` at
-            least 6).
+            least 6), or ``fpn_channels`` not a positive multiple of 32.
     """
     if kind not in ("retinanet", "fcos"):
         raise ValueError(f"unknown detector {kind!r}: choose retinanet or fcos")
@@ -219,11 +228,16 @@ def build_detector(kind: DetectorKind, backbone: str, num_classes: int, *, image
     if not lowest_level <= first_level <= highest_level - HEAD_LEVELS + 1:
         raise ValueError(f"the head's levels P{first_level}..P{first_level + HEAD_LEVELS - 1} are not all "
                          f"in the pyramid P{lowest_level}..P{highest_level}")
+    if fpn_channels <= 0 or fpn_channels % 32:
+        raise ValueError(f"fpn_channels must be a positive multiple of 32, got {fpn_channels}")
     body, return_layers, in_channels = pyramid_inputs(backbone, lowest_level)
-    pyramid = BackboneWithFPN(body, return_layers, in_channels, FPN_CHANNELS,
-                              extra_blocks=ExtraLevels(FPN_CHANNELS, highest_level - TOP_BACKBONE_LEVEL))
+    pyramid = BackboneWithFPN(body, return_layers, in_channels, fpn_channels,
+                              extra_blocks=ExtraLevels(fpn_channels, highest_level - TOP_BACKBONE_LEVEL))
     window = LevelWindow(pyramid, lowest_level, first_level)
     detector = RetinaNet if kind == "retinanet" else FCOS
-    return detector(window, num_classes, min_size=image_size, max_size=image_size, size_divisible=1,
-                    anchor_generator=anchor_generator(kind, first_level), score_thresh=SCORE_THRESHOLD,
-                    detections_per_img=DETECTIONS_PER_IMAGE)
+    model = detector(window, num_classes, min_size=image_size, max_size=image_size, size_divisible=1,
+                     anchor_generator=anchor_generator(kind, first_level), score_thresh=SCORE_THRESHOLD,
+                     detections_per_img=DETECTIONS_PER_IMAGE)
+    if kind == "fcos":
+        nn.init.constant_(model.head.regression_head.bbox_reg.bias, FCOS_BOX_BIAS)
+    return model

@@ -176,10 +176,10 @@ def _shape_distance(shape: str, u: Array, v: Array, radius: float) -> Array:
     raise ValueError(f"unknown shape {shape!r}")
 
 
-def _stripes(rng: np.random.Generator, yy: Array, xx: Array) -> Array:
-    """A zero-mean, unit-variance sinusoidal grating with a random period,
-    orientation and phase."""
-    frequency = 2 * np.pi / rng.uniform(*PERIOD_RANGE)
+def _stripes(rng: np.random.Generator, yy: Array, xx: Array, period_range: tuple[float, float]) -> Array:
+    """A zero-mean, unit-variance sinusoidal grating with a random period in
+    ``period_range`` (HR pixels), orientation and phase."""
+    frequency = 2 * np.pi / rng.uniform(*period_range)
     angle = rng.uniform(0, np.pi)
     return np.sqrt(2.0) * np.cos(frequency * (xx * np.cos(angle) + yy * np.sin(angle)) + rng.uniform(0, 2 * np.pi))
 
@@ -191,27 +191,35 @@ def _object_colour(rng: np.random.Generator, hue: str, luminance: float) -> Arra
     return np.clip(rgb * luminance / rgb.mean(), 0.02, 0.98)
 
 
-def _draw_object(rng: np.random.Generator, image: Array, cls: DemoClass,
-                 luminance: float) -> Array:
-    """The coloured, shaded, plain or striped object at a random pose.
+def paint_object(rng: np.random.Generator, image: Array, cls: DemoClass, luminance: float, shape: str,
+                 centre: Array, radius: float, period_range: tuple[float, float] = PERIOD_RANGE
+                 ) -> tuple[Array, Array]:
+    """``image`` with an object of class ``cls`` (its colour family, plain or striped) painted at
+    ``centre`` (y, x) with about ``radius`` pixels, at a random rotation, aspect, edge softness and
+    shading; and the object's coverage (alpha in [0, 1]).
 
     The random draws are the same for both surfaces, so the same generator
     renders the same scene with or without stripes."""
-    size = image.shape[0]
-    yy, xx = _grid(size)
-    shape = SHAPES[int(rng.integers(len(SHAPES)))]
-    cy, cx = rng.uniform(0.32, 0.68, 2) * size
-    radius = rng.uniform(0.2, 0.3) * size
-    rotation = rng.uniform(0, 2 * np.pi)
+    yy, xx = _grid(image.shape[0])
+    (cy, cx), rotation = centre, rng.uniform(0, 2 * np.pi)
     stretch = np.exp(rng.uniform(-0.12, 0.12))
     u = ((xx - cx) * np.cos(rotation) + (yy - cy) * np.sin(rotation)) / stretch
     v = (-(xx - cx) * np.sin(rotation) + (yy - cy) * np.cos(rotation)) * stretch
     alpha = _coverage(_shape_distance(shape, u, v, radius), rng.uniform(0.8, 1.8))
     slope = rng.normal(0.0, 0.1, 2)
     shading = (slope[0] * u + slope[1] * v) / radius
-    stripes = rng.uniform(*CONTRAST_RANGE) * _stripes(rng, yy, xx) * (cls.surface == "striped")
+    stripes = rng.uniform(*CONTRAST_RANGE) * _stripes(rng, yy, xx, period_range) * (cls.surface == "striped")
     colour = _object_colour(rng, cls.hue, luminance)
-    return _blend(image, colour + (shading + stripes)[..., None], alpha)
+    return _blend(image, colour + (shading + stripes)[..., None], alpha), alpha
+
+
+def _draw_object(rng: np.random.Generator, image: Array, cls: DemoClass, luminance: float) -> Array:
+    """The object of a classification image: a random shape near the centre, a fifth to a third of the side."""
+    size = image.shape[0]
+    shape = SHAPES[int(rng.integers(len(SHAPES)))]
+    centre = rng.uniform(0.32, 0.68, 2) * size
+    radius = rng.uniform(0.2, 0.3) * size
+    return paint_object(rng, image, cls, luminance, shape, centre, radius)[0]
 
 
 def _lighting(rng: np.random.Generator, image: Array) -> Array:
@@ -250,6 +258,24 @@ def demo_parameters(seed: int, num_classes: int, train_per_class: int, val_per_c
             "train_per_class": train_per_class, "val_per_class": val_per_class, "size": size}
 
 
+def existing_dataset(manifest_uri: str, parameters: dict) -> dict | None:
+    """The manifest of a complete generated dataset with these ``parameters`` at ``manifest_uri``,
+    None when there is none.
+
+    Raises:
+        ValueError: the dataset there was generated with other parameters (the message names them).
+    """
+    if not exists(manifest_uri):
+        return None
+    existing = json.loads(read_text(manifest_uri))
+    found = existing.get("parameters", {})
+    differ = [f"{k}={found.get(k)!r} (asked {v!r})" for k, v in parameters.items() if found.get(k) != v]
+    if differ:
+        raise ValueError(f"{posixpath.dirname(manifest_uri)} holds a generated dataset with other parameters: "
+                         f"{', '.join(differ)}; choose another folder or remove it")
+    return existing
+
+
 def generate_demo_dataset(root: str, *, seed: int = 0, num_classes: int = 8, train_per_class: int = 150,
                           val_per_class: int = 30, size: int = 64) -> dict:
     """Write the demo ImageFolder under ``root`` (any fsspec URI) and return its ``demo.json``.
@@ -261,13 +287,8 @@ def generate_demo_dataset(root: str, *, seed: int = 0, num_classes: int = 8, tra
     """
     parameters = demo_parameters(seed, num_classes, train_per_class, val_per_class, size)
     manifest_uri = join(root, MANIFEST)
-    if exists(manifest_uri):
-        existing = json.loads(read_text(manifest_uri))
-        found = existing.get("parameters", {})
-        differ = [f"{k}={found.get(k)!r} (asked {v!r})" for k, v in parameters.items() if found.get(k) != v]
-        if differ:
-            raise ValueError(f"{root} holds a demo dataset with other parameters: {', '.join(differ)}; "
-                             "choose another folder or remove it")
+    existing = existing_dataset(manifest_uri, parameters)
+    if existing:
         return existing
     classes = demo_classes(num_classes)
     counts = {"train": train_per_class, "val": val_per_class}

@@ -1,15 +1,15 @@
 """kdp: the command line of the pipeline.
 
     kdp run [--data URI] [--out DIR] [...]   the whole pipeline, locally, with kfp.local
-    kdp detect --data COCO_JSON --images DIR  the detection pipeline, locally (or --data YOLO_ROOT)
+    kdp detect [--data COCO_JSON --images DIR] the detection pipeline, locally (or --data YOLO_ROOT)
     kdp stage NAME [flags]                    one stage (the per-stage rerun)
     kdp demo-data DEST                        write the generated demo ImageFolder
     kdp compile --image IMAGE [-o FILE]       the KFP pipeline YAML for a cluster (GPUs, secrets, ...)
     kdp schedule --host URL --pipeline-package FILE --experiment NAME --cron CRON --name NAME
                                               a recurring run on a KFP server
 
-Without --data, kdp run generates the demo dataset and uses the demo
-settings, sized to finish in minutes on a laptop CPU.
+Without --data, kdp run and kdp detect generate their demo dataset and use
+the demo settings, sized to finish in minutes on a laptop CPU.
 """
 
 from __future__ import annotations
@@ -42,6 +42,15 @@ DEMO_SETTINGS = {"teacher": {"epochs": 8}, "assistant": {"epochs": 6},
                  "student": {"epochs": 6, "start_from_assistant": False},
                  "onestage": {"epochs": 6}, "lr_baseline": {"epochs": 6, "lr": 0.01},
                  "evaluate": {"latency_repeats": 5}}
+
+#: The detection demo: the generated detection set at 128 px (320 train, 80 val images, 4 classes),
+#: LR at 64 px, ResNet-18 FCOS with a 128-channel pyramid and head (4x fewer head FLOPs than 256).
+DETECTION_DEMO_DATA = {"seed": 0, "num_classes": 4, "train_images": 320, "val_images": 80, "size": 128,
+                       "max_objects": 4}
+DETECTION_DEMO_PARAMS = {"image_size": 128, "ratio": 2, "teacher_backbone": "resnet18", "fpn_channels": 128}
+DETECTION_DEMO_SETTINGS = {"teacher": {"epochs": 4}, "afp": {"epochs": 3, "assistant_epochs": 6},
+                           "msad": {"epochs": 3, "assistant_epochs": 2, "msad_ramp_iters": 50},
+                           "lr_baseline": {"epochs": 6}, "evaluate": {"latency_repeats": 5}}
 
 
 def parse_setting(text: str, tasks: dict[str, str]) -> tuple[str, str, str]:
@@ -81,13 +90,17 @@ def pipeline_params(args: argparse.Namespace, source: str, pipeline) -> dict:
                                    "student_weights", "epochs", "min_teacher_margin"))}
 
 
-def detection_params(args: argparse.Namespace, pipeline) -> dict:
-    """The detection pipeline's parameters: its defaults, then the command line."""
-    source = args.data if "://" in args.data else str(Path(args.data).resolve())
+def detection_params(args: argparse.Namespace, source: str, pipeline) -> dict:
+    """The detection pipeline's parameters: its defaults, the detection demo's when there is no
+    ``--data``, then the command line, merged field by field."""
+    demo = args.data is None
     images = args.images and (args.images if "://" in args.images else str(Path(args.images).resolve()))
-    return {"source": source, **({"images": images} if images else {}), **merged_settings(args, pipeline),
+    return {"source": source, **({"images": images} if images else {}),
+            **merged_settings(args, pipeline, DETECTION_DEMO_SETTINGS if demo else None),
+            **(DETECTION_DEMO_PARAMS if demo else {}),
             **shared_params(args, ("image_size", "ratio", "seed", "kind", "teacher_backbone", "student_backbone",
-                                   "teacher_backbone_weights", "student_backbone_weights", "epochs"))}
+                                   "fpn_channels", "teacher_backbone_weights", "student_backbone_weights",
+                                   "epochs"))}
 
 
 def print_result(paths: dict[str, Path]) -> None:
@@ -106,11 +119,25 @@ def print_result(paths: dict[str, Path]) -> None:
 def cmd_detect(args: argparse.Namespace) -> int:
     from pipelines.local import run_pipeline
 
+    if args.data is None:
+        if args.images:
+            raise ConfigError("--images", "goes with --data COCO_JSON; without --data the demo data is generated")
+        name = "demo"
+    else:
+        path = Path(args.data.rstrip("/"))
+        name = path.stem if args.data.endswith(".json") else path.name
+    out = Path(args.out or f"runs/detection-{name}")
+    source = args.data or str((out / "demo-data").resolve())
+    if "://" not in source:
+        source = str(Path(source).resolve())
     pipeline = detection.build_pipeline()
-    params = detection_params(args, pipeline)
+    params = detection_params(args, source, pipeline)
     plan(pipeline, params)  # every task's settings, checked before anything runs
-    name = Path(args.data.rstrip("/")).stem if args.data.endswith(".json") else Path(args.data.rstrip("/")).name
-    print_result(run_pipeline(params, args.out or f"runs/detection-{name}", pipeline))
+    if args.data is None:
+        from kd_lib.data.detection_demo import generate_detection_demo
+
+        generate_detection_demo(source, **DETECTION_DEMO_DATA)
+    print_result(run_pipeline(params, out, pipeline))
     return 0
 
 
@@ -250,15 +277,17 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--set", action="append", default=[], metavar="STAGE.FIELD=VALUE",
                      help="a stage setting, e.g. --set teacher.lr=0.1 (repeatable)")
     detect = sub.add_parser("detect", help="run the detection pipeline locally (kfp.local)")
-    detect.add_argument("--data", required=True, help="COCO instances JSON, or a YOLO root (path or URI)")
+    detect.add_argument("--data", help="COCO instances JSON, or a YOLO root (path or URI); default: the "
+                        "generated detection demo")
     detect.add_argument("--images", help="the folder of the COCO JSON's images")
-    detect.add_argument("--out", help="run folder (default: runs/detection-<data name>)")
+    detect.add_argument("--out", help="run folder (default: runs/detection-demo or runs/detection-<data name>)")
     detect.add_argument("--image-size", type=int, help="letterbox side of the HR images (default 256)")
     detect.add_argument("--ratio", type=int)
     detect.add_argument("--seed", type=int)
     detect.add_argument("--kind", choices=("fcos", "retinanet"))
     detect.add_argument("--teacher-backbone")
     detect.add_argument("--student-backbone")
+    detect.add_argument("--fpn-channels", type=int, help="width of every detector's pyramid and head (default 256)")
     detect.add_argument("--teacher-backbone-weights", help="where the teacher's backbone starts from: "
                         "torchvision:DEFAULT or a classification model folder / state dict URI (default: random)")
     detect.add_argument("--student-backbone-weights", help="the same for the students' backbones")

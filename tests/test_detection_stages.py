@@ -201,3 +201,32 @@ def test_kdp_detect_checks_every_stage_setting_before_running(tmp_path, capsys):
     named = err.split("STAGE one of ")[1].split(", got")[0].split(", ")
     assert set(named) == {"prepare-data", "teacher", "afp", "msad", "lr-baseline", "export", "evaluate"}
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_kdp_detect_without_data_runs_the_generated_demo_with_its_settings(tmp_path, monkeypatch):
+    from pipelines import cli
+
+    monkeypatch.setattr(cli, "DETECTION_DEMO_DATA", {**cli.DETECTION_DEMO_DATA, "train_images": 16,
+                                                      "val_images": 8})
+    out = tmp_path / "run"
+    assert cli.main(["detect", "--epochs", "1", "--set", "evaluate.latency_repeats=1", "--out", str(out)]) == 0
+    assert json.loads((out / "demo-data" / "detection_demo.json").read_text())["images"] == {"train": 16, "val": 8}
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["dataset"]["num_classes"] == 4
+    assert summary["dataset"]["train_images"] + summary["dataset"]["val_images"] == 24
+    models = {m["name"]: m for m in summary["models"]}
+    assert {name: m["input_size"] for name, m in models.items()} == {
+        "teacher": 128, "assistant": 128, "student_afp": 64, "msad_teacher": 128, "student_msad": 64,
+        "lr_baseline": 64}
+    assert models["teacher"]["arch"] == "fcos resnet18"  # the demo's teacher backbone, not the default ResNet-34
+    # the demo's 128-channel pyramid and head: 13.2 M parameters, where torchvision's 256 channels give 19.3 M
+    assert 13e6 < models["teacher"]["params"] < 14e6
+
+
+def test_kdp_detect_without_data_takes_no_images_folder(tmp_path, capsys):
+    from pipelines.cli import main
+
+    assert main(["detect", "--images", str(tmp_path), "--out", str(tmp_path / "run")]) == 2
+    assert "--images" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()

@@ -19,14 +19,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import seeds  # noqa: E402
 from pipelines import cli  # noqa: E402
 
 TEACHER_MARGIN, STUDENT_MARGIN = 15.0, 5.0
@@ -35,12 +34,7 @@ MODELS = ("teacher", "assistant", "student", "student_onestage", "lr_baseline")
 
 def run_seed(seed: int, out: Path) -> dict:
     """One ``kdp run`` of the demo with ``seed``: every model's top-1 (%) and the run's wall seconds."""
-    started = time.monotonic()
-    if cli.main(["run", "--seed", str(seed), "--out", str(out / f"seed{seed}")]) != 0:
-        raise SystemExit(f"bench/demo.py: kdp run --seed {seed} failed")
-    summary = json.loads((out / f"seed{seed}" / "summary.json").read_text())
-    return {"seed": seed, "wall_seconds": time.monotonic() - started,
-            "top1": {m["name"]: 100 * m["top1"] for m in summary["models"]}}
+    return seeds.run_seed(["run"], seed, out, "top1")
 
 
 def misses(run: dict) -> list[str]:
@@ -54,18 +48,7 @@ def misses(run: dict) -> list[str]:
 
 
 def markdown(runs: list[dict]) -> str:
-    def cell(values: list[float]) -> str:
-        return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}" if len(values) > 1 \
-            else f"{values[0]:.1f}"
-
-    lines = ["| model | " + " | ".join(f"seed {r['seed']}" for r in runs) + " | mean ± std | vs LR baseline |",
-             "|---|" + "---:|" * (len(runs) + 2)]
-    for name in MODELS:
-        values = [r["top1"][name] for r in runs]
-        gaps = [r["top1"][name] - r["top1"]["lr_baseline"] for r in runs]
-        lines.append(f"| {name} | " + " | ".join(f"{v:.2f}" for v in values) + f" | {cell(values)} | "
-                     + ("–" if name == "lr_baseline" else cell(gaps)) + " |")
-    return "\n".join(lines) + "\n"
+    return seeds.markdown(runs, MODELS, "top1")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,9 +19,9 @@ def test_the_quick_detection_benchmark_reports_every_model(tmp_path):
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     annotations, images = write_coco(tmp_path / "coco", images=24, size=64)
-    assert bench.main(["--quick", "--annotations", str(annotations), "--images", str(images), "--image-size", "64",
+    assert bench.main(["--coco", "--quick", "--annotations", str(annotations), "--images", str(images), "--image-size", "64",
                        "--ratios", "2", "--out", str(tmp_path / "runs"), "--results", str(tmp_path / "results")]) == 0
-    result = json.loads((tmp_path / "results" / "detection-quick.json").read_text())
+    result = json.loads((tmp_path / "results" / "detection-quick.json").read_text())["coco128"]
     models = {(m["name"], m["ratio"]): m for m in result["models"]}
     assert set(models) == {("teacher", 1), ("lr_baseline", 2), ("assistant", 2), ("student_afp", 2),
                            ("msad_teacher", 2), ("student_msad", 2)}
@@ -35,3 +35,32 @@ def test_the_quick_detection_benchmark_reports_every_model(tmp_path):
     assert models["student_afp", 2]["gflops"] < models["assistant", 2]["gflops"]  # one network, a quarter of the pixels
     assert (models["student_afp", 2]["method"], models["student_msad", 2]["method"]) == ("afp", "msad")
     assert (tmp_path / "results" / "detection-quick.png").read_bytes().startswith(b"\x89PNG")
+
+
+def load_bench():
+    spec = importlib.util.spec_from_file_location("bench_detection", ROOT / "bench" / "detection.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    return bench
+
+
+def run(seed, teacher, afp, msad, baseline):
+    return {"seed": seed, "AP": {"teacher": teacher, "assistant": teacher, "student_afp": afp,
+                                 "msad_teacher": teacher, "student_msad": msad, "lr_baseline": baseline}}
+
+
+def test_the_generated_benchmark_names_each_promise_it_misses():
+    bench = load_bench()
+    assert bench.misses([run(0, 40.0, 30.0, 31.0, 29.0), run(1, 35.0, 28.0, 30.0, 29.5)]) == []
+    assert bench.misses([run(0, 40.0, 30.0, 31.0, 29.0), run(1, 29.9, 28.0, 27.0, 29.5)]) == [
+        "seed 1: the teacher's AP 29.90 is under 30",
+        "student_msad: mean AP 29.00 is not above the LR baseline's 29.25"]
+
+
+def test_a_run_of_one_benchmark_keeps_the_other_s_results(tmp_path):
+    bench = load_bench()
+    path = tmp_path / "detection.json"
+    bench.update_results(path, "coco128", {"models": [1]})
+    bench.update_results(path, "generated", {"runs": [2]})
+    bench.update_results(path, "coco128", {"models": [3]})
+    assert json.loads(path.read_text()) == {"coco128": {"models": [3]}, "generated": {"runs": [2]}}

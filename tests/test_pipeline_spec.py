@@ -255,7 +255,8 @@ def test_the_ops_keep_the_rerun_token_from_the_stage(monkeypatch):
     common = dict(data=Uri, data_fingerprint="f", code_version="c", rerun_token="again", launcher={"kind": "pod"},
                   settings={}, epochs=0, lr=0.0, ratio=4, seed=0, checkpoint_root="", model=Uri, metrics=Uri)
     pixel_distillation.teacher_op(arch="resnet18", weights="", hr_size=64, **common)
-    detection.afp_op(teacher=Uri, method="afp", kind="fcos", backbone="resnet18", weights="", **common)
+    detection.afp_op(teacher=Uri, method="afp", kind="fcos", backbone="resnet18", weights="", fpn_channels=256,
+                     **common)
     for args, fields in calls:
         assert "again" not in args and "again" not in fields.values() and "rerun_token" not in fields
         assert args[-1] == {"kind": "pod"}

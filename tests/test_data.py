@@ -3,6 +3,7 @@ import shutil
 
 import fsspec
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -302,7 +303,8 @@ def shard_bytes(out) -> dict[str, bytes]:
     return {name: (out / path).read_bytes() for name, path in manifest["paths"].items()}
 
 
-def test_workers_give_the_same_shards_and_fingerprint(imagefolder, tmp_path):
+def test_workers_give_the_same_shards_and_fingerprint(imagefolder, tmp_path, monkeypatch):
+    monkeypatch.setattr(shards, "READ_BATCH", 8)  # several batches, read ahead of the workers
     Image.new("L", (20, 30), 128).save(imagefolder / "train" / "class0" / "gray.png")  # a 16 px short side
     alone = prepare_imagefolder(str(imagefolder), str(tmp_path / "alone"), shard_size=10)
     pooled = prepare_imagefolder(str(imagefolder), str(tmp_path / "pooled"), shard_size=10, num_workers=2)
@@ -318,3 +320,13 @@ def test_a_corrupt_image_found_by_a_worker_is_named_and_nothing_is_published(ima
     with pytest.raises(DataError, match=r"corrupt image .*val/class1/004\.png"):
         prepare_imagefolder(str(imagefolder), str(out), num_workers=2)
     assert_nothing_published(out)
+
+
+@pytest.mark.parametrize("values", [[b"a", b"", b"\x00\xffbc"], [], [b""]])
+def test_binary_array_is_pyarrows(values):
+    assert shards.binary_array(values).equals(pa.array(values, pa.binary()))
+
+
+def test_binary_array_past_2_gib_is_pyarrows_chunks():
+    big = b"x" * (1 << 30)
+    assert isinstance(shards.binary_array([big, big]), pa.ChunkedArray)

@@ -14,6 +14,7 @@ from kd_lib.data.detection import DetectionSet, read_coco
 from kd_lib.data.detection_shards import (DEGENERATE, PAD_COLOUR, DetectionShardDataset, collate_detection,
                                           prepare_detection)
 from kd_lib.data.imagefolder import DataError
+from kd_lib.data import shards
 from kd_lib.data.shards import prepare_imagefolder
 from kd_lib.eval.detection import Detection, coco_map
 from kd_lib.io.manifest import read_manifest
@@ -99,7 +100,8 @@ def test_letterboxing_scales_boxes_and_pads_with_the_mean_colour(sets, tmp_path,
     assert truth[2].areas[0] == pytest.approx(24 * 48 * 4 / 9)
 
 
-def test_workers_give_the_same_shards_fingerprint_and_counts(sets, tmp_path, caplog):
+def test_workers_give_the_same_shards_fingerprint_and_counts(sets, tmp_path, caplog, monkeypatch):
+    monkeypatch.setattr(shards, "READ_BATCH", 2)  # several batches, read ahead of the workers
     alone = prepare(sets, tmp_path / "alone", shard_size=2)
     with caplog.at_level(logging.WARNING):
         pooled = prepare(sets, tmp_path / "pooled", shard_size=2, num_workers=2)

@@ -21,7 +21,6 @@ import hashlib
 import io
 import json
 import logging
-import posixpath
 import random
 from collections import Counter
 from collections.abc import Iterator
@@ -37,7 +36,7 @@ from tqdm import tqdm
 from kd_lib.data.detection import DetectionImage, DetectionSet
 from kd_lib.data.imagefolder import SPLITS, DataError, decode_rgb
 from kd_lib.data.parallel import OrderedPool
-from kd_lib.data.shards import READ_BATCH, ShardWriter
+from kd_lib.data.shards import ShardWriter, read_in_batches
 from kd_lib.data.transforms import PairedResize
 from kd_lib.io.fs import filesystem, join
 from kd_lib.io.manifest import read_manifest, read_published
@@ -135,18 +134,16 @@ def _rows(split: str, source: DetectionSet, images: list[DetectionImage], size: 
     """The rows of one split, read in batches and letterboxed by ``pool``; each image's content goes
     into ``digest``, in order."""
     fs, base = filesystem(source.root)
-    for start in range(0, len(images), READ_BATCH):
-        batch = images[start:start + READ_BATCH]
-        blobs = fs.cat([posixpath.join(base, image.path) for image in batch])
-        datas = [blobs[posixpath.join(base, image.path)] for image in batch]
-        uris = [join(source.root, image.path) for image in batch]
-        rows = pool.map(letterboxed_row, [(image, data, uri, size) for image, data, uri in zip(batch, datas, uris)])
-        for image, data, uri, row in zip(batch, datas, uris, rows):
+    batches = (((batch, datas), [(image, data, join(source.root, image.path), size)
+                                 for image, data in zip(batch, datas)])
+               for batch, datas in read_in_batches(fs, base, images, lambda image: image.path))
+    for (batch, datas), rows in pool.map_ahead(letterboxed_row, batches):
+        for image, data, row in zip(batch, datas, rows):
             digest.update(json.dumps([split, image.path, hashlib.sha256(data).hexdigest(), image.image_id,
                                       image.boxes, image.labels, image.crowd, image.areas]).encode() + b"\n")
             if row["dropped"]:
                 adjusted[DEGENERATE] += row["dropped"]
-                log.warning("%s: %d %s to %d px", uri, row["dropped"], DEGENERATE, size)
+                log.warning("%s: %d %s to %d px", join(source.root, image.path), row["dropped"], DEGENERATE, size)
             yield row
             progress.update()
 

@@ -16,15 +16,18 @@ from typing import TypeVar
 
 T = TypeVar("T")
 R = TypeVar("R")
+C = TypeVar("C")
 
 
 class OrderedPool:
     """``map`` over ``num_workers`` processes (0: in the calling process), results in input order.
 
-    A context manager: the processes start on entry and stop on exit. Each
-    :meth:`map` call takes a bounded batch (the caller reads its data in
-    batches), so memory holds one batch of inputs and results at a time. An
-    exception in a worker is raised again here, with its own type and message.
+    A context manager: the processes start on entry and stop on exit. The
+    caller reads its data in bounded batches: :meth:`map` takes one, and
+    :meth:`map_ahead` takes an iterable of them and keeps the workers busy with
+    one batch while the caller reads the next, so memory holds two batches of
+    inputs and results at a time. An exception in a worker is raised again
+    here, with its own type and message.
     """
 
     def __init__(self, num_workers: int):
@@ -50,3 +53,18 @@ class OrderedPool:
             return map(function, items)
         items = list(items)
         return self._pool.map(function, items, chunksize=max(1, len(items) // (4 * self.num_workers)))
+
+    def map_ahead(self, function: Callable[[T], R], batches: Iterable[tuple[C, list[T]]]
+                  ) -> Iterator[tuple[C, list[R]]]:
+        """``(context, [function(item) for item in items])`` for each ``(context, items)`` of ``batches``,
+        in order. Batch ``i + 1`` is drawn from ``batches`` (read, when ``batches`` is a generator that
+        reads) and handed to the workers before batch ``i``'s results are awaited, so the caller's reading
+        and its use of the results overlap the workers' work. ``context`` stays in this process."""
+        pending = None
+        for context, items in batches:
+            submitted = context, self.map(function, items)
+            if pending is not None:
+                yield pending[0], list(pending[1])
+            pending = submitted
+        if pending is not None:
+            yield pending[0], list(pending[1])

@@ -16,7 +16,8 @@ import contextlib
 import hashlib
 import io
 from collections import Counter, OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -35,6 +36,7 @@ from kd_lib.io.publish import Publication
 
 SCHEMA = pa.schema([("image", pa.binary()), ("label", pa.int32()), ("path", pa.string())])
 READ_BATCH = 256
+T = TypeVar("T")
 #: The target size of a shard's row groups: what a reader fetches and caches to get one image.
 ROW_GROUP_BYTES = 4 << 20
 #: Row groups a reader keeps (per process and loader worker); EpochBatchSampler's shuffle window.
@@ -66,7 +68,8 @@ class ShardWriter(Publication):
         """Write shard ``index`` of ``split``; returns its file name."""
         name = f"{split}-{index:05d}.parquet"
         buffer = io.BytesIO()
-        table = pa.table(rows, schema=self.schema)
+        table = pa.table({name: binary_array(rows[name]) if self.schema.field(name).type == pa.binary() else rows[name]
+                          for name in self.schema.names}, schema=self.schema)
         group = max(1, int(table.num_rows * ROW_GROUP_BYTES / max(1, table.nbytes)))
         pq.write_table(table, buffer, compression="none", row_group_size=group, write_statistics=False)
         write_bytes(join(self.folder, name), buffer.getvalue())
@@ -77,6 +80,26 @@ class ShardWriter(Publication):
         """Write the manifest (``info`` plus the data fingerprint), then drop the earlier shards."""
         self.key = stage_key("prepare-data", {}, {"data": fingerprint})
         return self.commit(self.written, {**info, "data_fingerprint": fingerprint})
+
+
+def binary_array(values: list[bytes]) -> pa.Array:
+    """``pa.array(values, pa.binary())``, made from one joined buffer and its offsets (several times faster
+    for many large values); ``pa.array`` itself past binary's 2 GiB, which it splits into chunks."""
+    sizes = np.fromiter(map(len, values), np.int64, len(values))
+    if sizes.sum() >= 2 ** 31:
+        return pa.array(values, pa.binary())
+    offsets = np.zeros(len(values) + 1, np.int32)
+    np.cumsum(sizes, out=offsets[1:])
+    return pa.Array.from_buffers(pa.binary(), len(values), [None, pa.py_buffer(offsets), pa.py_buffer(b"".join(values))])
+
+
+def read_in_batches(fs, base: str, items: list[T], path: Callable[[T], str]) -> Iterator[tuple[list[T], list[bytes]]]:
+    """``items`` in batches of :data:`READ_BATCH`, each with the bytes of its items' files
+    ``base/path(item)``, read in one ``fs.cat`` (concurrent requests on object storage)."""
+    for start in range(0, len(items), READ_BATCH):
+        batch = items[start:start + READ_BATCH]
+        blobs = fs.cat([f"{base}/{path(item)}" for item in batch])
+        yield batch, [blobs[f"{base}/{path(item)}"] for item in batch]
 
 
 def prepare_imagefolder(source: str, out: str, shard_size: int = 4096, max_per_class: int = 0,
@@ -115,11 +138,9 @@ def prepare_imagefolder(source: str, out: str, shard_size: int = 4096, max_per_c
             split_records = shuffled([r for r in records if r.split == split])
             rows: dict[str, list] = {"image": [], "label": [], "path": []}
             shards = []
-            for start in range(0, len(split_records), READ_BATCH):
-                batch = split_records[start:start + READ_BATCH]
-                blobs = fs.cat([f"{root}/{r.path}" for r in batch])
-                datas = [blobs[f"{root}/{record.path}"] for record in batch]
-                checked = pool.map(inspect_image, [(data, join(source, r.path)) for data, r in zip(datas, batch)])
+            batches = (((batch, datas), [(data, join(source, record.path)) for data, record in zip(datas, batch)])
+                       for batch, datas in read_in_batches(fs, root, split_records, lambda record: record.path))
+            for (batch, datas), checked in pool.map_ahead(inspect_image, batches):
                 for record, data, (bucket, sha) in zip(batch, datas, checked):
                     short_sides[bucket] += 1
                     digest.update(f"{record.path}\t{record.label}\t{sha}\n".encode())

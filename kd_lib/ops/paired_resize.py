@@ -62,7 +62,7 @@ def paired_resize_reference(images: torch.Tensor, ratio: int, mode: str, mean: S
     shift = torch.tensor(mean, dtype=torch.float32, device=images.device).view(1, -1, 1, 1)
     scale = torch.tensor(std, dtype=torch.float32, device=images.device).view(1, -1, 1, 1)
     layout = torch.channels_last if channels_last else torch.contiguous_format
-    return tuple(((v - shift) / scale).to(dtype).contiguous(memory_format=layout) for v in (x, lr))
+    return tuple(v.contiguous(memory_format=layout).sub_(shift).div_(scale).to(dtype) for v in (x, lr))
 
 
 def _bilinear_filter(x: float) -> float:

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from kd_lib.ops import kd_loss, multi_bandwidth_mmd2, paired_resize
-from kd_lib.ops.paired_resize import RESIZE_MODES, resize_taps
+from kd_lib.ops.paired_resize import RESIZE_MODES, downsample, resize_taps
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -72,6 +72,17 @@ def test_paired_resize_reference_is_the_plain_formula(mode: str, ratio: int) -> 
     assert hr.dtype == lr.dtype == torch.float32
     assert torch.allclose(hr.double(), plain_hr, atol=1e-5)
     assert torch.allclose(lr.double(), plain_lr, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", RESIZE_MODES)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_paired_resize_reference_is_the_float32_formula_to_the_bit(mode: str, channels_last: bool) -> None:
+    # a change of the reference's arithmetic would move every table trained on the CPU
+    batch = images()
+    x = batch.permute(0, 3, 1, 2).float().mul_(1 / 255)
+    shift, scale = torch.tensor(MEAN).view(1, -1, 1, 1), torch.tensor(STD).view(1, -1, 1, 1)
+    hr, lr = paired_resize(batch, 4, mode, MEAN, STD, channels_last=channels_last)
+    assert torch.equal(hr, (x - shift) / scale) and torch.equal(lr, (downsample(x, 4, mode) - shift) / scale)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

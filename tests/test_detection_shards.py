@@ -1,11 +1,13 @@
 """Prepared detection data: letterboxed shards, uint8 items with targets, their HR/LR pairing, and the ground truth."""
 
 import json
+import pickle
 import logging
 import random
 import re
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 import torch
 from PIL import Image, ImageDraw
@@ -98,6 +100,31 @@ def test_letterboxing_scales_boxes_and_pads_with_the_mean_colour(sets, tmp_path,
     # 48 x 96 at scale 2/3: (8, 16, 32, 64) -> (16/3, 32/3, 64/3, 128/3), the right 32 columns are padding
     assert truth[2].boxes[0] == pytest.approx((16 / 3, 32 / 3, 64 / 3, 128 / 3))
     assert truth[2].areas[0] == pytest.approx(24 * 48 * 4 / 9)
+
+
+def test_a_split_is_streamed_a_row_group_at_a_time_with_its_annotations_in_memory(sets, tmp_path, monkeypatch):
+    monkeypatch.setattr(shards, "ROW_GROUP_BYTES", 1)  # one image per row group
+    monkeypatch.setattr(shards, "CACHED_GROUPS", 2)
+    prepare(sets, tmp_path / "data", shard_size=2)
+    whole = DetectionShardDataset(str(tmp_path / "data"), "train")
+    assert whole.blocks == [1, 1, 1] and "image" not in whole.table.column_names  # opening reads no image
+    reads = []
+    read_row_group = pq.ParquetFile.read_row_group
+    monkeypatch.setattr(pq.ParquetFile, "read_row_group",
+                        lambda self, group, **kw: reads.append(group) or read_row_group(self, group, **kw))
+    for index in (2, 0, 2, 1, 0):
+        image, target = whole[index]
+        assert image.shape == (SIZE, SIZE, 3) and target["image_id"] == whole.image_ids[index]
+    assert reads == [0, 0, 1, 0]  # shard 1's group, shard 0's two; the third image cached, the first evicted
+    assert pickle.loads(pickle.dumps(whole)).cache == {}
+
+
+def test_a_damaged_detection_shard_is_named_when_the_split_is_opened(sets, tmp_path):
+    manifest = prepare(sets, tmp_path / "data")
+    shard = tmp_path / "data" / manifest["paths"]["train-00000.parquet"]
+    shard.write_bytes(shard.read_bytes()[:-10])
+    with pytest.raises(DataError, match=f"{shard}: .* bytes, but the manifest of .* promises"):
+        DetectionShardDataset(str(tmp_path / "data"), "train")
 
 
 def test_workers_give_the_same_shards_fingerprint_and_counts(sets, tmp_path, caplog, monkeypatch):

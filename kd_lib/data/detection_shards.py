@@ -36,10 +36,10 @@ from tqdm import tqdm
 from kd_lib.data.detection import DetectionImage, DetectionSet
 from kd_lib.data.imagefolder import SPLITS, DataError, decode_rgb
 from kd_lib.data.parallel import OrderedPool
-from kd_lib.data.shards import ShardWriter, read_in_batches
+from kd_lib.data.shards import ShardWriter, StreamedSplit, read_in_batches
 from kd_lib.data.transforms import PairedResize
 from kd_lib.io.fs import filesystem, join
-from kd_lib.io.manifest import read_manifest, read_published
+from kd_lib.io.manifest import read_manifest
 from kd_lib.ops import ResizeMode
 
 log = logging.getLogger(__name__)
@@ -202,8 +202,9 @@ def _ragged(column: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
     return array.flatten().to_numpy(zero_copy_only=False), np.concatenate([[0], np.cumsum(lengths)])
 
 
-class DetectionShardDataset(torch.utils.data.Dataset):
-    """One split of prepared detection data; items are ``(image, target)``.
+class DetectionShardDataset(StreamedSplit):
+    """One split of prepared detection data (streamed, see :class:`~kd_lib.data.shards.StreamedSplit`);
+    items are ``(image, target)``.
 
     ``image`` is the letterboxed image as uint8 ``(S, S, 3)`` and ``target``
     holds the non-crowd ``boxes`` (float32 (M, 4), HR pixels), their
@@ -217,35 +218,30 @@ class DetectionShardDataset(torch.utils.data.Dataset):
     ``resize``; the HR batch itself at ratio 1) of a batch of images
     (:func:`kd_lib.engine.loop.paired_batches`).
 
-    The encoded images and annotations of the split are held in memory;
-    decoding happens per item, in the loader's workers.
+    Opening reads the annotations; decoding happens per item, in the
+    loader's workers.
     """
 
     def __init__(self, data: str, split: str, ratio: int = 1, train: bool = False, resize: ResizeMode = "bilinear"):
-        self.data, self.manifest = data, read_manifest(data)
-        if self.manifest.get("task") != "detection":
-            raise DataError(f"{data}: not prepared detection data (task {self.manifest.get('task')!r}); "
+        manifest = read_manifest(data)
+        if manifest.get("task") != "detection":
+            raise DataError(f"{data}: not prepared detection data (task {manifest.get('task')!r}); "
                             "prepare it with prepare_detection")
-        if split not in self.manifest["splits"]:
-            raise DataError(f"{data}: no split {split!r} (it has {sorted(self.manifest['splits'])})")
-        self.image_size: int = self.manifest["image_size"]
+        if split not in manifest["splits"]:
+            raise DataError(f"{data}: no split {split!r} (it has {sorted(manifest['splits'])})")
+        self.image_size: int = manifest["image_size"]
         if ratio < 1 or self.image_size % ratio:
             raise DataError(f"{data}: image_size {self.image_size} is not divisible by ratio {ratio}")
+        super().__init__(data, split, ["image_id", "path", "labels", "boxes", "crowd", "areas"], SCHEMA, manifest)
         self.classes: list[str] = self.manifest["classes"]
         self.train = train
         self.pairing = PairedResize(ratio, resize, UNIT_MEAN, UNIT_STD)
-        table = pa.concat_tables([pq.read_table(io.BytesIO(read_published(data, name, self.manifest)))
-                                  for name in self.manifest["splits"][split]["shards"]])
-        self.images = table.column("image")
-        self.image_ids: list[int] = table.column("image_id").to_pylist()
-        self.paths: list[str] = table.column("path").to_pylist()
-        self.labels, self.offsets = _ragged(table.column("labels"))
-        self.boxes = _ragged(table.column("boxes"))[0].reshape(-1, 4)
-        self.crowd = _ragged(table.column("crowd"))[0]
-        self.areas = _ragged(table.column("areas"))[0]
-
-    def __len__(self) -> int:
-        return len(self.paths)
+        self.image_ids: list[int] = self.table.column("image_id").to_pylist()
+        self.paths: list[str] = self.table.column("path").to_pylist()
+        self.labels, self.offsets = _ragged(self.table.column("labels"))
+        self.boxes = _ragged(self.table.column("boxes"))[0].reshape(-1, 4)
+        self.crowd = _ragged(self.table.column("crowd"))[0]
+        self.areas = _ragged(self.table.column("areas"))[0]
 
     def _annotations(self, index: int) -> slice:
         """Where image ``index``'s boxes are in the flat annotation arrays."""
@@ -253,7 +249,7 @@ class DetectionShardDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, item):
         index, seed = item if isinstance(item, tuple) else (item, 0)
-        image = decode_rgb(self.images[index].as_py(), join(self.data, self.paths[index]))
+        image = decode_rgb(self.encoded(index)[0], join(self.data, self.paths[index]))
         pixels = torch.from_numpy(np.array(image))
         rows = self._annotations(index)
         keep = ~self.crowd[rows]

@@ -160,41 +160,35 @@ def prepare_imagefolder(source: str, out: str, shard_size: int = 4096, max_per_c
                                                "short_sides": dict(sorted(short_sides.items(), key=lambda kv: int(kv[0])))})
 
 
-class ShardedImageDataset(torch.utils.data.Dataset):
-    """One split of prepared data, read from its shards as needed; items are
-    ``(transform(rgb_image, seed), label)``: the uint8 ``(hr_size, hr_size, 3)`` crop and the class index.
+class StreamedSplit(torch.utils.data.Dataset):
+    """One split of prepared data (classification or detection), read from its shards as needed.
 
-    ``pairing``, the transform's, makes the normalized HR and LR batches of a
-    batch of crops on the training device
-    (:func:`kd_lib.engine.loop.paired_batches`). Opening the split reads the
-    shards' footers and label columns only; an item reads the row group that
-    holds it (range reads from object storage, through fsspec), and each
-    process and loader worker keeps the last :data:`CACHED_GROUPS` row groups
-    it read. Memory is therefore bounded by the cache and grows with the split
-    only by its labels (4 bytes an image). ``blocks``, the row groups' sizes
-    in item order, lets :class:`kd_lib.data.sampler.EpochBatchSampler` shuffle
-    within windows of row groups, so that a batch hits the cache. Decoding
-    happens per item, in the loader's workers. Indices are ``(index, seed)``
-    pairs from the sampler or plain ints (seed 0).
+    Opening the split reads the shards' footers and the small per-item
+    ``columns`` (labels, annotations) into :attr:`table`; :meth:`encoded`
+    reads the row group that holds an item (range reads from object storage,
+    through fsspec), and each process and loader worker keeps the last
+    :data:`CACHED_GROUPS` row groups it read. Memory is therefore bounded by
+    the cache and grows with the split only by those columns. ``blocks``, the
+    row groups' sizes in item order, lets
+    :class:`kd_lib.data.sampler.EpochBatchSampler` shuffle within windows of
+    row groups, so that a batch hits the cache. Each shard's size is checked
+    against the manifest on opening.
     """
 
-    def __init__(self, data: str, split: str, transform: CropTransform):
+    def __init__(self, data: str, split: str, columns: list[str], schema: pa.Schema, manifest: dict | None = None):
         self.data = data
-        self.manifest = read_manifest(data)
-        self.classes: list[str] = self.manifest["classes"]
+        self.manifest = manifest or read_manifest(data)
         self.files = [self._checked(name) for name in self.manifest["splits"][split]["shards"]]
-        labels, self.groups, self.blocks = [], [], []  # groups: (file, row group) of each block
+        tables, self.groups, self.blocks = [], [], []  # groups: (file, row group) of each block
         for number, uri in enumerate(self.files):
             with self._open(uri) as shard:
-                labels.append(shard.read(columns=["label"]).column("label").to_numpy())
+                tables.append(shard.read(columns=columns))
                 for group in range(shard.num_row_groups):
                     self.groups.append((number, group))
                     self.blocks.append(shard.metadata.row_group(group).num_rows)
-        self.labels = np.concatenate(labels) if labels else np.zeros(0, np.int32)
+        self.table: pa.Table = pa.concat_tables(tables) if tables else schema.empty_table().select(columns)
         self.starts = np.cumsum([0, *self.blocks])
         self.cache: OrderedDict[int, pa.Table] = OrderedDict()
-        self.transform = transform
-        self.pairing: PairedResize = transform.pairing
 
     def _checked(self, name: str) -> str:
         """The URI of shard ``name``, once its size is checked against the manifest."""
@@ -225,15 +219,37 @@ class ShardedImageDataset(torch.utils.data.Dataset):
                 self.cache.popitem(last=False)
         return self.cache[block]
 
+    def encoded(self, index: int) -> tuple[bytes, str]:
+        """Item ``index``'s image bytes, as stored, and its path (for errors), read from its row group."""
+        block = int(np.searchsorted(self.starts, index, side="right")) - 1
+        row, group = index - int(self.starts[block]), self._group(block)
+        return group.column("image")[row].as_py(), group.column("path")[row].as_py()
+
     def __getstate__(self) -> dict:
         return {**self.__dict__, "cache": OrderedDict()}  # a loader worker starts with its own empty cache
 
     def __len__(self) -> int:
-        return len(self.labels)
+        return self.table.num_rows
+
+
+class ShardedImageDataset(StreamedSplit):
+    """One split of prepared classification data (streamed, see :class:`StreamedSplit`); items are
+    ``(transform(rgb_image, seed), label)``: the uint8 ``(hr_size, hr_size, 3)`` crop and the class index.
+
+    ``pairing``, the transform's, makes the normalized HR and LR batches of a
+    batch of crops on the training device
+    (:func:`kd_lib.engine.loop.paired_batches`). Opening reads the labels
+    (4 bytes an image). Decoding happens per item, in the loader's workers.
+    Indices are ``(index, seed)`` pairs from the sampler or plain ints (seed 0).
+    """
+
+    def __init__(self, data: str, split: str, transform: CropTransform):
+        super().__init__(data, split, ["label"], SCHEMA)
+        self.classes: list[str] = self.manifest["classes"]
+        self.labels = self.table.column("label").to_numpy()
+        self.transform = transform
+        self.pairing: PairedResize = transform.pairing
 
     def __getitem__(self, item):
         index, seed = item if isinstance(item, tuple) else (item, 0)
-        block = int(np.searchsorted(self.starts, index, side="right")) - 1
-        row, group = index - int(self.starts[block]), self._group(block)
-        image = decode_rgb(group.column("image")[row].as_py(), group.column("path")[row].as_py())
-        return self.transform(image, seed), int(self.labels[index])
+        return self.transform(decode_rgb(*self.encoded(index)), seed), int(self.labels[index])

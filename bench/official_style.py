@@ -24,9 +24,11 @@ CLASSES = 10
 CROP_SCALE = 0.35
 
 
-def write_images(root: Path, count: int, side: int, suffix: str = ".png") -> Path:
+def write_images(root: Path, count: int, side: int, suffix: str = ".png", grain: float = 0.0) -> Path:
     """``count`` train images (and ``CLASSES`` val) of smooth noise, ``side`` px, in ``CLASSES`` class
-    folders, as ``suffix`` files; a folder made before (its ``complete`` marker) is kept as it is."""
+    folders, as ``suffix`` files; a folder made before (its ``complete`` marker) is kept as it is.
+    ``grain`` > 0 adds per-pixel Gaussian noise of that standard deviation, so that a JPEG costs about what
+    a photo of its size costs to store and decode."""
     if (root / "complete").exists():
         return root
     rng = np.random.default_rng(count)
@@ -35,8 +37,11 @@ def write_images(root: Path, count: int, side: int, suffix: str = ".png") -> Pat
             (root / split / f"class{c}").mkdir(parents=True, exist_ok=True)
         for i in range(n):
             coarse = rng.integers(0, 256, (4, 4, 3), dtype=np.uint8)
-            Image.fromarray(coarse).resize((side, side), Image.Resampling.BILINEAR).save(
-                root / split / f"class{i % CLASSES}" / f"{i:07d}{suffix}")
+            image = Image.fromarray(coarse).resize((side, side), Image.Resampling.BILINEAR)
+            if grain:
+                image = Image.fromarray(np.clip(np.asarray(image) + rng.normal(0, grain, (side, side, 3)),
+                                                0, 255).astype(np.uint8))
+            image.save(root / split / f"class{i % CLASSES}" / f"{i:07d}{suffix}")
     (root / "complete").touch()
     return root
 

@@ -33,10 +33,10 @@ from kd_lib.io.fs import filesystem, join, write_bytes
 from kd_lib.io.manifest import published_uri, read_manifest, stage_key
 from kd_lib.io.publish import Publication
 
+T = TypeVar("T")
 
 SCHEMA = pa.schema([("image", pa.binary()), ("label", pa.int32()), ("path", pa.string())])
 READ_BATCH = 256
-T = TypeVar("T")
 #: The target size of a shard's row groups: what a reader fetches and caches to get one image.
 ROW_GROUP_BYTES = 4 << 20
 #: Row groups a reader keeps (per process and loader worker); EpochBatchSampler's shuffle window.
@@ -68,8 +68,8 @@ class ShardWriter(Publication):
         """Write shard ``index`` of ``split``; returns its file name."""
         name = f"{split}-{index:05d}.parquet"
         buffer = io.BytesIO()
-        table = pa.table({name: binary_array(rows[name]) if self.schema.field(name).type == pa.binary() else rows[name]
-                          for name in self.schema.names}, schema=self.schema)
+        table = pa.table({column: binary_array(rows[column]) if self.schema.field(column).type == pa.binary()
+                          else rows[column] for column in self.schema.names}, schema=self.schema)
         group = max(1, int(table.num_rows * ROW_GROUP_BYTES / max(1, table.nbytes)))
         pq.write_table(table, buffer, compression="none", row_group_size=group, write_statistics=False)
         write_bytes(join(self.folder, name), buffer.getvalue())
@@ -90,7 +90,8 @@ def binary_array(values: list[bytes]) -> pa.Array:
         return pa.array(values, pa.binary())
     offsets = np.zeros(len(values) + 1, np.int32)
     np.cumsum(sizes, out=offsets[1:])
-    return pa.Array.from_buffers(pa.binary(), len(values), [None, pa.py_buffer(offsets), pa.py_buffer(b"".join(values))])
+    return pa.Array.from_buffers(pa.binary(), len(values),
+                                 [None, pa.py_buffer(offsets), pa.py_buffer(b"".join(values))])
 
 
 def read_in_batches(fs, base: str, items: list[T], path: Callable[[T], str]) -> Iterator[tuple[list[T], list[bytes]]]:

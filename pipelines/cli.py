@@ -32,13 +32,13 @@ PIPELINES = {
     "detection": (detection.build_pipeline, "pipelines/detection_distillation.yaml"),
 }
 
-#: The demo: the generated dataset at 64 px, students at 16 px, a few minutes on 2 CPU cores.
+#: The demo: the generated dataset at 64 px, students at 16 px, about 15 minutes on 2 CPU cores.
 DEMO_DATA = {"seed": 0, "num_classes": 8, "train_per_class": 150, "val_per_class": 30, "size": 64}
 #: The HR models train at lr 0.02: at the pipeline's 0.05, a from-scratch teacher on this data can sit
 #: at chance for its first epochs and end without the stripes. Every LR model trains at the students'
 #: lr (Pixel Distillation's 0.01) for 12 epochs, the LR baseline included, so that the table compares
 #: methods, not learning rates or schedules; in 6 epochs the students had not yet learned the cue that
-#: the teacher gives them. The TAS student starts fresh and is distilled from the assistant: at 16 px a
+#: the HR models give them. The TAS student starts fresh and is distilled from the assistant: at 16 px a
 #: ResNet-18's maps are 1x1 from layer3 on, and the assistant's 64 px weights are a worse start than
 #: random ones (the README's demo section has the figures).
 DEMO_SETTINGS = {"teacher": {"epochs": 6, "lr": 0.02}, "assistant": {"epochs": 5, "lr": 0.02},

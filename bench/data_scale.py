@@ -12,12 +12,12 @@ noise over 10 classes), measures:
   ``--workers`` workers, over the same images of the smallest set:
   ``project``, the prepared shards with their random crop, in the batches of
   the training sampler (:class:`~kd_lib.data.sampler.EpochBatchSampler`),
-  and the HR/LR pair made in the main process
-  (:class:`~kd_lib.data.transforms.PairedResize`, as the loop does on its
-  device); ``official_style``, torchvision ``ImageFolder`` with
+  and the HR/LR pair made on ``--device`` by the main process
+  (:class:`~kd_lib.data.transforms.PairedResize`, as the loop does: one
+  kernel on CUDA); ``official_style``, torchvision ``ImageFolder`` with
   ``RandomResizedCrop``, ``ToTensor`` and ``Normalize``, the HR and LR
-  tensors both made in the workers. Target: project / official style >=
-  ``LOADER_RATIO``.
+  tensors both made in the workers and moved to ``--device``. Target:
+  project / official style >= ``LOADER_RATIO``.
 - ``prepare_img_per_s``: prepare-data's images per second on the smallest set,
   keyed by its ``num_workers``, 1 and 2. Target: 2 workers >= ``PREPARE_RATIO``
   x 1 worker.
@@ -35,6 +35,7 @@ exits 1 when a target is missed::
 
     python bench/data_scale.py --baseline-commit ff9e714    # 20 k and 200 k images
     python bench/data_scale.py --sizes 1000 10000 --batches 5 --photos 500  # a quick look
+    python bench/data_scale.py --device cuda --sizes 20000  # the loaders into a GPU: data_scale-cuda.*
 """
 
 from __future__ import annotations
@@ -113,8 +114,10 @@ def child(kind: str, data: str, side: int, extra_env: dict | None = None) -> dic
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def loader_rates(source: Path, data: str, hr_size: int, workers: int, batches: int) -> dict[str, float]:
-    """Items per second out of each variant's loader: ``batches`` batches of 64 after a first one."""
+def loader_rates(source: Path, data: str, hr_size: int, workers: int, batches: int,
+                 device: torch.device) -> dict[str, float]:
+    """Items per second out of each variant's loader, its batches on ``device`` (the project's HR/LR pair made
+    there): ``batches`` batches of 64 after a first one."""
     project = ShardedImageDataset(data, "train", CropTransform(hr_size, RATIO, train=True))
     official = PairedFolder(str(source / "train"), hr_size, RATIO)
     sampled = list(EpochBatchSampler(len(project), 64, seed=0, epoch=0, blocks=project.blocks))[:batches + 1]
@@ -125,13 +128,23 @@ def loader_rates(source: Path, data: str, hr_size: int, workers: int, batches: i
         for seen, batch in enumerate(loader):
             pair(batch)
             if seen == 0:
+                synchronize(device)
                 started = time.perf_counter()
+        synchronize(device)
         return batches * 64 / (time.perf_counter() - started)
 
-    return {"project": rate(torch.utils.data.DataLoader(project, batch_sampler=sampled, num_workers=workers),
-                            lambda batch: project.pairing(batch[0])),
+    pinned = device.type == "cuda"
+    return {"project": rate(torch.utils.data.DataLoader(project, batch_sampler=sampled, num_workers=workers,
+                                                        pin_memory=pinned),
+                            lambda batch: project.pairing(batch[0].to(device, non_blocking=True))),
             "official_style": rate(torch.utils.data.DataLoader(official, batch_size=64, sampler=order,
-                                                               num_workers=workers), lambda batch: batch)}
+                                                               num_workers=workers, pin_memory=pinned),
+                                   lambda batch: [t.to(device, non_blocking=True) for t in batch[:2]])}
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def prepare_rate(source: Path, work: Path, workers: int) -> float:
@@ -191,6 +204,8 @@ def main(argv: list[str] | None = None) -> int:
                         "loader (0: none)")
     parser.add_argument("--photo-side", type=int, default=384)
     parser.add_argument("--photo-hr", type=int, default=224, help="the loaders' HR crop on the photos")
+    parser.add_argument("--device", default="cpu", help="where the loaders' batches go (cuda: the project's pair "
+                        "is made there by its kernel); results of cuda go to data_scale-cuda.{json,md}")
     parser.add_argument("--baseline-commit", help="also measure the hand-rolled data parallelism of this commit")
     parser.add_argument("--work", default=str(HERE.parents[1] / "runs" / "bench-data-scale"))
     parser.add_argument("--results", default=str(HERE.parents[1] / "bench" / "results"))
@@ -205,6 +220,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if min(args.sizes) < BATCH * TRAIN_STEPS:
         parser.error(f"--sizes: each must be at least {BATCH * TRAIN_STEPS}, the images trained on")
+    device = torch.device(args.device)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     sources, data = {}, {}
@@ -214,12 +230,12 @@ def main(argv: list[str] | None = None) -> int:
         prepare_imagefolder(str(sources[count]), data[count])
     smallest = min(args.sizes)
     result = {"setup": {"sizes": sorted(args.sizes), "side": args.side, "workers": args.workers,
-                        "batches": args.batches, "train_steps": TRAIN_STEPS, "batch": BATCH,
+                        "batches": args.batches, "train_steps": TRAIN_STEPS, "batch": BATCH, "device": str(device),
                         "photos": args.photos, "photo_side": args.photo_side, "photo_hr": args.photo_hr,
                         "baseline_commit": args.baseline_commit},
               "rss_mib": {str(n): child("rss", data[n], args.side)["peak_rss_mib"] for n in sorted(args.sizes)},
               "loader_img_per_s": loader_rates(sources[smallest], data[smallest], args.side, args.workers,
-                                               args.batches),
+                                               args.batches, device),
               "prepare_img_per_s": {str(w): prepare_rate(sources[smallest], work, w) for w in (1, 2)},
               "ddp_steps_per_s": {"ddp": child("ddp", data[smallest], args.side)["steps_per_s"]}}
     if args.photos:
@@ -228,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
         photo_data = str(work / f"photos-data-{args.photos}-{args.photo_side}px")
         prepare_imagefolder(str(photos), photo_data)
         result["loader_img_per_s_photos"] = loader_rates(photos, photo_data, args.photo_hr, args.workers,
-                                                         args.batches)
+                                                         args.batches, device)
         result["prepare_img_per_s_photos"] = {str(w): prepare_rate(photos, work, w) for w in (1, 2)}
     if args.baseline_commit:
         library = baseline_library(args.baseline_commit, work)
@@ -238,8 +254,9 @@ def main(argv: list[str] | None = None) -> int:
     results = Path(args.results)
     results.mkdir(parents=True, exist_ok=True)
     table = markdown(result)
-    (results / "data_scale.json").write_text(json.dumps(result, indent=2) + "\n")
-    (results / "data_scale.md").write_text(table)
+    name = "data_scale" if device.type == "cpu" else f"data_scale-{device.type}"
+    (results / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (results / f"{name}.md").write_text(table)
     print(table + "".join(f"missed: {line}\n" for line in result["missed"]), end="")
     return 1 if result["missed"] else 0
 

@@ -1,5 +1,6 @@
-"""assistant: model compression. The small architecture at high resolution,
-distilled from the teacher with Hinton KD: (1 - alpha) CE + alpha T^2 KL."""
+"""assistant: model compression, the small architecture at high resolution distilled from the teacher.
+
+Hinton KD: (1 - alpha) CE + alpha T^2 KL (Hinton et al., 2015)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
-"""lr-baseline: the student's architecture trained at low resolution with
-cross-entropy alone, the baseline every distilled student is compared with."""
+"""lr-baseline: the student's architecture at low resolution with cross-entropy alone.
+
+It is the baseline every distilled student is compared with."""
 
 from __future__ import annotations
 

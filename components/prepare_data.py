@@ -1,5 +1,6 @@
-"""prepare-data: validate a dataset (any fsspec URI) and publish it as Parquet
-shards with a manifest holding the class names and a content fingerprint.
+"""prepare-data: validate a dataset (any fsspec URI) and publish it as Parquet shards.
+
+The shards come with a manifest holding the class names and a content fingerprint.
 Every image is decoded once: a corrupt image, an empty class folder or
 classes that differ between splits stop the stage with an error naming the
 file or folder, and nothing is published. ``num_workers`` processes do the
@@ -17,8 +18,9 @@ Detection: ``source`` is a COCO ``instances_*.json`` (its images under
 ``val_annotations``/``val_images`` (COCO) or ``images/val`` (YOLO) when
 given, else a stable ``val_fraction`` of the images chosen by a hash of
 their paths. ``categories`` keeps only the named categories (``[person]``: a
-person detector), in that order; images without them stay as backgrounds. Boxes crossing the image are clipped, empty ones dropped and
-crowd boxes kept as ignore regions; every such change is counted in the log
+person detector), in that order; images without them stay as backgrounds.
+Boxes crossing the image are clipped, empty ones dropped and crowd boxes kept
+as ignore regions; every such change is counted in the log
 and the manifest (``adjusted``).
 """
 

@@ -14,7 +14,9 @@ alone). Every LR student sees the same data, settings and epochs:
 Stage outputs are reused: a rerun skips what is done, so an interrupted
 benchmark resumes where it stopped. Writes ``bench/results/quality.json``,
 ``quality.md`` (the table) and ``quality.png`` (the plot); with ``--quick``
-``quality-quick.*``. Prints the table::
+``quality-quick.*``, and with ``--ratios`` other than 2 and 4, say ``--ratios 2``,
+``quality-ratio2.*``, so that a run of one ratio keeps the other's results.
+Prints the table::
 
     python bench/quality.py            # the full table
     python bench/quality.py --quick    # a few minutes: 20 images per class, 1 epoch, 2 seeds
@@ -175,6 +177,8 @@ def main(argv: list[str] | None = None) -> int:
         plan["student_epochs"] = args.student_epochs
     name = "quality-quick" if args.quick else "quality"
     out = args.out or str(ROOT / "runs" / f"bench-{name}")
+    if sorted(args.ratios) != [2, 4]:
+        name += "-ratio" + "-".join(map(str, args.ratios))
     if not Path(args.data).is_dir() and "://" not in args.data:
         parser.error(f"--data {args.data}: no such dataset folder")
 

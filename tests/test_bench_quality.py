@@ -49,7 +49,7 @@ def test_quick_quality_benchmark_writes_every_row(tmp_path):
     subprocess.run([sys.executable, str(ROOT / "bench" / "quality.py"), "--quick", "--data", str(DATA),
                     "--hr-size", "32", "--ratios", "4", "--out", str(tmp_path / "runs"), "--results", str(tmp_path)],
                    check=True)
-    results = json.loads((tmp_path / "quality-quick.json").read_text())["results"]
+    results = json.loads((tmp_path / "quality-quick-ratio4.json").read_text())["results"]
     methods = ["lr_baseline", "kd", "fitnet", "at", "sp", "dkd", "crkd", "kd+isrd", "tas"]
     assert [(r["method"], r["ratio"]) for r in results] == [("teacher", 1), ("assistant", 1),
                                                            *((m, 4) for m in methods)]
@@ -68,6 +68,6 @@ def test_quick_quality_benchmark_writes_every_row(tmp_path):
         assert result["train_seconds"] == pytest.approx(training) and 0 < training < with_validation
         assert result["input_bytes"] == 3 * (32 // result["ratio"]) ** 2
     assert all(r["gflops"] < results[1]["gflops"] / 2 for r in results[2:])  # the assistant's net, 16x fewer pixels
-    table = (tmp_path / "quality-quick.md").read_text().splitlines()
+    table = (tmp_path / "quality-quick-ratio4.md").read_text().splitlines()
     assert len(table) == 2 + len(results) and "beats LR baseline?" in table[0]
-    assert (tmp_path / "quality-quick.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (tmp_path / "quality-quick-ratio4.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

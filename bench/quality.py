@@ -175,10 +175,10 @@ def main(argv: list[str] | None = None) -> int:
         plan["seeds"] = args.seeds
     if args.student_epochs:
         plan["student_epochs"] = args.student_epochs
-    name = "quality-quick" if args.quick else "quality"
-    out = args.out or str(ROOT / "runs" / f"bench-{name}")
-    if sorted(args.ratios) != [2, 4]:
-        name += "-ratio" + "-".join(map(str, args.ratios))
+    stages = "quality-quick" if args.quick else "quality"
+    out = args.out or str(ROOT / "runs" / f"bench-{stages}")
+    every_ratio = sorted(args.ratios) == parser.get_default("ratios")
+    name = stages if every_ratio else f"{stages}-ratio" + "-".join(map(str, args.ratios))
     if not Path(args.data).is_dir() and "://" not in args.data:
         parser.error(f"--data {args.data}: no such dataset folder")
 

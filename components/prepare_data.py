@@ -20,8 +20,8 @@ given, else a stable ``val_fraction`` of the images chosen by a hash of
 their paths. ``categories`` keeps only the named categories (``[person]``: a
 person detector), in that order; images without them stay as backgrounds.
 Boxes crossing the image are clipped, empty ones dropped and crowd boxes kept
-as ignore regions; every such change is counted in the log
-and the manifest (``adjusted``).
+as ignore regions; every such change is counted in the log and the manifest
+(``adjusted``).
 """
 
 from __future__ import annotations

@@ -87,7 +87,8 @@ def test_kdp_stage_help_lists_the_stages(capsys):
     assert cli.main(["stage", "--help"]) == 0
     listed = capsys.readouterr().out
     for name in stages():
-        line = next(line for line in listed.splitlines() if line.startswith(f"  {name} "))
+        line = next((line for line in listed.splitlines() if line.startswith(f"  {name} ")), None)
+        assert line is not None, f"{name} is not listed"
         assert line.endswith("."), f"{name}'s summary is cut mid-sentence: {line!r}"
     assert cli.main(["stage"]) == 2
     assert "stages:" in capsys.readouterr().err

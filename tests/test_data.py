@@ -12,7 +12,7 @@ from PIL import Image
 
 from kd_lib.data.imagefolder import DataError
 from kd_lib.data.sampler import EpochBatchSampler
-from kd_lib.data import shards
+from kd_lib.data import parallel, shards
 from kd_lib.data.shards import ShardedImageDataset, prepare_imagefolder
 from kd_lib.data.transforms import IMAGENET_MEAN, IMAGENET_STD, CropTransform, PairedResize
 from kd_lib.engine.loop import paired_batches
@@ -279,6 +279,21 @@ def test_unreachable_location_is_named(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_list_files_on_the_local_disk_is_fsspecs_listing(tmp_path):
+    from kd_lib.io.fs import list_files
+
+    files = {"b.png": b"1", "a/2.png": b"22", "a/deep/3.png": b"333", ".hidden": b""}
+    memory = fsspec.filesystem("memory")
+    for name, data in files.items():
+        (tmp_path / "root" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "root" / name).write_bytes(data)
+        memory.pipe(f"/listing/root/{name}", data)
+    expected = sorted(files)
+    assert list_files(str(tmp_path / "root")) == list_files("memory://listing/root") == expected
+    assert list_files(str(tmp_path / "root") + "/") == expected
+    assert list_files(str(tmp_path / "missing")) == list_files("memory://listing/missing") == []
+
+
 def test_the_listing_fingerprint_changes_exactly_when_files_do(tmp_path):
     from kd_lib.io.fs import listing_fingerprint
 
@@ -304,7 +319,7 @@ def shard_bytes(out) -> dict[str, bytes]:
 
 
 def test_workers_give_the_same_shards_and_fingerprint(imagefolder, tmp_path, monkeypatch):
-    monkeypatch.setattr(shards, "READ_BATCH", 8)  # several batches, read ahead of the workers
+    monkeypatch.setattr(parallel, "FILES_PER_TASK", 8)  # several tasks for each worker
     Image.new("L", (20, 30), 128).save(imagefolder / "train" / "class0" / "gray.png")  # a 16 px short side
     alone = prepare_imagefolder(str(imagefolder), str(tmp_path / "alone"), shard_size=10)
     pooled = prepare_imagefolder(str(imagefolder), str(tmp_path / "pooled"), shard_size=10, num_workers=2)

@@ -16,7 +16,7 @@ from kd_lib.data.detection import DetectionSet, read_coco
 from kd_lib.data.detection_shards import (DEGENERATE, PAD_COLOUR, DetectionShardDataset, collate_detection,
                                           prepare_detection)
 from kd_lib.data.imagefolder import DataError
-from kd_lib.data import shards
+from kd_lib.data import parallel, shards
 from kd_lib.data.shards import prepare_imagefolder
 from kd_lib.eval.detection import Detection, coco_map
 from kd_lib.io.manifest import read_manifest
@@ -128,7 +128,7 @@ def test_a_damaged_detection_shard_is_named_when_the_split_is_opened(sets, tmp_p
 
 
 def test_workers_give_the_same_shards_fingerprint_and_counts(sets, tmp_path, caplog, monkeypatch):
-    monkeypatch.setattr(shards, "READ_BATCH", 2)  # several batches, read ahead of the workers
+    monkeypatch.setattr(parallel, "FILES_PER_TASK", 2)  # several tasks for each worker
     alone = prepare(sets, tmp_path / "alone", shard_size=2)
     with caplog.at_level(logging.WARNING):
         pooled = prepare(sets, tmp_path / "pooled", shard_size=2, num_workers=2)

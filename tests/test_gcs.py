@@ -1,7 +1,7 @@
 """The stages against a real GCS API: fake-gcs-server on loopback, reached through gcsfs.
 
-prepare-data reads an ImageFolder from one bucket and writes shards to another;
-the teacher is preempted (SIGTERM) mid-epoch, resumes from the checkpoint it
+prepare-data reads an ImageFolder from one bucket (in two worker processes) and
+writes shards to another; the teacher is preempted (SIGTERM) mid-epoch, resumes from the checkpoint it
 wrote to the bucket and publishes the weights of an uninterrupted run, bit for
 bit; evaluate reads it back and writes its report. Nothing touches the local disk on the way.
 """
@@ -96,8 +96,9 @@ def test_stages_read_and_write_only_gcs(gcs, tmp_path, monkeypatch, capsys, make
     gcs.pipe({f"data-bucket/src/{f.relative_to(source).as_posix()}": f.read_bytes()
               for f in source.rglob("*.png")})
 
+    # two workers, each reading its share of the images from the bucket with its own gcsfs instance
     data = prepare_data.run(from_dict(prepare_data.PrepareDataConfig, {
-        "source": "gs://data-bucket/src", "out": "gs://out-bucket/data"}))
+        "source": "gs://data-bucket/src", "out": "gs://out-bucket/data", "num_workers": 2}))
     assert data["classes"] == ["class0", "class1", "class2"] and data["splits"]["train"]["images"] == 36
 
     # a small model: its checkpoint (weights and SGD momentum) crosses the wire three times

@@ -24,6 +24,7 @@ import logging
 import random
 from collections import Counter
 from collections.abc import Iterator
+from functools import partial
 from itertools import islice
 
 import numpy as np
@@ -36,9 +37,9 @@ from tqdm import tqdm
 from kd_lib.data.detection import DetectionImage, DetectionSet
 from kd_lib.data.imagefolder import SPLITS, DataError, decode_rgb
 from kd_lib.data.parallel import OrderedPool
-from kd_lib.data.shards import ShardWriter, StreamedSplit, read_in_batches
+from kd_lib.data.shards import ShardWriter, StreamedSplit
 from kd_lib.data.transforms import PairedResize
-from kd_lib.io.fs import filesystem, join
+from kd_lib.io.fs import join
 from kd_lib.io.manifest import read_manifest
 from kd_lib.ops import ResizeMode
 
@@ -108,11 +109,11 @@ def letterbox(image: Image.Image, size: int) -> tuple[Image.Image, float]:
     return canvas, scale
 
 
-def letterboxed_row(item: tuple[DetectionImage, bytes, str, int]) -> dict:
-    """``(image, bytes, uri, size)`` -> the shard row of one image: its letterboxed JPEG bytes and its
-    scaled annotations, plus ``dropped``, the number of its boxes that letterboxing made degenerate.
-    The per-image work of :func:`prepare_detection`, run in its worker processes."""
-    image, data, uri, size = item
+def letterboxed_row(image: DetectionImage, data: bytes, uri: str, size: int) -> dict:
+    """One image and its bytes, read from ``uri`` -> its shard row: the letterboxed JPEG bytes and
+    scaled annotations, plus ``sha256`` (of ``data``) and ``dropped``, the number of its boxes that
+    letterboxing made degenerate. The per-image work of :func:`prepare_detection`, run in its worker
+    processes."""
     decoded = decode_rgb(data, uri)
     if decoded.size != (image.width, image.height):
         raise DataError(f"{uri}: the image is {decoded.width}x{decoded.height} but its annotations say "
@@ -126,26 +127,22 @@ def letterboxed_row(item: tuple[DetectionImage, bytes, str, int]) -> dict:
     return {"image": buffer.getvalue(), "image_id": image.image_id, "path": image.path, "scale": scale,
             "boxes": boxes[keep].reshape(-1).tolist(), "labels": np.asarray(image.labels)[keep].tolist(),
             "crowd": np.asarray(image.crowd, dtype=bool)[keep].tolist(), "areas": areas[keep].tolist(),
-            "dropped": int((~keep).sum())}
+            "sha256": hashlib.sha256(data).hexdigest(), "dropped": int((~keep).sum())}
 
 
 def _rows(split: str, source: DetectionSet, images: list[DetectionImage], size: int, digest,
           adjusted: Counter, progress: tqdm, pool: OrderedPool) -> Iterator[dict]:
-    """The rows of one split, read in batches and letterboxed by ``pool``; each image's content goes
+    """The rows of one split, read and letterboxed by ``pool``; each image's content goes
     into ``digest``, in order."""
-    fs, base = filesystem(source.root)
-    batches = (((batch, datas), [(image, data, join(source.root, image.path), size)
-                                 for image, data in zip(batch, datas)])
-               for batch, datas in read_in_batches(fs, base, images, lambda image: image.path))
-    for (batch, datas), rows in pool.map_ahead(letterboxed_row, batches):
-        for image, data, row in zip(batch, datas, rows):
-            digest.update(json.dumps([split, image.path, hashlib.sha256(data).hexdigest(), image.image_id,
-                                      image.boxes, image.labels, image.crowd, image.areas]).encode() + b"\n")
-            if row["dropped"]:
-                adjusted[DEGENERATE] += row["dropped"]
-                log.warning("%s: %d %s to %d px", join(source.root, image.path), row["dropped"], DEGENERATE, size)
-            yield row
-            progress.update()
+    rows = pool.map_files(partial(letterboxed_row, size=size), source.root, images, lambda image: image.path)
+    for image, row in zip(images, rows):
+        digest.update(json.dumps([split, image.path, row["sha256"], image.image_id,
+                                  image.boxes, image.labels, image.crowd, image.areas]).encode() + b"\n")
+        if row["dropped"]:
+            adjusted[DEGENERATE] += row["dropped"]
+            log.warning("%s: %d %s to %d px", join(source.root, image.path), row["dropped"], DEGENERATE, size)
+        yield row
+        progress.update()
 
 
 def prepare_detection(dataset: DetectionSet, out: str, image_size: int, *, source: str,

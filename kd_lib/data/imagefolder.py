@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import hashlib
 import io
-import posixpath
 import warnings
 from dataclasses import dataclass
 
 from PIL import Image, UnidentifiedImageError
 
 from kd_lib.errors import DataError
-from kd_lib.io.fs import filesystem, join, list_folders
+from kd_lib.io.fs import join, list_files, list_folders
 
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -51,13 +50,12 @@ def side_bucket(width: int, height: int) -> str:
     return str(1 << (max(1, min(width, height)).bit_length() - 1))
 
 
-def inspect_image(item: tuple[bytes, str]) -> tuple[str, str]:
-    """``(bytes, name)`` of one image -> its :func:`side_bucket` and the SHA-256 of its bytes, after
-    checking that it decodes (:class:`DataError` naming ``name`` if not). The per-image work of
+def inspect_image(record: ImageRecord, data: bytes, uri: str) -> tuple[bytes, str, str]:
+    """One image's bytes, read from ``uri`` -> the bytes, their :func:`side_bucket` and SHA-256, after
+    checking that they decode (:class:`DataError` naming ``uri`` if not). The per-image work of
     :func:`kd_lib.data.shards.prepare_imagefolder`, run in its worker processes."""
-    data, name = item
-    image = decode_rgb(data, name)
-    return side_bucket(*image.size), hashlib.sha256(data).hexdigest()
+    image = decode_rgb(data, uri)
+    return data, side_bucket(*image.size), hashlib.sha256(data).hexdigest()
 
 
 def split_classes(root: str, split: str) -> list[str]:
@@ -93,21 +91,18 @@ def list_images(root: str, classes: list[str]) -> list[ImageRecord]:
     classes than ``train/``, or when a class folder (of ``classes``, which may
     be a selection of them) holds no image.
     """
-    fs, path = filesystem(root)
     records = []
     expected = split_classes(root, "train")
     for split in SPLITS:
-        split_path = posixpath.join(path, split)
         found = split_classes(root, split)
         if found != expected:
             missing, extra = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
             raise DataError(f"{join(root, split)}: classes differ from train/: "
                             f"missing {missing}, unexpected {extra}")
         for label, name in enumerate(classes):
-            class_path = posixpath.join(split_path, name)
-            files = sorted(p for p in fs.find(class_path) if p.lower().endswith(IMAGE_EXTENSIONS))
+            files = [f for f in list_files(join(root, split, name)) if f.lower().endswith(IMAGE_EXTENSIONS)]
             if not files:
                 raise DataError(f"empty class folder {join(root, split, name)}: no images "
                                 f"(looked for {', '.join(IMAGE_EXTENSIONS)})")
-            records += [ImageRecord(split, posixpath.relpath(f, path), label) for f in files]
+            records += [ImageRecord(split, f"{split}/{name}/{f}", label) for f in files]
     return records

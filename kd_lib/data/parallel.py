@@ -1,33 +1,47 @@
-"""Per-image work of prepare-data (decode, check, letterbox) spread over processes, results in order.
+"""Per-file work of prepare-data (read, decode, check, letterbox) spread over processes, results in order.
 
-Only the per-image function runs in the workers. Reading, hashing into the
-fingerprint and writing shards stay in the calling process, in input order,
-so the same data gives the same shards and fingerprint whatever the number of
-workers. Workers start with the platform's default method (forked on Linux,
-as the workers of torch's ``DataLoader``): the per-image functions use only
-Pillow, NumPy and hashlib, none of the caller's threads or open files.
+The workers read the files themselves, a batch at a time with one ``fs.cat``
+(concurrent requests on object storage), and return what the caller keeps.
+Hashing into the fingerprint and writing shards stay in the calling process,
+in input order, so the same data gives the same shards and fingerprint
+whatever the number of workers. Workers start with the platform's default
+method (forked on Linux, as the workers of torch's ``DataLoader``); fsspec
+gives a forked process its own filesystem instances.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ProcessPoolExecutor
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor
 from typing import TypeVar
+
+from kd_lib.io.fs import filesystem, join
 
 T = TypeVar("T")
 R = TypeVar("R")
-C = TypeVar("C")
+
+#: Files a worker reads in one ``fs.cat`` and processes as one task.
+FILES_PER_TASK = 64
+#: Tasks queued or running per worker: bounds the memory held by read files and results.
+TASKS_AHEAD = 2
+
+
+def read_and_apply(function: Callable[[T, bytes, str], R], root: str, items: list[T],
+                   paths: list[str]) -> list[R]:
+    """``function(item, bytes of root/path, uri)`` for each item and its path, the files read in one ``fs.cat``."""
+    fs, base = filesystem(root)
+    blobs = fs.cat([f"{base}/{path}" for path in paths])
+    return [function(item, blobs[f"{base}/{path}"], join(root, path)) for item, path in zip(items, paths)]
 
 
 class OrderedPool:
-    """``map`` over ``num_workers`` processes (0: in the calling process), results in input order.
+    """:meth:`map_files` over ``num_workers`` processes (0: in the calling process), results in input order.
 
-    A context manager: the processes start on entry and stop on exit. The
-    caller reads its data in bounded batches: :meth:`map` takes one, and
-    :meth:`map_ahead` takes an iterable of them and keeps the workers busy with
-    one batch while the caller reads the next, so memory holds two batches of
-    inputs and results at a time. An exception in a worker is raised again
-    here, with its own type and message.
+    A context manager: the processes start on entry and stop on exit. At most
+    ``TASKS_AHEAD`` tasks of ``FILES_PER_TASK`` files per worker are in flight,
+    so memory holds a bounded number of files and results. An exception in a
+    worker is raised again here, with its own type and message.
     """
 
     def __init__(self, num_workers: int):
@@ -46,25 +60,21 @@ class OrderedPool:
             self._pool.shutdown(cancel_futures=True)
             self._pool = None
 
-    def map(self, function: Callable[[T], R], items: Iterable[T]) -> Iterator[R]:
-        """``function`` applied to each of ``items``, in order (``function`` must be picklable: a
-        module-level function or a :func:`functools.partial` of one)."""
+    def map_files(self, function: Callable[[T, bytes, str], R], root: str, items: Sequence[T],
+                  path: Callable[[T], str]) -> Iterator[R]:
+        """``function(item, data, uri)`` for each of ``items``, in order, where ``uri`` is
+        ``root/path(item)`` and ``data`` its bytes, read by the process that runs ``function``
+        (which must be picklable: a module-level function or a :func:`functools.partial` of one)."""
+        tasks = ((items[i:i + FILES_PER_TASK], [path(item) for item in items[i:i + FILES_PER_TASK]])
+                 for i in range(0, len(items), FILES_PER_TASK))
         if self._pool is None:
-            return map(function, items)
-        items = list(items)
-        return self._pool.map(function, items, chunksize=max(1, len(items) // (4 * self.num_workers)))
-
-    def map_ahead(self, function: Callable[[T], R], batches: Iterable[tuple[C, list[T]]]
-                  ) -> Iterator[tuple[C, list[R]]]:
-        """``(context, [function(item) for item in items])`` for each ``(context, items)`` of ``batches``,
-        in order. Batch ``i + 1`` is drawn from ``batches`` (read, when ``batches`` is a generator that
-        reads) and handed to the workers before batch ``i``'s results are awaited, so the caller's reading
-        and its use of the results overlap the workers' work. ``context`` stays in this process."""
-        pending = None
-        for context, items in batches:
-            submitted = context, self.map(function, items)
-            if pending is not None:
-                yield pending[0], list(pending[1])
-            pending = submitted
-        if pending is not None:
-            yield pending[0], list(pending[1])
+            for chunk, paths in tasks:
+                yield from read_and_apply(function, root, chunk, paths)
+            return
+        pending: deque[Future] = deque()
+        for chunk, paths in tasks:
+            pending.append(self._pool.submit(read_and_apply, function, root, chunk, paths))
+            if len(pending) >= TASKS_AHEAD * self.num_workers:
+                yield from pending.popleft().result()
+        while pending:
+            yield from pending.popleft().result()

@@ -16,8 +16,7 @@ import contextlib
 import hashlib
 import io
 from collections import Counter, OrderedDict
-from collections.abc import Callable, Iterator
-from typing import TypeVar
+from collections.abc import Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -33,10 +32,7 @@ from kd_lib.io.fs import filesystem, join, write_bytes
 from kd_lib.io.manifest import published_uri, read_manifest, stage_key
 from kd_lib.io.publish import Publication
 
-T = TypeVar("T")
-
 SCHEMA = pa.schema([("image", pa.binary()), ("label", pa.int32()), ("path", pa.string())])
-READ_BATCH = 256
 #: The target size of a shard's row groups: what a reader fetches and caches to get one image.
 ROW_GROUP_BYTES = 4 << 20
 #: Row groups a reader keeps (per process and loader worker); EpochBatchSampler's shuffle window.
@@ -94,15 +90,6 @@ def binary_array(values: list[bytes]) -> pa.Array:
                                  [None, pa.py_buffer(offsets), pa.py_buffer(b"".join(values))])
 
 
-def read_in_batches(fs, base: str, items: list[T], path: Callable[[T], str]) -> Iterator[tuple[list[T], list[bytes]]]:
-    """``items`` in batches of :data:`READ_BATCH`, each with the bytes of its items' files
-    ``base/path(item)``, read in one ``fs.cat`` (concurrent requests on object storage)."""
-    for start in range(0, len(items), READ_BATCH):
-        batch = items[start:start + READ_BATCH]
-        blobs = fs.cat([f"{base}/{path(item)}" for item in batch])
-        yield batch, [blobs[f"{base}/{path(item)}"] for item in batch]
-
-
 def prepare_imagefolder(source: str, out: str, shard_size: int = 4096, max_per_class: int = 0,
                         classes: list[str] | None = None, num_workers: int = 0) -> dict:
     """Validate the ImageFolder at ``source`` and publish it as shards under ``out``.
@@ -110,7 +97,7 @@ def prepare_imagefolder(source: str, out: str, shard_size: int = 4096, max_per_c
     ``max_per_class > 0`` keeps the first ``max_per_class`` images (in sorted
     path order) of each class in each split: a quick, reproducible subset.
     ``classes`` keeps only those class folders, labelled in that order.
-    ``num_workers`` processes decode and hash the images (0: this process);
+    ``num_workers`` processes read, decode and hash the images (0: this process);
     the shards and the fingerprint do not depend on it
     (:class:`~kd_lib.data.parallel.OrderedPool`).
 
@@ -129,7 +116,6 @@ def prepare_imagefolder(source: str, out: str, shard_size: int = 4096, max_per_c
             if seen[record.split, record.label] <= max_per_class:
                 kept.append(record)
         records = kept
-    fs, root = filesystem(source)
     digest = hashlib.sha256("\n".join(classes).encode())
     splits: dict[str, dict] = {}
     short_sides: Counter = Counter()
@@ -139,19 +125,17 @@ def prepare_imagefolder(source: str, out: str, shard_size: int = 4096, max_per_c
             split_records = shuffled([r for r in records if r.split == split])
             rows: dict[str, list] = {"image": [], "label": [], "path": []}
             shards = []
-            batches = (((batch, datas), [(data, join(source, record.path)) for data, record in zip(datas, batch)])
-                       for batch, datas in read_in_batches(fs, root, split_records, lambda record: record.path))
-            for (batch, datas), checked in pool.map_ahead(inspect_image, batches):
-                for record, data, (bucket, sha) in zip(batch, datas, checked):
-                    short_sides[bucket] += 1
-                    digest.update(f"{record.path}\t{record.label}\t{sha}\n".encode())
-                    rows["image"].append(data)
-                    rows["label"].append(record.label)
-                    rows["path"].append(record.path)
-                    if len(rows["image"]) == shard_size:
-                        shards.append(writer.write(split, len(shards), rows))
-                        rows = {"image": [], "label": [], "path": []}
-                progress.update(len(batch))
+            checked = pool.map_files(inspect_image, source, split_records, lambda record: record.path)
+            for record, (data, bucket, sha) in zip(split_records, checked):
+                short_sides[bucket] += 1
+                digest.update(f"{record.path}\t{record.label}\t{sha}\n".encode())
+                rows["image"].append(data)
+                rows["label"].append(record.label)
+                rows["path"].append(record.path)
+                if len(rows["image"]) == shard_size:
+                    shards.append(writer.write(split, len(shards), rows))
+                    rows = {"image": [], "label": [], "path": []}
+                progress.update()
             if rows["image"]:
                 shards.append(writer.write(split, len(shards), rows))
             splits[split] = {"images": len(split_records), "shards": shards}

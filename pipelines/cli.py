@@ -47,12 +47,13 @@ DEMO_SETTINGS = {"teacher": {"epochs": 6, "lr": 0.02}, "assistant": {"epochs": 5
                  "evaluate": {"latency_repeats": 5}}
 
 #: The detection demo: the generated detection set at 128 px (320 train, 80 val images, 4 classes),
-#: LR at 64 px, ResNet-18 FCOS with a 128-channel pyramid and head (4x fewer head FLOPs than 256). The AFP
+#: LR at 64 px, ResNet-18 FCOS with a 128-channel pyramid and head (4x fewer head FLOPs than 256). The
+#: teacher trains 6 epochs: with 4, seed 1's reached 27.5 AP, still rising (47.9 after 6). The AFP
 #: student trains as many epochs as the LR baseline (6): with 3 it was level with the baseline.
 DETECTION_DEMO_DATA = {"seed": 0, "num_classes": 4, "train_images": 320, "val_images": 80, "size": 128,
                        "max_objects": 4}
 DETECTION_DEMO_PARAMS = {"image_size": 128, "ratio": 2, "teacher_backbone": "resnet18", "fpn_channels": 128}
-DETECTION_DEMO_SETTINGS = {"teacher": {"epochs": 4}, "afp": {"epochs": 6, "assistant_epochs": 6},
+DETECTION_DEMO_SETTINGS = {"teacher": {"epochs": 6}, "afp": {"epochs": 6, "assistant_epochs": 6},
                            "msad": {"epochs": 3, "assistant_epochs": 2, "msad_ramp_iters": 50},
                            "lr_baseline": {"epochs": 6}, "evaluate": {"latency_repeats": 5}}
 

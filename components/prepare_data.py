@@ -4,7 +4,7 @@ The shards come with a manifest holding the class names and a content fingerprin
 Every image is decoded once: a corrupt image, an empty class folder or
 classes that differ between splits stop the stage with an error naming the
 file or folder, and nothing is published. ``num_workers`` processes do the
-per-image work (decode, check, letterbox); the shards and the fingerprint are
+per-image work (read, decode, check, letterbox); the shards and the fingerprint are
 the same whatever their number.
 
 Classification: ``source`` is an ImageFolder root with train/ and val/;
@@ -64,7 +64,7 @@ class PrepareDataConfig(OutputSettings):
     categories: list[str] = field(default_factory=list)
     """detection: keep only these categories, in this order (empty: all)"""
     num_workers: int = 0
-    """processes that decode, check and letterbox the images (0: this one); the output does not depend on it"""
+    """processes that read, decode, check and letterbox the images (0: this one); the output does not depend on it"""
 
     def validate(self) -> None:
         self.validate_output()

@@ -12,7 +12,7 @@ Writes ``bench/results/demo.json`` (every model's top-1 per seed, the margins,
 the wall time of each run) and ``demo.md`` (mean ± sample std over the
 seeds); prints the table and exits 1 when a seed misses a promise::
 
-    python bench/demo.py                 # seeds 0, 1 and 2: 17 to 42 minutes on 2 CPU cores, by CPU
+    python bench/demo.py                 # seeds 0, 1 and 2: 17 minutes on 2 AVX-512 CPU cores
 """
 
 from __future__ import annotations

@@ -65,8 +65,8 @@ class OrderedPool:
         """``function(item, data, uri)`` for each of ``items``, in order, where ``uri`` is
         ``root/path(item)`` and ``data`` its bytes, read by the process that runs ``function``
         (which must be picklable: a module-level function or a :func:`functools.partial` of one)."""
-        tasks = ((items[i:i + FILES_PER_TASK], [path(item) for item in items[i:i + FILES_PER_TASK]])
-                 for i in range(0, len(items), FILES_PER_TASK))
+        chunks = (items[i:i + FILES_PER_TASK] for i in range(0, len(items), FILES_PER_TASK))
+        tasks = ((chunk, [path(item) for item in chunk]) for chunk in chunks)
         if self._pool is None:
             for chunk, paths in tasks:
                 yield from read_and_apply(function, root, chunk, paths)

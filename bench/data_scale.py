@@ -17,7 +17,11 @@ noise over 10 classes), measures:
   kernel on CUDA); ``official_style``, torchvision ``ImageFolder`` with
   ``RandomResizedCrop``, ``ToTensor`` and ``Normalize``, the HR and LR
   tensors both made in the workers and moved to ``--device``. Target:
-  project / official style >= ``LOADER_RATIO``.
+  project / official style >= ``LOADER_RATIO``. Meanwhile this process runs
+  ``--main-threads`` intra-op threads, by default the cores the loader
+  workers leave (at least 1), as on any CPU where workers and compute share
+  cores: its OpenMP threads otherwise spin between the batches on the cores
+  the workers decode on.
 - ``prepare_img_per_s``: prepare-data's images per second on the smallest set,
   keyed by its ``num_workers``, 1 and 2. Target: 2 workers >= ``PREPARE_RATIO``
   x 1 worker.
@@ -25,6 +29,7 @@ noise over 10 classes), measures:
   ``--photos`` JPEGs of ``--photo-side`` px with per-pixel grain, which cost
   about what ImageNet's photos cost to store and decode, the loader at
   ``--photo-hr`` px HR (224: ImageNet's protocol), with the same targets.
+- Each loader and prepare-data rate is the median of ``--repeats`` runs.
 - ``ddp_steps_per_s``: ``fit`` steps per second under ``torchrun`` with 2 gloo
   processes (the same training as for ``rss_mib``, batch 32 split in two):
   ``ddp``, this checkout; with ``--baseline-commit C`` also ``hand_rolled``,
@@ -43,6 +48,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import resource
 import subprocess
 import sys
@@ -114,23 +120,35 @@ def child(kind: str, data: str, side: int, extra_env: dict | None = None) -> dic
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def loader_rates(source: Path, data: str, hr_size: int, workers: int, batches: int,
-                 device: torch.device) -> dict[str, float]:
+def loader_rates(source: Path, data: str, hr_size: int, workers: int, batches: int, device: torch.device,
+                 main_threads: int) -> dict[str, float]:
     """Items per second out of each variant's loader, its batches on ``device`` (the project's HR/LR pair made
-    there): the items of up to ``batches`` batches of 64 (fewer when the split is smaller) after a first one."""
+    there): the items of up to ``batches`` batches of 64 (fewer when the split is smaller) after a first one,
+    this process running ``main_threads`` intra-op threads meanwhile."""
     project = ShardedImageDataset(data, "train", CropTransform(hr_size, RATIO, train=True))
     official = PairedFolder(str(source / "train"), hr_size, RATIO)
     sampled = list(EpochBatchSampler(len(project), 64, seed=0, epoch=0, blocks=project.blocks))[:batches + 1]
     order = torch.randperm(len(official), generator=torch.Generator().manual_seed(0)).tolist()[:64 * (batches + 1)]
 
     pinned = device.type == "cuda"
-    return {"project": timed_rate(torch.utils.data.DataLoader(project, batch_sampler=sampled, num_workers=workers,
-                                                              pin_memory=pinned),
-                                  lambda batch: project.pairing(batch[0].to(device, non_blocking=True)), device),
-            "official_style": timed_rate(torch.utils.data.DataLoader(official, batch_size=64, sampler=order,
-                                                                     num_workers=workers, pin_memory=pinned),
-                                         lambda batch: [t.to(device, non_blocking=True) for t in batch[:2]],
-                                         device)}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(main_threads)
+    try:
+        return {"project": timed_rate(torch.utils.data.DataLoader(project, batch_sampler=sampled,
+                                                                  num_workers=workers, pin_memory=pinned),
+                                      lambda batch: project.pairing(batch[0].to(device, non_blocking=True)), device),
+                "official_style": timed_rate(torch.utils.data.DataLoader(official, batch_size=64, sampler=order,
+                                                                         num_workers=workers, pin_memory=pinned),
+                                             lambda batch: [t.to(device, non_blocking=True) for t in batch[:2]],
+                                             device)}
+    finally:
+        torch.set_num_threads(threads)
+
+
+def median_rate(measure, repeats: int):
+    """The median of ``repeats`` calls of ``measure`` (a rate per variant or worker count), per key."""
+    runs = [measure() for _ in range(repeats)]
+    return {key: statistics.median(run[key] for run in runs) for key in runs[0]}
 
 
 def timed_rate(loader, pair, device: torch.device) -> float:
@@ -153,10 +171,14 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def prepare_rate(source: Path, work: Path, workers: int) -> float:
+def prepare_rates(source: Path, work: Path) -> dict[str, float]:
+    """prepare-data's images per second on ``source``, keyed by its ``num_workers``, 1 and 2."""
     images = sum(1 for _ in source.glob("*/*/*.*"))
-    with tempfile.TemporaryDirectory(dir=work) as out:
-        return images / timed(lambda: prepare_imagefolder(str(source), out, num_workers=workers))
+    rates = {}
+    for workers in (1, 2):
+        with tempfile.TemporaryDirectory(dir=work) as out:
+            rates[str(workers)] = images / timed(lambda: prepare_imagefolder(str(source), out, num_workers=workers))
+    return rates
 
 
 def timed(function) -> float:
@@ -212,6 +234,10 @@ def main(argv: list[str] | None = None) -> int:
                         "loader (0: none)")
     parser.add_argument("--photo-side", type=int, default=384)
     parser.add_argument("--photo-hr", type=int, default=224, help="the loaders' HR crop on the photos")
+    parser.add_argument("--main-threads", type=int, help="intra-op threads of this process while the loaders run "
+                        "(default: the cores the loader workers leave, at least 1)")
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each loader and prepare-data rate (the "
+                        "median is kept)")
     parser.add_argument("--device", default="cpu", help="where the loaders' batches go (cuda: the project's pair "
                         "is made there by its kernel); results of cuda go to data_scale-cuda.{json,md}")
     parser.add_argument("--baseline-commit", help="also measure the hand-rolled data parallelism of this commit")
@@ -229,6 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     if min(args.sizes) < BATCH * TRAIN_STEPS:
         parser.error(f"--sizes: each must be at least {BATCH * TRAIN_STEPS}, the images trained on")
     device = torch.device(args.device)
+    main_threads = args.main_threads or max(1, len(os.sched_getaffinity(0)) - args.workers)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     sources, data = {}, {}
@@ -238,22 +265,24 @@ def main(argv: list[str] | None = None) -> int:
         prepare_imagefolder(str(sources[count]), data[count])
     smallest = min(args.sizes)
     result = {"setup": {"sizes": sorted(args.sizes), "side": args.side, "workers": args.workers,
-                        "batches": args.batches, "train_steps": TRAIN_STEPS, "batch": BATCH, "device": str(device),
+                        "batches": args.batches, "main_threads": main_threads, "repeats": args.repeats,
+                        "train_steps": TRAIN_STEPS, "batch": BATCH, "device": str(device),
                         "photos": args.photos, "photo_side": args.photo_side, "photo_hr": args.photo_hr,
                         "baseline_commit": args.baseline_commit},
               "rss_mib": {str(n): child("rss", data[n], args.side)["peak_rss_mib"] for n in sorted(args.sizes)},
-              "loader_img_per_s": loader_rates(sources[smallest], data[smallest], args.side, args.workers,
-                                               args.batches, device),
-              "prepare_img_per_s": {str(w): prepare_rate(sources[smallest], work, w) for w in (1, 2)},
+              "loader_img_per_s": median_rate(lambda: loader_rates(sources[smallest], data[smallest], args.side,
+                                                                   args.workers, args.batches, device, main_threads),
+                                              args.repeats),
+              "prepare_img_per_s": median_rate(lambda: prepare_rates(sources[smallest], work), args.repeats),
               "ddp_steps_per_s": {"ddp": child("ddp", data[smallest], args.side)["steps_per_s"]}}
     if args.photos:
         photos = write_images(work / f"photos-{args.photos}-{args.photo_side}px", args.photos, args.photo_side,
                               ".jpg", grain=PHOTO_GRAIN)
         photo_data = str(work / f"photos-data-{args.photos}-{args.photo_side}px")
         prepare_imagefolder(str(photos), photo_data)
-        result["loader_img_per_s_photos"] = loader_rates(photos, photo_data, args.photo_hr, args.workers,
-                                                         args.batches, device)
-        result["prepare_img_per_s_photos"] = {str(w): prepare_rate(photos, work, w) for w in (1, 2)}
+        result["loader_img_per_s_photos"] = median_rate(lambda: loader_rates(
+            photos, photo_data, args.photo_hr, args.workers, args.batches, device, main_threads), args.repeats)
+        result["prepare_img_per_s_photos"] = median_rate(lambda: prepare_rates(photos, work), args.repeats)
     if args.baseline_commit:
         library = baseline_library(args.baseline_commit, work)
         result["ddp_steps_per_s"]["hand_rolled"] = child("ddp", data[smallest], args.side,

@@ -14,11 +14,13 @@ import data_scale  # noqa: E402
 
 @pytest.mark.slow
 def test_every_measure_is_written_and_the_misses_follow_from_them(tmp_path, capsys):
+    threads = data_scale.torch.get_num_threads()
     code = data_scale.main(["--sizes", "700", "640", "--batches", "3", "--photos", "150", "--photo-side", "64",
-                            "--photo-hr", "32", "--work", str(tmp_path / "work"),
-                            "--results", str(tmp_path / "results")])
+                            "--photo-hr", "32", "--repeats", "2", "--main-threads", "1",
+                            "--work", str(tmp_path / "work"), "--results", str(tmp_path / "results")])
     result = json.loads((tmp_path / "results" / "data_scale.json").read_text())
     assert result["setup"]["sizes"] == [640, 700] and list(result["rss_mib"]) == ["640", "700"]
+    assert result["setup"]["main_threads"] == 1 and data_scale.torch.get_num_threads() == threads
     for measure in ("loader_img_per_s", "loader_img_per_s_photos"):
         assert set(result[measure]) == {"project", "official_style"}
     for measure in ("prepare_img_per_s", "prepare_img_per_s_photos"):
@@ -38,3 +40,9 @@ def test_a_loader_rate_counts_the_items_after_the_first_batch_only(monkeypatch):
     monkeypatch.setattr(data_scale.time, "perf_counter", lambda: float(next(clock)))
     batches = [[list(range(n))] for n in (64, 64, 22)]
     assert data_scale.timed_rate(batches, lambda batch: None, data_scale.torch.device("cpu")) == 86 / 1
+
+
+def test_each_rate_is_the_median_of_its_repeats():
+    runs = iter([{"project": 5.0, "official_style": 1.0}, {"project": 9.0, "official_style": 3.0},
+                 {"project": 7.0, "official_style": 2.0}])
+    assert data_scale.median_rate(lambda: next(runs), 3) == {"project": 7.0, "official_style": 2.0}

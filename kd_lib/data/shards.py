@@ -125,7 +125,7 @@ def prepare_imagefolder(source: str, out: str, shard_size: int = 4096, max_per_c
             split_records = shuffled([r for r in records if r.split == split])
             rows: dict[str, list] = {"image": [], "label": [], "path": []}
             shards = []
-            checked = pool.map_files(inspect_image, source, split_records, lambda record: record.path)
+            checked = pool.map_files(inspect_image, source, [record.path for record in split_records], str)
             for record, (data, bucket, sha) in zip(split_records, checked):
                 short_sides[bucket] += 1
                 digest.update(f"{record.path}\t{record.label}\t{sha}\n".encode())

@@ -38,7 +38,7 @@ noise over 10 classes), measures:
 Writes ``bench/results/data_scale.json`` and ``.md`` and prints the table;
 exits 1 when a target is missed::
 
-    python bench/data_scale.py --baseline-commit ff9e714    # 20 k and 200 k images
+    python bench/data_scale.py --baseline-commit 46d99f8    # 20 k and 200 k images
     python bench/data_scale.py --sizes 1000 10000 --batches 5 --photos 500  # a quick look
     python bench/data_scale.py --device cuda --sizes 20000  # the loaders into a GPU: data_scale-cuda.*
 """

@@ -48,12 +48,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(os.environ.get("DATA_SCALE_LIBRARY", Path(__file__).resolve().parents[1]))
@@ -125,15 +126,14 @@ def loader_rates(source: Path, data: str, hr_size: int, workers: int, batches: i
     """Items per second out of each variant's loader, its batches on ``device`` (the project's HR/LR pair made
     there): the items of up to ``batches`` batches of 64 (fewer when the split is smaller) after a first one,
     this process running ``main_threads`` intra-op threads meanwhile."""
+    from kd_lib.eval.cost import torch_threads  # not at the top: a --baseline-commit child's library may lack it
     project = ShardedImageDataset(data, "train", CropTransform(hr_size, RATIO, train=True))
     official = PairedFolder(str(source / "train"), hr_size, RATIO)
     sampled = list(EpochBatchSampler(len(project), 64, seed=0, epoch=0, blocks=project.blocks))[:batches + 1]
     order = torch.randperm(len(official), generator=torch.Generator().manual_seed(0)).tolist()[:64 * (batches + 1)]
 
     pinned = device.type == "cuda"
-    threads = torch.get_num_threads()
-    torch.set_num_threads(main_threads)
-    try:
+    with torch_threads(main_threads):
         return {"project": timed_rate(torch.utils.data.DataLoader(project, batch_sampler=sampled,
                                                                   num_workers=workers, pin_memory=pinned),
                                       lambda batch: project.pairing(batch[0].to(device, non_blocking=True)), device),
@@ -141,11 +141,9 @@ def loader_rates(source: Path, data: str, hr_size: int, workers: int, batches: i
                                                                          num_workers=workers, pin_memory=pinned),
                                              lambda batch: [t.to(device, non_blocking=True) for t in batch[:2]],
                                              device)}
-    finally:
-        torch.set_num_threads(threads)
 
 
-def median_rate(measure, repeats: int):
+def median_rate(measure: Callable[[], dict[str, float]], repeats: int) -> dict[str, float]:
     """The median of ``repeats`` calls of ``measure`` (a rate per variant or worker count), per key."""
     runs = [measure() for _ in range(repeats)]
     return {key: statistics.median(run[key] for run in runs) for key in runs[0]}
@@ -171,14 +169,19 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def prepare_rates(source: Path, work: Path) -> dict[str, float]:
-    """prepare-data's images per second on ``source``, keyed by its ``num_workers``, 1 and 2."""
-    images = sum(1 for _ in source.glob("*/*/*.*"))
+def prepare_rates(source: Path, work: Path, images: int) -> dict[str, float]:
+    """prepare-data's images per second on ``source`` (of ``images`` images), keyed by its ``num_workers``,
+    1 and 2."""
     rates = {}
     for workers in (1, 2):
         with tempfile.TemporaryDirectory(dir=work) as out:
             rates[str(workers)] = images / timed(lambda: prepare_imagefolder(str(source), out, num_workers=workers))
     return rates
+
+
+def count_images(source: Path) -> int:
+    """The images of both splits of the ImageFolder ``source``."""
+    return sum(1 for _ in source.glob("*/*/*.*"))
 
 
 def timed(function) -> float:
@@ -264,6 +267,7 @@ def main(argv: list[str] | None = None) -> int:
         data[count] = str(work / f"data-{count}-{args.side}px")
         prepare_imagefolder(str(sources[count]), data[count])
     smallest = min(args.sizes)
+    smallest_images = count_images(sources[smallest])
     result = {"setup": {"sizes": sorted(args.sizes), "side": args.side, "workers": args.workers,
                         "batches": args.batches, "main_threads": main_threads, "repeats": args.repeats,
                         "train_steps": TRAIN_STEPS, "batch": BATCH, "device": str(device),
@@ -273,7 +277,8 @@ def main(argv: list[str] | None = None) -> int:
               "loader_img_per_s": median_rate(lambda: loader_rates(sources[smallest], data[smallest], args.side,
                                                                    args.workers, args.batches, device, main_threads),
                                               args.repeats),
-              "prepare_img_per_s": median_rate(lambda: prepare_rates(sources[smallest], work), args.repeats),
+              "prepare_img_per_s": median_rate(lambda: prepare_rates(sources[smallest], work, smallest_images),
+                                               args.repeats),
               "ddp_steps_per_s": {"ddp": child("ddp", data[smallest], args.side)["steps_per_s"]}}
     if args.photos:
         photos = write_images(work / f"photos-{args.photos}-{args.photo_side}px", args.photos, args.photo_side,
@@ -282,7 +287,9 @@ def main(argv: list[str] | None = None) -> int:
         prepare_imagefolder(str(photos), photo_data)
         result["loader_img_per_s_photos"] = median_rate(lambda: loader_rates(
             photos, photo_data, args.photo_hr, args.workers, args.batches, device, main_threads), args.repeats)
-        result["prepare_img_per_s_photos"] = median_rate(lambda: prepare_rates(photos, work), args.repeats)
+        photo_images = count_images(photos)
+        result["prepare_img_per_s_photos"] = median_rate(lambda: prepare_rates(photos, work, photo_images),
+                                                         args.repeats)
     if args.baseline_commit:
         library = baseline_library(args.baseline_commit, work)
         result["ddp_steps_per_s"]["hand_rolled"] = child("ddp", data[smallest], args.side,

@@ -45,6 +45,7 @@ from kd_lib.data.detection_shards import DetectionShardDataset, collate_detectio
 from kd_lib.data.imagefolder import DataError
 from kd_lib.data.shards import ShardedImageDataset
 from kd_lib.data.transforms import IMAGENET_MEAN, IMAGENET_STD, CropTransform
+from kd_lib.eval.cost import torch_threads
 from kd_lib.export.onnx import OPSET, export_onnx, median_ms, quantize_int8, run_session, session
 from kd_lib.io import checkpoint
 from kd_lib.io.fs import join, write_bytes, write_text
@@ -207,13 +208,8 @@ def check_runtime(subject: Subject, fp32: str, int8: str, tolerance: float) -> d
 def latency(subject: Subject, fp32: str, int8: str, repeats: int) -> dict:
     """Batch-1 CPU latency (ms) of PyTorch, onnxruntime fp32 and int8, each on one thread."""
     x = subject.val[0][0][:1]
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with torch.inference_mode():
-            result = {"torch_ms": median_ms(lambda: subject.module(x), repeats)}
-    finally:
-        torch.set_num_threads(threads)
+    with torch_threads(1), torch.inference_mode():
+        result = {"torch_ms": median_ms(lambda: subject.module(x), repeats)}
     for name, path in (("onnx_ms", fp32), ("int8_ms", int8)):
         sess = session(path)
         result[name] = median_ms(lambda: run_session(sess, x.numpy()), repeats)

@@ -47,8 +47,8 @@ class PrepareDataConfig(OutputSettings):
     """where the shards and the manifest go"""
     format: Literal["auto", "imagefolder", "coco", "yolo"] = "auto"
     """the source's format; auto: COCO for a .json, YOLO for a data.yaml or classes.txt, else ImageFolder"""
-    shard_size: int = 4096
-    """images per Parquet shard"""
+    shard_size: int = 1024
+    """images per Parquet shard, the unit of work of one worker (ImageNet: about 110 MB a shard)"""
     max_per_class: int = 0
     """classification: keep the first N images of each class in each split (0: all)"""
     images: str = ""

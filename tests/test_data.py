@@ -319,7 +319,7 @@ def shard_bytes(out) -> dict[str, bytes]:
 
 
 def test_workers_give_the_same_shards_and_fingerprint(imagefolder, tmp_path, monkeypatch):
-    monkeypatch.setattr(parallel, "FILES_PER_TASK", 8)  # several tasks for each worker
+    monkeypatch.setattr(parallel, "FILES_PER_READ", 8)  # several reads for each shard, 6 shards for 2 workers
     Image.new("L", (20, 30), 128).save(imagefolder / "train" / "class0" / "gray.png")  # a 16 px short side
     alone = prepare_imagefolder(str(imagefolder), str(tmp_path / "alone"), shard_size=10)
     pooled = prepare_imagefolder(str(imagefolder), str(tmp_path / "pooled"), shard_size=10, num_workers=2)

@@ -128,7 +128,7 @@ def test_a_damaged_detection_shard_is_named_when_the_split_is_opened(sets, tmp_p
 
 
 def test_workers_give_the_same_shards_fingerprint_and_counts(sets, tmp_path, caplog, monkeypatch):
-    monkeypatch.setattr(parallel, "FILES_PER_TASK", 2)  # several tasks for each worker
+    monkeypatch.setattr(parallel, "FILES_PER_READ", 1)  # several reads for each shard of 2
     alone = prepare(sets, tmp_path / "alone", shard_size=2)
     with caplog.at_level(logging.WARNING):
         pooled = prepare(sets, tmp_path / "pooled", shard_size=2, num_workers=2)

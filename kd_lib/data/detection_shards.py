@@ -3,7 +3,7 @@
 ``prepare_detection`` reads every image once, letterboxes it to a square of
 ``image_size`` pixels (scaled so its longer side fits, pasted at the top-left
 of a canvas of the ImageNet mean colour) and writes
-``{split}-{i:05d}-{run}.parquet`` files plus ``manifest.json`` last, with the
+``{split}-{i:05d}.parquet`` files plus ``manifest.json`` last, with the
 same atomicity as :func:`kd_lib.data.shards.prepare_imagefolder`. Boxes are
 stored in the letterboxed pixel coordinates, so teacher (HR) and student (LR)
 detections are evaluated on one frame: a detection ``d`` on the letterboxed
@@ -23,9 +23,8 @@ import json
 import logging
 import random
 from collections import Counter
-from collections.abc import Iterator
 from functools import partial
-from itertools import islice
+from operator import attrgetter
 
 import numpy as np
 import pyarrow as pa
@@ -130,29 +129,14 @@ def letterboxed_row(image: DetectionImage, data: bytes, uri: str, size: int) -> 
             "sha256": hashlib.sha256(data).hexdigest(), "dropped": int((~keep).sum())}
 
 
-def _rows(split: str, source: DetectionSet, images: list[DetectionImage], size: int, digest,
-          adjusted: Counter, progress: tqdm, pool: OrderedPool) -> Iterator[dict]:
-    """The rows of one split, read and letterboxed by ``pool``; each image's content goes
-    into ``digest``, in order."""
-    rows = pool.map_files(partial(letterboxed_row, size=size), source.root, images, lambda image: image.path)
-    for image, row in zip(images, rows):
-        digest.update(json.dumps([split, image.path, row["sha256"], image.image_id,
-                                  image.boxes, image.labels, image.crowd, image.areas]).encode() + b"\n")
-        if row["dropped"]:
-            adjusted[DEGENERATE] += row["dropped"]
-            log.warning("%s: %d %s to %d px", join(source.root, image.path), row["dropped"], DEGENERATE, size)
-        yield row
-        progress.update()
-
-
 def prepare_detection(dataset: DetectionSet, out: str, image_size: int, *, source: str,
                       val: DetectionSet | None = None, val_fraction: float = 0.2,
                       shard_size: int = 1024, num_workers: int = 0) -> dict:
     """Letterbox ``dataset`` to ``image_size`` and publish it as shards under ``out``.
 
-    ``num_workers`` processes decode and letterbox the images (0: this
-    process); the shards and the fingerprint do not depend on it
-    (:class:`~kd_lib.data.parallel.OrderedPool`).
+    ``num_workers`` processes decode and letterbox the images and write the
+    shards, one shard a task (0: this process); the shards and the
+    fingerprint do not depend on it (:class:`~kd_lib.data.parallel.OrderedPool`).
 
     ``val`` is the val split when given (``dataset`` is then all train);
     otherwise an image goes to val when a hash of its path falls under
@@ -179,13 +163,18 @@ def prepare_detection(dataset: DetectionSet, out: str, image_size: int, *, sourc
     with ShardWriter(out, SCHEMA) as writer, OrderedPool(num_workers) as pool:
         progress = tqdm(total=sum(len(images) for _, images in splits.values()), desc="prepare-data", unit="img")
         for split, (split_source, images) in splits.items():
-            rows = _rows(split, split_source, images, image_size, digest, adjusted, progress, pool)
-            shards, boxes = [], 0
-            while chunk := list(islice(rows, shard_size)):
-                shards.append(writer.write(split, len(shards), {name: [row[name] for row in chunk]
-                                                                for name in SCHEMA.names}))
-                boxes += sum(len(row["labels"]) for row in chunk)
-            info[split] = {"images": len(images), "boxes": boxes, "shards": shards}
+            boxes = 0
+            for image, kept in writer.write_split(pool, split, split_source.root, images, shard_size,
+                                                  partial(letterboxed_row, size=image_size), attrgetter("path")):
+                digest.update(json.dumps([split, image.path, kept["sha256"], image.image_id,
+                                          image.boxes, image.labels, image.crowd, image.areas]).encode() + b"\n")
+                if kept["dropped"]:
+                    adjusted[DEGENERATE] += kept["dropped"]
+                    log.warning("%s: %d %s to %d px", join(split_source.root, image.path), kept["dropped"],
+                                DEGENERATE, image_size)
+                boxes += len(image.labels) - kept["dropped"]
+                progress.update()
+            info[split] = {"images": len(images), "boxes": boxes, "shards": writer.shards[split]}
         progress.close()
     return writer.publish(digest.hexdigest(), {"task": "detection", "source": source, "classes": dataset.categories,
                                                "num_classes": len(dataset.categories), "image_size": image_size,

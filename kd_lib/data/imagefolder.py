@@ -50,12 +50,14 @@ def side_bucket(width: int, height: int) -> str:
     return str(1 << (max(1, min(width, height)).bit_length() - 1))
 
 
-def inspect_image(path: str, data: bytes, uri: str) -> tuple[bytes, str, str]:
-    """The bytes of the image at ``path``, read from ``uri`` -> the bytes, their :func:`side_bucket` and
-    SHA-256, after checking that they decode (:class:`DataError` naming ``uri`` if not). The per-image work
-    of :func:`kd_lib.data.shards.prepare_imagefolder`, run in its worker processes."""
+def image_row(record: ImageRecord, data: bytes, uri: str) -> dict:
+    """The shard row of ``record``, whose bytes ``data`` were read from ``uri``: the bytes as stored, the
+    label and the path, plus the bytes' ``sha256`` and the image's ``side`` (:func:`side_bucket`), after
+    checking that they decode (:class:`DataError` naming ``uri`` if not). The per-image work of
+    :func:`kd_lib.data.shards.prepare_imagefolder`, run in its worker processes."""
     image = decode_rgb(data, uri)
-    return data, side_bucket(*image.size), hashlib.sha256(data).hexdigest()
+    return {"image": data, "label": record.label, "path": record.path, "side": side_bucket(*image.size),
+            "sha256": hashlib.sha256(data).hexdigest()}
 
 
 def split_classes(root: str, split: str) -> list[str]:

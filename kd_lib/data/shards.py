@@ -16,7 +16,10 @@ import contextlib
 import hashlib
 import io
 from collections import Counter, OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from functools import partial
+from operator import attrgetter
+from typing import TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -24,8 +27,8 @@ import pyarrow.parquet as pq
 import torch
 from tqdm import tqdm
 
-from kd_lib.data.imagefolder import SPLITS, decode_rgb, inspect_image, list_classes, list_images
-from kd_lib.data.parallel import OrderedPool
+from kd_lib.data.imagefolder import SPLITS, decode_rgb, image_row, list_classes, list_images
+from kd_lib.data.parallel import OrderedPool, read_and_apply
 from kd_lib.data.transforms import CropTransform, PairedResize
 from kd_lib.errors import DataError
 from kd_lib.io.fs import filesystem, join, write_bytes
@@ -37,6 +40,8 @@ SCHEMA = pa.schema([("image", pa.binary()), ("label", pa.int32()), ("path", pa.s
 ROW_GROUP_BYTES = 4 << 20
 #: Row groups a reader keeps (per process and loader worker); EpochBatchSampler's shuffle window.
 CACHED_GROUPS = 16
+
+T = TypeVar("T")
 
 
 def shuffled(records: list) -> list:
@@ -58,24 +63,45 @@ class ShardWriter(Publication):
     def __init__(self, out: str, schema: pa.Schema = SCHEMA):
         super().__init__(out, "prepare-data", key="")
         self.schema = schema
-        self.written: list[str] = []
+        self.shards: dict[str, list[str]] = {}
 
-    def write(self, split: str, index: int, rows: dict[str, list]) -> str:
-        """Write shard ``index`` of ``split``; returns its file name."""
-        name = f"{split}-{index:05d}.parquet"
-        buffer = io.BytesIO()
-        table = pa.table({column: binary_array(rows[column]) if self.schema.field(column).type == pa.binary()
-                          else rows[column] for column in self.schema.names}, schema=self.schema)
-        group = max(1, int(table.num_rows * ROW_GROUP_BYTES / max(1, table.nbytes)))
-        pq.write_table(table, buffer, compression="none", row_group_size=group, write_statistics=False)
-        write_bytes(join(self.folder, name), buffer.getvalue())
-        self.written.append(name)
-        return name
+    def write_split(self, pool: OrderedPool, split: str, root: str, items: list[T], shard_size: int,
+                    row: Callable[[T, bytes, str], dict], path: Callable[[T], str]) -> Iterator[tuple[T, dict]]:
+        """Write ``items`` as the shards of ``split``, ``shard_size`` items each, one shard a task of ``pool``
+        (:func:`write_shard`); yields each item and what its row holds besides the schema's columns, in order.
+        :attr:`shards` lists the shards of each split."""
+        numbered = list(enumerate(items[start:start + shard_size] for start in range(0, len(items), shard_size)))
+        task = partial(write_shard, row=row, path=path, root=root, folder=self.folder, split=split,
+                       schema=self.schema)
+        names = self.shards.setdefault(split, [])
+        for (_, shard), (name, kept) in zip(numbered, pool.map(task, numbered)):
+            names.append(name)
+            yield from zip(shard, kept)
 
     def publish(self, fingerprint: str, info: dict) -> dict:
         """Write the manifest (``info`` plus the data fingerprint), then drop the earlier shards."""
         self.key = stage_key("prepare-data", {}, {"data": fingerprint})
-        return self.commit(self.written, {**info, "data_fingerprint": fingerprint})
+        return self.commit([name for names in self.shards.values() for name in names],
+                           {**info, "data_fingerprint": fingerprint})
+
+
+def write_shard(numbered: tuple[int, list[T]], *, row: Callable[[T, bytes, str], dict], path: Callable[[T], str],
+                root: str, folder: str, split: str, schema: pa.Schema) -> tuple[str, list[dict]]:
+    """Shard ``index`` of ``split`` from ``numbered = (index, items)``: the rows ``row(item, data, uri)`` of the
+    files ``root/path(item)`` (:func:`~kd_lib.data.parallel.read_and_apply`), written under ``folder`` as
+    ``{split}-{index:05d}.parquet`` in row groups of about ``ROW_GROUP_BYTES``. Returns its name and, for each
+    row, what it holds besides the schema's columns."""
+    index, items = numbered
+    rows = read_and_apply(row, root, items, path)
+    name = f"{split}-{index:05d}.parquet"
+    columns = {column: [values[column] for values in rows] for column in schema.names}
+    table = pa.table({column: binary_array(values) if schema.field(column).type == pa.binary() else values
+                      for column, values in columns.items()}, schema=schema)
+    group = max(1, int(table.num_rows * ROW_GROUP_BYTES / max(1, table.nbytes)))
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer, compression="none", row_group_size=group, write_statistics=False)
+    write_bytes(join(folder, name), buffer.getvalue())
+    return name, [{key: value for key, value in values.items() if key not in schema.names} for values in rows]
 
 
 def binary_array(values: list[bytes]) -> pa.Array:
@@ -90,16 +116,16 @@ def binary_array(values: list[bytes]) -> pa.Array:
                                  [None, pa.py_buffer(offsets), pa.py_buffer(b"".join(values))])
 
 
-def prepare_imagefolder(source: str, out: str, shard_size: int = 4096, max_per_class: int = 0,
+def prepare_imagefolder(source: str, out: str, shard_size: int = 1024, max_per_class: int = 0,
                         classes: list[str] | None = None, num_workers: int = 0) -> dict:
     """Validate the ImageFolder at ``source`` and publish it as shards under ``out``.
 
     ``max_per_class > 0`` keeps the first ``max_per_class`` images (in sorted
     path order) of each class in each split: a quick, reproducible subset.
     ``classes`` keeps only those class folders, labelled in that order.
-    ``num_workers`` processes read, decode and hash the images (0: this process);
-    the shards and the fingerprint do not depend on it
-    (:class:`~kd_lib.data.parallel.OrderedPool`).
+    ``num_workers`` processes read, decode and hash the images and write the
+    shards, one shard a task (0: this process); the shards and the fingerprint
+    do not depend on it (:class:`~kd_lib.data.parallel.OrderedPool`).
 
     On any error, the shards written so far are removed and no manifest is
     written; the error names the offending file or folder. An earlier output
@@ -123,22 +149,12 @@ def prepare_imagefolder(source: str, out: str, shard_size: int = 4096, max_per_c
         progress = tqdm(total=len(records), desc="prepare-data", unit="img")
         for split in SPLITS:
             split_records = shuffled([r for r in records if r.split == split])
-            rows: dict[str, list] = {"image": [], "label": [], "path": []}
-            shards = []
-            checked = pool.map_files(inspect_image, source, [record.path for record in split_records], str)
-            for record, (data, bucket, sha) in zip(split_records, checked):
-                short_sides[bucket] += 1
-                digest.update(f"{record.path}\t{record.label}\t{sha}\n".encode())
-                rows["image"].append(data)
-                rows["label"].append(record.label)
-                rows["path"].append(record.path)
-                if len(rows["image"]) == shard_size:
-                    shards.append(writer.write(split, len(shards), rows))
-                    rows = {"image": [], "label": [], "path": []}
+            for record, kept in writer.write_split(pool, split, source, split_records, shard_size, image_row,
+                                                   attrgetter("path")):
+                short_sides[kept["side"]] += 1
+                digest.update(f"{record.path}\t{record.label}\t{kept['sha256']}\n".encode())
                 progress.update()
-            if rows["image"]:
-                shards.append(writer.write(split, len(shards), rows))
-            splits[split] = {"images": len(split_records), "shards": shards}
+            splits[split] = {"images": len(split_records), "shards": writer.shards[split]}
         progress.close()
     return writer.publish(digest.hexdigest(), {"task": "classification", "source": source, "classes": classes,
                                                "num_classes": len(classes), "splits": splits,

@@ -7,6 +7,7 @@ from kd_lib.eval.cost import (
     input_bytes,
     latency_profile,
     measure_latency_ms,
+    torch_threads,
 )
 from kd_lib.eval.report import (
     format_table,
@@ -28,5 +29,6 @@ __all__ = [
     "plot_accuracy_vs_gflops",
     "render_html",
     "topk_correct",
+    "torch_threads",
     "write_report",
 ]

@@ -28,6 +28,17 @@ def input_bytes(input_size: int, channels: int = 3) -> int:
 
 
 @contextmanager
+def torch_threads(count: int) -> Iterator[None]:
+    """torch's intra-op threads set to ``count`` for the block (``torch.set_num_threads``), restored after."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@contextmanager
 def _inference(model: nn.Module) -> Iterator[None]:
     """Eval mode and ``torch.inference_mode()`` for the block; restores the training flag."""
     was_training = model.training

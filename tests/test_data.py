@@ -1,3 +1,4 @@
+import hashlib
 import pickle
 import shutil
 
@@ -16,6 +17,7 @@ from kd_lib.data import parallel, shards
 from kd_lib.data.shards import ShardedImageDataset, prepare_imagefolder
 from kd_lib.data.transforms import IMAGENET_MEAN, IMAGENET_STD, CropTransform, PairedResize
 from kd_lib.engine.loop import paired_batches
+from kd_lib.io import manifest as manifest_module
 from kd_lib.io.manifest import read_manifest
 from kd_lib.ops import downsample
 
@@ -327,6 +329,17 @@ def test_workers_give_the_same_shards_and_fingerprint(imagefolder, tmp_path, mon
     assert pooled["short_sides"] == alone["short_sides"] == {"16": 1, "32": 48}
     assert shard_bytes(tmp_path / "pooled") == shard_bytes(tmp_path / "alone")
     assert len(shard_bytes(tmp_path / "alone")) == 6  # 37 train, 12 val images in shards of 10
+
+
+def test_the_manifest_holds_the_hashes_the_workers_took_of_the_shards_they_wrote(imagefolder, tmp_path, monkeypatch):
+    read_back = []
+    monkeypatch.setattr(manifest_module, "read_bytes", lambda uri: read_back.append(uri))
+    manifest = prepare_imagefolder(str(imagefolder), str(tmp_path / "data"), shard_size=10, num_workers=2)
+    assert read_back == []  # publishing read no shard back
+    stored = shard_bytes(tmp_path / "data")
+    assert len(stored) == 6
+    assert manifest["files"] == {name: hashlib.sha256(data).hexdigest() for name, data in stored.items()}
+    assert manifest["sizes"] == {name: len(data) for name, data in stored.items()}
 
 
 def test_a_corrupt_image_found_by_a_worker_is_named_and_nothing_is_published(imagefolder, tmp_path):

@@ -19,7 +19,7 @@ from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterator
 from functools import partial
 from operator import attrgetter
-from typing import TypeVar
+from typing import NamedTuple, TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -55,15 +55,17 @@ def shuffled(records: list) -> list:
 class ShardWriter(Publication):
     """Writes one prepare-data output: Parquet shards, then the manifest (see
     :class:`~kd_lib.io.publish.Publication`: an earlier output under ``out``
-    stays whole until the new manifest replaces it). Used as a context manager:
-    an error inside the block removes the shards written so far, so nothing is
-    published.
+    stays whole until the new manifest replaces it). The manifest takes each
+    shard's hash from the process that wrote it, rather than reading the
+    shards back. Used as a context manager: an error inside the block removes
+    the shards written so far, so nothing is published.
     """
 
     def __init__(self, out: str, schema: pa.Schema = SCHEMA):
         super().__init__(out, "prepare-data", key="")
         self.schema = schema
         self.shards: dict[str, list[str]] = {}
+        self.hashed: dict[str, tuple[str, int]] = {}
 
     def write_split(self, pool: OrderedPool, split: str, root: str, items: list[T], shard_size: int,
                     row: Callable[[T, bytes, str], dict], path: Callable[[T], str]) -> Iterator[tuple[T, dict]]:
@@ -74,23 +76,32 @@ class ShardWriter(Publication):
         task = partial(write_shard, row=row, path=path, root=root, folder=self.folder, split=split,
                        schema=self.schema)
         names = self.shards.setdefault(split, [])
-        for (_, shard), (name, kept) in zip(numbered, pool.map(task, numbered)):
-            names.append(name)
-            yield from zip(shard, kept)
+        for (_, shard), written in zip(numbered, pool.map(task, numbered)):
+            names.append(written.name)
+            self.hashed[written.name] = written.sha256, written.size
+            yield from zip(shard, written.kept)
 
     def publish(self, fingerprint: str, info: dict) -> dict:
         """Write the manifest (``info`` plus the data fingerprint), then drop the earlier shards."""
         self.key = stage_key("prepare-data", {}, {"data": fingerprint})
         return self.commit([name for names in self.shards.values() for name in names],
-                           {**info, "data_fingerprint": fingerprint})
+                           {**info, "data_fingerprint": fingerprint}, self.hashed)
+
+
+class WrittenShard(NamedTuple):
+    """A shard :func:`write_shard` wrote: its file name, the SHA-256 and size of its bytes, and, for each
+    row, what it holds besides the schema's columns."""
+    name: str
+    sha256: str
+    size: int
+    kept: list[dict]
 
 
 def write_shard(numbered: tuple[int, list[T]], *, row: Callable[[T, bytes, str], dict], path: Callable[[T], str],
-                root: str, folder: str, split: str, schema: pa.Schema) -> tuple[str, list[dict]]:
+                root: str, folder: str, split: str, schema: pa.Schema) -> WrittenShard:
     """Shard ``index`` of ``split`` from ``numbered = (index, items)``: the rows ``row(item, data, uri)`` of the
     files ``root/path(item)`` (:func:`~kd_lib.data.parallel.read_and_apply`), written under ``folder`` as
-    ``{split}-{index:05d}.parquet`` in row groups of about ``ROW_GROUP_BYTES``. Returns its name and, for each
-    row, what it holds besides the schema's columns."""
+    ``{split}-{index:05d}.parquet`` in row groups of about ``ROW_GROUP_BYTES``, and hashed."""
     index, items = numbered
     rows = read_and_apply(row, root, items, path)
     name = f"{split}-{index:05d}.parquet"
@@ -100,8 +111,10 @@ def write_shard(numbered: tuple[int, list[T]], *, row: Callable[[T, bytes, str],
     group = max(1, int(table.num_rows * ROW_GROUP_BYTES / max(1, table.nbytes)))
     buffer = io.BytesIO()
     pq.write_table(table, buffer, compression="none", row_group_size=group, write_statistics=False)
-    write_bytes(join(folder, name), buffer.getvalue())
-    return name, [{key: value for key, value in values.items() if key not in schema.names} for values in rows]
+    data = buffer.getvalue()
+    write_bytes(join(folder, name), data)
+    return WrittenShard(name, hashlib.sha256(data).hexdigest(), len(data),
+                        [{key: value for key, value in values.items() if key not in schema.names} for values in rows])
 
 
 def binary_array(values: list[bytes]) -> pa.Array:

@@ -105,18 +105,25 @@ def read_published(uri: str, name: str, manifest: dict[str, Any] | None = None, 
     return data
 
 
-def build_manifest(uri: str, *, stage: str, key: str, paths: dict[str, str], info: dict[str, Any]) -> dict[str, Any]:
-    """The manifest of the files ``paths`` (name -> stored path under ``uri``), hashed as stored.
+def build_manifest(uri: str, *, stage: str, key: str, paths: dict[str, str], info: dict[str, Any],
+                   hashed: dict[str, tuple[str, int]] | None = None) -> dict[str, Any]:
+    """The manifest of the files ``paths`` (name -> stored path under ``uri``), hashed as stored: each file
+    is read back, except those in ``hashed`` (name -> the SHA-256 and size of the bytes its writer stored,
+    such as prepare-data's shards, each hashed by the worker that wrote it).
 
     The fingerprint is the SHA-256 of the key and the files' hashes: equal
     fingerprints mean equal outputs from equal inputs.
     """
-    blobs = {name: read_bytes(join(uri, path)) for name, path in paths.items()}
-    hashes = {name: sha256_bytes(data) for name, data in blobs.items()}
+    hashed = dict(hashed or {})
+    for name, path in paths.items():
+        if name not in hashed:
+            data = read_bytes(join(uri, path))
+            hashed[name] = sha256_bytes(data), len(data)
+    hashes = {name: hashed[name][0] for name in paths}
     fingerprint = stage_key(stage, {"key": key}, hashes)
     stored = {name: path for name, path in paths.items() if path != name}
     return {"stage": stage, "key": key, "fingerprint": fingerprint, "files": hashes,
-            "sizes": {name: len(data) for name, data in blobs.items()}, **({"paths": stored} if stored else {}),
+            "sizes": {name: hashed[name][1] for name in paths}, **({"paths": stored} if stored else {}),
             **info}
 
 

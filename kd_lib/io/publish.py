@@ -73,15 +73,19 @@ class Publication:
         if self.manifest is None:
             remove(self.folder, recursive=True)
 
-    def commit(self, files: list[str], info: dict[str, Any]) -> dict[str, Any]:
-        """Write the manifest of ``files`` (names under :attr:`folder`) and of the committed children's
-        files, then remove the replaced output's files (unless this is a child); returns the manifest."""
+    def commit(self, files: list[str], info: dict[str, Any],
+               hashed: dict[str, tuple[str, int]] | None = None) -> dict[str, Any]:
+        """Write the manifest of ``files`` (names under :attr:`folder`; ``hashed``: the SHA-256 and size of
+        those their writer hashed, :func:`~kd_lib.io.manifest.build_manifest`) and of the committed
+        children's files, then remove the replaced output's files (unless this is a child); returns the
+        manifest."""
         paths = {name: posixpath.join(self.version, name) for name in files}
         for name, child in self.children.items():
             paths.update({f"{name}/{file}": f"{name}/{stored_path(child.manifest, file)}"
                           for file in child.manifest["files"]})
         try:
-            manifest = build_manifest(self.out, stage=self.stage, key=self.key, paths=paths, info=info)
+            manifest = build_manifest(self.out, stage=self.stage, key=self.key, paths=paths, info=info,
+                                      hashed=hashed)
             write_text(join(self.out, MANIFEST), json.dumps(manifest, indent=2, sort_keys=True))
         except BaseException:
             self.discard()

@@ -218,11 +218,16 @@ def misses(result: dict) -> list[str]:
     return found
 
 
+def figure(value: float) -> str:
+    """``value`` as the table shows it: whole from 100 up, 3 significant digits below."""
+    return f"{value:.0f}" if value >= 100 else f"{value:.3g}"
+
+
 def markdown(result: dict) -> str:
     lines = ["| measure | key | value |", "|---|---|---:|"]
     for measure in ("rss_mib", "loader_img_per_s", "prepare_img_per_s", "loader_img_per_s_photos",
                     "prepare_img_per_s_photos", "ddp_steps_per_s"):
-        lines += [f"| {measure} | {key} | {value:.4g} |" for key, value in result.get(measure, {}).items()]
+        lines += [f"| {measure} | {key} | {figure(value)} |" for key, value in result.get(measure, {}).items()]
     return "\n".join(lines) + "\n"
 
 

@@ -3,9 +3,9 @@
 The shards come with a manifest holding the class names and a content fingerprint.
 Every image is decoded once: a corrupt image, an empty class folder or
 classes that differ between splits stop the stage with an error naming the
-file or folder, and nothing is published. ``num_workers`` processes do the
-per-image work (read, decode, check, letterbox); the shards and the fingerprint are
-the same whatever their number.
+file or folder, and nothing is published. ``num_workers`` processes each make
+whole shards (read, decode, check, letterbox, write); the shards and the
+fingerprint are the same whatever their number.
 
 Classification: ``source`` is an ImageFolder root with train/ and val/;
 ``max_per_class`` keeps the first N images of each class in each split (0:
@@ -64,7 +64,8 @@ class PrepareDataConfig(OutputSettings):
     categories: list[str] = field(default_factory=list)
     """detection: keep only these categories, in this order (empty: all)"""
     num_workers: int = 0
-    """processes that read, decode, check and letterbox the images (0: this one); the output does not depend on it"""
+    """processes that make the shards: read, decode, check, letterbox, write (0: this one); the output does not
+    depend on it"""
 
     def validate(self) -> None:
         self.validate_output()

@@ -111,7 +111,7 @@ def write_shard(numbered: tuple[int, list[T]], *, row: Callable[[T, bytes, str],
     group = max(1, int(table.num_rows * ROW_GROUP_BYTES / max(1, table.nbytes)))
     buffer = io.BytesIO()
     pq.write_table(table, buffer, compression="none", row_group_size=group, write_statistics=False)
-    data = buffer.getvalue()
+    data = buffer.getbuffer()  # no copy: a worker holds a shard's images, their column and this file
     write_bytes(join(folder, name), data)
     return WrittenShard(name, hashlib.sha256(data).hexdigest(), len(data),
                         [{key: value for key, value in values.items() if key not in schema.names} for values in rows])

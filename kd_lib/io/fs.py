@@ -151,7 +151,7 @@ def read_text(uri: str) -> str:
     return read_bytes(uri).decode("utf-8")
 
 
-def write_bytes(uri: str, data: bytes) -> None:
+def write_bytes(uri: str, data: bytes | memoryview) -> None:
     """Write ``data`` to ``uri`` atomically (temporary sibling, then move)."""
     fs, path = filesystem(uri)
     parent = posixpath.dirname(path)

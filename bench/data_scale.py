@@ -109,16 +109,22 @@ class FirstItems(torch.utils.data.Dataset):
         return self.dataset[item]
 
 
+def child_output(command: list[str], what: str, env: dict | None = None) -> str:
+    """Run ``command``; its standard output, or exit naming ``what`` with the end of its standard error."""
+    done = subprocess.run(command, capture_output=True, text=True, env=env)
+    if done.returncode:
+        raise SystemExit(f"{what} failed:\n{done.stderr[-3000:]}")
+    return done.stdout
+
+
 def child(kind: str, data: str, side: int, extra_env: dict | None = None) -> dict:
     """Run this script's ``--child KIND`` in a subprocess (under ``torchrun`` for ``ddp``); its JSON line."""
     command = [sys.executable, str(HERE), "--child", kind, "--data", data, "--side", str(side)]
     if kind == "ddp":
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                    *command[1:]]
-    done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, **(extra_env or {})})
-    if done.returncode:
-        raise SystemExit(f"bench/data_scale.py: the {kind} child failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    output = child_output(command, f"bench/data_scale.py: the {kind} child", {**os.environ, **(extra_env or {})})
+    return json.loads(output.strip().splitlines()[-1])
 
 
 def loader_rates(source: Path, data: str, hr_size: int, workers: int, batches: int, device: torch.device,

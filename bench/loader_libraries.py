@@ -20,8 +20,8 @@ of 64, in its own shuffled order (the project's: its windowed shuffle,
   (prepare-data also decodes, checks and hashes every image; the others
   copy the bytes).
 
-This process runs the intra-op threads the loader workers leave, as in
-``bench/data_scale.py``.
+Each run's process runs the intra-op threads the loader workers leave, as
+in ``bench/data_scale.py``.
 
 The libraries are not the project's dependencies (mosaicml-streaming would
 take numpy back to 2.1 and add 36 packages), so this runs in an
@@ -40,9 +40,7 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -52,7 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import litdata  # noqa: E402
 import streaming  # noqa: E402
 
-from data_scale import RATIO, figure, timed, timed_rate  # noqa: E402
+from data_scale import RATIO, child_output, figure, timed, timed_rate  # noqa: E402
 from kd_lib.data.imagefolder import decode_rgb, list_classes, list_images  # noqa: E402
 from kd_lib.data.sampler import EpochBatchSampler  # noqa: E402
 from kd_lib.data.shards import ShardedImageDataset, prepare_imagefolder  # noqa: E402
@@ -110,19 +108,18 @@ class LitdataCrops(litdata.StreamingDataset):
         return self.crop(decode_rgb(item["image"], "litdata"), index.index), item["label"]  # a ChunkedIndex
 
 
-def loader(name: str, copies: dict[str, str], transform: CropTransform, workers: int,
-           batches: int) -> torch.utils.data.DataLoader:
-    """A fresh loader of ``batches + 1`` batches over the copy of library ``name``."""
+def loader(name: str, copy: str, transform: CropTransform, workers: int, batches: int) -> torch.utils.data.DataLoader:
+    """A fresh loader of ``batches + 1`` batches over library ``name``'s copy at ``copy``."""
     if name == "project":
-        dataset = ShardedImageDataset(copies[name], "train", transform)
+        dataset = ShardedImageDataset(copy, "train", transform)
         sampled = list(EpochBatchSampler(len(dataset), BATCH, seed=0, epoch=0, blocks=dataset.blocks))
         return torch.utils.data.DataLoader(dataset, batch_sampler=sampled[:batches + 1], num_workers=workers)
-    dataset = (MosaicCrops if name == "mosaicml-streaming" else LitdataCrops)(copies[name], transform)
-    return torch.utils.data.DataLoader(FirstItems(dataset, BATCH * (batches + 1)), batch_size=BATCH,
+    dataset = (MosaicCrops if name == "mosaicml-streaming" else LitdataCrops)(copy, transform)
+    return torch.utils.data.DataLoader(FirstStreamedItems(dataset, BATCH * (batches + 1)), batch_size=BATCH,
                                        num_workers=workers)
 
 
-class FirstItems(torch.utils.data.IterableDataset):
+class FirstStreamedItems(torch.utils.data.IterableDataset):
     """The first ``count`` items a streaming dataset gives (over all loader workers)."""
 
     def __init__(self, dataset, count: int):
@@ -141,7 +138,7 @@ def measure(name: str, copy: str, side: int, workers: int, batches: int) -> floa
     """One run of library ``name``'s loader over its copy: items per second."""
     transform = CropTransform(side, RATIO, train=True)
     with torch_threads(max(1, len(os.sched_getaffinity(0)) - workers)):  # as bench/data_scale.py's loaders
-        return timed_rate(loader(name, {name: copy}, transform, workers, batches), lambda batch: None,
+        return timed_rate(loader(name, copy, transform, workers, batches), lambda batch: None,
                           torch.device("cpu"))
 
 
@@ -149,7 +146,7 @@ def measured_in_child(name: str, copy: str, args: argparse.Namespace) -> float:
     """:func:`measure` in a fresh Python process."""
     command = [sys.executable, str(HERE), "--measure", name, copy, "--side", str(args.side),
                "--workers", str(args.workers), "--batches", str(args.batches)]
-    return float(subprocess.run(command, check=True, capture_output=True, text=True).stdout.split()[-1])
+    return float(child_output(command, f"bench/loader_libraries.py: the {name} run").split()[-1])
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,10 +1,14 @@
 """What every stage shares: its output's safety checks, the training lifecycle and the CLI.
 
 Every stage first runs :func:`preflight` (before any data is read): ``out``
-must be a folder that is none of the stage's inputs and holds no other
-stage's output (``force`` overrides the latter), it must be writable (a
-probe file is written and removed), every input must answer within
-``storage_timeout`` seconds, and the device must exist.
+must be a folder that neither is, lies inside nor holds one of the stage's
+inputs, holds no other stage's output (``force`` overrides the latter), it
+must be writable (a probe file is written and removed), every input must
+answer within ``storage_timeout`` seconds, ``out`` may not be ``memory://`` (it
+would vanish with the process), and the device must exist. Then
+it takes the lease on ``out`` (:mod:`kd_lib.io.lease`: one writer per
+output), held until the stage's run ends (:func:`stage_run`: ``kdp stage``, a
+KFP task).
 
 A training stage reads prepared data (and upstream models) by URI, trains
 with the shared loop and publishes under ``out`` ``model.pt``,
@@ -32,7 +36,8 @@ import argparse
 import contextlib
 import logging
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextvars import ContextVar
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -48,7 +53,9 @@ from kd_lib.engine.settings import TrainSettings
 from kd_lib.errors import DataError, guarded, take_debug_flag
 from kd_lib.eval.accuracy import classifier_validation
 from kd_lib.io.checkpoint import discard_damaged
-from kd_lib.io.fs import STORAGE_TIMEOUT, check_reachable, check_writable, is_file, join, remove, remove_if_empty, same_location
+from kd_lib.io.lease import Lease
+from kd_lib.io.fs import (STORAGE_TIMEOUT, check_reachable, check_writable, filesystem, is_file, join, remove,
+                          remove_if_empty, within)
 from kd_lib.io.manifest import MANIFEST, IncompleteOutputError, finished_with_key, read_manifest, stage_key
 from kd_lib.io.publish import Publication, previous_manifest
 from kd_lib.models import check_architecture
@@ -149,13 +156,35 @@ def check_device(name: str) -> None:
         check(torch.backends.mps.is_available(), "device", f"{name!r}: MPS is not available here; use cpu or auto")
 
 
+#: Where :func:`preflight` keeps the lease it takes: the :func:`stage_run` around it (a stage's ``run``
+#: called from Python, outside one, takes none).
+_leases: ContextVar[contextlib.ExitStack | None] = ContextVar("leases", default=None)
+
+
+@contextlib.contextmanager
+def stage_run() -> Iterator[None]:
+    """One run of a stage (``kdp stage``, a KFP task): the lease its preflight takes on ``out`` is given
+    back when the block ends."""
+    with contextlib.ExitStack() as leases:
+        token = _leases.set(leases)
+        try:
+            yield
+        finally:
+            _leases.reset(token)
+
+
 def preflight(stage: str, config, inputs: dict[str, str]) -> None:
     """The checks before any work (module docstring); ``inputs`` maps config fields to input URIs."""
     out, timeout = config.out, config.storage_timeout
     for field, uri in inputs.items():
-        if same_location(uri, out):
-            raise ConfigError("out", f"{out} is also the {field} input: a stage never writes into what it "
-                              "reads; choose another out")
+        inside, holds = within(out, uri), within(uri, out)
+        if inside or holds:
+            relation = "is" if inside and holds else "lies inside" if inside else "holds"
+            raise ConfigError("out", f"{out} {relation} the {field} input {uri}: a stage never writes into what "
+                              "it reads; choose another out")
+    if filesystem(out)[0].protocol == "memory":
+        raise ConfigError("out", f"{out} lives in this process's memory and vanishes when the stage ends; "
+                          "choose a path or a bucket URI")
     for field, uri in inputs.items():
         if not check_reachable(uri, timeout):
             raise IncompleteOutputError(f"{field}: {uri} does not exist")
@@ -169,6 +198,9 @@ def preflight(stage: str, config, inputs: dict[str, str]) -> None:
                               "pass --force to replace its manifest (its files stay)")
     if distributed.is_main():  # the one process that writes (a probe from each would race on the folder)
         check_writable(out, timeout)
+        leases = _leases.get()
+        if leases is not None:
+            leases.enter_context(Lease(out))
     if isinstance(config, TrainSettings) and config.device != "auto":
         check_device(config.device)
 
@@ -384,7 +416,7 @@ def stage_cli(config_cls: type, run: Callable[[Any], Any], argv: list[str] | Non
 
     def body() -> int:
         config = from_args(config_cls, args)
-        with _process_group(config):
+        with _process_group(config), stage_run():
             run(config)
         return 0
 

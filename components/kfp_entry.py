@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 from contextvars import ContextVar
 from dataclasses import dataclass, fields
 from typing import Literal
@@ -24,6 +25,7 @@ from components.stage import find
 from kd_lib.config import ConfigError, check, from_dict, to_flags
 from kd_lib.errors import exit_on_failure
 from kd_lib.io.fs import join
+from kd_lib.io.lease import TASK_ENV
 from kd_lib.io.manifest import read_manifest
 
 #: The detection pipeline's evaluated models: name -> (task, subfolder of the task's output).
@@ -135,8 +137,14 @@ def run_stage(stage: str, overrides: dict, metrics=None, launcher: dict | None =
         raise Planned(stage, configured()[0])
 
     def body() -> dict:
+        from components.common import stage_run
+
         config, launch = configured()
-        return launch_with_torchx(stage, config, launch) if launch.kind == "torchx" else find(stage).run(config)
+        if launch.kind == "torchx":
+            return launch_with_torchx(stage, config, launch)
+        os.environ[TASK_ENV] = "kfp"  # the output is this task's own: a retry takes over its lease
+        with stage_run():
+            return find(stage).run(config)
 
     result = exit_on_failure(f"kdp stage {stage}", body)
     if metrics is not None:

@@ -22,6 +22,11 @@ person detector), in that order; images without them stay as backgrounds.
 Boxes crossing the image are clipped, empty ones dropped and crowd boxes kept
 as ignore regions; every such change is counted in the log and the manifest
 (``adjusted``).
+
+Every image (and YOLO label) a dataset names must lie inside its root: an
+entry with ``..``, an absolute path or a symbolic link out of the root stops
+the stage naming the file and the entry before anything outside is opened;
+``follow_links`` allows links out.
 """
 
 from __future__ import annotations
@@ -66,6 +71,8 @@ class PrepareDataConfig(OutputSettings):
     num_workers: int = 0
     """processes that make the shards: read, decode, check, letterbox, write (0: this one); the output does not
     depend on it"""
+    follow_links: bool = False
+    """follow symbolic links that lead out of the dataset (else such a link, like a '..' entry, is an error)"""
 
     def validate(self) -> None:
         self.validate_output()
@@ -97,11 +104,13 @@ def read_detection(config: PrepareDataConfig) -> tuple[DetectionSet, DetectionSe
     """The detection set at ``source`` and its val split, if the source has one, with only
     ``categories`` when they are given."""
     if config.resolved_format() == "coco":
-        val = read_coco(config.val_annotations, config.val_images) if config.val_annotations else None
-        train = read_coco(config.source, config.images)
+        val = (read_coco(config.val_annotations, config.val_images, config.follow_links)
+               if config.val_annotations else None)
+        train = read_coco(config.source, config.images, config.follow_links)
     else:
-        val = read_yolo(config.source, "val") if exists(join(config.source, "images", "val")) else None
-        train = read_yolo(config.source, "train")
+        val = (read_yolo(config.source, "val", config.follow_links)
+               if exists(join(config.source, "images", "val")) else None)
+        train = read_yolo(config.source, "train", config.follow_links)
     if config.categories:
         train, val = (keep_categories(d, config.categories) if d is not None else None for d in (train, val))
     return train, val
@@ -113,7 +122,7 @@ def run(config: PrepareDataConfig) -> dict:
     preflight("prepare-data", config, inputs)
     if config.resolved_format() == "imagefolder":
         manifest = prepare_imagefolder(config.source, config.out, config.shard_size, config.max_per_class,
-                                       config.categories, config.num_workers)
+                                       config.categories, config.num_workers, config.follow_links)
     else:
         train, val = read_detection(config)
         manifest = prepare_detection(train, config.out, config.image_size, source=config.source, val=val,

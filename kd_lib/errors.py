@@ -14,6 +14,7 @@ kind                   raised when                                            ex
 ``StorageError``       a location cannot be read or written, or does not         1
                        answer within ``storage_timeout``
 ``CheckpointError``    no checkpoint to resume from is readable                  1
+``BusyError``          another run holds the lease on ``out``                    1
 ``ModelKindError``     a model of the wrong kind (a detector for a classifier)   1
 =====================  =====================================================  ====
 
@@ -46,6 +47,10 @@ class DataError(KDError, ValueError):
 
 class StorageError(KDError, OSError):
     """A location could not be read or written; the message names it."""
+
+
+class BusyError(KDError):
+    """Another run is writing the same output (it holds its lease); the message names it."""
 
 
 class CheckpointError(KDError):

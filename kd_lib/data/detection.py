@@ -31,7 +31,7 @@ from PIL import Image
 
 from kd_lib.config import ConfigError
 from kd_lib.data.imagefolder import IMAGE_EXTENSIONS, DataError
-from kd_lib.io.fs import exists, filesystem, join, read_text
+from kd_lib.io.fs import exists, filesystem, inside_root, join, read_text
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +106,7 @@ def _bbox(value, where: str) -> Box:
     return tuple(float(v) for v in value)
 
 
-def read_coco(annotations: str, images: str) -> DetectionSet:
+def read_coco(annotations: str, images: str, follow_links: bool = False) -> DetectionSet:
     """A COCO ``instances_*.json`` at ``annotations``, its images under ``images``.
 
     Labels follow the categories sorted by COCO id (so ``label + 1`` is the
@@ -114,9 +114,11 @@ def read_coco(annotations: str, images: str) -> DetectionSet:
     box was not clipped, since COCO's size ranges (small, medium, large) use it.
 
     Raises:
-        DataError: the file is not JSON, a required key is missing, or an
+        DataError: the file is not JSON, a required key is missing, an
             annotation names an unknown image or category (the message names
-            the file and the annotation's id).
+            the file and the annotation's id), or a ``file_name`` leads out of
+            ``images`` (:func:`~kd_lib.io.fs.inside_root`; ``follow_links``
+            allows links out).
     """
     try:
         data = json.loads(read_text(annotations))
@@ -125,8 +127,10 @@ def read_coco(annotations: str, images: str) -> DetectionSet:
     categories = sorted(_field(data, "categories", annotations), key=lambda c: _field(c, "id", annotations))
     label_of = {c["id"]: label for label, c in enumerate(categories)}
     by_id: dict[int, DetectionImage] = {}
+    check_inside = inside_root(images, follow_links)
     for record in _field(data, "images", annotations):
         where = f"{annotations}: image {record.get('id')!r}"
+        check_inside(str(_field(record, "file_name", where)), f"{where}: file_name")
         by_id[_field(record, "id", where)] = DetectionImage(
             record["id"], _field(record, "file_name", where), int(_field(record, "width", where)),
             int(_field(record, "height", where)))
@@ -172,7 +176,7 @@ def _yolo_names(root: str) -> list[str]:
     raise DataError(f"{root}: no data.yaml or classes.txt with the class names")
 
 
-def read_yolo(root: str, split: str) -> DetectionSet:
+def read_yolo(root: str, split: str, follow_links: bool = False) -> DetectionSet:
     """YOLO layout: ``images/SPLIT/*`` and ``labels/SPLIT/<stem>.txt`` under ``root``.
 
     Each label line is ``class cx cy w h``, the centre and size normalized by
@@ -181,7 +185,8 @@ def read_yolo(root: str, split: str) -> DetectionSet:
 
     Raises:
         DataError: no images, a malformed line (the message names the file
-            and line), or a class index outside the names.
+            and line), a class index outside the names, or an image or label
+            file that links out of ``root`` (unless ``follow_links``).
     """
     names = _yolo_names(root)
     fs, base = filesystem(root)
@@ -190,13 +195,17 @@ def read_yolo(root: str, split: str) -> DetectionSet:
     if not paths:
         raise DataError(f"{join(root, 'images', split)}: no images")
     dataset = DetectionSet(root, names, [])
+    check_inside = inside_root(root, follow_links)
     for image_id, path in enumerate(paths):
         relative = posixpath.relpath(path, base)
+        check_inside(relative, join(root, relative))
         width, height = image_size(fs, path, join(root, relative))
         image = DetectionImage(image_id, relative, width, height)
         stem = posixpath.splitext(posixpath.relpath(path, image_dir))[0]
-        label_uri = join(root, "labels", split, f"{stem}.txt")
+        label = posixpath.join("labels", split, f"{stem}.txt")
+        label_uri = join(root, label)
         if exists(label_uri):
+            check_inside(label, label_uri)
             for number, line in enumerate(read_text(label_uri).splitlines(), start=1):
                 if not line.strip():
                     continue

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from PIL import Image, UnidentifiedImageError
 
 from kd_lib.errors import DataError
-from kd_lib.io.fs import join, list_files, list_folders
+from kd_lib.io.fs import inside_root, join, list_files, list_folders
 
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -86,14 +86,16 @@ def list_classes(root: str, selection: list[str] | None = None) -> list[str]:
     return classes
 
 
-def list_images(root: str, classes: list[str]) -> list[ImageRecord]:
+def list_images(root: str, classes: list[str], follow_links: bool = False) -> list[ImageRecord]:
     """Every image of both splits, in a stable order.
 
     Raises :class:`DataError` when a split is missing, when ``val/`` has other
-    classes than ``train/``, or when a class folder (of ``classes``, which may
-    be a selection of them) holds no image.
+    classes than ``train/``, when a class folder (of ``classes``, which may
+    be a selection of them) holds no image, or when an image is a link out of
+    ``root`` (unless ``follow_links``, :func:`~kd_lib.io.fs.inside_root`).
     """
     records = []
+    check_inside = inside_root(root, follow_links)
     expected = split_classes(root, "train")
     for split in SPLITS:
         found = split_classes(root, split)
@@ -106,5 +108,8 @@ def list_images(root: str, classes: list[str]) -> list[ImageRecord]:
             if not files:
                 raise DataError(f"empty class folder {join(root, split, name)}: no images "
                                 f"(looked for {', '.join(IMAGE_EXTENSIONS)})")
-            records += [ImageRecord(split, f"{split}/{name}/{f}", label) for f in files]
+            for f in files:
+                path = f"{split}/{name}/{f}"
+                check_inside(path, join(root, path))
+                records.append(ImageRecord(split, path, label))
     return records

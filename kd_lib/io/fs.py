@@ -12,13 +12,14 @@ import hashlib
 import os
 import posixpath
 import uuid
+from collections.abc import Callable
 
 import fsspec
 from fsspec.core import url_to_fs
 from fsspec.implementations.local import LocalFileSystem
 
 
-from kd_lib.errors import StorageError
+from kd_lib.errors import DataError, StorageError
 
 #: Seconds the first contact with a location may take, its retries included, before the location
 #: counts as unreachable (a stage's ``storage_timeout``).
@@ -85,16 +86,42 @@ def is_file(uri: str) -> bool:
     return fs.isfile(path)
 
 
-def same_location(a: str, b: str) -> bool:
-    """Whether the URIs ``a`` and ``b`` name the same place (local paths resolved, trailing ``/`` ignored)."""
-    def where(uri: str) -> tuple[str, str]:
-        fs, path = filesystem(uri)
-        protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-        if protocol in ("file", "local"):
-            path = os.path.realpath(path)
-        return protocol, path.rstrip("/")
+def _local_path(fs: fsspec.AbstractFileSystem, path: str) -> str:
+    """``path`` with its links resolved when ``fs`` is the local disk (an object store has no links)."""
+    return os.path.realpath(path) if isinstance(fs, LocalFileSystem) else path
 
-    return where(a) == where(b)
+
+def _place(uri: str) -> tuple[str, str]:
+    """The store of ``uri`` and the path in it, local paths resolved, with no trailing ``/``."""
+    fs, path = filesystem(uri)
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    return protocol, _local_path(fs, path).rstrip("/")
+
+
+def within(inner: str, outer: str) -> bool:
+    """Whether the location ``inner`` is ``outer`` or lies under it (local paths resolved)."""
+    (store, path), (outer_store, outer_path) = _place(inner), _place(outer)
+    return store == outer_store and (path == outer_path or path.startswith(outer_path + "/"))
+
+
+def inside_root(root: str, follow_links: bool = False) -> Callable[[str, str], None]:
+    """``check(relative, where)``: :class:`DataError` naming ``where`` and ``relative`` unless
+    ``root/relative`` lies inside the folder ``root``. A ``..`` or an absolute path leaves it, and on the
+    local disk so does a symbolic link to a place outside it, unless ``follow_links``. Nothing is opened:
+    a dataset's entries are checked before any of its files is read."""
+    fs, base = filesystem(root)
+    base = base.rstrip("/")
+    resolved_base = base if follow_links else _local_path(fs, base)
+
+    def check(relative: str, where: str) -> None:
+        path = posixpath.normpath(posixpath.join(base, relative))
+        target = path if follow_links else _local_path(fs, path)
+        if not target.startswith(resolved_base + "/"):
+            link = path.startswith(base + "/")
+            raise DataError(f"{where}: {relative!r} leads to {target}, outside the dataset {root}; nothing outside "
+                            f"it is read{' (follow_links follows links out of it)' if link else ''}")
+
+    return check
 
 
 def join(uri: str, *parts: str) -> str:

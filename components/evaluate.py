@@ -211,7 +211,7 @@ def run(config: EvaluateConfig) -> dict:
     exports = {name: read_manifest(uri) for name, uri in config.exports.items()}
     for model in models:
         if model["name"] in exports:
-            model["export"] = exports[model["name"]]["final"]
+            model["export"] = {**exports[model["name"]]["final"], "uri": config.exports[model["name"]]}
     summary = {"task": task,
                "dataset": {"uri": data["source"], "fingerprint": data["data_fingerprint"],
                            "num_classes": data["num_classes"],

@@ -120,6 +120,10 @@ def print_result(paths: dict[str, Path]) -> None:
     if lines:
         print("\n" + "\n".join(lines))
     print(f"\nsummary: {paths['summary.json']}\nreport:  {paths['report.html']}")
+    if "model" in paths:
+        from pipelines.local import MODEL_FILES
+
+        print("model:   " + ", ".join(str(paths["model"] / name) for name in MODEL_FILES))
 
 
 def cmd_detect(args: argparse.Namespace) -> int:
@@ -139,11 +143,12 @@ def cmd_detect(args: argparse.Namespace) -> int:
     pipeline = detection.build_pipeline()
     params = detection_params(args, source, pipeline)
     plan(pipeline, params)  # every task's settings, checked before anything runs
+    check_runner(args.runner)
     if args.data is None:
         from kd_lib.data.detection_demo import generate_detection_demo
 
         generate_detection_demo(source, **DETECTION_DEMO_DATA)
-    print_result(run_pipeline(params, out, pipeline))
+    print_result(run_pipeline(params, out, pipeline, args.runner))
     return 0
 
 
@@ -159,11 +164,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     pipeline = pixel_distillation.build_pipeline()
     params = pipeline_params(args, source, pipeline)
     plan(pipeline, params)  # every task's settings, checked before anything runs
+    check_runner(args.runner)
     if args.data is None:
         from kd_lib.data.demo import generate_demo_dataset
 
         generate_demo_dataset(source, **DEMO_DATA)
-    print_result(run_pipeline(params, out, pipeline))
+    print_result(run_pipeline(params, out, pipeline, args.runner))
     return 0
 
 
@@ -259,6 +265,23 @@ def cmd_demo_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def check_runner(runner: str) -> None:
+    """Fail now, before any data is made, when ``runner`` cannot run here."""
+    if runner == "docker":
+        from pipelines.docker_runner import check_engine
+
+        check_engine()
+
+
+def add_runner_argument(parser: argparse.ArgumentParser) -> None:
+    from pipelines.local import RUNNERS
+
+    parser.add_argument("--runner", choices=RUNNERS, default=RUNNERS[0],
+                        help="where each task runs: subprocess (this Python environment, the default) or "
+                             "docker (the container image of its role, as on a cluster; `make images` builds "
+                             "them)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kdp", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -282,6 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "baseline's by at least POINTS (default: off)")
     run.add_argument("--set", action="append", default=[], metavar="STAGE.FIELD=VALUE",
                      help="a stage setting, e.g. --set teacher.lr=0.1 (repeatable)")
+    add_runner_argument(run)
     detect = sub.add_parser("detect", help="run the detection pipeline locally (kfp.local)")
     detect.add_argument("--data", help="COCO instances JSON, or a YOLO root (path or URI); default: the "
                         "generated detection demo")
@@ -300,6 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
     detect.add_argument("--epochs", type=int, help="epochs of every training stage")
     detect.add_argument("--set", action="append", default=[], metavar="STAGE.FIELD=VALUE",
                         help="a stage setting, e.g. --set afp.epochs=4 (repeatable)")
+    add_runner_argument(detect)
     stage = sub.add_parser("stage", help="run one stage; `kdp stage --help` lists the stages, "
                            "`kdp stage NAME --help` the fields of one", add_help=False)
     stage.add_argument("name", nargs="?", metavar="NAME")

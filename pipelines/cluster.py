@@ -150,17 +150,19 @@ def configure_task(task: PipelineTask, options: ClusterOptions | None, *, cached
     ``launcher`` input: where its stage trains.
 
     The task's image is its role's: the training image where it trains in its pod, else the CPU
-    image. ``options=None`` (the local runs of ``kfp.local``) applies no cluster settings.
+    image (``options``' images, else :data:`~components.image.IMAGES`, which kfp.local's docker
+    runner runs). ``options=None`` (the local runs of ``kfp.local``) applies no other cluster settings.
     """
     task.set_caching_options(cached)
+    training = "launcher" in task.inputs
+    trains_here = training and (options is None or options.launcher == "pod")
+    train_image, cpu_image = (options.image_train, options.image_cpu) if options else (IMAGES["train"], IMAGES["cpu"])
+    task.set_container_image(train_image if trains_here else cpu_image)
     if options is None:
         return task
-    training = "launcher" in task.inputs
     if training and options.retries:
         task.set_retry(options.retries, backoff_duration="60s", backoff_factor=2.0,
                        backoff_max_duration=RETRY_MAX_DURATION)
-    trains_here = training and options.launcher == "pod"
-    task.set_container_image(options.image_train if trains_here else options.image_cpu)
     set_resources(task, *((options.cpu, options.memory) if trains_here else (options.aux_cpu, options.aux_memory)))
     if trains_here:
         set_gpus(task, options)

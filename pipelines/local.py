@@ -1,8 +1,10 @@
 """Run the KFP pipeline on this machine with ``kfp.local``.
 
-The very pipeline that is compiled for a cluster runs here with the
-``SubprocessRunner(use_venv=False)``: every component runs in the current
-Python environment, artifacts live under ``OUT/pipeline_root``, and the local
+The very pipeline that is compiled for a cluster runs here, with one of two
+runners: ``subprocess`` (``SubprocessRunner(use_venv=False)``: every
+component runs in the current Python environment) or ``docker`` (every task
+in the container image of its role: :mod:`pipelines.docker_runner`).
+Artifacts live under ``OUT/pipeline_root``, and the local
 cache (``OUT/pipeline_root/.kfp_cache``) makes a second run with the same
 inputs retrain nothing. Checkpoints go to ``OUT/checkpoints``, keyed by stage
 inputs, so a run that was stopped resumes where it was.
@@ -15,7 +17,9 @@ import hashlib
 import io
 import json
 import os
+import shutil
 import sys
+import uuid
 import warnings
 from pathlib import Path
 
@@ -25,6 +29,9 @@ from kd_lib.io.manifest import read_published
 from pipelines import pixel_distillation
 
 RESULT_FILES = ("summary.json", "report.html")
+#: what the export stage writes for the device, copied to ``OUT/model/`` (:func:`publish_model`)
+MODEL_FILES = ("model.onnx", "model.int8.onnx", "model.json")
+RUNNERS = ("subprocess", "docker")
 PACKAGES = ("kd_lib", "components", "pipelines")
 
 
@@ -69,22 +76,32 @@ class ExecutorInputFilter(io.TextIOBase):
         self.target.flush()
 
 
-def run_pipeline(params: dict, out: str | os.PathLike, pipeline=None) -> dict[str, Path]:
+def run_pipeline(params: dict, out: str | os.PathLike, pipeline=None, runner: str = "subprocess") -> dict[str, Path]:
     """Run ``pipeline`` (a ``dsl.pipeline``; None: the classification pipeline) with ``params``
-    and copy its summary and report into ``out``.
+    on ``runner`` (one of :data:`RUNNERS`) and copy its summary and report into ``out``. With
+    ``docker``, the summary also names the image each task ran in (``images``).
 
-    Returns the paths of the copied ``summary.json`` and ``report.html``.
-    Raises RuntimeError if a task fails (its error is in the log above).
+    Returns the paths of the copied ``summary.json`` and ``report.html``, and of ``model`` (the
+    exported model's folder, :func:`publish_model`) when the run exported one.
+    Raises RuntimeError if a task fails (its error is in the log above), ConfigError before
+    anything runs when the docker runner cannot run.
     """
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(out / "pipeline_root"),
-               enable_caching=True, raise_on_error=True)
+    pipeline = pipeline or pixel_distillation.build_pipeline()
     params = {"checkpoint_root": str(out / "checkpoints"), "code_version": source_fingerprint(), **params}
+    if runner == "docker":
+        from pipelines.docker_runner import docker_runner
+
+        task_runner = docker_runner(out, params)
+    else:
+        task_runner = local.SubprocessRunner(use_venv=False)
+    local.init(runner=task_runner, pipeline_root=str(out / "pipeline_root"), enable_caching=True,
+               raise_on_error=True)
     with warnings.catch_warnings(), contextlib.redirect_stdout(ExecutorInputFilter(sys.stdout)):
         warnings.filterwarnings("ignore", message=".*non-Python base image.*")
         warnings.filterwarnings("ignore", message=".*have no effect in the current local runner.*")
-        result = (pipeline or pixel_distillation.build_pipeline())(**params)
+        result = pipeline(**params)
     # the classification pipeline returns the summary folder's URI (a parameter: kfp.local picks one of
     # two conditional branches' parameters, not artifacts), the detection pipeline the summary artifact
     summary_dir = result.output if isinstance(result.output, str) else result.output.uri
@@ -92,5 +109,34 @@ def run_pipeline(params: dict, out: str | os.PathLike, pipeline=None) -> dict[st
     for name in RESULT_FILES:
         paths[name] = out / name
         paths[name].write_bytes(read_published(summary_dir, name))
-    json.loads(paths["summary.json"].read_text())  # a summary that does not parse is a failed run
+    summary = json.loads(paths["summary.json"].read_text())  # a summary that does not parse is a failed run
+    exported = [model["export"]["uri"] for model in summary["models"] if "uri" in model.get("export", {})]
+    if exported:
+        paths["model"] = publish_model(exported[0], out)
+    if runner == "docker":
+        from pipelines.docker_runner import task_images
+
+        summary["images"] = task_images(pipeline)
+        paths["summary.json"].write_text(json.dumps(summary, indent=2) + "\n")
     return paths
+
+
+def publish_model(export_uri: str, out: Path) -> Path:
+    """Copy the export stage's device files (:data:`MODEL_FILES`) from ``export_uri`` to ``out/model/``.
+
+    ``out/model`` is a link to a folder ``out/model-v-<token>/`` that holds a whole copy: the files
+    are written into a new folder, the link is switched to it in one rename, and only then is the
+    copy it replaced removed. So ``out/model/model.onnx`` is a stable path, and a reader never
+    sees a half-written or mixed copy there. Returns ``out/model``.
+    """
+    version = out / f"model-v-{uuid.uuid4().hex[:12]}"
+    version.mkdir()
+    for name in MODEL_FILES:
+        (version / name).write_bytes(read_published(export_uri, name))
+    link, staged = out / "model", out / f".model-{version.name}"
+    replaced = link.resolve() if link.is_symlink() else None
+    staged.symlink_to(version.name)
+    os.replace(staged, link)
+    if replaced is not None and replaced != version.resolve():
+        shutil.rmtree(replaced, ignore_errors=True)
+    return link

@@ -1,8 +1,9 @@
 """The images agree with the project, checked without a Docker engine: the Dockerfile is read as
-text. Each role of components/image.py is a target; what the targets copy exists; their Python
-and torch pins are pyproject's; the train image builds the kernels on the CUDA of its torch, the
-cpu image has no CUDA; both install every stage module and run ``kdp`` as a user. And ``kdp
-compile`` puts every task on its role's image."""
+text. Each role of components/image.py is a target; what the targets copy exists; both install
+the hashed lock files, which hold pyproject's pins; the train image builds the kernels with the
+CUDA compiler of its torch's CUDA, the cpu image has none; both install every stage module and
+run ``kdp`` as a user. And ``kdp compile`` puts every task on its role's image. The images
+themselves, built and run, are tests/test_images.py's."""
 
 import json
 import re
@@ -16,6 +17,7 @@ import pytest
 import yaml
 from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
+from packaging.utils import canonicalize_name
 
 from components import torchx_apps
 from components.image import IMAGES
@@ -144,18 +146,10 @@ def parents_and_self(path: str) -> list[str]:
     return ["/".join(parts[:i]) for i in range(1, len(parts) + 1)]
 
 
-def requirement(name: str) -> Requirement:
-    """``name``'s requirement in pyproject's dependencies."""
-    found = [r for r in map(Requirement, PYPROJECT["project"]["dependencies"]) if r.name == name]
-    assert found, f"pyproject.toml: {name} is not in [project] dependencies"
-    return found[0]
-
-
-def role_requirements() -> list[tuple[Path, Requirement]]:
-    """``(file, requirement)`` of every ``containers/<role>/requirements.txt``."""
-    lines = [(path, line.split("#")[0].strip()) for path in sorted((ROOT / "containers").glob("*/requirements.txt"))
-             for line in path.read_text().splitlines()]
-    return [(path, Requirement(text)) for path, text in lines if text]
+def locked(path: Path) -> dict[str, str]:
+    """Each pin of a lock file: normalized name -> version."""
+    return {canonicalize_name(name): version
+            for name, version in re.findall(r"^([A-Za-z0-9._-]+)==(\S+) \\$", path.read_text(), re.MULTILINE)}
 
 
 def test_each_role_is_a_target_and_train_is_the_default():
@@ -166,99 +160,67 @@ def test_each_role_is_a_target_and_train_is_the_default():
 
 def test_copied_paths_exist_and_reach_the_build_context():
     sources = local_sources()
-    assert "containers/cpu/requirements.txt" in sources
+    assert {"requirements/run.lock", "requirements/kernels.lock"} <= set(sources)
     for source in sources:
         assert (ROOT / source).exists(), f"Dockerfile copies {source}, which is not in the repository"
         assert not dockerignored(source), f"Dockerfile copies {source}, but .dockerignore leaves it out"
 
 
-def test_every_base_image_is_pinned_by_tag():
-    images = [expand(stage.base) for stage in STAGES_OF_DOCKERFILE.values()
-              if stage.base not in STAGES_OF_DOCKERFILE and stage.base != "scratch"]
-    assert images
+def test_every_base_image_is_pinned_by_tag_and_both_roles_share_it():
+    images = {expand(stage.base) for stage in STAGES_OF_DOCKERFILE.values() if stage.base not in STAGES_OF_DOCKERFILE}
+    assert len(images) == 1, f"Dockerfile: more than one base image: {images}"
     for image in images:
         name, _, tag = image.partition("@")[0].rpartition(":")
         assert name and "/" not in tag and tag not in ("", "latest"), f"Dockerfile: {image} is not pinned by tag"
-
-
-def test_python_version_is_pyprojects_in_both_images():
-    version = ARGS["PYTHON_VERSION"]
+    python = re.match(r"python:(\d+\.\d+)", image)
     requires = PYPROJECT["project"]["requires-python"]
-    # a bare 3.11 installs some 3.11.z: its first release must satisfy requires-python too
-    assert SpecifierSet(requires).contains(f"{version}.0"), (
-        f"Dockerfile: PYTHON_VERSION {version} does not satisfy pyproject's requires-python {requires}")
-    for role in IMAGES:
-        text = " ".join(base_images(role) + [run for _, run in runs(role)])
-        assert re.search(rf"python[: ]+{re.escape(version)}\b", text) or f"--python {version}" in text, (
-            f"Dockerfile: the {role} image's Python is not PYTHON_VERSION")
+    assert python and SpecifierSet(requires).contains(f"{python[1]}.0"), (
+        f"Dockerfile: {image}'s Python does not satisfy pyproject's requires-python {requires}")
 
 
-@pytest.mark.parametrize("name, arg", [("torch", "TORCH_VERSION"), ("torchvision", "TORCHVISION_VERSION")])
-def test_torch_pins_are_pyprojects(name, arg):
-    assert f"=={ARGS[arg]}" == str(requirement(name).specifier), (
-        f"Dockerfile: ARG {arg} does not match pyproject's {requirement(name)}")
-
-
-def torch_index(role: str) -> str:
-    """The index the ``role`` image installs torch from, before the project."""
-    installs = [(stage, run) for stage, run in runs(role) if re.search(r"\btorch==", run)]
-    assert len(installs) == 1, f"Dockerfile: the {role} image installs torch {len(installs)} times"
-    [(stage, run)] = installs
-    assert f"torch=={ARGS['TORCH_VERSION']}" in run and f"torchvision=={ARGS['TORCHVISION_VERSION']}" in run
-    project = [i for i, (_, later) in enumerate(runs(role)) if "--no-build-isolation /src" in later]
-    assert project and [r for _, r in runs(role)].index(run) < project[0], (
-        f"Dockerfile: the {role} image installs the project before its torch build")
-    return re.search(r"--index-url (\S+)", run).group(1)
-
-
-def test_the_train_image_has_the_torch_build_for_its_cuda_toolkit():
-    """nvcc builds the extensions that torch loads: both must be the same CUDA release."""
-    major, minor = ARGS["CUDA_VERSION"].split(".")[:2]
-    index = torch_index("train")
-    assert index.rstrip("/").endswith(f"/cu{major}{minor}"), (
-        f"Dockerfile: the train image's torch index {index} is not the one for CUDA {major}.{minor}")
-    assert any(image.startswith(f"nvidia/cuda:{ARGS['CUDA_VERSION']}-devel") for image in base_images("train"))
-
-
-def test_the_cpu_image_has_no_cuda():
-    assert torch_index("cpu").rstrip("/").endswith("/whl/cpu"), "Dockerfile: the cpu image's torch is not the CPU build"
-    assert not [image for image in base_images("cpu") if "cuda" in image], "Dockerfile: the cpu image is built on CUDA"
-    assert not [run for _, run in runs("cpu") if "kd_lib.ops.build" in run]
-    assert envs(STAGES_OF_DOCKERFILE["cpu"]).get("KD_LIB_DISABLE_CUDA_OPS") == "1"
-    names = {r.name for path, r in role_requirements() if path.parent.name == "cpu"}
-    assert {"onnx", "onnxruntime"} <= names and not [n for n in names if "gpu" in n or "cuda" in n], names
-
-
-def test_role_requirements_are_pinned_as_pyproject_pins_them():
-    pins = {r.name: r.specifier for r in map(Requirement, PYPROJECT["project"]["dependencies"])}
-    for extra in PYPROJECT["project"].get("optional-dependencies", {}).values():
-        pins.update({r.name: r.specifier for r in map(Requirement, extra)})
-    for path, req in role_requirements():
-        where = path.relative_to(ROOT)
-        assert req.specifier, f"{where}: {req.name} is not pinned"
-        assert req.name not in pins or req.specifier == pins[req.name], (
-            f"{where}: {req} disagrees with pyproject's {req.name}{pins[req.name]}")
+@pytest.mark.parametrize("lock", ["run", "kernels", "dev"])
+def test_the_locks_hold_pyprojects_pins_with_hashes(lock):
+    """Every dependency of pyproject (and of the extras the lock is for) is pinned in the lock at a
+    version its specifier admits, every pin with a hash: ``make lock`` is current."""
+    path = ROOT / "requirements" / f"{lock}.lock"
+    pins = locked(path)
+    extras = {"run": [], "kernels": ["kernels"], "dev": ["test", "docs"]}[lock]
+    wanted = list(PYPROJECT["project"]["dependencies"])
+    for extra in extras:
+        wanted += [r for r in PYPROJECT["project"]["optional-dependencies"][extra] if not r.startswith("kd-pipeline")]
+    for requirement in map(Requirement, wanted):
+        name = canonicalize_name(requirement.name)
+        assert name in pins, f"{path.name}: {requirement} is not locked; run `make lock`"
+        assert requirement.specifier.contains(pins[name], prereleases=True), (
+            f"{path.name}: {name}=={pins[name]} is not {requirement}; run `make lock`")
+    blocks = re.split(r"\n(?=\S)", path.read_text())
+    unhashed = [block.split()[0] for block in blocks if "==" in block.split("\n")[0] and "--hash=sha256:" not in block]
+    assert not unhashed, f"{path.name}: pinned without a hash: {unhashed}"
+    assert locked(ROOT / "requirements" / "run.lock").items() <= pins.items(), (
+        f"{path.name} disagrees with run.lock; run `make lock`")
 
 
 @pytest.mark.parametrize("role", sorted(IMAGES))
-def test_build_requirements_are_installed_before_the_no_isolation_build(role):
+def test_each_image_installs_the_run_lock_with_hashes_and_the_project_without_dependencies(role):
     text = " ".join(run for _, run in runs(role))
-    assert "--no-build-isolation /src" in text, f"Dockerfile: the {role} image does not install the project"
-    for needed in PYPROJECT["build-system"]["requires"]:
-        assert f'"{needed}"' in text, f"Dockerfile: the {role} image lacks the build requirement {needed}"
+    assert "--require-hashes" in text and "-r /tmp/run.lock" in text, f"Dockerfile: {role} skips run.lock"
+    assert "--no-deps --no-build-isolation /src" in text, f"Dockerfile: {role} installs the project's dependencies twice"
+    assert "setuptools" in locked(ROOT / "requirements" / "run.lock"), "run.lock lacks setuptools, which builds /src"
 
 
-def test_pip_install_brings_kfp_for_the_components():
-    """The components are built with ``install_kfp_package=False``: the images must have the SDK,
-    which ``pip install`` of the project brings as one of its dependencies."""
-    names = {Requirement(r).name for r in PYPROJECT["project"]["dependencies"]}
-    assert "kfp" in names, (
-        "pyproject.toml: kfp is not in [project] dependencies, so `pip install .` leaves it out of the images")
+def test_only_the_train_image_has_the_kernels_and_neither_has_the_compiler():
+    assert envs(STAGES_OF_DOCKERFILE["cpu"]).get("KD_LIB_DISABLE_CUDA_OPS") == "1"
+    assert "kernels-build" not in {s.name for s in chain("cpu")}
+    for role in IMAGES:
+        final = [s for s in chain(role) if s.name in (role, "runtime")]
+        assert not [a for s in final for a in s.arguments("RUN") if "kernels.lock" in a or "g++" in a], (
+            f"Dockerfile: the {role} image holds the compiler")
 
 
 @pytest.mark.parametrize("role", sorted(IMAGES))
 def test_each_image_runs_kdp_as_a_user_with_the_venv_first(role):
-    target = STAGES_OF_DOCKERFILE[role]
+    target = STAGES_OF_DOCKERFILE["runtime"]
+    assert target in chain(role), f"Dockerfile: the {role} image is not built on the runtime stage"
     [entrypoint] = [json.loads(arguments) for arguments in target.arguments("ENTRYPOINT")]
     assert entrypoint[0] in PYPROJECT["project"]["scripts"], (
         f"Dockerfile: the {role} ENTRYPOINT {entrypoint[0]} is not a [project.scripts] entry of pyproject.toml")
@@ -271,8 +233,8 @@ def test_each_image_runs_kdp_as_a_user_with_the_venv_first(role):
 
 @pytest.mark.parametrize("role", sorted(IMAGES))
 def test_every_stage_module_is_installed_in_both_images(role):
-    source = STAGES_OF_DOCKERFILE["source"]
-    assert "source" in {s.name for s in chain(role)}, f"Dockerfile: the {role} image does not install the sources"
+    source = STAGES_OF_DOCKERFILE["runtime"]
+    assert "runtime" in {s.name for s in chain(role)}, f"Dockerfile: the {role} image does not install the sources"
     copied = set(local_sources())
     packages = PYPROJECT["tool"]["setuptools"]["packages"]["find"]["include"]
     for stage, declared in stages().items():
@@ -288,16 +250,16 @@ def test_every_stage_module_is_installed_in_both_images(role):
 
 
 def test_the_kernels_are_built_in_train_build_and_found_at_run_time():
-    """`python -m kd_lib.ops.build` runs in train-build with the KD_LIB_OPS_DIR and the
+    """`python -m kd_lib.ops.build` runs in kernels-build with the KD_LIB_OPS_DIR and the
     TORCH_CUDA_ARCH_LIST that the train stage sets, and the train stage copies the kernels, so the
     train image (which has no nvcc) loads them."""
     from kd_lib.ops import extension
 
-    build, train = STAGES_OF_DOCKERFILE["train-build"], STAGES_OF_DOCKERFILE["train"]
+    build, train = STAGES_OF_DOCKERFILE["kernels-build"], STAGES_OF_DOCKERFILE["train"]
     assert any("python -m kd_lib.ops.build" in run for run in build.arguments("RUN")), "Dockerfile: no kernels"
     directory = envs(build)[extension.DIRECTORY_VARIABLE]
     assert envs(train)[extension.DIRECTORY_VARIABLE] == directory
-    assert f"--from=train-build {directory} {directory}" in train.arguments("COPY")
+    assert f"--from=kernels-build {directory} {directory}" in train.arguments("COPY")
     assert envs(build)["TORCH_CUDA_ARCH_LIST"] == extension.DEFAULT_ARCH_LIST
     # the arch list is part of the kernels' tag: at run time on a GPU it must still name the build's
     assert envs(train)["TORCH_CUDA_ARCH_LIST"] == envs(build)["TORCH_CUDA_ARCH_LIST"]
@@ -375,3 +337,11 @@ def test_kdp_compile_refuses_an_empty_image(tmp_path, capsys):
     assert cli.main(["compile", "-o", str(tmp_path / "p.yaml"), "--image-cpu", ""]) == 2
     assert "field 'image_cpu'" in capsys.readouterr().err
     assert not (tmp_path / "p.yaml").exists()
+
+
+def test_the_docker_runner_without_a_daemon_fails_at_once_in_one_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("DOCKER_HOST", f"unix://{tmp_path}/no-daemon.sock")
+    assert cli.main(["run", "--runner", "docker", "--out", str(tmp_path / "run")]) == 2
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert f"unix://{tmp_path}/no-daemon.sock" in line and "dockerd" in line
+    assert not (tmp_path / "run").exists()  # nothing made, not even the demo data

@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+from kd_lib.io.manifest import read_published
 from pipelines import cli
 
 pytestmark = pytest.mark.slow
@@ -72,8 +73,11 @@ def test_local_pipeline_gates_runs_end_to_end_and_caches(tmp_path, capsys, monke
                                               if n != "student")
     assert models["student"]["started_from"] == "assistant (random)"
     [exported] = (out / "pipeline_root").glob("*/export-op/model")
-    assert set(json.loads((exported / "manifest.json").read_text())["files"]) == {
-        "model.onnx", "model.int8.onnx", "model.json"}
+    assert set(json.loads((exported / "manifest.json").read_text())["files"]) == set(local.MODEL_FILES)
+    # and copied whole to the run's stable model folder, whose paths the run prints
+    assert f"model:   {out / 'model' / 'model.onnx'}, " in printed
+    for name in local.MODEL_FILES:
+        assert (out / "model" / name).read_bytes() == read_published(str(exported), name)
     # the teacher and the LR baseline come from the cache; the gate decides again and the rest runs
     passed = executed_tasks(out / "pipeline_root")
     assert passed == sorted([*gated, "source-version-op", "teacher-gate-op", "assistant-op", "student-op",
@@ -83,10 +87,12 @@ def test_local_pipeline_gates_runs_end_to_end_and_caches(tmp_path, capsys, monke
     assert executed_tasks(out / "pipeline_root") == sorted([*passed, "source-version-op"]), \
         "the same run again retrained something"
     assert json.loads((out / "summary.json").read_text()) == summary
+    assert sorted(p.name for p in out.glob("model*")) == ["model", (out / "model").resolve().name]  # the older copy went
 
     run_pipeline = local.run_pipeline
     monkeypatch.setattr(local, "run_pipeline",
-                        lambda params, out, pipeline=None: run_pipeline({**params, "rerun_student": "1"}, out, pipeline))
+                        lambda params, out, pipeline=None, runner="subprocess":
+                        run_pipeline({**params, "rerun_student": "1"}, out, pipeline, runner))
     assert run_kdp(data, out, "--min-teacher-margin", "-99") == 0  # the student and what reads it run again
     monkeypatch.setattr(local, "run_pipeline", run_pipeline)
     again = sorted([*passed, "source-version-op", "source-version-op", "student-op", "export-op", "evaluate-op"])

@@ -95,7 +95,7 @@ def test_pipeline_compiles_with_every_stage_wired(tmp_path):
     for name in ("teacher-op", "assistant-op", "student-op", "lr-baseline-op"):
         assert producer(name, "data_fingerprint", "parameters") == "prepare-data-op"
     images = {e["container"]["image"] for e in spec["deploymentSpec"]["executors"].values()}
-    assert images == {IMAGES["train"]}  # no cluster options; kdp compile gives each role its image
+    assert images == set(IMAGES.values())  # without cluster options too, each task its role's image
     commands = " ".join(" ".join(e["container"]["command"]) for e in spec["deploymentSpec"]["executors"].values())
     assert "pip install" not in commands  # install_kfp_package=False: the image brings kfp
     assert spec["root"]["inputDefinitions"]["parameters"]["hr_size"]["defaultValue"] == 64

@@ -12,7 +12,7 @@ LR baseline. Where the student starts from and what it learns from:
   only distilled from the assistant: where the LR input is so small that the
   network's feature maps collapse (16 px into a torchvision ResNet: 1x1 from
   ``layer3`` on), weights made for HR inputs are a worse start than random
-  ones (the README's demo).
+  ones (docs/demo.md).
 - ``teacher: URI``: a freshly initialised student distilled from that HR model
   (the teacher, or the assistant as a same-architecture HR teacher): the KD
   baselines, CRKD, and one-stage pixel distillation (``method: kd+isrd``).

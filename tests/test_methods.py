@@ -47,7 +47,7 @@ def test_method_parts_and_what_they_need():
         settings("tas+isrd")
 
 
-# The README's method table: (method, defaults, cross-entropy weight). The values are written out
+# The method table of docs/methods.md: (method, defaults, cross-entropy weight). The values are written out
 # here, never read from the code under test, so that changing a default fails this test.
 DEFAULTS = [
     ("ce", {}, 1.0),

@@ -5,6 +5,7 @@ import os
 import signal
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 import torch
 
@@ -14,11 +15,14 @@ from kd_lib.data.detection_shards import DetectionShardDataset
 from kd_lib.data.imagefolder import DataError
 from kd_lib.distill.detection import AFPDistiller
 from kd_lib.engine.loop import TrainingInterrupted
+from kd_lib.eval.detection import detector_validation
 from kd_lib.io.manifest import IncompleteOutputError, read_manifest, read_published
 from kd_lib.models.detector_store import load_detector
 
 COCO128 = Path(__file__).parents[1].parent / "shared/data/coco128"
 TINY = {"epochs": 1, "batch_size": 4, "num_workers": 0, "device": "cpu", "seed": 0}
+#: The teacher trains long enough to learn to detect, its lr warming up over the default 50 steps.
+TEACHER = {"epochs": 4}
 
 
 def run_detector(data, out, **fields):
@@ -33,7 +37,7 @@ def run_afp(data, out, teacher, **fields):
 @pytest.fixture(scope="module")
 def teacher(prepared_detection, tmp_path_factory):
     out = tmp_path_factory.mktemp("teacher") / "teacher"
-    run_detector(prepared_detection, out)
+    run_detector(prepared_detection, out, **TEACHER)
     return str(out)
 
 
@@ -43,9 +47,21 @@ def test_the_teacher_is_published_and_a_rerun_is_a_no_op(prepared_detection, tea
     assert (spec.kind, spec.backbone, spec.image_size, spec.first_level) == ("fcos", "resnet18", 128, 3)
     assert meta["classes"] == ["red", "blue"] and set(manifest["files"]) == {"model.pt", "metrics.parquet"}
     assert 0 <= manifest["final"]["val_AP"] <= 1
-    assert run_detector(prepared_detection, teacher)["key"] == manifest["key"]
+    assert run_detector(prepared_detection, teacher, **TEACHER)["key"] == manifest["key"]
     assert "up to date" in capsys.readouterr().err
-    assert run_detector(prepared_detection, teacher, ratio=4)["key"] == manifest["key"]  # HR ignores the ratio
+    assert run_detector(prepared_detection, teacher, ratio=4, **TEACHER)["key"] == manifest["key"]  # HR ignores the ratio
+
+
+def test_the_teacher_learns_to_detect(prepared_detection, teacher):
+    """Its training loss falls, and its AP ends above that of the same detector untrained."""
+    manifest = read_manifest(teacher)
+    rows = pq.read_table(Path(teacher) / manifest["paths"]["metrics.parquet"]).to_pylist()
+    assert rows[-1]["train_loss"] < 0.8 * rows[0]["train_loss"]
+    _, spec, _ = load_detector(teacher)
+    torch.manual_seed(0)
+    val = DetectionShardDataset(prepared_detection, "val", 1, train=False)
+    untrained = detector_validation(val, "hr")(spec.build(), torch.device("cpu"))["AP"]
+    assert rows[-1]["val_AP"] > untrained + 0.01, (rows[-1]["val_AP"], untrained)
 
 
 @pytest.mark.parametrize("method, ratio, backbone", [("afp", 2, "resnet18"), ("afp", 4, "resnet18"),

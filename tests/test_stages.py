@@ -1,6 +1,7 @@
 """Training stages on a tiny prepared dataset: no-op reruns, and failures that publish nothing (resume:
 test_resume.py)."""
 
+import pyarrow.parquet as pq
 import pytest
 import torch
 
@@ -16,6 +17,8 @@ from kd_lib.io.manifest import IncompleteOutputError, read_manifest
 from kd_lib.models import build_classifier
 
 TINY = {"epochs": 2, "batch_size": 8, "hr_size": 32, "ratio": 4, "num_workers": 0, "lr": 0.05}
+#: Validation top-1 of a model that learned: the prepared data has 3 classes, chance is a third.
+LEARNED = 0.5
 
 
 def config(cls, data, out, **fields):
@@ -32,6 +35,9 @@ def test_teacher_stage_publishes_then_is_a_no_op(prepared, tmp_path, capsys):
     manifest = teacher.run(config(teacher.TeacherConfig, prepared, out, arch="resnet18"))
     assert sorted(manifest["files"]) == ["metrics.parquet", "model.pt"]
     assert manifest["final"]["epoch"] == 2 and not (out / "checkpoints").exists()
+    rows = pq.read_table(out / manifest["paths"]["metrics.parquet"]).to_pylist()
+    assert rows[-1]["train_loss"] < 0.8 * rows[0]["train_loss"], "the teacher's training loss did not fall"
+    assert rows[-1]["val_top1"] >= LEARNED, f"the teacher ends at {rows[-1]['val_top1']:.2f} top-1"
     model = out / manifest["paths"]["model.pt"]
     stamp = model.stat().st_mtime_ns
     assert teacher.run(config(teacher.TeacherConfig, prepared, out, arch="resnet18")) == manifest
@@ -44,7 +50,7 @@ def test_teacher_stage_publishes_then_is_a_no_op(prepared, tmp_path, capsys):
 @pytest.fixture(scope="module")
 def trained_teacher(prepared, tmp_path_factory):
     out = tmp_path_factory.mktemp("teacher")
-    teacher.run(config(teacher.TeacherConfig, prepared, out, arch="resnet18", epochs=1))
+    teacher.run(config(teacher.TeacherConfig, prepared, out, arch="resnet18"))
     return str(out)
 
 
@@ -54,7 +60,7 @@ def test_students_of_both_methods_train_from_upstream_outputs(prepared, trained_
     s = student.run(config(student.StudentConfig, prepared, tmp_path / "s", assistant=str(tmp_path / "a"),
                            epochs=1, isrd_weight=5.0))
     o = student.run(config(student.StudentConfig, prepared, tmp_path / "o", method="kd+isrd",
-                           teacher=trained_teacher, epochs=1, isrd_weight=1.0))
+                           teacher=trained_teacher, isrd_weight=1.0, lr=0.01))
     assert {"train_ce", "train_kd", "train_feature", "train_isrd"} <= set(s["final"])
     assert {"train_ce", "train_kd", "train_isrd"} <= set(o["final"]) and "train_feature" not in o["final"]
     assert a["stage"] == "assistant" and o["stage"] == "student"
@@ -63,6 +69,8 @@ def test_students_of_both_methods_train_from_upstream_outputs(prepared, trained_
         "models": {"teacher": trained_teacher, "student": str(tmp_path / "s")}}))
     assert [(m["name"], m["input_size"], m["input_bytes"]) for m in summary["models"]] == [
         ("teacher", 32, 3 * 32 * 32), ("student", 8, 3 * 8 * 8)]
+    assert summary["models"][0]["top1"] >= LEARNED and o["final"]["val_top1"] >= LEARNED, \
+        "the teacher and the student distilled from it must end well above chance"
     assert read_manifest(str(tmp_path / "eval"))["stage"] == "evaluate"
 
 

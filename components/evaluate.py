@@ -22,9 +22,10 @@ whose gate skipped the students evaluates the teacher and the LR baseline.
 Publishes under ``out`` (:class:`~kd_lib.io.publish.Publication`: a failed
 run leaves the previous summary in place): ``summary.json``,
 ``metrics.parquet`` (one row per model), ``report.html`` (tables, verdicts,
-training curves and a plot of top-1 against GFLOPs), and ``manifest.json``
-last, whose ``paths`` say where each file is. ``exports`` (model name ->
-export stage output) adds each exported model's ONNX and int8 numbers to its row.
+training curves and a plot of top-1 against GFLOPs), ``report.png`` (that
+plot alone), and ``manifest.json`` last, whose ``paths`` say where each file
+is. ``exports`` (model name -> export stage output) adds each exported model's
+ONNX and int8 numbers to its row.
 """
 
 from __future__ import annotations
@@ -46,14 +47,14 @@ from kd_lib.engine.loop import resolve_device, write_metrics
 from kd_lib.eval.accuracy import evaluate_classifier
 from kd_lib.eval.cost import count_gflops, count_params, input_bytes, latency_profile
 from kd_lib.eval.detection import coco_map, detect
-from kd_lib.eval.report import format_table, write_report
+from kd_lib.eval.report import PLOT_FILE, REPORT_FILE, format_table, write_report
 from kd_lib.eval.verdicts import verdict_lines, with_verdicts
 from kd_lib.io.fs import join, write_text
 from kd_lib.io.manifest import published_uri, read_manifest
 from kd_lib.io.publish import Publication
 from kd_lib.ops import ResizeMode
 
-SUMMARY_FILE, REPORT_FILE, METRICS_FILE = "summary.json", "report.html", "metrics.parquet"
+SUMMARY_FILE, METRICS_FILE = "summary.json", "metrics.parquet"
 
 
 @dataclass
@@ -230,7 +231,7 @@ def run(config: EvaluateConfig) -> dict:
                        {f"latency_ms_{k}": v for k, v in m["latency_ms"].items()} for m in models],
                       join(publication.folder, METRICS_FILE))
         write_report(summary, publication.folder)
-        manifest = publication.commit([SUMMARY_FILE, METRICS_FILE, REPORT_FILE], {"config": asdict(config)})
+        manifest = publication.commit([SUMMARY_FILE, METRICS_FILE, REPORT_FILE, PLOT_FILE], {"config": asdict(config)})
     print("\n".join([format_table(summary), *verdict_lines(summary)]))
     print(f"summary: {published_uri(config.out, SUMMARY_FILE, manifest)}\n"
           f"report:  {published_uri(config.out, REPORT_FILE, manifest)}")

@@ -28,7 +28,7 @@ from kfp import local
 from kd_lib.io.manifest import read_published
 from pipelines import pixel_distillation
 
-RESULT_FILES = ("summary.json", "report.html")
+RESULT_FILES = ("summary.json", "report.html", "report.png")
 #: what the export stage writes for the device, copied to ``OUT/model/`` (:func:`publish_model`)
 MODEL_FILES = ("model.onnx", "model.int8.onnx", "model.json")
 RUNNERS = ("subprocess", "docker")
@@ -78,10 +78,10 @@ class ExecutorInputFilter(io.TextIOBase):
 
 def run_pipeline(params: dict, out: str | os.PathLike, pipeline=None, runner: str = "subprocess") -> dict[str, Path]:
     """Run ``pipeline`` (a ``dsl.pipeline``; None: the classification pipeline) with ``params``
-    on ``runner`` (one of :data:`RUNNERS`) and copy its summary and report into ``out``. With
+    on ``runner`` (one of :data:`RUNNERS`) and copy its summary, report and plot into ``out``. With
     ``docker``, the summary also names the image each task ran in (``images``).
 
-    Returns the paths of the copied ``summary.json`` and ``report.html``, and of ``model`` (the
+    Returns the paths of the copied :data:`RESULT_FILES`, and of ``model`` (the
     exported model's folder, :func:`publish_model`) when the run exported one.
     Raises RuntimeError if a task fails (its error is in the log above), ConfigError before
     anything runs when the docker runner cannot run.

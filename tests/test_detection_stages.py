@@ -180,6 +180,7 @@ def test_evaluate_scores_detectors_by_coco_map_against_hr_boxes(prepared_detecti
         assert all(row[k] is None or 0 <= row[k] <= 1 for k in ("AP", "AP50", "AP75", "APs", "APm", "APl"))
     assert json.loads(read_published(str(tmp_path / "eval"), "summary.json")) == summary
     assert "AP50" in read_published(str(tmp_path / "eval"), "report.html").decode()
+    assert read_published(str(tmp_path / "eval"), "report.png").startswith(b"\x89PNG\r\n\x1a\n")  # its AP plot
 
 
 @pytest.mark.slow

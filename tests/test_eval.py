@@ -138,6 +138,7 @@ def test_report_is_self_contained_html_with_a_readable_plot(tmp_path):
     encoded = re.search(r'src="data:image/png;base64,([^"]+)"', html).group(1)
     image = Image.open(io.BytesIO(base64.b64decode(encoded)))
     assert image.format == "PNG" and image.width > 400
+    assert (tmp_path / "report.png").read_bytes() == base64.b64decode(encoded)  # the plot alone, for the README
     assert Image.open(io.BytesIO(plot_accuracy_vs_gflops(summary()))).format == "PNG"
 
 
@@ -169,6 +170,24 @@ def test_plot_renders_any_number_of_models(models):
     assert image.format == "PNG"
     with pytest.raises(ValueError, match="no models"):
         plot_accuracy_vs_gflops({**summary(), "models": []})
+
+
+def test_labels_stay_inside_the_axes_off_the_title():
+    """The demo's layout: the assistant's label, moved off the teacher's marker next to it near the
+    top, went above the axes onto the title."""
+    from kd_lib.eval.report import accuracy_vs_gflops_figure
+
+    s = five_models()
+    for m, (top1, gflops) in zip(s["models"], ((0.9375, 0.598), (0.896, 0.296), (0.442, 0.0311), (0.4875, 0.0311),
+                                                (0.458, 0.0311))):
+        m.update(top1=top1, gflops=gflops)
+    fig = accuracy_vs_gflops_figure(s)
+    ax, renderer = fig.axes[0], fig.canvas.get_renderer()
+    title = ax.title.get_window_extent(renderer)
+    assert len(ax.texts) == 5
+    for label in ax.texts:
+        box = label.get_window_extent(renderer)
+        assert ax.bbox.y0 <= box.y0 and box.y1 <= ax.bbox.y1 and not box.overlaps(title), label.get_text()
 
 
 def trained_summary():

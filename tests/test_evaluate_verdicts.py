@@ -1,8 +1,10 @@
 """The evaluate stage on tiny trained models: how each was trained, its verdicts, the device."""
 
+import io
 import json
 
 import pytest
+from PIL import Image
 
 from components import evaluate, lr_baseline, student, teacher
 from kd_lib.config import from_dict
@@ -47,3 +49,5 @@ def test_summary_says_how_each_model_was_trained_and_gives_verdicts(prepared, tm
     assert json.loads(read_published(str(tmp_path / "eval"), "summary.json")) == summary
     report = read_published(str(tmp_path / "eval"), "report.html").decode()
     assert summary["verdicts"][0]["text"].replace("%", "%") in report
+    plot = Image.open(io.BytesIO(read_published(str(tmp_path / "eval"), "report.png", check_hash=True)))
+    assert plot.format == "PNG" and plot.width > 400

@@ -66,6 +66,7 @@ def test_local_pipeline_gates_runs_end_to_end_and_caches(tmp_path, capsys, monke
         assert 0 <= model["top1"] <= model["top5"] <= 1 and model["gflops"] > 0 and model["params"] > 0
         assert model["latency_ms"]["batch_1"] > 0 and model["latency_ms"]["batch_64"] > 0
     assert "<table" in (out / "report.html").read_text()
+    assert (out / "report.png").read_bytes().startswith(b"\x89PNG")
     # the TAS student is exported, checked in onnxruntime, and the table says so
     export = models["student"]["export"]
     assert export["max_rel_diff"] <= 1e-3 and export["int8_bytes"] < export["onnx_bytes"]

@@ -85,8 +85,10 @@ def test_an_unknown_task_is_refused():
         format_table({**classification_summary(), "task": "segmentation"})
 
 
-def test_a_label_pushed_above_a_marker_stays_there_despite_rounding():
-    from kd_lib.eval.report import _push_up
+@pytest.mark.parametrize("step", [1, -1], ids=["up", "down"])
+def test_a_label_pushed_off_a_marker_stays_there_despite_rounding(step):
+    from kd_lib.eval.report import _push
 
     marker = (0.0, 10.0, 83.40430625000003, 20.412414523193153)  # (ay + half + ah) - ay rounds below half + ah
-    assert _push_up((5.0, 50.0, 83.40430625000003, 8.6982421875), [marker]) == 83.40430625000003 + 8.6982421875 + 20.412414523193153
+    box = (5.0, 50.0, 83.40430625000003, 8.6982421875)
+    assert _push(box, [marker], step) == 83.40430625000003 + step * (8.6982421875 + 20.412414523193153)

@@ -46,7 +46,7 @@ from matplotlib.ticker import FuncFormatter, LogLocator
 
 from kd_lib.eval.detection import METRICS
 from kd_lib.eval.verdicts import standard_error, verdict_lines
-from kd_lib.io.fs import join, write_text
+from kd_lib.io.fs import join, write_bytes, write_text
 
 Summary = dict[str, Any]
 Model = dict[str, Any]
@@ -55,6 +55,7 @@ HR_COLOR = "#1f77b4"
 LR_COLOR = "#d62728"
 MAX_MARKER_AREA = 600.0  # pt^2, given to the model with the most input bytes
 LEADER_LINE = {"arrowstyle": "-", "color": "0.55", "lw": 0.6}
+REPORT_FILE, PLOT_FILE = "report.html", "report.png"  # what :func:`write_report` writes
 
 
 @dataclass(frozen=True)
@@ -231,27 +232,31 @@ def _is_hr(model: Model, summary: Summary) -> bool:
 Box = tuple[float, float, float, float]  # x0, x1, y_center, half height, in display pixels
 
 
-def _push_up(box: Box, obstacles: list[Box]) -> float:
-    """Lowest centre at or above ``box``'s own at which it overlaps none of ``obstacles``."""
+def _push(box: Box, obstacles: list[Box], step: int) -> float:
+    """Nearest centre from ``box``'s own, upwards (``step`` 1) or downwards (``step`` -1), at which it
+    overlaps none of ``obstacles``."""
     x0, x1, y, half = box
     moved = True
     while moved:
         moved = False
         for a0, a1, ay, ah in obstacles:
-            above = ay + half + ah
-            # ``above > y``, not only the overlap test: ``above - ay`` may round to just under
+            clear = ay + step * (half + ah)
+            # ``(clear - y) * step > 0``, not only the overlap test: ``clear - ay`` may round to just under
             # ``half + ah``, and the label would be "moved" to where it already is, forever.
-            if x0 < a1 and a0 < x1 and abs(y - ay) < half + ah and above > y:
-                y = above
+            if x0 < a1 and a0 < x1 and abs(y - ay) < half + ah and (clear - y) * step > 0:
+                y = clear
                 moved = True
     return y
 
 
 def _place_labels(ax: Axes, fig: Figure, points: list[tuple[float, float, str, float]]) -> None:
-    """Label each ``(x, y, text, marker_area)`` point to its right, pushed upwards until it
-    overlaps no other marker and no earlier label; a displaced label gets a leader line."""
+    """Label each ``(x, y, text, marker_area)`` point to its right, moved up or down, whichever is
+    nearer and keeps it inside the axes (so off the title), until it overlaps no other marker, no
+    earlier label and not the legend; a displaced label gets a leader line."""
     renderer = fig.canvas.get_renderer()
     px_per_pt = fig.dpi / 72
+    legend = ax.get_legend().get_window_extent(renderer)
+    legend_box = (legend.x0, legend.x1, (legend.y0 + legend.y1) / 2, legend.height / 2)
     centres = [ax.transData.transform((x, y)) for x, y, _, _ in points]
     radii = [math.sqrt(area) / 2 * px_per_pt for *_, area in points]
     markers = [(px - r, px + r, py, r) for (px, py), r in zip(centres, radii)]
@@ -265,7 +270,9 @@ def _place_labels(ax: Axes, fig: Figure, points: list[tuple[float, float, str, f
         x0 = px + r + 4 * px_per_pt
         half = bbox.height / 2 + 1
         others = [m for j, m in enumerate(markers) if j != i]
-        label_y = _push_up((x0, x0 + bbox.width, py, half), others + labels)
+        moves = [_push((x0, x0 + bbox.width, py, half), [*others, *labels, legend_box], step) for step in (1, -1)]
+        inside = [y for y in moves if ax.bbox.y0 + half <= y <= ax.bbox.y1 - half] or moves
+        label_y = min(inside, key=lambda y: abs(y - py))
         labels.append((x0, x0 + bbox.width, label_y, half))
         ax.annotate(
             text,
@@ -275,7 +282,7 @@ def _place_labels(ax: Axes, fig: Figure, points: list[tuple[float, float, str, f
             fontsize=9,
             va="center",
             ha="left",
-            arrowprops=LEADER_LINE if label_y - py > half else None,
+            arrowprops=LEADER_LINE if abs(label_y - py) > half else None,
         )
 
 
@@ -490,10 +497,11 @@ def _training_html(summary: Summary) -> str:
     return f"<h2>Training</h2>\n{table}\n{img}"
 
 
-def render_html(summary: Summary) -> str:
-    """Self-contained HTML report: dataset and run lines, embedded PNG plot, model table,
-    verdicts, and how each model was trained with its curves."""
-    png = base64.b64encode(plot_accuracy_vs_gflops(summary)).decode("ascii")
+def render_html(summary: Summary, plot: bytes | None = None) -> str:
+    """Self-contained HTML report: dataset and run lines, embedded PNG plot (``plot``, the PNG of
+    :func:`plot_accuracy_vs_gflops`, rendered here when not given), model table, verdicts, and how
+    each model was trained with its curves."""
+    png = base64.b64encode(plot or plot_accuracy_vs_gflops(summary)).decode("ascii")
     title = f"Low-resolution distillation report: {dataset_name(summary)}"
     alt = f"{_task(summary).name} against GFLOPs per model"
     return f"""<!DOCTYPE html>
@@ -519,7 +527,10 @@ def render_html(summary: Summary) -> str:
 
 
 def write_report(summary: Summary, out_dir: str) -> str:
-    """Write ``out_dir/report.html`` (see :func:`render_html`) atomically; return its URI."""
-    uri = join(out_dir, "report.html")
-    write_text(uri, render_html(summary))
+    """Write ``out_dir/report.html`` (see :func:`render_html`) and its plot alone,
+    ``out_dir/report.png``, each atomically; return the report's URI."""
+    plot = plot_accuracy_vs_gflops(summary)
+    write_bytes(join(out_dir, PLOT_FILE), plot)
+    uri = join(out_dir, REPORT_FILE)
+    write_text(uri, render_html(summary, plot))
     return uri

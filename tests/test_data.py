@@ -1,6 +1,7 @@
 import hashlib
 import pickle
 import shutil
+from pathlib import Path
 
 import fsspec
 import numpy as np
@@ -358,3 +359,15 @@ def test_binary_array_is_pyarrows(values):
 def test_binary_array_past_2_gib_is_pyarrows_chunks():
     big = b"x" * (1 << 30)
     assert isinstance(shards.binary_array([big, big]), pa.ChunkedArray)
+
+
+def test_a_batch_larger_than_the_training_split_is_a_bad_batch_size_setting(prepared, capsys):
+    """A bad setting, exit 2 in one line naming the field: not a traceback from inside training."""
+    from components import teacher
+    from components.common import stage_cli
+
+    code = stage_cli(teacher.TeacherConfig, teacher.run, ["--data", prepared, "--out", str(Path(prepared).parent / "t"),
+                     "--arch", "resnet18", "--epochs", "1", "--hr-size", "32", "--num-workers", "0",
+                     "--batch-size", "4096"], "kdp stage teacher", "")
+    [line] = capsys.readouterr().err.strip().splitlines()[-1:]
+    assert code == 2 and "field 'batch_size'" in line and "fewer than one batch of 4096" in line

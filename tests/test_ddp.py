@@ -50,7 +50,7 @@ def test_processes_read_disjoint_slices_of_the_same_batches():
 
 
 def test_a_batch_that_does_not_split_is_refused():
-    with pytest.raises(ValueError, match="batch_size 6 must split evenly over 4 processes"):
+    with pytest.raises(ValueError, match="field 'batch_size': 6 must split evenly over 4 processes"):
         EpochBatchSampler(50, 6, seed=0, epoch=0, rank=0, world_size=4)
 
 

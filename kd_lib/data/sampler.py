@@ -25,6 +25,7 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
+from kd_lib.config import ConfigError
 from kd_lib.data.shards import CACHED_GROUPS
 
 
@@ -40,11 +41,11 @@ class EpochBatchSampler(torch.utils.data.Sampler[list[tuple[int, int]]]):
     def __init__(self, num_items: int, batch_size: int, seed: int, epoch: int, start_batch: int = 0,
                  rank: int = 0, world_size: int = 1, blocks: Sequence[int] = (), window: int = CACHED_GROUPS):
         if num_items < batch_size:
-            raise ValueError(f"{num_items} training images are fewer than one batch of {batch_size}: "
-                             "lower batch_size")
+            raise ConfigError("batch_size", f"{num_items} training images are fewer than one batch of "
+                              f"{batch_size}: lower batch_size")
         if batch_size % world_size or not 0 <= rank < world_size:
-            raise ValueError(f"batch_size {batch_size} must split evenly over {world_size} processes, "
-                             f"and rank {rank} must be one of them")
+            raise ConfigError("batch_size", f"{batch_size} must split evenly over {world_size} processes, "
+                              f"and rank {rank} must be one of them")
         self.num_items, self.batch_size = num_items, batch_size
         self.seed, self.epoch, self.start_batch = seed, epoch, start_batch
         if blocks and sum(blocks) != num_items:

@@ -54,8 +54,8 @@ from kd_lib.errors import DataError, guarded, take_debug_flag
 from kd_lib.eval.accuracy import classifier_validation
 from kd_lib.io.checkpoint import discard_damaged
 from kd_lib.io.lease import Lease
-from kd_lib.io.fs import (STORAGE_TIMEOUT, check_reachable, check_writable, filesystem, is_file, join, remove,
-                          remove_if_empty, within)
+from kd_lib.io.fs import (STORAGE_TIMEOUT, check_reachable, check_writable, connect, filesystem, is_file, join,
+                          remove, remove_if_empty, within)
 from kd_lib.io.manifest import MANIFEST, IncompleteOutputError, finished_with_key, read_manifest, stage_key
 from kd_lib.io.publish import Publication, previous_manifest
 from kd_lib.models import check_architecture
@@ -176,6 +176,8 @@ def stage_run() -> Iterator[None]:
 def preflight(stage: str, config, inputs: dict[str, str]) -> None:
     """The checks before any work (module docstring); ``inputs`` maps config fields to input URIs."""
     out, timeout = config.out, config.storage_timeout
+    for uri in (out, *inputs.values()):
+        connect(uri, timeout)  # the first contact with each store, its credentials looked up, bounded too
     for field, uri in inputs.items():
         inside, holds = within(out, uri), within(uri, out)
         if inside or holds:
@@ -198,6 +200,8 @@ def preflight(stage: str, config, inputs: dict[str, str]) -> None:
                               "pass --force to replace its manifest (its files stay)")
     if distributed.is_main():  # the one process that writes (a probe from each would race on the folder)
         check_writable(out, timeout)
+        if getattr(config, "checkpoint_root", ""):  # a training stage's, where a full epoch's work goes
+            check_writable(config.checkpoint_root, timeout, "checkpoint_root")
         leases = _leases.get()
         if leases is not None:
             leases.enter_context(Lease(out))
@@ -233,13 +237,22 @@ def warn_small_images(uri: str, manifest: dict, side: int) -> None:
                                          side // 2, side)
 
 
+def check_same_classes(field: str, uri: str, trained_on: list[str], data: list[str], why: str) -> None:
+    """:class:`DataError` naming the model ``field`` at ``uri`` and both class lists (shortened) unless the
+    model was ``trained_on`` the ``data``'s classes, in the same order; ``why`` says what needs that."""
+    if trained_on != data:
+        def listed(names: list[str]) -> str:
+            return ", ".join(names[:5]) + (f", ... ({len(names)} in all)" if len(names) > 5 else "")
+
+        raise DataError(f"{field} at {uri} was trained on classes [{listed(trained_on)}], the data has "
+                        f"[{listed(data)}]: {why}")
+
+
 def load_upstream(uri: str, field: str, classes: list[str]) -> tuple[torch.nn.Module, dict, str]:
     """An upstream model, its metadata and its fingerprint, checked against the data's classes."""
     manifest = read_manifest(uri)
     model, meta = load_classifier(uri)
-    if meta["classes"] != classes:
-        raise DataError(f"{field} at {uri} was trained on {len(meta['classes'])} classes, but the data "
-                        f"has {len(classes)}: they must be the same classes in the same order")
+    check_same_classes(field, uri, meta["classes"], classes, "they must be the same classes in the same order")
     return model, meta, manifest["fingerprint"]
 
 

@@ -38,11 +38,10 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from components.common import OutputSettings, finished, preflight, run_key
+from components.common import OutputSettings, check_same_classes, finished, preflight, run_key
 from components.stage import Stage
 from kd_lib.config import check
 from kd_lib.data.detection_shards import DetectionShardDataset, collate_detection
-from kd_lib.data.imagefolder import DataError
 from kd_lib.data.shards import ShardedImageDataset
 from kd_lib.data.transforms import IMAGENET_MEAN, IMAGENET_STD, CropTransform
 from kd_lib.eval.cost import torch_threads
@@ -225,9 +224,8 @@ def run(config: ExportConfig) -> dict:
     if done is not None:
         return done
     state = checkpoint.load_published(config.model, MODEL_FILE)
-    if state["classes"] != data["classes"]:
-        raise DataError(f"model at {config.model} has {len(state['classes'])} classes, the data at {config.data} "
-                        f"{len(data['classes'])}: export needs the data the model was trained on")
+    check_same_classes("model", config.model, state["classes"], data["classes"],
+                       f"export needs the data the model was trained on, not {config.data}")
     if "spec" in state:
         subject = detector_subject(config, data, state)
     else:

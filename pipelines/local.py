@@ -17,6 +17,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import shutil
 import sys
 import uuid
@@ -32,6 +33,8 @@ RESULT_FILES = ("summary.json", "report.html", "report.png")
 #: what the export stage writes for the device, copied to ``OUT/model/`` (:func:`publish_model`)
 MODEL_FILES = ("model.onnx", "model.int8.onnx", "model.json")
 RUNNERS = ("subprocess", "docker")
+#: The colour codes ``kfp.local`` puts around task names, and a stage's one-line failure (kd_lib.errors).
+ANSI_CODE, STAGE_ERROR = re.compile(r"\x1b\[[0-9;]*m"), re.compile(r"kdp [\w -]+: error: ")
 PACKAGES = ("kd_lib", "components", "pipelines")
 
 
@@ -54,11 +57,13 @@ class ExecutorInputFilter(io.TextIOBase):
 
     ``kfp.local`` streams every component's output through ``print``; the
     executor logs its whole input (dozens of lines of JSON per task) before
-    the stage's own output. The stage logs keep everything else.
+    the stage's own output. The stage logs keep everything else; ``last_error`` is the last stage
+    failure line among them (uncoloured), None before one.
     """
 
     def __init__(self, target):
         self.target, self.skipping, self.pending = target, False, ""
+        self.last_error: str | None = None
 
     def write(self, text: str) -> int:
         lines = (self.pending + text).split("\n")
@@ -68,6 +73,9 @@ class ExecutorInputFilter(io.TextIOBase):
                 self.skipping = True
             elif not self.skipping:
                 self.target.write(line + "\n")
+                plain = ANSI_CODE.sub("", line).strip()
+                if found := STAGE_ERROR.search(plain):
+                    self.last_error = plain[found.start():]
             elif line.rstrip() == "    }":  # the dump's closing brace, in kfp's 4-space indent
                 self.skipping = False
         return len(text)
@@ -83,8 +91,8 @@ def run_pipeline(params: dict, out: str | os.PathLike, pipeline=None, runner: st
 
     Returns the paths of the copied :data:`RESULT_FILES`, and of ``model`` (the
     exported model's folder, :func:`publish_model`) when the run exported one.
-    Raises RuntimeError if a task fails (its error is in the log above), ConfigError before
-    anything runs when the docker runner cannot run.
+    Raises RuntimeError if a task fails, naming the task and giving its last error line, without
+    colour; ConfigError before anything runs when the docker runner cannot run.
     """
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -98,10 +106,15 @@ def run_pipeline(params: dict, out: str | os.PathLike, pipeline=None, runner: st
         task_runner = local.SubprocessRunner(use_venv=False)
     local.init(runner=task_runner, pipeline_root=str(out / "pipeline_root"), enable_caching=True,
                raise_on_error=True)
-    with warnings.catch_warnings(), contextlib.redirect_stdout(ExecutorInputFilter(sys.stdout)):
+    log = ExecutorInputFilter(sys.stdout)
+    with warnings.catch_warnings(), contextlib.redirect_stdout(log):
         warnings.filterwarnings("ignore", message=".*non-Python base image.*")
         warnings.filterwarnings("ignore", message=".*have no effect in the current local runner.*")
-        result = pipeline(**params)
+        try:
+            result = pipeline(**params)
+        except RuntimeError as err:  # kfp.local's "... Inner task failed: 'TASK'.", in colour
+            failed = ANSI_CODE.sub("", str(err)).rpartition("Inner task failed: ")[2].rstrip(".")
+            raise RuntimeError(f"task {failed} failed: {log.last_error or 'see its log above'}") from None
     # the classification pipeline returns the summary folder's URI (a parameter: kfp.local picks one of
     # two conditional branches' parameters, not artifacts), the detection pipeline the summary artifact
     summary_dir = result.output if isinstance(result.output, str) else result.output.uri

@@ -89,3 +89,18 @@ def test_a_detector_exports_its_dense_outputs(prepared_detection, tmp_path):
     session = ort.InferenceSession(published_uri(str(out), "model.onnx"), providers=["CPUExecutionProvider"])
     outputs = session.run(None, {"input": np.random.default_rng(0).random((3, 3, 64, 64), dtype=np.float32)})
     assert [o.shape[0] for o in outputs] == [3, 3, 3] and outputs[2].shape[-1] == 2
+
+
+def test_data_with_other_class_names_is_named_with_both_lists(lr_student, tmp_path, make_imagefolder):
+    """Three classes in the data as in the model, but other names: the message lists both."""
+    from kd_lib.data.shards import prepare_imagefolder
+    from kd_lib.errors import DataError
+
+    source = make_imagefolder(tmp_path / "src", train=4, val=2)
+    for split in ("train", "val"):
+        for c, name in enumerate(("cat", "dog", "eel")):
+            (source / split / f"class{c}").rename(source / split / name)
+    other = str(tmp_path / "other")
+    prepare_imagefolder(str(source), other)
+    with pytest.raises(DataError, match=r"\[class0, class1, class2\].*\[cat, dog, eel\]"):
+        export.run(from_dict(export.ExportConfig, {"model": lr_student[0], "data": other, "out": str(tmp_path / "e")}))

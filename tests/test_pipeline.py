@@ -104,3 +104,15 @@ def test_local_pipeline_gates_runs_end_to_end_and_caches(tmp_path, capsys, monke
     assert run_kdp(data, out, "--min-teacher-margin", "101") == 0
     assert executed_tasks(out / "pipeline_root") == sorted([*again, *gated]), \
         "new data: every task from prepare-data down must run again"
+
+
+def test_a_failed_task_puts_its_error_line_on_stderr_without_colour(tmp_path, capsys, make_imagefolder):
+    """kdp run on a dataset with a damaged image: stderr names the task and the file, in one line."""
+    data = make_imagefolder(tmp_path / "data", train=4, val=2)
+    damaged = data / "train" / "class0" / "000.png"
+    damaged.write_bytes(b"not a png")
+    capsys.readouterr()
+    assert run_kdp(data, tmp_path / "run") == 1
+    err = capsys.readouterr().err
+    assert "prepare-data-op" in err and str(damaged) in err and "\x1b" not in err, err
+    assert len(err.strip().splitlines()) == 1, err

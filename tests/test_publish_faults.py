@@ -126,7 +126,7 @@ def test_each_failed_write_of_a_checkpoint_leaves_one_readable(location, monkeyp
     fs, _ = filesystem(location)
 
     def readable():
-        assert int(checkpoint.load_latest(uri)["step"]) in (1, 2)
+        assert int(checkpoint.load_latest(uri)[0]["step"]) in (1, 2)
 
     faults = Faults(monkeypatch, fs, readable)
     for fail_at in range(1, 20):
@@ -138,12 +138,12 @@ def test_each_failed_write_of_a_checkpoint_leaves_one_readable(location, monkeyp
             continue
         break
     assert fail_at >= 4  # the new file, its move into place, last -> previous, next -> last
-    assert int(checkpoint.load_latest(uri)["step"]) == 2
+    assert int(checkpoint.load_latest(uri)[0]["step"]) == 2
     faults.arm(None)
     faults.invariant = lambda: None
     checkpoint.save_latest({"step": torch.tensor(3)}, uri)
     write_bytes(uri, b"damaged")
-    assert int(checkpoint.load_latest(uri)["step"]) == 2  # the previous one
+    assert int(checkpoint.load_latest(uri)[0]["step"]) == 2  # the previous one
     write_bytes(join(location, "ckpt", "previous.pt"), b"damaged too")
     with pytest.raises(Exception, match="--restart") as err:
         checkpoint.load_latest(uri)

@@ -6,6 +6,7 @@ import errno
 import hashlib
 import json
 import os
+import random
 import re
 import shutil
 import signal
@@ -138,8 +139,8 @@ def test_a_damaged_checkpoint_falls_back_to_the_previous_then_needs_restart(prep
     assert last.exists() and previous.exists()
     last.write_bytes(last.read_bytes()[:100])
     code, err = kdp(capsys, *args)
-    assert code == 0 and "resumed from" in err, err
-    assert f"{last}: not a readable checkpoint" in caplog.text and f"resuming from {previous}" in caplog.text
+    assert code == 0 and f"resumed from {previous} " in err and f"resumed from {last}" not in err, err
+    assert f"{last}: not a readable checkpoint" in caplog.text
 
     shutil.copytree(out, tmp_path / "published")
     with monkeypatch.context() as patch:
@@ -162,6 +163,17 @@ def test_a_checkpoint_with_pickled_code_is_refused_without_unsafe_advice(tmp_pat
     with pytest.raises(DataError, match="refused") as err:
         checkpoint.load(uri)
     assert uri in str(err.value) and "weights_only=False" not in str(err.value)
+
+
+@pytest.mark.parametrize("weights, named", [("nope.pt", "does not exist"),
+                                             ("noise.pt", "not a readable state dict")])
+def test_weights_that_are_missing_or_not_weights_are_named(prepared, tmp_path, capsys, weights, named):
+    """Named in one line that says what is wrong, never with torch's advice to load unsafely."""
+    (tmp_path / "noise.pt").write_bytes(random.Random(0).randbytes(4096))
+    code, err = kdp(capsys, "stage", "teacher", "--data", prepared, "--out", tmp_path / "t", *FAST,
+                    "--weights", tmp_path / weights)
+    assert_failed_cleanly(code, err, 1, tmp_path / weights, named)
+    assert len(err.strip().splitlines()) == 1 and "weights_only" not in err, err
 
 
 def test_a_swapped_model_is_named_with_both_hashes(prepared, teacher_copy, tmp_path, capsys):
@@ -238,6 +250,15 @@ def test_an_unknown_architecture_is_a_config_error_before_data_loads(tmp_path, c
     assert_failed_cleanly(code, err, 2, "'arch'", "resnet18")  # named, with close matches
 
 
+@pytest.mark.parametrize("argument", ["bogus_kw=3", "drop_rate=abc"])
+def test_a_timm_argument_the_model_does_not_take_is_a_config_error(tmp_path, capsys, argument):
+    """An unknown keyword, or a string for a number, fails the config check in one line, not in training."""
+    code, err = kdp(capsys, "stage", "teacher", "--data", tmp_path / "nowhere", "--out", tmp_path / "t",
+                    *FAST, "--arch", f"timm:resnet18,{argument}")
+    assert_failed_cleanly(code, err, 2, "'arch'", argument.partition("=")[0])
+    assert len(err.strip().splitlines()) == 1, err
+
+
 def test_an_unknown_detector_backbone_is_a_config_error(tmp_path, capsys):
     code, err = kdp(capsys, "stage", "detector", "--data", tmp_path / "nowhere", "--out", tmp_path / "t",
                     "--backbone", "resnet19")
@@ -308,20 +329,30 @@ def test_sigint_during_start_up_exits_130_without_a_traceback(prepared, tmp_path
     assert "interrupted" in process.stderr and not (tmp_path / "t").exists()
 
 
-def test_an_unreachable_bucket_fails_within_the_storage_timeout(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("host", ["127.0.0.1:{port}", "nonexistent.invalid:4443"], ids=["closed-port", "no-such-host"])
+def test_an_unreachable_bucket_fails_within_the_storage_timeout(host, tmp_path, monkeypatch, capsys):
+    """Store and metadata server (where gcsfs looks up credentials) at a closed port or an unresolvable
+    host: the stage fails in one line naming the URI within the timeout and a second and a half."""
     pytest.importorskip("gcsfs")
     import fsspec
     import gcsfs
     from test_gcs import free_port
 
-    monkeypatch.setitem(fsspec.config.conf, "gs", {"endpoint_url": f"http://127.0.0.1:{free_port()}",
-                                                   "token": "anon"})
+    host = host.format(port=free_port())
+    for variable in ("GCE_METADATA_HOST", "GCE_METADATA_IP"):
+        monkeypatch.setenv(variable, host)
+    monkeypatch.setenv("CLOUDSDK_CONFIG", str(tmp_path / "no-gcloud"))
+    monkeypatch.delenv("GOOGLE_APPLICATION_CREDENTIALS", raising=False)
+    monkeypatch.setitem(fsspec.config.conf, "gs", {"endpoint_url": f"http://{host}"})
     gcsfs.GCSFileSystem.clear_instance_cache()
+    timeout = 2
     started = time.monotonic()
     code, err = kdp(capsys, "stage", "teacher", "--data", "gs://nowhere/data", "--out", tmp_path / "t", *FAST,
-                    "--storage-timeout", "2")
-    assert time.monotonic() - started < 10
+                    "--storage-timeout", timeout)
+    elapsed = time.monotonic() - started
+    assert elapsed < timeout + 1.5, f"failed after {elapsed:.1f} s"
     assert_failed_cleanly(code, err, 1, "gs://nowhere/data", "storage_timeout")
+    assert len(err.strip().splitlines()) == 1, err
     gcsfs.GCSFileSystem.clear_instance_cache()
 
 
@@ -333,6 +364,17 @@ def test_an_out_that_cannot_be_written_fails_before_training(prepared, tmp_path,
     code, err = kdp(capsys, "stage", "teacher", "--data", prepared, "--out", blocker / "sub", *FAST)
     assert_failed_cleanly(code, err, 1, blocker / "sub")
     assert "epoch" not in err
+    assert blocker.read_text() == "a file"
+
+
+def test_a_checkpoint_root_that_cannot_be_written_fails_at_preflight(prepared, tmp_path, capsys, monkeypatch):
+    """Not after a full epoch of training: the stage never reaches the loop."""
+    blocker = tmp_path / "file"
+    blocker.write_text("a file")
+    monkeypatch.setattr(common, "fit", lambda *args, **kwargs: pytest.fail("trained before the check"))
+    code, err = kdp(capsys, "stage", "teacher", "--data", prepared, "--out", tmp_path / "t", *FAST,
+                    "--checkpoint-root", blocker / "checkpoints")
+    assert_failed_cleanly(code, err, 1, blocker / "checkpoints", "checkpoint_root")
     assert blocker.read_text() == "a file"
 
 

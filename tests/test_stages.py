@@ -111,7 +111,8 @@ def test_wrong_class_count_is_an_error(prepared, trained_teacher, tmp_path, make
 
     other = str(tmp_path / "four")
     prepare_imagefolder(str(make_imagefolder(tmp_path / "src4", classes=4, train=4, val=2)), other)
-    with pytest.raises(DataError, match=r"teacher at .* trained on 3 classes, but the data has 4"):
+    with pytest.raises(DataError, match=r"teacher at .* trained on classes \[class0, class1, class2\], the data "
+                                        r"has \[class0, class1, class2, class3\]"):
         assistant.run(config(assistant.AssistantConfig, other, tmp_path / "a", teacher=trained_teacher))
 
 

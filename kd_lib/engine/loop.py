@@ -268,14 +268,15 @@ class _Run:
         Under ``torchrun`` every process resumes from the main process's checkpoint, RNG states
         included: they draw alike (one seed, one model, equal shares of each batch).
         """
-        saved = checkpoint.load_latest(self.uri)  # an earlier one if last.pt is damaged
-        if saved is not None:
+        latest = checkpoint.load_latest(self.uri)  # an earlier one if last.pt is damaged
+        if latest is not None:
+            saved, source = latest
             self.task.load_trainable_state_dict(saved["task"])
             self.optimizer.load_state_dict(saved["optimizer"])
             self.scheduler.load_state_dict(saved["scheduler"])
             self.state = LoopState(**saved["loop"])
             set_rng_states(saved["rng"], self.device)
-            print(f"{self.desc}: resumed from {self.uri} at epoch {self.state.epoch + 1}, batch {self.state.batch}",
+            print(f"{self.desc}: resumed from {source} at epoch {self.state.epoch + 1}, batch {self.state.batch}",
                   file=sys.stderr, flush=True)
         else:
             torch.manual_seed(self.settings.seed)

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import io
 import logging
-import pickle
 import posixpath
 from typing import Any
 
@@ -44,18 +43,27 @@ def _serialize(obj: Any) -> bytes:
     return buffer.getvalue()
 
 
+def load_failure(err: Exception) -> tuple[str, bool]:
+    """What ``torch.load(weights_only=True)``'s error ``err`` says of a file, in one line without torch's
+    advice to load it with ``weights_only=False`` (never to be given), and whether the file is a pickle
+    that names Python objects beyond tensors and plain values (refused: loading it could run code)."""
+    lines = [line.strip().removeprefix("WeightsUnpickler error:").strip() for line in str(err).splitlines()]
+    found = [line for line in lines if line and "weights_only" not in line
+             and not line.startswith(("Weights only load failed", "Please file", "Check the documentation"))]
+    reason = f"{type(err).__name__}: {found[0].split('. ')[0]}" if found else type(err).__name__
+    return reason, "GLOBAL" in reason
+
+
 def deserialize(data: bytes, uri: str) -> Any:
     """The object in the bytes ``data`` read from ``uri``; :class:`DataError` naming ``uri`` if damaged."""
     try:
         return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        if "weights_only" in str(err) or "Unsupported global" in str(err):
+    except Exception as err:  # torch raises several types for a damaged file
+        reason, runs_code = load_failure(err)
+        if runs_code:
             raise DataError(f"{uri}: holds pickled Python objects, not only tensors and plain values; refused "
                             "(loading it could run code): rewrite it with the stage that made it") from None
-        raise DataError(f"{uri}: not a readable checkpoint ({str(err).splitlines()[0]})") from None
-    except Exception as err:  # torch raises several types for a damaged file
-        first = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise DataError(f"{uri}: not a readable checkpoint ({first})") from None
+        raise DataError(f"{uri}: not a readable checkpoint ({reason})") from None
 
 
 def save(obj: Any, uri: str) -> None:
@@ -99,8 +107,9 @@ def candidates(uri: str) -> list[str]:
     return [c for c in (uri, _sibling(uri, NEXT), _sibling(uri, PREVIOUS)) if exists(c)]
 
 
-def load_latest(uri: str) -> Any | None:
-    """The newest readable checkpoint of ``uri`` (``DIR/last.pt``), or None when there is none.
+def load_latest(uri: str) -> tuple[Any, str] | None:
+    """The newest readable checkpoint of ``uri`` (``DIR/last.pt``) and the file it was read from
+    (an earlier one when ``last.pt`` is damaged), or None when there is none.
 
     Raises:
         CheckpointError: checkpoints exist but none is readable (the message names them and says
@@ -115,9 +124,7 @@ def load_latest(uri: str) -> Any | None:
             failures.append(str(err))
             log.warning("%s; trying an earlier checkpoint", err)
             continue
-        if failures:
-            log.warning("resuming from %s", candidate)
-        return state
+        return state, candidate
     if failures:
         raise CheckpointError(f"{'; '.join(failures)}: no readable checkpoint to resume from; run again with "
                               "--restart to start this training over (the damaged checkpoints are removed)")

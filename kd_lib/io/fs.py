@@ -11,6 +11,8 @@ from __future__ import annotations
 import hashlib
 import os
 import posixpath
+import threading
+import time
 import uuid
 from collections.abc import Callable
 
@@ -49,12 +51,38 @@ def _unreachable(uri: str, err: Exception, timeout: float) -> StorageError:
     return StorageError(f"{uri}: {type(err).__name__}: {err}: check the URI, the network and the credentials")
 
 
-def check_reachable(uri: str, timeout: float = STORAGE_TIMEOUT) -> bool:
-    """Whether ``uri`` exists; :class:`StorageError` naming it if its store does not answer within
-    ``timeout`` s or refuses the request."""
-    fs, path = filesystem(uri)
+def connect(uri: str, timeout: float = STORAGE_TIMEOUT) -> tuple[fsspec.AbstractFileSystem, str]:
+    """:func:`filesystem`, given up after ``timeout`` s (:class:`StorageError` naming ``uri``). Opening a
+    store can look up its credentials first: gcsfs asks the cloud's metadata server, with retries, for
+    15 s and more where there is none. A lookup given up goes on in a daemon thread, which never holds up
+    the process's exit."""
+    opened: list = []
+    thread = threading.Thread(target=lambda: opened.append(_outcome(filesystem, uri)), daemon=True,
+                              name=f"connect {uri}")
+    thread.start()
+    thread.join(timeout)
+    if not opened:
+        raise _unreachable(uri, TimeoutError(), timeout)
+    if isinstance(opened[0], BaseException):
+        raise opened[0]
+    return opened[0]
+
+
+def _outcome(call: Callable, *args):
+    """``call(*args)``, or the exception it raised."""
     try:
-        _bounded(fs, "info", path, timeout=timeout)
+        return call(*args)
+    except BaseException as err:  # handed to the thread that waits for it
+        return err
+
+
+def check_reachable(uri: str, timeout: float = STORAGE_TIMEOUT) -> bool:
+    """Whether ``uri`` exists; :class:`StorageError` naming it if its store, opened included, does not
+    answer within ``timeout`` s or refuses the request."""
+    started = time.monotonic()
+    fs, path = connect(uri, timeout)
+    try:
+        _bounded(fs, "info", path, timeout=max(timeout - (time.monotonic() - started), 0.1))
         return True
     except FileNotFoundError:
         return False
@@ -62,11 +90,11 @@ def check_reachable(uri: str, timeout: float = STORAGE_TIMEOUT) -> bool:
         raise _unreachable(uri, err, timeout) from err
 
 
-def check_writable(uri: str, timeout: float = STORAGE_TIMEOUT) -> None:
-    """Write a small probe file under the folder ``uri`` and remove it (and the folder, if the probe
-    made it); :class:`StorageError` naming ``uri`` if that fails or its store does not answer within
-    ``timeout`` s."""
-    fs, path = filesystem(uri)
+def check_writable(uri: str, timeout: float = STORAGE_TIMEOUT, field: str = "out") -> None:
+    """Write a small probe file under the folder ``uri`` (the setting ``field``) and remove it (and the
+    folder, if the probe made it); :class:`StorageError` naming ``uri`` if that fails or its store does
+    not answer within ``timeout`` s (its opening and the probe's upload, each)."""
+    fs, path = connect(uri, timeout)
     probe = posixpath.join(path, f".write-probe-{uuid.uuid4().hex[:8]}")
     try:
         existed = fs.exists(path)
@@ -78,7 +106,7 @@ def check_writable(uri: str, timeout: float = STORAGE_TIMEOUT) -> None:
     except TimeoutError as err:
         raise _unreachable(uri, err, timeout) from err
     except (OSError, ValueError, RuntimeError) as err:
-        raise StorageError(f"cannot write under {uri}: {err}: choose an out you can write to") from err
+        raise StorageError(f"cannot write under {uri}: {err}: choose a {field} you can write to") from err
 
 
 def is_file(uri: str) -> bool:

@@ -13,8 +13,10 @@ record.
 from __future__ import annotations
 
 import ast
+import inspect
 
 import timm
+import torch
 import torch.nn as nn
 import torchvision
 
@@ -31,7 +33,8 @@ def available_architectures() -> list[str]:
 
 def check_architecture(arch: str, field: str = "arch") -> None:
     """Raise :class:`~kd_lib.config.ConfigError` for ``field`` unless :func:`build_classifier`
-    takes the name ``arch``: an unknown name (with its close matches) or malformed timm arguments."""
+    takes the name ``arch``: an unknown name (with its close matches), malformed timm arguments, or
+    arguments timm's model does not take (:func:`check_timm_arguments`)."""
     if not arch.startswith(TIMM_PREFIX):
         check_name(arch, available_architectures(), field, "torchvision architecture")
         return
@@ -40,6 +43,25 @@ def check_architecture(arch: str, field: str = "arch") -> None:
     except ValueError as err:
         raise ConfigError(field, str(err)) from None
     check_name(name, timm.list_models(), field, "timm model")
+    check_timm_arguments(arch, field)
+
+
+def check_timm_arguments(arch: str, field: str = "arch") -> None:
+    """:class:`~kd_lib.config.ConfigError` for ``field`` unless timm builds ``arch`` (on the meta device:
+    no memory, no weights) and every keyword argument whose default in the model's class is a number
+    (or a flag) is given a number: a string there would fail only inside training."""
+    name, kwargs = parse_timm_arch(arch)
+    try:
+        with torch.device("meta"):
+            model = _create_timm(arch, None)
+    except Exception as err:  # timm raises TypeError, ValueError, AssertionError, ... for bad arguments
+        raise ConfigError(field, f"{arch!r}: timm cannot build {name} with these arguments: {err}") from None
+    declared = inspect.signature(type(model).__init__).parameters
+    for key, value in kwargs.items():
+        default = declared[key].default if key in declared else None
+        if isinstance(default, (int, float)) and not isinstance(value, (int, float)):
+            raise ConfigError(field, f"{arch!r}: {key}={value!r} is not a number ({name} takes a "
+                              f"{type(default).__name__}, by default {default!r})")
 
 
 def parse_timm_arch(arch: str) -> tuple[str, dict]:
@@ -73,6 +95,11 @@ def build_timm(arch: str, num_classes: int | None, name: str | None = None, **ex
     model, and :mod:`kd_lib.models.weights` loads the weights it asks for.
     """
     check_architecture(arch)
+    return _create_timm(arch, num_classes, name, **extra)
+
+
+def _create_timm(arch: str, num_classes: int | None, name: str | None = None, **extra) -> nn.Module:
+    """:func:`build_timm` without checking ``arch`` first."""
     arch_name, kwargs = parse_timm_arch(arch)
     kwargs.pop("pretrained", None)
     kwargs = {"pretrained": False, **extra, **kwargs}

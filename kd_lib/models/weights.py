@@ -43,6 +43,7 @@ import torch.nn as nn
 import torchvision
 
 from kd_lib.errors import KDError
+from kd_lib.io.checkpoint import load_failure
 from kd_lib.io.fs import exists, join, listing_fingerprint, read_bytes
 from kd_lib.io.manifest import MANIFEST, published_uri, read_manifest, read_published
 from kd_lib.models.backbones import (TIMM_PREFIX, build_classifier, build_timm, classifier_module_name,
@@ -99,16 +100,25 @@ def is_uri(weights: str) -> bool:
 def weights_fingerprint(weights: str) -> str:
     """What identifies the weights for a stage key: a URI's listing fingerprint (path, size,
     version of each file), else the string itself (an enum or a timm tag names fixed weights)."""
-    return listing_fingerprint(weights) if is_uri(weights) else weights
+    if not is_uri(weights):
+        return weights
+    try:
+        return listing_fingerprint(weights)
+    except FileNotFoundError:
+        raise WeightsError(f"weights: {weights} does not exist: give a model folder, a state dict or a "
+                           ".safetensors file") from None
 
 
 def _read_torch(uri: str, data: bytes) -> dict:
     try:
         obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as err:  # an unpickling error, or a damaged file
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise WeightsError(f"{uri}: refused: not a weights-only file (tensors and plain values); torch.load with "
-                           f"weights_only=True says: {first}") from None
+        reason, runs_code = load_failure(err)
+        if runs_code:
+            raise WeightsError(f"{uri}: refused: a pickle of Python objects, not only tensors and plain values "
+                               f"(loading it could run code: {reason})") from None
+        raise WeightsError(f"{uri}: refused: not a readable state dict, model.pt or .safetensors file "
+                           f"({reason})") from None
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):

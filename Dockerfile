@@ -49,12 +49,14 @@ COPY kd_lib /src/kd_lib
 COPY components /src/components
 COPY pipelines /src/pipelines
 RUN pip install --no-deps --no-build-isolation /src && rm -rf /src
+COPY containers/entrypoint.sh /usr/local/bin/kdp-entrypoint
 RUN useradd --create-home --uid 1000 kdp
 USER kdp
 # writable by the user, for `kdp run`'s runs/ and the caches under ~/.cache
 WORKDIR /home/kdp
-# `docker run IMAGE stage evaluate ...`; KFP sets its own command and skips this
-ENTRYPOINT ["kdp"]
+# `docker run IMAGE stage evaluate ...` runs kdp; a command on PATH (KFP's executor, TorchX's
+# torchrun, python3) runs as given, also where a runner passes it as arguments, not as the entrypoint
+ENTRYPOINT ["kdp-entrypoint"]
 
 # ---- cpu ----
 FROM runtime AS cpu

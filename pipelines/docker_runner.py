@@ -28,9 +28,6 @@ from kd_lib.config import ConfigError
 
 #: the images' user (the Dockerfile's ``useradd --uid 1000``)
 IMAGE_UID = 1000
-#: the images' entrypoint (``kdp``) reset: a task's command is KFP's executor, which on a cluster
-#: replaces the entrypoint too (a pod's ``command``), while the runner passes it as arguments
-NO_ENTRYPOINT = [""]
 
 
 def docker_client():
@@ -108,10 +105,9 @@ def docker_runner(out: Path, params: dict):
             folder.mkdir(parents=True, exist_ok=True)
             for path in (folder, *folder.rglob("*")):
                 os.chown(path, IMAGE_UID, IMAGE_UID, follow_symlinks=False)
-        return local.DockerRunner(mounts=mounts, entrypoint=NO_ENTRYPOINT)
+        return local.DockerRunner(mounts=mounts)
     # the host's user, so that what the tasks write is the user's; HOME: the image's belongs to uid 1000
-    return local.DockerRunner(mounts=mounts, entrypoint=NO_ENTRYPOINT, user=f"{os.getuid()}:{os.getgid()}",
-                              environment={"HOME": "/tmp"})
+    return local.DockerRunner(mounts=mounts, user=f"{os.getuid()}:{os.getgid()}", environment={"HOME": "/tmp"})
 
 
 def task_images(pipeline) -> dict[str, dict[str, str]]:

@@ -222,8 +222,10 @@ def test_each_image_runs_kdp_as_a_user_with_the_venv_first(role):
     target = STAGES_OF_DOCKERFILE["runtime"]
     assert target in chain(role), f"Dockerfile: the {role} image is not built on the runtime stage"
     [entrypoint] = [json.loads(arguments) for arguments in target.arguments("ENTRYPOINT")]
-    assert entrypoint[0] in PYPROJECT["project"]["scripts"], (
-        f"Dockerfile: the {role} ENTRYPOINT {entrypoint[0]} is not a [project.scripts] entry of pyproject.toml")
+    assert f"containers/entrypoint.sh /usr/local/bin/{entrypoint[0]}" in target.arguments("COPY"), (
+        f"Dockerfile: the {role} ENTRYPOINT {entrypoint[0]} is not containers/entrypoint.sh")
+    assert "exec kdp " in (ROOT / "containers" / "entrypoint.sh").read_text()
+    assert "kdp" in PYPROJECT["project"]["scripts"]
     users = target.arguments("USER")
     assert users and users[-1] not in ("root", "0"), f"Dockerfile: the {role} image runs as root"
     venv = envs(target)["PATH"].split(":")[0]

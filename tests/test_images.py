@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -24,6 +26,7 @@ from pipelines import cli
 from conftest import require, write_imagefolder
 
 pytestmark = pytest.mark.containers
+ROOT = Path(__file__).resolve().parents[1]
 
 CPU, TRAIN = IMAGES["cpu"], IMAGES["train"]
 #: a stage's tiny settings: one epoch at 32 px on the CPU
@@ -167,6 +170,24 @@ def test_a_stage_under_torchrun_with_two_processes_in_the_train_image(prepared, 
                   volumes={Path(prepared): "/data:ro", out: "/out"}, entrypoint="torchrun", network="host")
     assert read_manifest(str(out / "teacher"))["final"]["epoch"] == 1, done.stderr[-2000:]
     assert done.stderr.count("teacher epoch 1/1:") == 1  # two processes, one publishes
+
+
+def test_a_stage_as_a_torchx_job_on_local_docker(prepared, tmp_path):
+    """TorchX's local_docker scheduler: the job's container of the train image (with the working
+    tree on top, TorchX's workspace) runs torchrun with two processes that end on the same weights."""
+    work = volume(tmp_path / "work")
+    shutil.copytree(prepared, work / "data")
+    if os.getuid() == 0:
+        for path in work.rglob("*"):
+            os.chown(path, 1000, 1000)
+    done = subprocess.run([str(Path(sys.executable).parent / "torchx"), "run", "-s", "local_docker",
+                           "components/torchx_apps.py:stage_app", "--stage", "teacher", "--nproc_per_node", "2",
+                           "--gpus_per_node", "0", "--cpu", "2", "--memMB", "8192", "--mounts",
+                           f"type=bind,src={work},dst=/work", "--", "--data", "/work/data", "--out", "/work/teacher",
+                           *TINY], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    digests = set(re.findall(r"final parameter digest (\w+)", done.stderr))
+    assert len(digests) == 1 and read_manifest(str(work / "teacher"))["final"]["epoch"] == 1, done.stderr[-3000:]
 
 
 def run_docker_pipeline(command: list[str], out: Path) -> dict:

@@ -371,3 +371,31 @@ def test_a_batch_larger_than_the_training_split_is_a_bad_batch_size_setting(prep
                      "--batch-size", "4096"], "kdp stage teacher", "")
     [line] = capsys.readouterr().err.strip().splitlines()[-1:]
     assert code == 2 and "field 'batch_size'" in line and "fewer than one batch of 4096" in line
+
+
+def test_files_that_are_not_images_are_skipped_and_counted(imagefolder, tmp_path, caplog):
+    import logging
+
+    from components.prepare_data import PrepareDataConfig, run
+    from kd_lib.config import from_dict
+
+    for split in ("train", "val"):
+        folder = next(p for p in sorted((imagefolder / split).iterdir()) if p.is_dir())
+        (folder / "notes.txt").write_text("not an image")
+    with caplog.at_level(logging.WARNING):
+        manifest = run(from_dict(PrepareDataConfig, {"source": str(imagefolder), "out": str(tmp_path / "prepared")}))
+    assert "skipped 2 files that are not images" in caplog.text and "notes.txt" in caplog.text
+    assert manifest["splits"]["train"]["images"] == len(list((imagefolder / "train").rglob("*.png")))
+
+
+def test_an_error_during_prepare_data_starts_on_a_line_of_its_own(imagefolder, tmp_path, capsys):
+    """The progress bar's line ends before the error is printed."""
+    from components import prepare_data
+    from components.common import stage_cli
+
+    next((imagefolder / "val").rglob("*.png")).write_bytes(b"\x89PNG not really")
+    code = stage_cli(prepare_data.PrepareDataConfig, prepare_data.run,
+                     ["--source", str(imagefolder), "--out", str(tmp_path / "prepared"), "--num-workers", "0"],
+                     "kdp stage prepare-data", "")
+    err = capsys.readouterr().err
+    assert code == 1 and "\nkdp stage prepare-data: error: " in err, err

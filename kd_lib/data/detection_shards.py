@@ -161,21 +161,22 @@ def prepare_detection(dataset: DetectionSet, out: str, image_size: int, *, sourc
     adjusted = Counter(dataset.adjusted) + Counter(val.adjusted if val is not None else {})
     info: dict[str, dict] = {}
     with ShardWriter(out, SCHEMA) as writer, OrderedPool(num_workers) as pool:
-        progress = tqdm(total=sum(len(images) for _, images in splits.values()), desc="prepare-data", unit="img")
-        for split, (split_source, images) in splits.items():
-            boxes = 0
-            for image, kept in writer.write_split(pool, split, split_source.root, images, shard_size,
-                                                  partial(letterboxed_row, size=image_size), attrgetter("path")):
-                digest.update(json.dumps([split, image.path, kept["sha256"], image.image_id,
-                                          image.boxes, image.labels, image.crowd, image.areas]).encode() + b"\n")
-                if kept["dropped"]:
-                    adjusted[DEGENERATE] += kept["dropped"]
-                    log.warning("%s: %d %s to %d px", join(split_source.root, image.path), kept["dropped"],
-                                DEGENERATE, image_size)
-                boxes += len(image.labels) - kept["dropped"]
-                progress.update()
-            info[split] = {"images": len(images), "boxes": boxes, "shards": writer.shards[split]}
-        progress.close()
+        # closed on an error too: its line ends before the error is printed
+        with tqdm(total=sum(len(images) for _, images in splits.values()), desc="prepare-data",
+                  unit="img") as progress:
+            for split, (split_source, images) in splits.items():
+                boxes = 0
+                for image, kept in writer.write_split(pool, split, split_source.root, images, shard_size,
+                                                      partial(letterboxed_row, size=image_size), attrgetter("path")):
+                    digest.update(json.dumps([split, image.path, kept["sha256"], image.image_id,
+                                              image.boxes, image.labels, image.crowd, image.areas]).encode() + b"\n")
+                    if kept["dropped"]:
+                        adjusted[DEGENERATE] += kept["dropped"]
+                        log.warning("%s: %d %s to %d px", join(split_source.root, image.path), kept["dropped"],
+                                    DEGENERATE, image_size)
+                    boxes += len(image.labels) - kept["dropped"]
+                    progress.update()
+                info[split] = {"images": len(images), "boxes": boxes, "shards": writer.shards[split]}
     return writer.publish(digest.hexdigest(), {"task": "detection", "source": source, "classes": dataset.categories,
                                                "num_classes": len(dataset.categories), "image_size": image_size,
                                                "splits": info, "adjusted": dict(sorted(adjusted.items()))})

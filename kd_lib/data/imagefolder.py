@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import logging
 import warnings
 from dataclasses import dataclass
 
@@ -16,6 +17,8 @@ from PIL import Image, UnidentifiedImageError
 
 from kd_lib.errors import DataError
 from kd_lib.io.fs import inside_root, join, list_files, list_folders
+
+log = logging.getLogger(__name__)
 
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -89,12 +92,13 @@ def list_classes(root: str, selection: list[str] | None = None) -> list[str]:
 def list_images(root: str, classes: list[str], follow_links: bool = False) -> list[ImageRecord]:
     """Every image of both splits, in a stable order.
 
+    Files without an image extension are skipped, with one warning that counts them.
     Raises :class:`DataError` when a split is missing, when ``val/`` has other
     classes than ``train/``, when a class folder (of ``classes``, which may
     be a selection of them) holds no image, or when an image is a link out of
     ``root`` (unless ``follow_links``, :func:`~kd_lib.io.fs.inside_root`).
     """
-    records = []
+    records, skipped = [], []
     check_inside = inside_root(root, follow_links)
     expected = split_classes(root, "train")
     for split in SPLITS:
@@ -104,7 +108,9 @@ def list_images(root: str, classes: list[str], follow_links: bool = False) -> li
             raise DataError(f"{join(root, split)}: classes differ from train/: "
                             f"missing {missing}, unexpected {extra}")
         for label, name in enumerate(classes):
-            files = [f for f in list_files(join(root, split, name)) if f.lower().endswith(IMAGE_EXTENSIONS)]
+            listed = list_files(join(root, split, name))
+            files = [f for f in listed if f.lower().endswith(IMAGE_EXTENSIONS)]
+            skipped += [f"{split}/{name}/{f}" for f in listed if not f.lower().endswith(IMAGE_EXTENSIONS)]
             if not files:
                 raise DataError(f"empty class folder {join(root, split, name)}: no images "
                                 f"(looked for {', '.join(IMAGE_EXTENSIONS)})")
@@ -112,4 +118,7 @@ def list_images(root: str, classes: list[str], follow_links: bool = False) -> li
                 path = f"{split}/{name}/{f}"
                 check_inside(path, join(root, path))
                 records.append(ImageRecord(split, path, label))
+    if skipped:
+        log.warning("%s: skipped %d files that are not images by their extension (%s), e.g. %s", root,
+                    len(skipped), ", ".join(IMAGE_EXTENSIONS), skipped[0])
     return records

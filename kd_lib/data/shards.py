@@ -161,16 +161,16 @@ def prepare_imagefolder(source: str, out: str, shard_size: int = 1024, max_per_c
     splits: dict[str, dict] = {}
     short_sides: Counter = Counter()
     with ShardWriter(out) as writer, OrderedPool(num_workers) as pool:
-        progress = tqdm(total=len(records), desc="prepare-data", unit="img")
-        for split in SPLITS:
-            split_records = shuffled([r for r in records if r.split == split])
-            for record, kept in writer.write_split(pool, split, source, split_records, shard_size, image_row,
-                                                   attrgetter("path")):
-                short_sides[kept["side"]] += 1
-                digest.update(f"{record.path}\t{record.label}\t{kept['sha256']}\n".encode())
-                progress.update()
-            splits[split] = {"images": len(split_records), "shards": writer.shards[split]}
-        progress.close()
+        # closed on an error too: its line ends before the error is printed
+        with tqdm(total=len(records), desc="prepare-data", unit="img") as progress:
+            for split in SPLITS:
+                split_records = shuffled([r for r in records if r.split == split])
+                for record, kept in writer.write_split(pool, split, source, split_records, shard_size, image_row,
+                                                       attrgetter("path")):
+                    short_sides[kept["side"]] += 1
+                    digest.update(f"{record.path}\t{record.label}\t{kept['sha256']}\n".encode())
+                    progress.update()
+                splits[split] = {"images": len(split_records), "shards": writer.shards[split]}
     return writer.publish(digest.hexdigest(), {"task": "classification", "source": source, "classes": classes,
                                                "num_classes": len(classes), "splits": splits,
                                                "short_sides": dict(sorted(short_sides.items(), key=lambda kv: int(kv[0])))})

@@ -368,22 +368,21 @@ class _Run:
                    disable=not distributed.is_main())
         self.task.train()
         started, steps = time.monotonic(), 0
-        for hr, lr_images, targets in paired_batches(bar, self.pairing, self.device):
-            self.step(hr, lr_images, targets, stop)
-            steps += 1
-            checkpoint_due = state.step % settings.checkpoint_every == 0
-            # in one process a signal is seen at once; under torchrun at the next sync, where all agree on it
-            if (checkpoint_due or state.step % SYNC_EVERY == 0 or state.batch == self.steps_per_epoch
-                    or (self.world == 1 and stop.signum is not None)):
-                signum = self.sync(stop)
-                bar.set_postfix(loss=f"{self.last_loss:.3f}", refresh=False)
-                if signum is not None:
-                    self.save()
-                    bar.close()
-                    raise TrainingInterrupted(signum, self.uri)
-                if checkpoint_due:
-                    self.save()
-        bar.close()
+        with bar:  # closed on an error too: its line ends before the error is printed
+            for hr, lr_images, targets in paired_batches(bar, self.pairing, self.device):
+                self.step(hr, lr_images, targets, stop)
+                steps += 1
+                checkpoint_due = state.step % settings.checkpoint_every == 0
+                # in one process a signal is seen at once; under torchrun at the next sync, where all agree on it
+                if (checkpoint_due or state.step % SYNC_EVERY == 0 or state.batch == self.steps_per_epoch
+                        or (self.world == 1 and stop.signum is not None)):
+                    signum = self.sync(stop)
+                    bar.set_postfix(loss=f"{self.last_loss:.3f}", refresh=False)
+                    if signum is not None:
+                        self.save()
+                        raise TrainingInterrupted(signum, self.uri)
+                    if checkpoint_due:
+                        self.save()
         if self.pending:  # only if the loader gave fewer than steps_per_epoch batches
             self.sync(stop)
         train_seconds = time.monotonic() - started

@@ -14,7 +14,9 @@ noise over 10 classes), measures:
   the training sampler (:class:`~kd_lib.data.sampler.EpochBatchSampler`),
   and the HR/LR pair made on ``--device`` by the main process
   (:class:`~kd_lib.data.transforms.PairedResize`, as the loop does: one
-  kernel on CUDA); ``official_style``, torchvision ``ImageFolder`` with
+  kernel on CUDA); ``project_unverified``, the same without checking each
+  page read against its CRC-32 (what the integrity check costs: target
+  under ``CHECK_COST``); ``official_style``, torchvision ``ImageFolder`` with
   ``RandomResizedCrop``, ``ToTensor`` and ``Normalize``, the HR and LR
   tensors both made in the workers and moved to ``--device``. Target:
   project / official style >= ``LOADER_RATIO``. Meanwhile this process runs
@@ -70,7 +72,7 @@ from official_style import CLASSES, PairedFolder, write_images  # noqa: E402
 
 HERE = Path(__file__).resolve()
 RATIO, BATCH, TRAIN_STEPS = 4, 32, 20
-RSS_GROWTH, LOADER_RATIO, PREPARE_RATIO = 0.15, 1.5, 1.6
+RSS_GROWTH, LOADER_RATIO, PREPARE_RATIO, CHECK_COST = 0.15, 1.5, 1.6, 0.05
 #: The photos' per-pixel noise: about 36 KB a 384 px JPEG (quality 75), 1 ms to decode here.
 PHOTO_GRAIN = 18.0
 
@@ -134,6 +136,8 @@ def loader_rates(source: Path, data: str, hr_size: int, workers: int, batches: i
     this process running ``main_threads`` intra-op threads meanwhile."""
     from kd_lib.eval.cost import torch_threads  # not at the top: a --baseline-commit child's library may lack it
     project = ShardedImageDataset(data, "train", CropTransform(hr_size, RATIO, train=True))
+    unverified = ShardedImageDataset(data, "train", CropTransform(hr_size, RATIO, train=True))
+    unverified.verify_pages = False  # what the shards' page checksums cost: the same reads unchecked
     official = PairedFolder(str(source / "train"), hr_size, RATIO)
     sampled = list(EpochBatchSampler(len(project), 64, seed=0, epoch=0, blocks=project.blocks))[:batches + 1]
     order = torch.randperm(len(official), generator=torch.Generator().manual_seed(0)).tolist()[:64 * (batches + 1)]
@@ -143,6 +147,10 @@ def loader_rates(source: Path, data: str, hr_size: int, workers: int, batches: i
         return {"project": timed_rate(torch.utils.data.DataLoader(project, batch_sampler=sampled,
                                                                   num_workers=workers, pin_memory=pinned),
                                       lambda batch: project.pairing(batch[0].to(device, non_blocking=True)), device),
+                "project_unverified": timed_rate(torch.utils.data.DataLoader(unverified, batch_sampler=sampled,
+                                                                             num_workers=workers, pin_memory=pinned),
+                                                 lambda batch: project.pairing(batch[0].to(device, non_blocking=True)),
+                                                 device),
                 "official_style": timed_rate(torch.utils.data.DataLoader(official, batch_size=64, sampler=order,
                                                                          num_workers=workers, pin_memory=pinned),
                                              lambda batch: [t.to(device, non_blocking=True) for t in batch[:2]],
@@ -214,6 +222,10 @@ def misses(result: dict) -> list[str]:
                      f"(target: under {100 * RSS_GROWTH:.0f} %)")
     for images, suffix in (("small images", ""), ("photos", "_photos")):
         loader = result.get("loader_img_per_s" + suffix)
+        if loader and loader["project"] < (1 - CHECK_COST) * loader["project_unverified"]:
+            found.append(f"on {images}, checking the shards' pages costs "
+                         f"{100 * (1 - loader['project'] / loader['project_unverified']):.1f} % of the loader's rate "
+                         f"(target: under {100 * CHECK_COST:.0f} %)")
         if loader and loader["project"] < LOADER_RATIO * loader["official_style"]:
             found.append(f"on {images}, the project's loader is {loader['project'] / loader['official_style']:.2f}x "
                          f"the official style's (target: {LOADER_RATIO}x)")

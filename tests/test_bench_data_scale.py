@@ -22,12 +22,12 @@ def test_every_measure_is_written_and_the_misses_follow_from_them(tmp_path, caps
     assert result["setup"]["sizes"] == [640, 700] and list(result["rss_mib"]) == ["640", "700"]
     assert result["setup"]["main_threads"] == 1 and data_scale.torch.get_num_threads() == threads
     for measure in ("loader_img_per_s", "loader_img_per_s_photos"):
-        assert set(result[measure]) == {"project", "official_style"}
+        assert set(result[measure]) == {"project", "project_unverified", "official_style"}
     for measure in ("prepare_img_per_s", "prepare_img_per_s_photos"):
         assert set(result[measure]) == {"1", "2"}
     rates = [value for measure, values in result.items() if measure not in ("setup", "missed")
              for value in values.values()]
-    assert len(rates) == 11 and all(rate > 0 for rate in rates)
+    assert len(rates) == 13 and all(rate > 0 for rate in rates)
     assert result["missed"] == data_scale.misses(result) and code == (1 if result["missed"] else 0)
     printed = capsys.readouterr().out
     assert (tmp_path / "results" / "data_scale.md").read_text() in printed

@@ -32,11 +32,14 @@ docs: $(STAMP)
 gpu-check: $(STAMP)
 	bash bench/gpu.sh
 
-# the two container images (containers/build.sh); WHEELHOUSE=wheelhouse installs from ./wheelhouse
-images:
-	bash containers/build.sh
+# the two container images (containers/build.sh), from the locked wheels that `make wheelhouse`
+# downloads with this machine's pip (its index, proxy and certificates); WHEELHOUSE= (empty) makes
+# the build download them from PyPI itself
+WHEELHOUSE ?= wheelhouse
+images: $(if $(WHEELHOUSE),wheelhouse)
+	WHEELHOUSE=$(WHEELHOUSE) bash containers/build.sh
 
-# the locked wheels, for building the images without PyPI access
+# the locked wheels of the images
 wheelhouse: requirements/kernels.lock
 	$(PYTHON) -m pip download --quiet --require-hashes --no-deps -r requirements/kernels.lock -d wheelhouse
 	$(PYTHON) -m pip download --quiet --no-deps -d wheelhouse 'setuptools>=69' wheel

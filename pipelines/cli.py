@@ -40,8 +40,7 @@ DEMO_DATA = {"seed": 0, "num_classes": 8, "train_per_class": 150, "val_per_class
 #: the LR baseline included, so that the table compares methods, not learning rates or schedules; in 6
 #: epochs the students had not yet learned the cue that the HR models give them. The TAS student starts
 #: fresh and is distilled from the assistant: at 16 px a ResNet-18's maps are 1x1 from layer3 on, and
-#: the assistant's 64 px weights are a worse start than random ones (the README's demo section has the
-#: figures).
+#: the assistant's 64 px weights are a worse start than random ones (docs/demo.md says why).
 DEMO_SETTINGS = {"teacher": {"epochs": 5, "lr": 0.02}, "assistant": {"epochs": 5, "lr": 0.02},
                  "student": {"epochs": 10, "start_from_assistant": False},
                  "onestage": {"epochs": 10}, "lr_baseline": {"epochs": 10, "lr": 0.01},

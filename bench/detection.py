@@ -62,7 +62,7 @@ DEMO_MODELS = ("teacher", "assistant", "student_afp", "msad_teacher", "student_m
 TEACHER_AP = 30.0
 #: What each evaluated model is: name -> (method, stage output subfolder).
 PARTS = {"assistant": ("afp", "assistant"), "student_afp": ("afp", "student"),
-         "msad_teacher": ("msad", "assistant"), "student_msad": ("msad", "student")}
+         "msad_teacher": ("msad", "teacher"), "student_msad": ("msad", "student")}
 
 
 def run_stage(stage: str, **fields) -> dict:
@@ -142,7 +142,7 @@ def coco128(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         baseline = join(out, f"ratio{ratio}", "lr_baseline")
         run_stage("detector", out=baseline, view="lr", epochs=plan["baseline_epochs"], **fields)
         for method in ("afp", "msad"):
-            run_stage("afp", out=join(out, f"ratio{ratio}", method), teacher=teacher, method=method,
+            run_stage("detection-distill", out=join(out, f"ratio{ratio}", method), teacher=teacher, method=method,
                       epochs=plan["student_epochs"], assistant_epochs=plan["assistant_epochs"],
                       msad_ramp_iters=MSAD_RAMP_ITERS, **fields)
         models[f"lr_baseline_r{ratio}"] = baseline

@@ -16,6 +16,11 @@ from kd_lib.models.weights import start_classifier
 
 @dataclass
 class AssistantConfig(TrainStageConfig):
+    """The assistant (Hinton KD at HR) trains at the teacher's lr 0.05. The LR models keep Pixel
+    Distillation's 0.01: with ISRD's eta = 50, higher rates make its decoder diverge."""
+
+    lr: float = 0.05
+    """the SGD learning rate at the start"""
     teacher: str = ""
     """the teacher stage's output URI"""
     kd_alpha: float = 0.9

@@ -237,6 +237,18 @@ def warn_small_images(uri: str, manifest: dict, side: int) -> None:
                                          side // 2, side)
 
 
+def check_max_side(uri: str, manifest: dict, hr_size: int) -> None:
+    """:class:`ConfigError` on ``hr_size`` when the prepared data at ``uri`` were stored with their shorter sides
+    bounded (prepare-data's ``max_side``, FFCV's bounded resolution) under it: every validation crop, and every
+    training crop, would be upsampled from fewer pixels than the model is given."""
+    max_side = manifest.get("max_side", 0)
+    if max_side and hr_size > max_side:
+        raise ConfigError("hr_size", f"{hr_size} is larger than the images of data {uri} allow: prepare-data "
+                                     f"stored them with max_side {max_side} (shorter sides of at most {max_side} "
+                                     f"px); give hr_size <= {max_side}, or prepare the data again with a "
+                                     f"max_side of at least {hr_size}")
+
+
 def check_same_classes(field: str, uri: str, trained_on: list[str], data: list[str], why: str) -> None:
     """:class:`DataError` naming the model ``field`` at ``uri`` and both class lists (shortened) unless the
     model was ``trained_on`` the ``data``'s classes, in the same order; ``why`` says what needs that."""
@@ -359,6 +371,7 @@ def run_training_stage(stage: str, config: TrainStageConfig, upstream: dict[str,
     preflight(stage, config, {"data": config.data, **upstream})
     data = data_manifest(config.data, "classification")
     classes = data["classes"]
+    check_max_side(config.data, data, config.hr_size)
     warn_small_images(config.data, data, config.hr_size)
     loaded = {name: load_upstream(uri, name, classes) for name, uri in upstream.items()}
 

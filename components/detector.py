@@ -23,6 +23,8 @@ from kd_lib.models.detector_store import DetectorSpec
 
 @dataclass
 class DetectorConfig(DetectionStageConfig):
+    epochs: int = 24
+    """passes over the training split"""
     view: str = "hr"
     """hr: the detection teacher, on the HR images; lr: the LR baseline"""
 

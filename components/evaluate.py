@@ -103,7 +103,7 @@ class EvaluateConfig(OutputSettings):
 
 def model_view(name: str, input_size: int, config: EvaluateConfig) -> str:
     """``hr`` or ``lr``: which of the paired validation images the model takes."""
-    sizes = {config.hr_size: "hr", config.hr_size // config.ratio: "lr"}
+    sizes = {config.hr_size // config.ratio: "lr", config.hr_size: "hr"}  # ratio 1: every model is HR
     if input_size not in sizes:
         raise ConfigError("models", f"{name} was trained at {input_size} px, but this evaluation has "
                           f"HR {config.hr_size} px and LR {config.hr_size // config.ratio} px")
@@ -238,7 +238,7 @@ def run(config: EvaluateConfig) -> dict:
     return summary
 
 
-STAGE = Stage("evaluate", EvaluateConfig, run)
+STAGE = Stage("evaluate", EvaluateConfig, run, output="summary")
 
 if __name__ == "__main__":
     sys.exit(STAGE.main())

@@ -1,9 +1,12 @@
 """The bodies of the KFP components: turn KFP inputs into a stage config and run it.
 
-KFP serializes a lightweight component's function source, so those functions
-stay three lines long and call :func:`run_stage` here, in the image. The
-stage's output URI is the output artifact's URI (a local path under the
-pipeline root, or ``gs://...`` on a cluster), read and written through fsspec.
+A pipeline's components are written from its DAG table (:mod:`pipelines.dag`): each is
+three lines that hand its arguments and its wiring to :func:`run_task` here, in the image
+(KFP runs a lightweight component from its source text). The stage's output URI is the
+output artifact's URI (a local path under the pipeline root, or ``gs://...`` on a
+cluster), read and written through fsspec. This module imports nothing of
+:mod:`pipelines`: a component runs with KFP's runtime ``kfp.dsl``, which lacks what the
+pipeline modules import.
 
 A training task either runs its stage in its own process (``launcher``
 ``{"kind": "pod"}``) or starts it as a TorchX job with the stage's
@@ -13,52 +16,57 @@ A training task either runs its stage in its own process (``launcher``
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-from contextvars import ContextVar
 from dataclasses import dataclass, fields
 from typing import Literal
 
 from components.pod import PodSettings
-from components.stage import find
+from components.stage import OUTPUTS, find
 from kd_lib.config import ConfigError, check, from_dict, to_flags
 from kd_lib.errors import exit_on_failure
 from kd_lib.io.fs import join
 from kd_lib.io.lease import TASK_ENV
-from kd_lib.io.manifest import read_manifest
+from kd_lib.io.manifest import read_manifest, read_published
 
-#: The detection pipeline's evaluated models: name -> (task, subfolder of the task's output).
-DETECTION_MODELS = {"teacher": ("teacher", ""), "assistant": ("afp", "assistant"),
-                    "student_afp": ("afp", "student"), "msad_teacher": ("msad", "assistant"),
-                    "student_msad": ("msad", "student"), "lr_baseline": ("lr_baseline", "")}
+#: A typed pipeline parameter at this value leaves its field to the task's settings.
+UNSET_VALUES = ("", 0)
 
 
-def detection_models(**outputs: str) -> dict[str, str]:
-    """The URI of each evaluated detector, from the output URIs of the detection tasks.
+def task_config(wiring: dict, inputs: dict):
+    """The checked config of the stage a task runs, from the task's ``inputs`` (its component's
+    arguments) as its ``wiring`` (:func:`pipelines.dag.Pipeline.wiring`) says:
 
-    Here, not in :mod:`pipelines.detection`: a component runs with KFP's
-    runtime ``kfp.dsl``, which lacks what the pipeline modules import.
+    - ``reads``: field -> [argument, folder]: the URI of an upstream task's output artifact (its
+      ``folder`` in it, if given); a field ``models.NAME`` is the key NAME of the field ``models``;
+    - ``fixed``: fields the DAG sets to constants; the output artifact's URI is ``out``;
+    - ``params``: fields fed by typed pipeline parameters of the same name as the argument;
+      a parameter that is set (not 0 or '') wins over the settings, one left at 0 or '' leaves
+      the field to them;
+    - the ``settings`` argument: the rest of the stage's fields; the stage's defaults fill in.
+
+    A field in the settings that the DAG sets (a read or a constant) is an error naming it.
     """
-    return {name: join(outputs[task], folder) if folder else outputs[task]
-            for name, (task, folder) in DETECTION_MODELS.items()}
-
-
-def stage_config(stage: str, overrides: dict, **fields):
-    """The typed config of ``stage``: ``overrides`` (user settings) plus ``fields``
-    (the pipeline's wiring). A field set both ways is an error, as is any
-    unknown or bad field."""
-    clash = sorted(set(overrides) & set(fields))
+    stage = wiring["stage"]
+    fields = dict(wiring["fixed"])
+    for field, (argument, folder) in wiring["reads"].items():
+        uri = join(inputs[argument].uri, folder) if folder else inputs[argument].uri
+        name, dot, key = field.partition(".")
+        if dot:
+            fields.setdefault(name, {})[key] = uri
+        else:
+            fields[field] = uri
+    fields["out"] = inputs[next(iter(OUTPUTS[wiring["output"]]))].uri
+    settings = dict(inputs["settings"])
+    clash = sorted(set(settings) & set(fields))
     if clash:
         raise ConfigError(clash[0], f"is set by the pipeline; remove it from the {stage} settings",
                           f"{stage} settings")
-    return from_dict(find(stage).config, {**overrides, **fields}, where=f"{stage} settings")
-
-
-def tuned(settings: dict, epochs: int = 0, lr: float = 0.0) -> dict:
-    """A training task's ``settings`` with the pipeline's typed ``epochs`` and ``lr`` parameters
-    over them, those that are set (> 0)."""
-    return {**settings, **{name: value for name, value in (("epochs", epochs), ("lr", lr)) if value}}
+    for field in wiring["params"]:
+        value = inputs[field]
+        if isinstance(value, bool) or value not in UNSET_VALUES:
+            settings[field] = value
+    return from_dict(find(stage).config, {**settings, **fields}, where=f"{stage} settings")
 
 
 def final_metrics(result: dict) -> dict[str, float]:
@@ -100,46 +108,23 @@ def launch_with_torchx(stage: str, config, launcher: Launcher) -> dict:
     return read_manifest(config.out)
 
 
-class Planned(Exception):
-    """What :func:`run_stage` raises while :func:`planning`: the stage a task runs and its config."""
-
-    def __init__(self, stage: str, config):
-        super().__init__(stage)
-        self.stage, self.config = stage, config
-
-
-_planning: ContextVar[bool] = ContextVar("planning", default=False)
-
-
-@contextlib.contextmanager
-def planning():
-    """Within it, :func:`run_stage` builds and checks the config and the launcher of its stage,
-    then raises :class:`Planned` instead of running it (see :mod:`pipelines.tasks`)."""
-    token = _planning.set(True)
-    try:
-        yield
-    finally:
-        _planning.reset(token)
-
-
-def run_stage(stage: str, overrides: dict, metrics=None, launcher: dict | None = None, **fields) -> dict:
-    """Run ``stage`` where ``launcher`` says (:class:`Launcher`; None: in this process); log its
-    final numbers on the KFP ``metrics`` artifact, if given.
+def run_task(wiring: dict, inputs: dict):
+    """Run the stage of a KFP task (:func:`task_config`) where its ``launcher`` input says
+    (:class:`Launcher`; none: in this process), and fill the task's outputs (:data:`OUTPUTS`):
+    the final numbers on ``metrics``, the HTML report; return the data fingerprint (``data``)
+    or the summary's URI (``summary``).
 
     A file is always written at the metrics artifact's path: KFP's local cache
     treats a task whose output file is missing as a miss. A user's failure
     ends the task with its message and exit status (:mod:`kd_lib.errors`).
     """
-    def configured():
-        return stage_config(stage, overrides, **fields), from_dict(Launcher, launcher or {}, where="launcher")
-
-    if _planning.get():
-        raise Planned(stage, configured()[0])
+    stage = wiring["stage"]
 
     def body() -> dict:
         from components.common import stage_run
 
-        config, launch = configured()
+        config = task_config(wiring, inputs)
+        launch = from_dict(Launcher, inputs.get("launcher") or {}, where="launcher")
         if launch.kind == "torchx":
             return launch_with_torchx(stage, config, launch)
         os.environ[TASK_ENV] = "kfp"  # the output is this task's own: a retry takes over its lease
@@ -147,10 +132,16 @@ def run_stage(stage: str, overrides: dict, metrics=None, launcher: dict | None =
             return find(stage).run(config)
 
     result = exit_on_failure(f"kdp stage {stage}", body)
-    if metrics is not None:
+    if "metrics" in inputs:
         numbers = final_metrics(result)
         for name, value in numbers.items():
-            metrics.log_metric(name, value)
-        with open(metrics.path, "w") as f:
+            inputs["metrics"].log_metric(name, value)
+        with open(inputs["metrics"].path, "w") as f:
             json.dump(numbers, f)
-    return result
+    if wiring["output"] == "data":
+        return result["data_fingerprint"]
+    if wiring["output"] == "summary":
+        with open(inputs["report"].path, "wb") as f:
+            f.write(read_published(inputs["summary"].uri, "report.html"))
+        return inputs["summary"].uri
+    return None

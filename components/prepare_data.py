@@ -10,7 +10,9 @@ fingerprint are the same whatever their number.
 Classification: ``source`` is an ImageFolder root with train/ and val/;
 ``max_per_class`` keeps the first N images of each class in each split (0:
 all); ``categories`` keeps only the named class folders, labelled in that
-order (``[cat, dog]``: a two-class task).
+order (``[cat, dog]``: a two-class task); ``max_side`` stores images whose
+shorter side is longer resized to it (bounded resolution), which the training
+stages check their ``hr_size`` against.
 
 Detection: ``source`` is a COCO ``instances_*.json`` (its images under
 ``images``) or a YOLO root (``data.yaml`` or ``classes.txt``, ``images/`` and
@@ -56,6 +58,14 @@ class PrepareDataConfig(OutputSettings):
     """images per Parquet shard, the unit of work of one worker (ImageNet: about 110 MB a shard)"""
     max_per_class: int = 0
     """classification: keep the first N images of each class in each split (0: all)"""
+    max_side: int = 0
+    """classification: store each image whose shorter side is longer than N px resized to N there, as a JPEG
+    of quality 90 (0: every image as it is). FFCV's bounded resolution, on the shorter side rather than the
+    longer: the evaluation crop and the random training crops take their pixels across it, so a training
+    stage takes any hr_size up to N (a larger one is refused: its validation crops would all be upsampled),
+    and N >= hr_size / sqrt(crop_scale) keeps a square crop of the smallest area at hr_size px or more (379
+    for hr_size 224 at the default crop_scale 0.35). No default is derived from them: prepare-data does not
+    know the hr_size of the stages that will read the data"""
     images: str = ""
     """COCO: the folder of the JSON's images"""
     val_annotations: str = ""
@@ -83,8 +93,12 @@ class PrepareDataConfig(OutputSettings):
         check(self.shard_size >= 1, "shard_size", f"must be >= 1, got {self.shard_size}")
         check(self.num_workers >= 0, "num_workers", f"must be >= 0 (0: this process), got {self.num_workers}")
         check(self.max_per_class >= 0, "max_per_class", f"must be >= 0 (0: all), got {self.max_per_class}")
+        check(self.max_side >= 0, "max_side", f"must be >= 0 (0: the images as they are), got {self.max_side}")
         check(self.image_size >= 32, "image_size", f"must be >= 32, got {self.image_size}")
         check(0 < self.val_fraction < 1, "val_fraction", f"must be in (0, 1), got {self.val_fraction}")
+        check(not self.max_side or self.resolved_format() == "imagefolder", "max_side",
+              f"bounds an ImageFolder's images; a detection source's are letterboxed to image_size "
+              f"({self.image_size}), got max_side {self.max_side}")
         if self.resolved_format() == "coco":
             check(bool(self.images), "images", "is required with a COCO source: the folder of its images")
             check(not self.val_annotations or bool(self.val_images), "val_images",
@@ -122,7 +136,7 @@ def run(config: PrepareDataConfig) -> dict:
     preflight("prepare-data", config, inputs)
     if config.resolved_format() == "imagefolder":
         manifest = prepare_imagefolder(config.source, config.out, config.shard_size, config.max_per_class,
-                                       config.categories, config.num_workers, config.follow_links)
+                                       config.categories, config.num_workers, config.follow_links, config.max_side)
     else:
         train, val = read_detection(config)
         manifest = prepare_detection(train, config.out, config.image_size, source=config.source, val=val,
@@ -134,7 +148,7 @@ def run(config: PrepareDataConfig) -> dict:
     return manifest
 
 
-STAGE = Stage("prepare-data", PrepareDataConfig, run)
+STAGE = Stage("prepare-data", PrepareDataConfig, run, output="data")
 
 if __name__ == "__main__":
     sys.exit(STAGE.main())

@@ -15,16 +15,19 @@ A stage is a module of this package, named after the stage (``lr_baseline`` for
 - ``trains``: it trains a model. It then runs data-parallel under ``torchrun``, its
   TorchX job may have several processes, its KFP task may launch it as such a job and
   retries after a failure (it resumes from its checkpoint), and ``kdp run --epochs`` sets
-  its epochs.
+  its epochs;
+- ``output``: what it publishes under ``out``, and so its KFP task's outputs
+  (:data:`OUTPUTS`): ``model`` (a model folder, and the final metrics), ``data``
+  (prepared data; the task also returns its fingerprint) or ``summary`` (the evaluation;
+  the task also outputs the HTML report and returns the summary's URI).
 
 Read from these declarations: ``kdp stage`` (:func:`find`, :func:`stages`), the KFP
-components' ``run_stage`` (:mod:`components.kfp_entry`), the TorchX component
-(:mod:`components.torchx_apps`), and the check of every task of a pipeline before it runs
-(:mod:`pipelines.tasks`). A pipeline runs a stage in a task of its DAG; the task's
-``settings`` input is the pipeline parameter that holds the stage's settings there.
+components of the pipelines and their parameters (:mod:`pipelines.dag`), what those
+components run (:func:`components.kfp_entry.run_task`), and the TorchX component
+(:mod:`components.torchx_apps`).
 
-Adding a stage: its module here, with its declaration; its task in the pipeline's DAG;
-its tests. Nothing else.
+Adding a stage: its module here, with its declaration; its line in the pipeline's DAG
+table; its tests. Nothing else.
 """
 
 from __future__ import annotations
@@ -35,9 +38,13 @@ import pkgutil
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from kd_lib.config import ConfigError
+
+#: What a stage publishes -> its KFP task's output artifacts (name, KFP artifact type).
+OUTPUTS = {"model": {"model": "Model", "metrics": "Metrics"}, "data": {"data": "Dataset"},
+           "summary": {"summary": "Artifact", "report": "HTML", "metrics": "Metrics"}}
 
 
 @dataclass(frozen=True)
@@ -48,6 +55,13 @@ class Stage:
     config: type
     run: Callable[[Any], dict]
     trains: bool = False
+    output: Literal["model", "data", "summary"] = "model"
+
+    @property
+    def summary(self) -> str:
+        """What the stage does: the first line of its module's docstring, after the stage's name."""
+        first = (sys.modules[self.run.__module__].__doc__ or "").strip().split("\n")[0]
+        return first.partition(": ")[2] or first
 
     @property
     def module(self) -> str:

@@ -11,6 +11,13 @@ from components.stage import Stage
 
 @dataclass
 class TeacherConfig(TrainStageConfig):
+    """A teacher trained from scratch on real data needs more epochs, and takes a higher lr, than
+    the students: 12 epochs at lr 0.05."""
+
+    epochs: int = 12
+    """passes over the training split"""
+    lr: float = 0.05
+    """the SGD learning rate at the start"""
     arch: str = "resnet34"
     """the teacher's architecture: a torchvision model name or timm:NAME,key=value,..."""
 

@@ -217,14 +217,25 @@ def required_fields(cls: type) -> dict[str, str]:
     return required
 
 
+def field_texts(cls: type) -> dict[str, str]:
+    """What each field of ``cls`` is: its ``help`` metadata (a callable: help written when asked, e.g. from
+    a registry), else its attribute docstring."""
+    docs = attribute_docs(cls)
+    texts = {}
+    for field in dataclasses.fields(cls):
+        text = field.metadata.get("help") or docs.get(field.name, "")
+        texts[field.name] = text() if callable(text) else text
+    return texts
+
+
 def field_help(cls: type) -> dict[str, str]:
     """One line of help per field of ``cls``: its text, choices, default or required mark."""
     hints = typing.get_type_hints(cls)
-    docs = attribute_docs(cls)
+    texts = field_texts(cls)
     required = required_fields(cls)
     lines = {}
     for field in dataclasses.fields(cls):
-        text = field.metadata.get("help") or docs.get(field.name, "")
+        text = texts[field.name]
         kind = hints[field.name]
         choices = typing.get_args(kind) if typing.get_origin(kind) is typing.Literal else ()
         parts = [f"choices: {', '.join(map(str, choices))}"] if choices else []

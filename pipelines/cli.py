@@ -20,31 +20,32 @@ import sys
 from importlib.metadata import version
 from pathlib import Path
 
-from kd_lib.config import ConfigError
+from kd_lib.config import ConfigError, flag_name, flag_text
 from kd_lib.errors import guarded, take_debug_flag
-from pipelines import detection, pixel_distillation
+from pipelines import detection, pixel_distillation, sweep
 from pipelines.cluster import ClusterOptions, add_cluster_arguments, options_from_args
-from pipelines.tasks import parameters, plan
+from pipelines.dag import UNSET, Pipeline
 
-#: ``kdp compile --pipeline NAME``: the pipeline builder and its checked-in YAML.
+#: ``kdp compile --pipeline NAME``: the pipeline's DAG table and its checked-in YAML.
 PIPELINES = {
-    "classification": (pixel_distillation.build_pipeline, "pipelines/pixel_distillation.yaml"),
-    "detection": (detection.build_pipeline, "pipelines/detection_distillation.yaml"),
+    "classification": (pixel_distillation.PIPELINE, "pipelines/pixel_distillation.yaml"),
+    "detection": (detection.PIPELINE, "pipelines/detection_distillation.yaml"),
+    "sweep": (sweep.sweep_pipeline(), "pipelines/resolution_sweep.yaml"),
 }
+#: Typed parameters that ``kdp run`` and ``kdp detect`` set from --data and --out, not from a flag of their own.
+NOT_FLAGS = ("source", "checkpoint_root", "code_version")
 
 #: The demo: the generated dataset at 64 px, students at 16 px, 6 minutes on 2 AVX-512 CPU cores.
 DEMO_DATA = {"seed": 0, "num_classes": 8, "train_per_class": 150, "val_per_class": 30, "size": 64}
-#: The HR models train at lr 0.02: at the pipeline's 0.05, a from-scratch teacher on this data can sit
-#: at chance for its first epochs and end without the stripes; at 0.02 it is within a point of its end
-#: after 4 epochs. Every LR model trains at the students' lr (Pixel Distillation's 0.01) for 10 epochs,
-#: the LR baseline included, so that the table compares methods, not learning rates or schedules; in 6
-#: epochs the students had not yet learned the cue that the HR models give them. The TAS student starts
-#: fresh and is distilled from the assistant: at 16 px a ResNet-18's maps are 1x1 from layer3 on, and
-#: the assistant's 64 px weights are a worse start than random ones (docs/demo.md says why).
+#: What the demo changes of each task's settings, and nothing else. The HR models train 5 epochs at lr
+#: 0.02: at the stages' 0.05, a from-scratch teacher on this data can sit at chance for its first epochs
+#: and end without the stripes; at 0.02 it is within a point of its end after 4 epochs. Every LR model
+#: keeps the stages' 10 epochs at Pixel Distillation's 0.01, the LR baseline included, so that the table
+#: compares methods, not learning rates or schedules. The TAS student starts fresh and is distilled from
+#: the assistant: at 16 px a ResNet-18's maps are 1x1 from layer3 on, and the assistant's 64 px weights
+#: are a worse start than random ones (docs/demo.md says why).
 DEMO_SETTINGS = {"teacher": {"epochs": 5, "lr": 0.02}, "assistant": {"epochs": 5, "lr": 0.02},
-                 "student": {"epochs": 10, "start_from_assistant": False},
-                 "onestage": {"epochs": 10}, "lr_baseline": {"epochs": 10, "lr": 0.01},
-                 "evaluate": {"latency_repeats": 5}}
+                 "student": {"start_from_assistant": False}, "evaluate": {"latency_repeats": 5}}
 
 #: The detection demo: the generated detection set at 128 px (320 train, 80 val images, 4 classes),
 #: LR at 64 px, ResNet-18 FCOS with a 128-channel pyramid and head (4x fewer head FLOPs than 256). The
@@ -55,57 +56,62 @@ DETECTION_DEMO_DATA = {"seed": 0, "num_classes": 4, "train_images": 320, "val_im
 DETECTION_DEMO_PARAMS = {"image_size": 128, "ratio": 2, "teacher_backbone": "resnet18", "fpn_channels": 128}
 DETECTION_DEMO_SETTINGS = {"teacher": {"epochs": 6}, "afp": {"epochs": 6, "assistant_epochs": 6},
                            "msad": {"epochs": 3, "assistant_epochs": 2, "msad_ramp_iters": 50},
-                           "lr_baseline": {"epochs": 6}, "evaluate": {"latency_repeats": 5}}
+                           "lr-baseline": {"epochs": 6}, "evaluate": {"latency_repeats": 5}}
 
 
-def parse_setting(text: str, tasks: dict[str, str]) -> tuple[str, str, str]:
-    """``TASK.FIELD=VALUE`` -> (the task's settings parameter, field, value); ``tasks``: the
-    pipeline's task names -> their settings parameters."""
+#: ``kdp run`` and ``kdp detect``: the pipeline each runs, and its demo (typed parameters, settings).
+#: ``kdp run``, ``kdp detect`` and ``kdp sweep``: the pipeline each runs (of the command line's arguments),
+#: and its demo (typed parameters, settings).
+LOCAL_RUNS = {"run": (lambda args: pixel_distillation.PIPELINE, ({}, DEMO_SETTINGS)),
+              "detect": (lambda args: detection.PIPELINE, (DETECTION_DEMO_PARAMS, DETECTION_DEMO_SETTINGS)),
+              "sweep": (lambda args: sweep.sweep_pipeline(tuple(args.ratios), tuple(args.student_archs)),
+                        ({}, DEMO_SETTINGS))}
+
+
+def named_tasks(pipeline: Pipeline, name: str) -> list:
+    """The tasks ``name`` names in ``--set`` and the demo tables: the task of that name, else every task
+    of the stage of that name (``student``: each cell's student of a sweep)."""
+    named = [task for task in pipeline.tasks if task.name == name]
+    return named or [task for task in pipeline.tasks if task.declaration.name == name]
+
+
+def parse_setting(text: str, pipeline: Pipeline) -> tuple[list, str, str]:
+    """``NAME.FIELD=VALUE`` -> (the tasks NAME names, field, value)."""
     target, sep, value = text.partition("=")
-    task, dot, field = target.partition(".")
-    if not sep or not dot or task not in tasks:
-        raise ConfigError("--set", f"expected STAGE.FIELD=VALUE with STAGE one of "
-                          f"{', '.join(tasks)}, got {text!r}")
-    return tasks[task], field, value
+    name, dot, field = target.partition(".")
+    tasks = named_tasks(pipeline, name) if sep and dot else []
+    if not tasks:
+        raise ConfigError("--set", f"expected TASK.FIELD=VALUE with TASK one of "
+                          f"{', '.join(task.name for task in pipeline.tasks)} (or a stage's name: all its "
+                          f"tasks), got {text!r}")
+    return tasks, field, value
 
 
-def merged_settings(args: argparse.Namespace, pipeline, overrides: dict | None = None) -> dict[str, dict]:
-    """The settings parameter of each stage task of ``pipeline``: its default, then ``overrides``
-    (settings key -> fields), then ``--set``."""
-    tasks = plan(pipeline, {})
-    defaults = parameters(pipeline)
-    settings = {task.settings: dict(defaults[task.settings].get("defaultValue", {})) for task in tasks}
-    for key, value in (overrides or {}).items():
-        settings[f"{key}_settings"].update(value)
+def merged_settings(args: argparse.Namespace, pipeline: Pipeline, overrides: dict | None = None) -> dict[str, dict]:
+    """The settings parameter of each task of ``pipeline``: its default, then ``overrides``
+    (task or stage name -> fields), then ``--set``."""
+    settings = {task.settings_parameter: dict(task.settings) for task in pipeline.tasks}
+    changes = [(named_tasks(pipeline, name), fields) for name, fields in (overrides or {}).items()]
     for text in args.set:
-        param, field, value = parse_setting(text, {task.name: task.settings for task in tasks})
-        settings[param][field] = value
+        tasks, field, value = parse_setting(text, pipeline)
+        changes.append((tasks, {field: value}))
+    for tasks, fields in changes:
+        for task in tasks:
+            settings[task.settings_parameter].update(fields)
     return settings
 
 
-def shared_params(args: argparse.Namespace, names: tuple[str, ...]) -> dict:
-    return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+def typed_params(args: argparse.Namespace, pipeline: Pipeline) -> dict:
+    """The typed parameters given on the command line (:func:`add_parameter_flags`)."""
+    return {name: getattr(args, name) for name in pipeline.defaults
+            if name not in NOT_FLAGS and getattr(args, name) is not None}
 
 
-def pipeline_params(args: argparse.Namespace, source: str, pipeline) -> dict:
-    """The classification pipeline's parameters: its defaults, the demo's when there is no
-    ``--data``, then the command line, merged field by field."""
-    return {"source": source, **merged_settings(args, pipeline, DEMO_SETTINGS if args.data is None else None),
-            **shared_params(args, ("hr_size", "ratio", "seed", "teacher_arch", "student_arch", "teacher_weights",
-                                   "student_weights", "epochs", "min_teacher_margin"))}
-
-
-def detection_params(args: argparse.Namespace, source: str, pipeline) -> dict:
-    """The detection pipeline's parameters: its defaults, the detection demo's when there is no
-    ``--data``, then the command line, merged field by field."""
-    demo = args.data is None
-    images = args.images and (args.images if "://" in args.images else str(Path(args.images).resolve()))
-    return {"source": source, **({"images": images} if images else {}),
-            **merged_settings(args, pipeline, DETECTION_DEMO_SETTINGS if demo else None),
-            **(DETECTION_DEMO_PARAMS if demo else {}),
-            **shared_params(args, ("image_size", "ratio", "seed", "kind", "teacher_backbone", "student_backbone",
-                                   "fpn_channels", "teacher_backbone_weights", "student_backbone_weights",
-                                   "epochs"))}
+def pipeline_params(args: argparse.Namespace, source: str, pipeline: Pipeline, demo: tuple[dict, dict]) -> dict:
+    """The parameters of a local run of ``pipeline``: its defaults, the ``demo``'s (typed parameters,
+    settings) when there is no ``--data``, then the command line, merged field by field."""
+    params, settings = demo if args.data is None else ({}, None)
+    return {"source": source, **merged_settings(args, pipeline, settings), **params, **typed_params(args, pipeline)}
 
 
 def print_result(paths: dict[str, Path]) -> None:
@@ -114,10 +120,13 @@ def print_result(paths: dict[str, Path]) -> None:
 
     summary = json.loads(paths["summary.json"].read_text())
     print()
-    print(format_table(summary))
-    lines = verdict_lines(summary)
-    if lines:
-        print("\n" + "\n".join(lines))
+    if summary["task"] == "sweep":
+        print(sweep_answer(summary))
+    else:
+        print(format_table(summary))
+        lines = verdict_lines(summary)
+        if lines:
+            print("\n" + "\n".join(lines))
     print(f"\nsummary: {paths['summary.json']}\nreport:  {paths['report.html']}")
     if "model" in paths:
         from pipelines.local import MODEL_FILES
@@ -125,8 +134,49 @@ def print_result(paths: dict[str, Path]) -> None:
         print("model:   " + ", ".join(str(paths["model"] / name) for name in MODEL_FILES))
 
 
-def cmd_detect(args: argparse.Namespace) -> int:
+def sweep_answer(summary: dict, budget=None) -> str:
+    """A sweep's table and choice, from its summary; with ``budget`` (a :class:`kd_lib.eval.sweep.Budget`),
+    the choice for that budget instead, and how to export it."""
+    from kd_lib.eval.sweep import Cell, Choice, choose, format_table
+
+    cells = [Cell.from_dict(cell) for cell in summary["cells"]]
+    if budget is None:
+        return format_table(cells, summary["reference_top1"], Choice.from_dict(summary["choice"], cells))
+    choice = choose(cells, summary["reference_top1"], summary["reference_se"], budget)
+    text = format_table(cells, summary["reference_top1"], choice)
+    if choice.cell is not None:
+        uri = summary["model_uris"][choice.cell.key]
+        text += f"\nexport it: .venv/bin/kdp stage export --model {uri} --data {summary['data']} --out OUT"
+    return text
+
+
+def local_path(location: str) -> str:
+    """A URI as given, a local path made absolute (the tasks run in other working folders)."""
+    return location if "://" in location else str(Path(location).resolve())
+
+
+def run_locally(args: argparse.Namespace, out: Path, generate) -> int:
+    """Run the command's pipeline (:data:`LOCAL_RUNS`) on ``--data`` or, without it, on the data
+    ``generate(folder)`` writes under ``out``, with its demo's parameters; every task's settings are
+    checked before anything runs."""
+    build, demo = LOCAL_RUNS[args.command]
+    pipeline = build(args)
+    source = local_path(args.data or str(out / "demo-data"))
+    params = pipeline_params(args, source, pipeline, demo)
+    if params.get("images"):
+        params["images"] = local_path(params["images"])
+    pipeline.plan(params)
+    check_runner(args.runner)
+    if args.data is None:
+        generate(source)
     from pipelines.local import run_pipeline
+
+    print_result(run_pipeline(params, out, pipeline.build(), args.runner))
+    return 0
+
+
+def cmd_detect(args: argparse.Namespace) -> int:
+    from kd_lib.data.detection_demo import generate_detection_demo
 
     if args.data is None:
         if args.images:
@@ -135,52 +185,60 @@ def cmd_detect(args: argparse.Namespace) -> int:
     else:
         path = Path(args.data.rstrip("/"))
         name = path.stem if args.data.endswith(".json") else path.name
-    out = Path(args.out or f"runs/detection-{name}")
-    source = args.data or str((out / "demo-data").resolve())
-    if "://" not in source:
-        source = str(Path(source).resolve())
-    pipeline = detection.build_pipeline()
-    params = detection_params(args, source, pipeline)
-    plan(pipeline, params)  # every task's settings, checked before anything runs
-    check_runner(args.runner)
-    if args.data is None:
-        from kd_lib.data.detection_demo import generate_detection_demo
-
-        generate_detection_demo(source, **DETECTION_DEMO_DATA)
-    print_result(run_pipeline(params, out, pipeline, args.runner))
-    return 0
+    return run_locally(args, Path(args.out or f"runs/detection-{name}"),
+                       lambda folder: generate_detection_demo(folder, **DETECTION_DEMO_DATA))
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from pipelines.local import run_pipeline
+    from kd_lib.data.demo import generate_demo_dataset
 
     out = Path(args.out or ("runs/demo" if args.data is None else f"runs/{Path(args.data.rstrip('/')).name}"))
-    source = args.data
-    if source is None:
-        source = str((out / "demo-data").resolve())
-    elif "://" not in source:
-        source = str(Path(source).resolve())
-    pipeline = pixel_distillation.build_pipeline()
-    params = pipeline_params(args, source, pipeline)
-    plan(pipeline, params)  # every task's settings, checked before anything runs
-    check_runner(args.runner)
-    if args.data is None:
-        from kd_lib.data.demo import generate_demo_dataset
+    return run_locally(args, out, lambda folder: generate_demo_dataset(folder, **DEMO_DATA))
 
-        generate_demo_dataset(source, **DEMO_DATA)
-    print_result(run_pipeline(params, out, pipeline, args.runner))
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from kd_lib.data.demo import generate_demo_dataset
+    from kd_lib.eval.sweep import check_grid
+
+    if args.choose:
+        return choose_again(args)
+    hr_size = args.hr_size or sweep.sweep_pipeline().defaults["hr_size"][1]
+    check_grid(args.ratios, hr_size, args.student_archs)
+    out = Path(args.out or ("runs/sweep-demo" if args.data is None else
+                            f"runs/sweep-{Path(args.data.rstrip('/')).name}"))
+    return run_locally(args, out, lambda folder: generate_demo_dataset(folder, **DEMO_DATA))
+
+
+def choose_again(args: argparse.Namespace) -> int:
+    """``kdp sweep --choose --out DIR``: the choice for the budget given, from the finished sweep in DIR."""
+    from components.sweep import SweepConfig
+    from kd_lib.config import from_dict
+
+    if args.out is None:
+        raise ConfigError("--out", "--choose answers from a finished sweep: give its --out", "kdp sweep")
+    path = Path(args.out) / "summary.json"
+    if not path.is_file():
+        raise ConfigError("--out", f"{path} does not exist: run the sweep first", "kdp sweep")
+    summary = json.loads(path.read_text())
+    fields = {name: getattr(args, name) for name in ("keep", "max_bytes", "max_gflops", "max_latency_ms", "cost")
+              if getattr(args, name) is not None}
+    budget = from_dict(SweepConfig, {**fields, "data": "-", "out": "-", "evaluations": {"hr": "-", "-": "-"}},
+                       where="kdp sweep").budget
+    print(sweep_answer(summary, budget))
     return 0
 
 
-def compile_pipeline(pipeline: str, path: str | Path, options: ClusterOptions | None = None) -> Path:
-    """Compile ``pipeline`` (a :data:`PIPELINES` key) with ``options`` (default: :class:`ClusterOptions`'
-    defaults, the images included) to the YAML file ``path``. The same inputs give the same bytes."""
+def compile_pipeline(pipeline: str, path: str | Path, options: ClusterOptions | None = None,
+                     table: Pipeline | None = None) -> Path:
+    """Compile ``pipeline`` (a :data:`PIPELINES` key, or its ``table``) with ``options`` (default:
+    :class:`ClusterOptions`' defaults, the images included) to the YAML file ``path``. The same inputs give
+    the same bytes."""
     from kfp import compiler
 
-    build, _ = PIPELINES[pipeline]
+    table = table or PIPELINES[pipeline][0]
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    compiler.Compiler().compile(build(options or ClusterOptions()), str(path))
+    compiler.Compiler().compile(table.build(options or ClusterOptions()), str(path))
     stabilize_header(path)
     return path
 
@@ -203,7 +261,16 @@ def stabilize_header(path: Path) -> None:
 
 def cmd_compile(args: argparse.Namespace) -> int:
     options = options_from_args(args)
-    path = compile_pipeline(args.pipeline, args.output or PIPELINES[args.pipeline][1], options)
+    table = None
+    if args.ratios or args.student_archs:
+        from kd_lib.eval.sweep import check_grid
+
+        if args.pipeline != "sweep":
+            raise ConfigError("--ratios" if args.ratios else "--student-archs", "go with --pipeline sweep")
+        ratios, archs = tuple(args.ratios or sweep.RATIOS), tuple(args.student_archs or sweep.ARCHS)
+        check_grid(ratios, sweep.sweep_pipeline().defaults["hr_size"][1], archs)
+        table = sweep.sweep_pipeline(ratios, archs)
+    path = compile_pipeline(args.pipeline, args.output or PIPELINES[args.pipeline][1], options, table)
     print(f"{args.pipeline} pipeline for {options.image_train} (training) and {options.image_cpu} (CPU): {path}")
     return 0
 
@@ -231,13 +298,11 @@ def cmd_schedule(args: argparse.Namespace, client_factory=None) -> int:
 
 
 def stage_list() -> str:
-    """``kdp stage --help``: each stage with the first line of its module's docstring."""
+    """``kdp stage --help``: each stage with what it does."""
     from components.stage import stages
 
     lines = ["usage: kdp stage NAME [--config YAML] [flags]   (kdp stage NAME --help: its flags)", "", "stages:"]
-    for name, stage in stages().items():
-        summary = (sys.modules[stage.run.__module__].__doc__ or "").strip().split("\n")[0]
-        lines.append(f"  {name:<14}{summary.partition(': ')[2] or summary}")
+    lines += [f"  {name:<18}{stage.summary}" for name, stage in stages().items()]
     return "\n".join(lines)
 
 
@@ -272,13 +337,35 @@ def check_runner(runner: str) -> None:
         check_engine()
 
 
-def add_runner_argument(parser: argparse.ArgumentParser) -> None:
+def add_set_and_runner_arguments(parser: argparse.ArgumentParser, example: str) -> None:
+    """``--set`` and ``--runner``, of the commands that run a pipeline locally."""
     from pipelines.local import RUNNERS
 
+    parser.add_argument("--set", action="append", default=[], metavar="TASK.FIELD=VALUE",
+                        help=f"a task's setting, or with a stage's name every task of that stage, e.g. --set "
+                             f"{example} (repeatable)")
     parser.add_argument("--runner", choices=RUNNERS, default=RUNNERS[0],
                         help="where each task runs: subprocess (this Python environment, the default) or "
                              "docker (the container image of its role, as on a cluster; `make images` builds "
                              "them)")
+
+
+def add_parameter_flags(parser: argparse.ArgumentParser, pipeline: Pipeline) -> None:
+    """A flag per typed parameter of ``pipeline`` (``--teacher-arch`` for ``teacher_arch``), with the
+    help of the fields it feeds and its default."""
+    texts = pipeline.parameter_help()
+    configs = {task.name: task.config for task in pipeline.plan({})}
+    for name, (kind, default) in pipeline.defaults.items():
+        if name in NOT_FLAGS:
+            continue
+        if pipeline.parameters[name] == UNSET:
+            own = {task.declaration.name: getattr(configs[task.name], field) for task in pipeline.tasks
+                   for field, parameter in pipeline.fed(task).items() if parameter == name}
+            shown = "each task's own: " + ", ".join(f"{stage} {flag_text(value)}" for stage, value in own.items())
+        else:
+            shown = flag_text(default) or "''"
+        parser.add_argument(flag_name(name), type={"int": int, "float": float}.get(kind, str), metavar=kind.upper(),
+                            help=f"{texts[name]} (default: {shown})".lstrip().replace("%", "%%"))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -289,41 +376,27 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run the whole pipeline locally (kfp.local)")
     run.add_argument("--data", help="ImageFolder root (path or URI) with train/ and val/; default: the demo")
     run.add_argument("--out", help="run folder (default: runs/demo or runs/<data folder name>)")
-    run.add_argument("--hr-size", type=int)
-    run.add_argument("--ratio", type=int)
-    run.add_argument("--seed", type=int)
-    run.add_argument("--teacher-arch")
-    run.add_argument("--student-arch")
-    run.add_argument("--teacher-weights", help="where the teacher starts from: torchvision:DEFAULT, timm:TAG, "
-                     "or a model folder / state dict / .safetensors URI (default: random)")
-    run.add_argument("--student-weights", help="where the assistant, one-stage student and LR baseline start "
-                     "from (the TAS student starts from the assistant)")
-    run.add_argument("--epochs", type=int, help="epochs of every training stage")
-    run.add_argument("--min-teacher-margin", type=float, metavar="POINTS",
-                     help="train the assistant and the students only if the teacher's val top-1 beats the LR "
-                          "baseline's by at least POINTS (default: off)")
-    run.add_argument("--set", action="append", default=[], metavar="STAGE.FIELD=VALUE",
-                     help="a stage setting, e.g. --set teacher.lr=0.1 (repeatable)")
-    add_runner_argument(run)
+    add_parameter_flags(run, pixel_distillation.PIPELINE)
+    add_set_and_runner_arguments(run, "teacher.lr=0.1")
     detect = sub.add_parser("detect", help="run the detection pipeline locally (kfp.local)")
     detect.add_argument("--data", help="COCO instances JSON, or a YOLO root (path or URI); default: the "
                         "generated detection demo")
-    detect.add_argument("--images", help="the folder of the COCO JSON's images")
     detect.add_argument("--out", help="run folder (default: runs/detection-demo or runs/detection-<data name>)")
-    detect.add_argument("--image-size", type=int, help="letterbox side of the HR images (default 256)")
-    detect.add_argument("--ratio", type=int)
-    detect.add_argument("--seed", type=int)
-    detect.add_argument("--kind", choices=("fcos", "retinanet"))
-    detect.add_argument("--teacher-backbone")
-    detect.add_argument("--student-backbone")
-    detect.add_argument("--fpn-channels", type=int, help="width of every detector's pyramid and head (default 256)")
-    detect.add_argument("--teacher-backbone-weights", help="where the teacher's backbone starts from: "
-                        "torchvision:DEFAULT or a classification model folder / state dict URI (default: random)")
-    detect.add_argument("--student-backbone-weights", help="the same for the students' backbones")
-    detect.add_argument("--epochs", type=int, help="epochs of every training stage")
-    detect.add_argument("--set", action="append", default=[], metavar="STAGE.FIELD=VALUE",
-                        help="a stage setting, e.g. --set afp.epochs=4 (repeatable)")
-    add_runner_argument(detect)
+    add_parameter_flags(detect, detection.PIPELINE)
+    add_set_and_runner_arguments(detect, "afp.epochs=4")
+    swept = sub.add_parser("sweep", help="which input size and which student: a grid of ratios x architectures "
+                           "(kfp.local), its Pareto fronts and the cell chosen for a budget")
+    swept.add_argument("--data", help="ImageFolder root (path or URI); default: the demo")
+    swept.add_argument("--out", help="run folder (default: runs/sweep-demo or runs/sweep-<data folder name>)")
+    swept.add_argument("--ratios", type=int, nargs="+", default=list(sweep.RATIOS), metavar="R",
+                       help="the LR side is hr-size / R; 1 is the assistant at HR (default: "
+                            f"{' '.join(map(str, sweep.RATIOS))})")
+    swept.add_argument("--student-archs", nargs="+", default=list(sweep.ARCHS), metavar="ARCH",
+                       help="torchvision names or timm:NAME,key=value,... (default: " + " ".join(sweep.ARCHS) + ")")
+    swept.add_argument("--choose", action="store_true",
+                       help="answer again for the budget given, from the finished sweep in --out, without training")
+    add_parameter_flags(swept, sweep.sweep_pipeline())
+    add_set_and_runner_arguments(swept, "student.epochs=20 (every cell's student)")
     stage = sub.add_parser("stage", help="run one stage; `kdp stage --help` lists the stages, "
                            "`kdp stage NAME --help` the fields of one", add_help=False)
     stage.add_argument("name", nargs="?", metavar="NAME")
@@ -332,6 +405,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     compile_ = sub.add_parser("compile", help="compile a pipeline to KFP v2 YAML for a cluster")
     compile_.add_argument("--pipeline", choices=sorted(PIPELINES), default="classification")
+    compile_.add_argument("--ratios", type=int, nargs="+", metavar="R", help="the sweep's ratios (default: "
+                          f"{' '.join(map(str, sweep.RATIOS))})")
+    compile_.add_argument("--student-archs", nargs="+", metavar="ARCH",
+                          help="the sweep's student architectures (default: " + " ".join(sweep.ARCHS) + ")")
     compile_.add_argument("-o", "--output", help="the YAML file (default: "
                           + "; ".join(f"{name}: {path}" for name, (_, path) in PIPELINES.items()) + ")")
     add_cluster_arguments(compile_)
@@ -358,7 +435,8 @@ def main(argv: list[str] | None = None) -> int:
         return guarded("kdp", lambda: cmd_stage(args, rest + ["--debug"] * debug), debug)
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
-    commands = {"run": cmd_run, "detect": cmd_detect, "demo-data": cmd_demo_data, "compile": cmd_compile,
+    commands = {"run": cmd_run, "detect": cmd_detect, "sweep": cmd_sweep, "demo-data": cmd_demo_data,
+                "compile": cmd_compile,
                 "schedule": cmd_schedule}
     return guarded("kdp", lambda: commands[args.command](args), debug, failures=(RuntimeError,))
 

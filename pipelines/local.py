@@ -26,10 +26,11 @@ from pathlib import Path
 
 from kfp import local
 
-from kd_lib.io.manifest import read_published
-from pipelines import pixel_distillation
+from kd_lib.io.manifest import read_manifest, read_published
 
 RESULT_FILES = ("summary.json", "report.html", "report.png")
+#: copied too when the summary task published them (a sweep's camera.png)
+OPTIONAL_RESULT_FILES = ("camera.png",)
 #: what the export stage writes for the device, copied to ``OUT/model/`` (:func:`publish_model`)
 MODEL_FILES = ("model.onnx", "model.int8.onnx", "model.json")
 RUNNERS = ("subprocess", "docker")
@@ -84,8 +85,8 @@ class ExecutorInputFilter(io.TextIOBase):
         self.target.flush()
 
 
-def run_pipeline(params: dict, out: str | os.PathLike, pipeline=None, runner: str = "subprocess") -> dict[str, Path]:
-    """Run ``pipeline`` (a ``dsl.pipeline``; None: the classification pipeline) with ``params``
+def run_pipeline(params: dict, out: str | os.PathLike, pipeline, runner: str = "subprocess") -> dict[str, Path]:
+    """Run ``pipeline`` (a built ``dsl.pipeline``, :meth:`pipelines.dag.Pipeline.build`) with ``params``
     on ``runner`` (one of :data:`RUNNERS`) and copy its summary, report and plot into ``out``. With
     ``docker``, the summary also names the image each task ran in (``images``).
 
@@ -96,7 +97,6 @@ def run_pipeline(params: dict, out: str | os.PathLike, pipeline=None, runner: st
     """
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    pipeline = pipeline or pixel_distillation.build_pipeline()
     params = {"checkpoint_root": str(out / "checkpoints"), "code_version": source_fingerprint(), **params}
     if runner == "docker":
         from pipelines.docker_runner import docker_runner
@@ -115,15 +115,15 @@ def run_pipeline(params: dict, out: str | os.PathLike, pipeline=None, runner: st
         except RuntimeError as err:  # kfp.local's "... Inner task failed: 'TASK'.", in colour
             failed = ANSI_CODE.sub("", str(err)).rpartition("Inner task failed: ")[2].rstrip(".")
             raise RuntimeError(f"task {failed} failed: {log.last_error or 'see its log above'}") from None
-    # the classification pipeline returns the summary folder's URI (a parameter: kfp.local picks one of
-    # two conditional branches' parameters, not artifacts), the detection pipeline the summary artifact
-    summary_dir = result.output if isinstance(result.output, str) else result.output.uri
+    summary_dir = result.output  # the summary folder's URI (a parameter: kfp.local picks one of two branches')
     paths = {}
-    for name in RESULT_FILES:
+    published = read_manifest(summary_dir)
+    for name in (*RESULT_FILES, *(name for name in OPTIONAL_RESULT_FILES if name in published["files"])):
         paths[name] = out / name
-        paths[name].write_bytes(read_published(summary_dir, name))
+        paths[name].write_bytes(read_published(summary_dir, name, published))
     summary = json.loads(paths["summary.json"].read_text())  # a summary that does not parse is a failed run
-    exported = [model["export"]["uri"] for model in summary["models"] if "uri" in model.get("export", {})]
+    exported = [found["export"]["uri"] for found in (summary, *summary.get("models", []))
+                if "uri" in found.get("export", {})]
     if exported:
         paths["model"] = publish_model(exported[0], out)
     if runner == "docker":

@@ -66,6 +66,21 @@ def write_imagefolder(root: Path, classes: int = 3, train: int = 12, val: int = 
     return root
 
 
+@pytest.fixture(scope="session")
+def bench_module():
+    """``bench_module(NAME)``: the module of ``bench/NAME.py`` (the benchmarks are scripts, not a package)."""
+    import importlib.util
+
+    def load(name: str):
+        spec = importlib.util.spec_from_file_location(f"bench_{name}", Path(__file__).resolve().parents[1] / "bench"
+                                                      / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    return load
+
+
 @pytest.fixture
 def make_imagefolder():
     return write_imagefolder

@@ -131,12 +131,14 @@ def test_kdp_schedule_creates_the_recurring_run_through_the_client(capsys):
 def test_flags_rebuild_the_stage_config():
     import argparse
 
-    from components.kfp_entry import stage_config
+    from components.kfp_entry import task_config
     from kd_lib.config import add_arguments, from_args, to_flags
 
-    config = stage_config("student", {"method": "kd+isrd", "epochs": 3.0, "amp": False, "milestones": [1, 2],
-                                      "schedule": "step", "lr": 2e-4}, data="gs://b/data", out="gs://b/s",
-                          teacher="gs://b/t", hr_size=64, ratio=4, seed=0, checkpoint_root="")
+    wiring = {"stage": "student", "output": "model", "params": ["hr_size", "ratio", "seed", "checkpoint_root"],
+              "fixed": {"data": "gs://b/data", "teacher": "gs://b/t"}, "reads": {}}
+    config = task_config(wiring, {"settings": {"method": "kd+isrd", "epochs": 3.0, "amp": False, "milestones": [1, 2],
+                                               "schedule": "step", "lr": 2e-4}, "model": SimpleNamespace(uri="gs://b/s"),
+                                  "hr_size": 64, "ratio": 4, "seed": 0, "checkpoint_root": ""})
     flags = to_flags(config)
     assert "--seed" not in flags and flags[flags.index("--amp") + 1] == "false"
     parser = argparse.ArgumentParser()
@@ -147,7 +149,7 @@ def test_flags_rebuild_the_stage_config():
 def test_the_torchx_launcher_runs_the_stage_as_a_job_and_reads_its_manifest(tmp_path, monkeypatch):
     """The job gets the stage's flags and the pod settings of the KFP tasks: GCS key, node selector, tolerations."""
     import components.torchx_apps as torchx_apps
-    from components.kfp_entry import run_stage
+    from components.kfp_entry import run_task
     from components.pod import PodSettings
     from kd_lib.io.publish import Publication
     from pipelines.cluster import ClusterOptions, launcher_input
@@ -168,14 +170,17 @@ def test_the_torchx_launcher_runs_the_stage_as_a_job_and_reads_its_manifest(tmp_
                              image_train="registry.example/kdp:2.0")
     launcher = launcher_input(options)
     launcher.update(nnodes=2.0, nproc_per_node=4.0)  # KFP hands numbers of a STRUCT over as floats
-    result = run_stage("lr-baseline", {"epochs": 2}, metrics, launcher, data="gs://b/data", out=out, hr_size=64,
-                       ratio=4, seed=0, checkpoint_root="")
+    wiring = {"stage": "lr-baseline", "output": "model", "fixed": {}, "params": ["hr_size", "seed", "epochs"],
+              "reads": {"data": ["data", ""]}}
+    run_task(wiring, {"data": SimpleNamespace(uri="gs://b/data"), "model": SimpleNamespace(uri=out), "metrics": metrics,
+                      "settings": {"epochs": 3}, "hr_size": 64, "seed": 0, "epochs": 2, "launcher": launcher,
+                      "rerun_token": "again", "code_version": "c"})
     [(stage, args, options)] = launched
     assert stage == "lr-baseline" and args == ["--epochs", "2", "--data", "gs://b/data", "--out", out]
     assert options == {"scheduler": "kubernetes", "nnodes": 2, "nproc_per_node": 4,
                        "image": "registry.example/kdp:2.0", "cfg": "queue=gpu",
                        "pod": PodSettings({"pool": "a100"}, ["gpu:NoExecute"], "kdp-gcs", "sa.json")}
-    assert result["final"] == {"val_top1": 0.5} and metrics.logged == {"val_top1": 0.5}
+    assert metrics.logged == {"val_top1": 0.5}
     assert json.loads(Path(metrics.path).read_text()) == {"val_top1": 0.5}
 
 
@@ -184,14 +189,14 @@ def test_kdp_run_refuses_a_bad_setting_before_any_work(tmp_path, capsys):
     cases = ((["--student-arch", "resnet19"], r"^kdp: error: [\w-]+ \(parameter student_arch\): field 'arch': "
                                               r"unknown torchvision architecture 'resnet19' \(close matches: resnet18"),
              (["--teacher-arch", "timm:resnet5O"], r"field 'arch': unknown timm model 'resnet5O'"),
-             (["--set", "student-onestage.method=kd+isdr"], r"student-onestage \(onestage_settings\): field 'method'"),
+             (["--set", "student-onestage.method=kd+isdr"], r"student-onestage \(student_onestage_settings\): field 'method'"),
              (["--set", "teacher.lr=fast"], r"teacher \(teacher_settings\): field 'lr': must be a number"),
              (["--set", "teachr.lr=0.1"], r"field '--set': expected STAGE.FIELD=VALUE with STAGE one of .*teacher"))
     for argv, message in cases:
         assert cli.main(["run", "--out", str(out), *argv]) == 2, argv
         assert re.search(message, capsys.readouterr().err), argv
-    assert cli.main(["detect", "--data", str(tmp_path / "coco.json"), "--out", str(out), "--student-backbone",
-                     "resnet19"]) == 2
+    assert cli.main(["detect", "--data", str(tmp_path / "coco.json"), "--images", str(tmp_path), "--out", str(out),
+                     "--student-backbone", "resnet19"]) == 2
     assert re.search(r"\w+ \(parameter student_backbone\): field 'backbone': unknown detector backbone .*'resnet19' "
                      r"\(close matches: resnet18", capsys.readouterr().err)
     assert not out.exists(), "a refused run wrote something"

@@ -22,7 +22,6 @@ from packaging.utils import canonicalize_name
 from components import torchx_apps
 from components.image import IMAGES
 from components.stage import stages
-from pipelines.tasks import dag_tasks
 from pipelines import cli
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -294,7 +293,9 @@ def task_images(path: Path) -> dict[str, tuple[str, bool]]:
     spec = next(yaml.safe_load_all(path.read_text()))
     executors = spec["deploymentSpec"]["executors"]
     result = {}
-    for _, task in dag_tasks(spec, spec["root"]):  # those inside conditions too
+    dags = [spec["root"]["dag"], *(component["dag"] for component in spec["components"].values() if "dag" in component)]
+    for task in (task for dag in dags for task in dag["tasks"].values()  # those inside conditions too
+                 if "executorLabel" in spec["components"][task["componentRef"]["name"]]):
         container = executors[spec["components"][task["componentRef"]["name"]]["executorLabel"]]["container"]
         result[task["taskInfo"]["name"]] = (container["image"], "accelerator" in container.get("resources", {}))
     return result

@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from components import afp, detector, evaluate, prepare_data
+from components import detection_distill, detector, evaluate, prepare_data
 from kd_lib.config import ConfigError, from_dict
 from kd_lib.data.detection_shards import DetectionShardDataset
 from kd_lib.data.imagefolder import DataError
@@ -30,8 +30,8 @@ def run_detector(data, out, **fields):
 
 
 def run_afp(data, out, teacher, **fields):
-    return afp.run(from_dict(afp.AFPConfig, {**TINY, "data": data, "out": str(out), "teacher": teacher,
-                                             "msad_ramp_iters": 2, **fields}))
+    return detection_distill.run(from_dict(detection_distill.DetectionDistillConfig, {
+        **TINY, "data": data, "out": str(out), "teacher": teacher, "msad_ramp_iters": 2, **fields}))
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +70,8 @@ def test_the_teacher_learns_to_detect(prepared_detection, teacher):
 def test_afp_publishes_an_aligned_assistant_and_student(prepared_detection, teacher, tmp_path, method, ratio,
                                                         backbone):
     manifest = run_afp(prepared_detection, tmp_path / "out", teacher, method=method, ratio=ratio, backbone=backbone)
-    assistant, a_spec, _ = load_detector(str(tmp_path / "out" / "assistant"))
+    hr = "assistant" if method == "afp" else "teacher"
+    assistant, a_spec, _ = load_detector(str(tmp_path / "out" / hr))
     student, s_spec, meta = load_detector(str(tmp_path / "out" / "student"))
     shift = {2: 1, 4: 2}[ratio]
     low = 3 if method == "afp" else 2
@@ -78,9 +79,11 @@ def test_afp_publishes_an_aligned_assistant_and_student(prepared_detection, teac
     assert (s_spec.image_size, s_spec.first_level, s_spec.lowest_level) == (128 // ratio, low, low)
     assert assistant.state_dict().keys() == student.state_dict().keys()  # one architecture, two windows
     assert meta["info"]["method"] == method
-    assistant_kd = [k for k in manifest["final"] if k.startswith("assistant_") and "afp_" in k]
+    stages = (read_manifest(str(tmp_path / "out" / part))["stage"] for part in (hr, "student"))
+    assert tuple(stages) == (f"{method}-{hr}", f"{method}-student")
+    assistant_kd = [k for k in manifest["final"] if k.startswith(f"{hr}_") and "afp_" in k]
     assert bool(assistant_kd) == (method == "afp")  # the MSAD teacher: its own losses only, by default
-    assert {"assistant/model.pt", "student/model.pt"} <= set(manifest["files"])
+    assert {f"{hr}/model.pt", "student/model.pt"} <= set(manifest["files"])
     assert not (tmp_path / "out" / "checkpoints").exists()
     with torch.no_grad():  # the published student detects on LR images
         found = student([torch.rand(3, 128 // ratio, 128 // ratio)])[0]
@@ -104,17 +107,17 @@ def test_an_interrupted_afp_run_resumes_in_the_student_phase(prepared_detection,
                                                              capsys):
     fields = {"epochs": 2, "checkpoint_root": str(tmp_path / "ckpt")}
     straight = run_afp(prepared_detection, tmp_path / "straight", teacher, **fields)
-    monkeypatch.setattr(afp, "AFPDistiller", KillInStudentPhase)
+    monkeypatch.setattr(detection_distill, "AFPDistiller", KillInStudentPhase)
     with pytest.raises(TrainingInterrupted):
         run_afp(prepared_detection, tmp_path / "resumed", teacher, **fields)
     with pytest.raises(IncompleteOutputError):
         read_manifest(str(tmp_path / "resumed"))  # nothing published
-    [last] = (tmp_path / "ckpt").glob("afp-*/student-train/last.pt")
+    [last] = (tmp_path / "ckpt").glob("detection-distill-*/student-train/last.pt")
     assert torch.load(last, weights_only=True)["loop"]["step"] == 3
     capsys.readouterr()
     run_afp(prepared_detection, tmp_path / "resumed", teacher, **fields)
     err = capsys.readouterr().err
-    assert "assistant phase already done" in err
+    assert "afp phase 1 already done" in err
     assert f"afp student: resumed from {last} at epoch 1, batch 3" in err
     assert KillInStudentPhase.calls == straight["final"]["student_step"]  # 3, then the rest: not from the start
     for part in ("assistant", "student"):

@@ -17,8 +17,7 @@ from components import common
 from components.image import IMAGES
 from components.stage import find
 from kd_lib.config import ConfigError
-from pipelines import cli, detection, pixel_distillation
-from pipelines.tasks import plan
+from pipelines import cli
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -30,8 +29,6 @@ SHELL = {"", "bash", "sh", "shell", "console"}
 SHELL_OPERATORS = {"&&", "||", ";", "|", "&"}
 OUTPUT_FLAGS = {"-o", "--output", "--out"}
 #: ``kdp run`` and ``kdp detect``: the pipeline and the parameters the command line makes for it.
-PIPELINE_COMMANDS = {"run": (pixel_distillation, cli.pipeline_params),
-                     "detect": (detection, cli.detection_params)}
 
 
 def in_image(words: list[str]) -> list[str]:
@@ -86,10 +83,10 @@ def parse(words: list[str]) -> None:
         assert common.stage_cli(stage.config, lambda config: None, rest, f"kdp stage {stage.name}", "") == 0
         return
     assert not rest, f"unrecognized arguments: {' '.join(rest)}"
-    if args.command in PIPELINE_COMMANDS:
-        module, params = PIPELINE_COMMANDS[args.command]
-        pipeline = module.build_pipeline()
-        plan(pipeline, params(args, args.data or "demo", pipeline))
+    if args.command in cli.LOCAL_RUNS:
+        build, demo = cli.LOCAL_RUNS[args.command]
+        pipeline = build(args)
+        pipeline.plan(cli.pipeline_params(args, args.data or "demo", pipeline, demo))
     elif args.command == "compile":
         cli.options_from_args(args)
 

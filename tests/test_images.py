@@ -154,7 +154,7 @@ def test_the_detection_stages_run_in_their_images(prepared_detection, tmp_path):
     tiny = ["--data", "/data", "--epochs", "1", "--batch-size", "4", "--ratio", "2", "--device", "cpu",
             "--num-workers", "0", "--fpn-channels", "64"]
     docker(TRAIN, "stage", "detector", *tiny, "--backbone", "resnet18", "--out", "/out/teacher", volumes=mounts)
-    docker(TRAIN, "stage", "afp", *tiny, "--teacher", "/out/teacher", "--assistant-epochs", "1", "--out", "/out/afp",
+    docker(TRAIN, "stage", "detection-distill", *tiny, "--teacher", "/out/teacher", "--assistant-epochs", "1", "--out", "/out/afp",
            volumes=mounts)
     docker(CPU, "stage", "evaluate", "--data", "/data", "--out", "/out/evaluate", "--ratio", "2",
            "--latency-repeats", "1", "--device", "cpu", "--num-workers", "0",

@@ -218,3 +218,43 @@ def test_a_vit_student_trains_through_isrd_at_16_and_32_px(prepared, small_teach
         "data": prepared, "out": str(tmp_path / "eval"), "hr_size": 64, "ratio": ratio, "latency_repeats": 1,
         "models": {"vit": str(out)}}))
     assert summary["models"][0]["input_size"] == 64 // ratio and summary["models"][0]["gflops"] > 0
+
+
+def test_the_docs_table_is_written_from_the_registry():
+    from pathlib import Path
+
+    from kd_lib.distill.methods import methods_table
+
+    table = methods_table()
+    assert table in (Path(__file__).resolve().parents[1] / "docs" / "methods.md").read_text()
+    assert all(f"| `{name}` |" in table for name in METHODS)
+
+
+def test_a_method_is_its_build_and_one_registration(monkeypatch, capsys):
+    """A method registered here, with a term of an existing loss: the student's help lists it, the
+    validation takes it (and combines it), and the docs table has its row."""
+    from kd_lib.distill.methods import method, methods_table
+    from pipelines import cli
+
+    monkeypatch.setattr("kd_lib.distill.methods.METHODS", dict(METHODS))
+
+    @method("throwaway", uses=("temperature",), logit=True)
+    def _throwaway(settings, models):
+        """Hinton KD at T, alpha 1
+
+        Source: this test."""
+        return [LogitKD(1.0, settings.temperature)]
+
+    assert settings("throwaway+isrd").methods[0].name == "throwaway"
+    with pytest.raises(ConfigError, match="throwaway and kd each carry the logit term"):
+        settings("throwaway+kd")
+    model, teacher_model = build_classifier("resnet18", 3), build_classifier("resnet18", 3)
+    task = build_distiller(settings("throwaway", temperature=2.0), model, teacher_model, hr_size=32,
+                           student_input_size=8)
+    [term] = task.terms
+    assert isinstance(term, LogitKD) and term.loss.temperature == 2.0 and task.ce_weight == 1.0
+    assert "| `throwaway` | Hinton KD at T, alpha 1 | `temperature` 4 | this test. |" in methods_table()
+    monkeypatch.setenv("COLUMNS", "1000")
+    with pytest.raises(SystemExit):
+        cli.main(["stage", "student", "--help"])
+    assert re.search(r"--method METHOD .*: ce, kd, .*, tas, throwaway ", capsys.readouterr().out)

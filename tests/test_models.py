@@ -69,8 +69,15 @@ def test_input_module_name_without_conv() -> None:
 
 def test_default_feature_layers(resnet18: nn.Module, mobilenet: nn.Module) -> None:
     assert default_feature_layers(resnet18) == ["layer1", "layer2", "layer3", "layer4"]
+    before = {k: v.clone() for k, v in mobilenet.state_dict().items()}
+    mobilenet.train()
+    layers = default_feature_layers(mobilenet)  # the last block at strides 4, 8, 16 and 32
+    assert layers == ["features.1", "features.3", "features.8", "features.12"] and mobilenet.training
+    assert all(torch.equal(before[k], v) for k, v in mobilenet.state_dict().items())  # BN statistics untouched
+    sides = {name: shape[-1] for name, shape in feature_shapes(mobilenet, layers, 64).items()}
+    assert list(sides.values()) == [16, 8, 4, 2]
     with pytest.raises(ValueError, match="explicitly"):
-        default_feature_layers(mobilenet)
+        default_feature_layers(nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten()))
 
 
 # --- FeatureCapture ---------------------------------------------------------

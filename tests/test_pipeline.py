@@ -46,8 +46,8 @@ def test_local_pipeline_gates_runs_end_to_end_and_caches(tmp_path, capsys, monke
     assert [v["text"] for v in summary["verdicts"]] == [summary["verdicts"][0]["text"]]
     assert summary["verdicts"][0]["text"] in printed
     gated = executed_tasks(out / "pipeline_root")
-    assert gated == sorted(["source-version-op", "prepare-data-op", "teacher-op", "lr-baseline-op",
-                            "teacher-gate-op", "evaluate-op-2"])
+    assert gated == sorted(["source-version", "prepare-data", "teacher", "lr-baseline", "teacher-gate",
+                            "evaluate-ungated"])
 
     assert run_kdp(data, out, "--min-teacher-margin", "-99") == 0  # met unless 0 % against 100 %
     printed = capsys.readouterr().out
@@ -73,7 +73,7 @@ def test_local_pipeline_gates_runs_end_to_end_and_caches(tmp_path, capsys, monke
     assert "onnx agree %" in printed and all(m["started_from"] == "random" for n, m in models.items()
                                               if n != "student")
     assert models["student"]["started_from"] == "assistant (random)"
-    [exported] = (out / "pipeline_root").glob("*/export-op/model")
+    [exported] = (out / "pipeline_root").glob("*/export/model")
     assert set(json.loads((exported / "manifest.json").read_text())["files"]) == set(local.MODEL_FILES)
     # and copied whole to the run's stable model folder, whose paths the run prints
     assert f"model:   {out / 'model' / 'model.onnx'}, " in printed
@@ -81,22 +81,22 @@ def test_local_pipeline_gates_runs_end_to_end_and_caches(tmp_path, capsys, monke
         assert (out / "model" / name).read_bytes() == read_published(str(exported), name)
     # the teacher and the LR baseline come from the cache; the gate decides again and the rest runs
     passed = executed_tasks(out / "pipeline_root")
-    assert passed == sorted([*gated, "source-version-op", "teacher-gate-op", "assistant-op", "student-op",
-                             "student-op-2", "export-op", "evaluate-op"])
+    assert passed == sorted([*gated, "source-version", "teacher-gate", "assistant", "student", "student-onestage",
+                             "export", "evaluate"])
 
     assert run_kdp(data, out, "--min-teacher-margin", "-99") == 0  # only the listing of the unchanged data runs
-    assert executed_tasks(out / "pipeline_root") == sorted([*passed, "source-version-op"]), \
+    assert executed_tasks(out / "pipeline_root") == sorted([*passed, "source-version"]), \
         "the same run again retrained something"
     assert json.loads((out / "summary.json").read_text()) == summary
     assert sorted(p.name for p in out.glob("model*")) == ["model", (out / "model").resolve().name]  # the older copy went
 
     run_pipeline = local.run_pipeline
     monkeypatch.setattr(local, "run_pipeline",
-                        lambda params, out, pipeline=None, runner="subprocess":
+                        lambda params, out, pipeline, runner="subprocess":
                         run_pipeline({**params, "rerun_student": "1"}, out, pipeline, runner))
     assert run_kdp(data, out, "--min-teacher-margin", "-99") == 0  # the student and what reads it run again
     monkeypatch.setattr(local, "run_pipeline", run_pipeline)
-    again = sorted([*passed, "source-version-op", "source-version-op", "student-op", "export-op", "evaluate-op"])
+    again = sorted([*passed, "source-version", "source-version", "student", "export", "evaluate"])
     assert executed_tasks(out / "pipeline_root") == again
 
     (data / "train" / sorted(p.name for p in (data / "train").iterdir())[0] / "extra.png").write_bytes(
@@ -114,5 +114,5 @@ def test_a_failed_task_puts_its_error_line_on_stderr_without_colour(tmp_path, ca
     capsys.readouterr()
     assert run_kdp(data, tmp_path / "run") == 1
     err = capsys.readouterr().err
-    assert "prepare-data-op" in err and str(damaged) in err and "\x1b" not in err, err
+    assert "task 'prepare-data' failed" in err and str(damaged) in err and "\x1b" not in err, err
     assert len(err.strip().splitlines()) == 1, err

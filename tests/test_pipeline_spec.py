@@ -8,10 +8,8 @@ import yaml
 from kfp import compiler
 
 from components.image import IMAGES
-from components.kfp_entry import DETECTION_MODELS
-from pipelines import cli
+from pipelines import cli, detection, pixel_distillation
 from pipelines.cluster import ClusterOptions
-from pipelines.pixel_distillation import build_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 #: Display name -> training task?, per pipeline.
@@ -23,8 +21,8 @@ TASKS = {
                   "export": False, "evaluate": False},
 }
 #: Display name -> the pipeline parameter that reruns it.
-RERUN = {"prepare-data": "rerun_prepare", "teacher": "rerun_teacher", "assistant": "rerun_assistant",
-         "student": "rerun_student", "student-onestage": "rerun_onestage", "afp": "rerun_afp",
+RERUN = {"prepare-data": "rerun_prepare_data", "teacher": "rerun_teacher", "assistant": "rerun_assistant",
+         "student": "rerun_student", "student-onestage": "rerun_student_onestage", "afp": "rerun_afp",
          "msad": "rerun_msad", "lr-baseline": "rerun_lr_baseline", "export": "rerun_export",
          "evaluate": "rerun_evaluate"}
 
@@ -61,21 +59,22 @@ def compiled(tmp_path, pipeline="classification", *flags) -> Compiled:
 
 def test_pipeline_compiles_with_every_stage_wired(tmp_path):
     path = tmp_path / "pipeline.yaml"
-    compiler.Compiler().compile(build_pipeline(), str(path))
+    compiler.Compiler().compile(pixel_distillation.PIPELINE.build(), str(path))
     spec = yaml.safe_load(path.read_text())
     dags = {"root": spec["root"]["dag"]["tasks"],
             **{name: c["dag"]["tasks"] for name, c in spec["components"].items() if "dag" in c}}
     tasks = {name: task for dag in dags.values() for name, task in dag.items() if not name.startswith("condition")}
-    assert set(tasks) == {"source-version-op", "prepare-data-op", "teacher-op", "assistant-op", "student-op", "student-op-2",
-                          "lr-baseline-op", "teacher-gate-op", "export-op", "evaluate-op", "evaluate-op-2"}
+    assert set(tasks) == {"source-version", "prepare-data", "teacher", "assistant", "student", "student-onestage",
+                          "lr-baseline", "teacher-gate", "export", "evaluate", "evaluate-ungated"}
     # the assistant, the students and the full evaluation run only if the gate passes; else the short evaluation
     branches = dags["comp-condition-branches-1"]
-    passed = "inputs.parameter_values['pipelinechannel--teacher-gate-op-passed'] == true"
+    passed = "inputs.parameter_values['pipelinechannel--teacher-gate-passed'] == true"
     assert branches["condition-2"]["triggerPolicy"]["condition"] == passed
     assert branches["condition-3"]["triggerPolicy"]["condition"] == f"!({passed})"
-    assert set(dags["comp-condition-2"]) == {"assistant-op", "student-op", "student-op-2", "export-op", "evaluate-op"}
-    assert set(dags["comp-condition-3"]) == {"evaluate-op-2"}
-    assert "min_teacher_margin" in tasks["teacher-gate-op"]["inputs"]["parameters"]
+    assert set(dags["comp-condition-2"]) == {"assistant", "student", "student-onestage", "export", "evaluate"}
+    assert set(dags["comp-condition-3"]) == {"evaluate-ungated"}
+    assert tasks["evaluate-ungated"]["taskInfo"]["name"] == "evaluate"
+    assert "min_teacher_margin" in tasks["teacher-gate"]["inputs"]["parameters"]
 
     def producer(task, name, kind="artifacts"):
         """The task whose output feeds input ``name`` of ``task``, across the condition's boundary."""
@@ -85,20 +84,27 @@ def test_pipeline_compiles_with_every_stage_wired(tmp_path):
         channel = source.get("componentInputArtifact") or source["componentInputParameter"]
         return channel.removeprefix("pipelinechannel--").rsplit("-", 1)[0]
 
-    assert producer("student-op", "source") == "assistant-op" and producer("student-op-2", "source") == "teacher-op"
-    assert [producer("teacher-gate-op", a) for a in ("teacher", "lr_baseline")] == ["teacher-op", "lr-baseline-op"]
-    assert [producer("evaluate-op-2", a) for a in ("teacher", "lr_baseline")] == ["teacher-op", "lr-baseline-op"]
-    assert "student" not in tasks["evaluate-op-2"]["inputs"]["artifacts"]
-    assert producer("export-op", "source") == "student-op" and producer("evaluate-op", "student_export") == "export-op"
-    assert producer("teacher-op", "weights", "parameters") == "teacher_weights"
-    assert producer("lr-baseline-op", "weights", "parameters") == "student_weights"
-    for name in ("teacher-op", "assistant-op", "student-op", "lr-baseline-op"):
-        assert producer(name, "data_fingerprint", "parameters") == "prepare-data-op"
+    assert producer("student", "assistant") == "assistant" and producer("student-onestage", "teacher") == "teacher"
+    assert [producer("teacher-gate", a) for a in ("teacher", "lr_baseline")] == ["teacher", "lr-baseline"]
+    assert [producer("evaluate-ungated", a) for a in ("teacher", "lr_baseline")] == ["teacher", "lr-baseline"]
+    assert set(tasks["evaluate-ungated"]["inputs"]["artifacts"]) == {"data", "teacher", "lr_baseline"}
+    assert producer("export", "student") == "student" and producer("evaluate", "export") == "export"
+    assert producer("teacher", "weights", "parameters") == "teacher_weights"
+    assert producer("lr-baseline", "weights", "parameters") == "student_weights"
+    assert "weights" not in tasks["student"]["inputs"]["parameters"]  # the TAS student starts from the assistant
+    assert producer("student", "method", "parameters") == "student_method"
+    assert producer("student-onestage", "method", "parameters") == "onestage_method"
+    for name in ("teacher", "assistant", "student", "lr-baseline"):
+        assert producer(name, "data_fingerprint", "parameters") == "prepare-data"
     images = {e["container"]["image"] for e in spec["deploymentSpec"]["executors"].values()}
     assert images == set(IMAGES.values())  # without cluster options too, each task its role's image
     commands = " ".join(" ".join(e["container"]["command"]) for e in spec["deploymentSpec"]["executors"].values())
     assert "pip install" not in commands  # install_kfp_package=False: the image brings kfp
-    assert spec["root"]["inputDefinitions"]["parameters"]["hr_size"]["defaultValue"] == 64
+    parameters = spec["root"]["inputDefinitions"]["parameters"]
+    assert parameters["hr_size"] == {"defaultValue": 64.0, "isOptional": True, "parameterType": "NUMBER_INTEGER"}
+    assert parameters["student_onestage_settings"]["defaultValue"] == {"method": "kd+isrd"}
+    assert parameters["lr"]["parameterType"] == "NUMBER_DOUBLE" and parameters["onestage_method"]["defaultValue"] == ""
+    assert "defaultValue" not in parameters["source"] and "defaultValue" not in parameters["checkpoint_root"]
 
 
 def test_source_fingerprint_follows_the_code(tmp_path, monkeypatch):
@@ -116,34 +122,34 @@ def test_source_fingerprint_follows_the_code(tmp_path, monkeypatch):
 
 
 def test_the_detection_pipeline_compiles_with_its_stages_wired(tmp_path):
-    from pipelines import detection
-
     path = tmp_path / "detection.yaml"
-    compiler.Compiler().compile(detection.build_pipeline(), str(path))
+    compiler.Compiler().compile(detection.PIPELINE.build(), str(path))
     spec = yaml.safe_load(path.read_text())
     tasks = spec["root"]["dag"]["tasks"]
-    assert set(tasks) == {"source-version-op", "prepare-detection-op", "detector-op", "afp-op", "afp-op-2", "detector-op-2",
-                          "export-op", "evaluate-detection-op"}
+    assert set(tasks) == {"source-version", "prepare-data", "teacher", "afp", "msad", "lr-baseline", "export",
+                          "evaluate"}
 
     def producer(task, artifact):
         return tasks[task]["inputs"]["artifacts"][artifact]["taskOutputArtifact"]["producerTask"]
 
-    def constant(task, name):
-        return tasks[task]["inputs"]["parameters"][name]["runtimeValue"]["constant"]
+    def wiring(task):
+        """The constants a task's component passes to its stage (in the component's source)."""
+        source = spec["deploymentSpec"]["executors"][f"exec-{task}"]["container"]["command"][-1]
+        return eval(source.rpartition("run_task(")[2].rpartition(", inputs)")[0])  # a literal dict
 
-    assert producer("afp-op", "teacher") == producer("afp-op-2", "teacher") == "detector-op"
-    assert (constant("afp-op", "method"), constant("afp-op-2", "method")) == ("afp", "msad")
-    assert (constant("detector-op", "view"), constant("detector-op-2", "view")) == ("hr", "lr")
-    assert [producer("evaluate-detection-op", a) for a in ("teacher", "afp", "msad", "lr_baseline", "student_export")
-            ] == ["detector-op", "afp-op", "afp-op-2", "detector-op-2", "export-op"]
-    assert producer("export-op", "source") == "afp-op" and constant("export-op", "folder") == "student"
-    assert tasks["detector-op"]["inputs"]["parameters"]["weights"]["componentInputParameter"] == \
+    assert producer("afp", "teacher") == producer("msad", "teacher") == "teacher"
+    assert (wiring("afp")["fixed"], wiring("msad")["fixed"]) == ({"method": "afp"}, {"method": "msad"})
+    assert (wiring("teacher")["fixed"], wiring("lr-baseline")["fixed"]) == ({"view": "hr"}, {"view": "lr"})
+    assert [producer("evaluate", a) for a in ("teacher", "afp", "msad", "lr_baseline", "export")
+            ] == ["teacher", "afp", "msad", "lr-baseline", "export"]
+    assert wiring("evaluate")["reads"]["models.msad_teacher"] == ["msad", "teacher"]
+    assert producer("export", "afp") == "afp" and wiring("export")["reads"] == {"data": ["data", ""],
+                                                                              "model": ["afp", "student"]}
+    assert tasks["teacher"]["inputs"]["parameters"]["weights"]["componentInputParameter"] == \
         "teacher_backbone_weights"
-    for name in ("detector-op", "afp-op", "afp-op-2", "detector-op-2"):
+    for name in ("teacher", "afp", "msad", "lr-baseline"):
         fingerprint = tasks[name]["inputs"]["parameters"]["data_fingerprint"]["taskOutputParameter"]
-        assert fingerprint["producerTask"] == "prepare-detection-op"
-    assert set(DETECTION_MODELS) == {"teacher", "assistant", "student_afp", "msad_teacher", "student_msad",
-                                        "lr_baseline"}
+        assert fingerprint["producerTask"] == "prepare-data"
 
 
 @pytest.mark.parametrize("pipeline", sorted(cli.PIPELINES))
@@ -218,7 +224,7 @@ def test_every_task_is_cached_and_rerun_by_its_own_parameter(tmp_path, pipeline)
                             and "rerun_token" not in gate["inputs"]["parameters"])
     assert version["cachingOptions"] == {} and "rerun_token" not in version["inputs"]["parameters"]
     source_version = spec.tasks["prepare-data"]["inputs"]["parameters"]["source_version"]["taskOutputParameter"]
-    assert source_version == {"outputParameterKey": "Output", "producerTask": "source-version-op"}
+    assert source_version == {"outputParameterKey": "Output", "producerTask": "source-version"}
     for name, task in spec.tasks.items():
         assert task["cachingOptions"] == {"enableCache": True}, name
         # a task inside a condition reads the pipeline parameter through its branch's input of the same name
@@ -240,26 +246,6 @@ def test_code_version_is_an_input_of_every_cached_task(path):
         source = task["inputs"]["parameters"]["code_version"]["componentInputParameter"]
         assert source.removeprefix("pipelinechannel--") == "code_version", name  # also through a condition
     assert spec.spec["root"]["inputDefinitions"]["parameters"]["code_version"]["parameterType"] == "STRING"
-
-
-def test_the_ops_keep_the_rerun_token_from_the_stage(monkeypatch):
-    import components.kfp_entry as entry
-    from pipelines import detection, pixel_distillation
-
-    calls = []
-    monkeypatch.setattr(entry, "run_stage", lambda *args, **fields: calls.append((args, fields)))
-
-    class Uri:
-        uri, path = "memory://x", "/dev/null"
-
-    common = dict(data=Uri, data_fingerprint="f", code_version="c", rerun_token="again", launcher={"kind": "pod"},
-                  settings={}, epochs=0, lr=0.0, ratio=4, seed=0, checkpoint_root="", model=Uri, metrics=Uri)
-    pixel_distillation.teacher_op(arch="resnet18", weights="", hr_size=64, **common)
-    detection.afp_op(teacher=Uri, method="afp", kind="fcos", backbone="resnet18", weights="", fpn_channels=256,
-                     **common)
-    for args, fields in calls:
-        assert "again" not in args and "again" not in fields.values() and "rerun_token" not in fields
-        assert args[-1] == {"kind": "pod"}
 
 
 def test_compile_options_change_the_yaml(tmp_path):

@@ -73,7 +73,7 @@ def location(request, tmp_path):
 
 def publish(out: str, version: int) -> dict:
     """An output like a detection stage's: two files of its own and two nested detector outputs."""
-    with Publication(out, "afp", f"key{version}") as publication:
+    with Publication(out, "detection-distill", f"key{version}") as publication:
         for phase in ("assistant", "student"):
             child = publication.child(phase, f"afp-{phase}")
             write_bytes(join(child.folder, "model.pt"), f"{phase} model {version}".encode() * 100)

@@ -433,10 +433,13 @@ def test_kdp_debug_shows_the_traceback(tmp_path, capsys, monkeypatch):
 
 
 def test_the_kfp_entry_exits_with_the_message(tmp_path, capsys):
-    from components.kfp_entry import run_stage
+    from types import SimpleNamespace
 
+    from components.kfp_entry import run_task
+
+    wiring = {"stage": "teacher", "output": "model", "fixed": {"data": str(tmp_path)}, "params": [], "reads": {}}
     with pytest.raises(SystemExit) as exit_:
-        run_stage("teacher", {"arch": "resnet19"}, data=str(tmp_path), out=str(tmp_path / "t"))
+        run_task(wiring, {"settings": {"arch": "resnet19"}, "model": SimpleNamespace(uri=str(tmp_path / "t"))})
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and "'arch'" in err and "Traceback" not in err
 

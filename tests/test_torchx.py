@@ -91,16 +91,16 @@ def test_kubernetes_dryrun_renders_a_volcano_job_of_ddp_nodes():
 
 
 def test_pod_settings_can_be_changed_or_turned_off():
-    [role] = torchx_apps.stage_app("afp", node_selector="pool=a100", tolerations="gpu=yes:NoExecute",
+    [role] = torchx_apps.stage_app("detection-distill", node_selector="pool=a100", tolerations="gpu=yes:NoExecute",
                                    gcs_secret="kdp-gcs", gcs_secret_key="sa.json").roles
     spec = get_overlay(role, "kubernetes", "V1Pod")["spec"]
     assert spec["nodeSelector"] == {"pool": "a100"} and spec["volumes"][0]["secret"] == {"secretName": "kdp-gcs"}
     assert spec["tolerations"] == [{"key": "gpu", "operator": "Equal", "value": "yes", "effect": "NoExecute"}]
     assert role.env["GOOGLE_APPLICATION_CREDENTIALS"] == "/var/secrets/gcs/sa.json"
-    [role] = torchx_apps.stage_app("afp", node_selector="", tolerations="", gcs_secret="").roles
+    [role] = torchx_apps.stage_app("detection-distill", node_selector="", tolerations="", gcs_secret="").roles
     assert get_overlay(role, "kubernetes", "V1Pod") == {} and "GOOGLE_APPLICATION_CREDENTIALS" not in role.env
     with pytest.raises(ConfigError, match="'tolerations'"):
-        torchx_apps.stage_app("afp", tolerations="gpu:Never")
+        torchx_apps.stage_app("detection-distill", tolerations="gpu:Never")
 
 
 @pytest.fixture

@@ -5,9 +5,10 @@ writes ``{split}-{i:05d}.parquet`` files (columns ``image`` bytes as stored,
 ``label`` int32, ``path`` string; the images of a split in a fixed shuffled
 order, in row groups of about ``ROW_GROUP_BYTES``, the unit a reader fetches;
 each page with its CRC-32, which a reader checks) plus ``manifest.json`` last. The manifest
-holds the class names and a content fingerprint: the SHA-256 over the class
-names and every image's split, relative path, label and bytes hash, so the
-same images at another URI have the same fingerprint.
+holds the class names, ``max_side`` (0: the images as they are) and a content
+fingerprint: the SHA-256 over the class names and every image's split, relative
+path, label and stored bytes' hash, so the same images at another URI have the
+same fingerprint.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import pyarrow.parquet as pq
 import torch
 from tqdm import tqdm
 
-from kd_lib.data.imagefolder import SPLITS, decode_rgb, image_row, list_classes, list_images
+from kd_lib.data.imagefolder import SPLITS, image_row, list_classes, list_images, load_rgb, open_image
 from kd_lib.data.parallel import OrderedPool, read_and_apply
 from kd_lib.data.transforms import CropTransform, PairedResize
 from kd_lib.errors import DataError
@@ -131,7 +132,8 @@ def binary_array(values: list[bytes]) -> pa.Array:
 
 
 def prepare_imagefolder(source: str, out: str, shard_size: int = 1024, max_per_class: int = 0,
-                        classes: list[str] | None = None, num_workers: int = 0, follow_links: bool = False) -> dict:
+                        classes: list[str] | None = None, num_workers: int = 0, follow_links: bool = False,
+                        max_side: int = 0) -> dict:
     """Validate the ImageFolder at ``source`` and publish it as shards under ``out``.
 
     ``max_per_class > 0`` keeps the first ``max_per_class`` images (in sorted
@@ -141,6 +143,10 @@ def prepare_imagefolder(source: str, out: str, shard_size: int = 1024, max_per_c
     shards, one shard a task (0: this process); the shards and the fingerprint
     do not depend on it (:class:`~kd_lib.data.parallel.OrderedPool`). An image
     that is a link out of ``source`` is an error unless ``follow_links``.
+    ``max_side > 0`` stores each image whose shorter side is longer resized to
+    it, as a JPEG (:func:`~kd_lib.data.imagefolder.bounded`; bounded resolution,
+    as FFCV stores ImageNet), and the manifest records ``max_side``, which a
+    training stage checks its ``hr_size`` against.
 
     On any error, the shards written so far are removed and no manifest is
     written; the error names the offending file or folder. An earlier output
@@ -165,14 +171,14 @@ def prepare_imagefolder(source: str, out: str, shard_size: int = 1024, max_per_c
         with tqdm(total=len(records), desc="prepare-data", unit="img") as progress:
             for split in SPLITS:
                 split_records = shuffled([r for r in records if r.split == split])
-                for record, kept in writer.write_split(pool, split, source, split_records, shard_size, image_row,
-                                                       attrgetter("path")):
+                for record, kept in writer.write_split(pool, split, source, split_records, shard_size,
+                                                       partial(image_row, max_side=max_side), attrgetter("path")):
                     short_sides[kept["side"]] += 1
                     digest.update(f"{record.path}\t{record.label}\t{kept['sha256']}\n".encode())
                     progress.update()
                 splits[split] = {"images": len(split_records), "shards": writer.shards[split]}
     return writer.publish(digest.hexdigest(), {"task": "classification", "source": source, "classes": classes,
-                                               "num_classes": len(classes), "splits": splits,
+                                               "num_classes": len(classes), "splits": splits, "max_side": max_side,
                                                "short_sides": dict(sorted(short_sides.items(), key=lambda kv: int(kv[0])))})
 
 
@@ -268,8 +274,10 @@ class ShardedImageDataset(StreamedSplit):
     ``pairing``, the transform's, makes the normalized HR and LR batches of a
     batch of crops on the training device
     (:func:`kd_lib.engine.loop.paired_batches`). Opening reads the labels
-    (4 bytes an image). Decoding happens per item, in the loader's workers.
-    Indices are ``(index, seed)`` pairs from the sampler or plain ints (seed 0).
+    (4 bytes an image). Decoding happens per item, in the loader's workers, at
+    the smallest DCT scale of a JPEG that the item's crop allows
+    (:meth:`~kd_lib.data.transforms.CropTransform.draft`). Indices are
+    ``(index, seed)`` pairs from the sampler or plain ints (seed 0).
     """
 
     def __init__(self, data: str, split: str, transform: CropTransform):
@@ -281,4 +289,7 @@ class ShardedImageDataset(StreamedSplit):
 
     def __getitem__(self, item):
         index, seed = item if isinstance(item, tuple) else (item, 0)
-        return self.transform(decode_rgb(*self.encoded(index)), seed), int(self.labels[index])
+        data, path = self.encoded(index)
+        image = open_image(data, path)  # the header only: the crop is drawn on it before anything is decoded
+        crop = self.transform.draft(image, seed)
+        return self.transform.crop(load_rgb(image, path), crop), int(self.labels[index])

@@ -497,13 +497,8 @@ def _training_html(summary: Summary) -> str:
     return f"<h2>Training</h2>\n{table}\n{img}"
 
 
-def render_html(summary: Summary, plot: bytes | None = None) -> str:
-    """Self-contained HTML report: dataset and run lines, embedded PNG plot (``plot``, the PNG of
-    :func:`plot_accuracy_vs_gflops`, rendered here when not given), model table, verdicts, and how
-    each model was trained with its curves."""
-    png = base64.b64encode(plot or plot_accuracy_vs_gflops(summary)).decode("ascii")
-    title = f"Low-resolution distillation report: {dataset_name(summary)}"
-    alt = f"{_task(summary).name} against GFLOPs per model"
+def html_page(title: str, body: str) -> str:
+    """A self-contained HTML page of the reports' style: ``title`` as its title and heading, then ``body``."""
     return f"""<!DOCTYPE html>
 <html lang="en">
 <head>
@@ -513,17 +508,27 @@ def render_html(summary: Summary, plot: bytes | None = None) -> str:
 </head>
 <body>
 <h1>{html.escape(title)}</h1>
-<p>{_dataset_line(summary)}</p>
+{body}
+</body>
+</html>
+"""
+
+
+def render_html(summary: Summary, plot: bytes | None = None) -> str:
+    """Self-contained HTML report: dataset and run lines, embedded PNG plot (``plot``, the PNG of
+    :func:`plot_accuracy_vs_gflops`, rendered here when not given), model table, verdicts, and how
+    each model was trained with its curves."""
+    png = base64.b64encode(plot or plot_accuracy_vs_gflops(summary)).decode("ascii")
+    title = f"Low-resolution distillation report: {dataset_name(summary)}"
+    alt = f"{_task(summary).name} against GFLOPs per model"
+    return html_page(title, f"""<p>{_dataset_line(summary)}</p>
 {_run_line(summary)}
 <img alt="{html.escape(alt)}" src="data:image/png;base64,{png}">
 {_html_table(summary)}
 <p class="note">Accuracy on the validation set at each model's own input size; cost
 (GFLOPs, input bytes, latency) for one forward at that size.</p>
 {_verdicts_html(summary)}
-{_training_html(summary)}
-</body>
-</html>
-"""
+{_training_html(summary)}""")
 
 
 def write_report(summary: Summary, out_dir: str) -> str:

@@ -38,7 +38,7 @@ class Publication:
 
     Files are written under :attr:`folder`; ``commit(files, info)`` publishes
     them. As a context manager, an error inside the block removes the new
-    files. An output that holds others (the afp stage's ``assistant/`` and
+    files. An output that holds others (the detection-distill stage's ``assistant/`` and
     ``student/`` detector folders) publishes them through :meth:`child`.
     """
 

@@ -183,16 +183,35 @@ def classifier_module_name(model: nn.Module) -> str:
 def default_feature_layers(model: nn.Module) -> list[str]:
     """The intermediate features that TAS pairs between assistant and student.
 
-    For torchvision ResNets (ResNet, ResNeXt, Wide ResNet) the outputs of the
-    four stages ``layer1`` .. ``layer4`` (our choice: the stage outputs are
+    For ResNets (torchvision's ResNet, ResNeXt, Wide ResNet; timm's, which
+    name their stages alike) the outputs of the four stages ``layer1`` .. ``layer4`` (our choice: the stage outputs are
     the features that the usual feature-distillation baselines read, and each
     one differs between HR assistant and LR student only in spatial size).
+    For models whose trunk is a ``features`` sequence (torchvision's
+    MobileNets, EfficientNets, MNASNet), the same by analogy: the last block
+    at each of the four deepest resolutions (strides 4 to 32, found by one
+    forward at 224 px).
 
     Raises:
         ValueError: any other model; its feature layers must be set explicitly.
     """
-    if isinstance(model, torchvision.models.ResNet):
+    if isinstance(model, torchvision.models.ResNet) or all(hasattr(model, name) for name in RESNET_FEATURE_LAYERS):
         return list(RESNET_FEATURE_LAYERS)
+    trunk = getattr(model, "features", getattr(model, "layers", None))
+    if isinstance(trunk, nn.Sequential):
+        prefix = "features" if trunk is getattr(model, "features", None) else "layers"
+        sides: dict[int, int] = {}
+        x, training = torch.zeros(1, 3, 224, 224), model.training
+        model.eval()  # BatchNorm's running statistics stay as they are
+        try:
+            with torch.no_grad():
+                for index, block in enumerate(trunk):
+                    x = block(x)
+                    sides[x.shape[-1]] = index  # the last block at each side
+        finally:
+            model.train(training)
+        last = [index for side, index in sorted(sides.items(), reverse=True) if 224 // side >= 4][-4:]
+        return [f"{prefix}.{index}" for index in last]
     raise ValueError(
         f"no default feature layers for {type(model).__name__}: set the feature "
         "layers explicitly (module names from model.named_modules())"

@@ -1,4 +1,4 @@
-"""afp: a low-resolution detector distilled through an aligned HR assistant (AFP) or MSAD.
+"""detection-distill: an LR detector distilled through an HR model, AFP's aligned assistant or MSAD's teacher.
 
 From the detection teacher (HR, stage ``detector``), in two phases, each
 checkpointed and resumable:
@@ -24,9 +24,11 @@ checkpointed and resumable:
        detection loss plus ``min(1, iter / msad_ramp_iters) * msad_alpha T^2
        L1(s/T, t/T)`` per level against the frozen teacher's fused levels.
 
-Publishes ``assistant/`` (the HR assistant, or the MSAD teacher's HR branch)
-and ``student/`` under ``out``, each a detector folder with its own manifest,
-and ``manifest.json`` last. Nothing is published until both phases are done;
+Publishes the HR model of phase 1 (``assistant/`` with ``method: afp``,
+stage ``afp-assistant``; ``teacher/`` with ``method: msad``, the MSAD teacher's
+HR branch, stage ``msad-teacher``) and the student (``student/``, stage
+``afp-student`` or ``msad-student``) under ``out``, each a detector folder with
+its own manifest, and ``manifest.json`` last. Nothing is published until both phases are done;
 a failed run leaves the previous output as it was.
 """
 
@@ -53,17 +55,23 @@ from kd_lib.losses.msad import CrossFeatureFusion, MSADDistillLoss
 from kd_lib.models.detector_store import DetectorSpec, load_detector
 from kd_lib.models.weights import started_from
 
-PHASES = ("assistant", "student")
+
+
+def hr_part(method: str) -> str:
+    """The folder of the HR model that phase 1 trains: AFP's assistant, or MSAD's teacher."""
+    return "assistant" if method == "afp" else "teacher"
 
 
 @dataclass
-class AFPConfig(DetectionStageConfig):
+class DetectionDistillConfig(DetectionStageConfig):
+    epochs: int = 12
+    """epochs of phase 2, the student (and of phase 1 unless assistant_epochs says otherwise)"""
     teacher: str = ""
     """the detection teacher's output URI (stage detector, view hr)"""
     method: Literal["afp", "msad"] = "afp"
     """afp: through an aligned HR assistant; msad: through the MSAD teacher"""
     assistant_epochs: int = 0
-    """epochs of the assistant phase (0: as many as epochs)"""
+    """epochs of phase 1, AFP's assistant or MSAD's teacher (0: as many as epochs)"""
     afp_temperature: float = 2.0
     """AFP: temperature of the classification-logit KD"""
     afp_cls_weight: float = 1.0
@@ -97,7 +105,7 @@ class AFPConfig(DetectionStageConfig):
                              self.afp_feature_weight)
 
 
-def aligned_specs(config: AFPConfig, num_classes: int, hr_size: int) -> tuple[DetectorSpec, DetectorSpec]:
+def aligned_specs(config: DetectionDistillConfig, num_classes: int, hr_size: int) -> tuple[DetectorSpec, DetectorSpec]:
     """The assistant's (HR) and the student's (LR) windows on one architecture (module docstring)."""
     shift = int(math.log2(config.ratio))
     low = 3 if config.method == "afp" else 2
@@ -106,7 +114,7 @@ def aligned_specs(config: AFPConfig, num_classes: int, hr_size: int) -> tuple[De
     return hr, hr.window(low, hr_size // config.ratio)
 
 
-def train_assistant(config: AFPConfig, data: DetectionData, teacher: torch.nn.Module, spec: DetectorSpec,
+def train_assistant(config: DetectionDistillConfig, data: DetectionData, teacher: torch.nn.Module, spec: DetectorSpec,
                     lr_spec: DetectorSpec, job: StageRun) -> tuple[torch.nn.Module, MSADTeacher | None, list[dict]]:
     """Phase 1, or its result when a run with this key finished it already: the assistant,
     the MSAD teacher around it (``method: msad``) and the phase's metrics rows."""
@@ -114,7 +122,7 @@ def train_assistant(config: AFPConfig, data: DetectionData, teacher: torch.nn.Mo
     fusion = CrossFeatureFusion(config.fpn_channels) if config.method == "msad" else None
     if finished_with_key(folder, job.key) is not None:
         assistant, _, meta = load_detector(folder)
-        print(f"afp: assistant phase already done ({folder})", file=sys.stderr)
+        print(f"{STAGE.name}: {config.method} phase 1 already done ({folder})", file=sys.stderr)
         rows = read_rows(folder)
         if fusion is not None:
             fusion.load_state_dict(meta["info"]["fusion"])
@@ -132,8 +140,9 @@ def train_assistant(config: AFPConfig, data: DetectionData, teacher: torch.nn.Mo
         extra = {"fusion": fusion.state_dict()} if fusion is not None else {}
 
         def write() -> dict:
-            with Publication(folder, "afp-assistant", job.key) as publication:
-                files = write_detector(publication.folder, assistant, spec, data, rows, stage="afp-assistant",
+            part = f"{config.method}-{hr_part(config.method)}"
+            with Publication(folder, part, job.key) as publication:
+                files = write_detector(publication.folder, assistant, spec, data, rows, stage=part,
                                        **extra)
                 return publication.commit(files, {"final": rows[-1]})
 
@@ -141,7 +150,7 @@ def train_assistant(config: AFPConfig, data: DetectionData, teacher: torch.nn.Mo
     return assistant, (MSADTeacher(assistant, lr_spec.build(), fusion) if fusion is not None else None), rows
 
 
-def run(config: AFPConfig) -> dict:
+def run(config: DetectionDistillConfig) -> dict:
     preflight(STAGE.name, config, {"data": config.data, "teacher": config.teacher})
     data = DetectionData.load(config)
     teacher, teacher_spec, teacher_fingerprint, _ = load_upstream_detector(config.teacher, "teacher", data.classes)
@@ -170,17 +179,17 @@ def run(config: AFPConfig) -> dict:
         rows = train(task, data, config, join(job.checkpoint_dir, "student-train"), f"{config.method} student")
 
         def write(publication: Publication) -> tuple[list[str], dict]:
-            origin = started_from(config.weights)
-            for phase, model, model_spec, phase_rows, start in (
-                    ("assistant", assistant, spec, assistant_rows, origin),
-                    ("student", student, lr_spec, rows, f"assistant ({origin})")):
-                child = publication.child(phase, f"afp-{phase}")
-                written = write_detector(child.folder, model, model_spec, data, phase_rows, stage=f"afp-{phase}",
-                                         method=config.method, ratio=config.ratio, started_from=start)
-                child.commit(written, {"final": phase_rows[-1]})
+            origin, hr = started_from(config.weights), hr_part(config.method)
+            parts = ((hr, assistant, spec, assistant_rows, origin),
+                     ("student", student, lr_spec, rows, f"{hr} ({origin})"))
+            for part, model, model_spec, part_rows, start in parts:
+                child = publication.child(part, f"{config.method}-{part}")
+                written = write_detector(child.folder, model, model_spec, data, part_rows,
+                                         stage=f"{config.method}-{part}", method=config.method, ratio=config.ratio,
+                                         started_from=start)
+                child.commit(written, {"final": part_rows[-1]})
             return [], {"config": asdict(config), "inputs": {"data": config.data, "teacher": config.teacher},
-                        "final": {f"{phase}_{k}": v for phase, r in zip(PHASES, (assistant_rows, rows))
-                                  for k, v in r[-1].items()}}
+                        "final": {f"{part}_{k}": v for part, _, _, r, _ in parts for k, v in r[-1].items()}}
 
         return write
 
@@ -188,7 +197,7 @@ def run(config: AFPConfig) -> dict:
                          train_phases)
 
 
-STAGE = Stage("afp", AFPConfig, run, trains=True)
+STAGE = Stage("detection-distill", DetectionDistillConfig, run, trains=True)
 
 if __name__ == "__main__":
     sys.exit(STAGE.main())

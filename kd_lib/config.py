@@ -17,6 +17,7 @@ import argparse
 import ast
 import dataclasses
 import difflib
+import functools
 import inspect
 import textwrap
 import types
@@ -177,6 +178,7 @@ def to_flags(config: Any) -> list[str]:
     return flags
 
 
+@functools.cache
 def attribute_docs(cls: type) -> dict[str, str]:
     """The attribute docstring of each field of the dataclass ``cls`` or its bases, on one line."""
     docs: dict[str, str] = {}

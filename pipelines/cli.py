@@ -350,25 +350,27 @@ def add_set_and_runner_arguments(parser: argparse.ArgumentParser, example: str) 
                              "them)")
 
 
-def add_parameter_flags(parser: argparse.ArgumentParser, pipeline: Pipeline) -> None:
+def add_parameter_flags(parser: argparse.ArgumentParser, pipeline: Pipeline, helps: bool) -> None:
     """A flag per typed parameter of ``pipeline`` (``--teacher-arch`` for ``teacher_arch``), with the
-    help of the fields it feeds and its default."""
-    texts = pipeline.parameter_help()
-    configs = {task.name: task.config for task in pipeline.plan({})}
+    help of the fields it feeds and its default when ``helps`` (reading the fields' docstrings takes a
+    second: only when help is asked)."""
+    texts = pipeline.parameter_help() if helps else {}
     for name, (kind, default) in pipeline.defaults.items():
         if name in NOT_FLAGS:
             continue
-        if pipeline.parameters[name] == UNSET:
-            own = {task.declaration.name: getattr(configs[task.name], field) for task in pipeline.tasks
-                   for field, parameter in pipeline.fed(task).items() if parameter == name}
-            shown = "each task's own: " + ", ".join(f"{stage} {flag_text(value)}" for stage, value in own.items())
+        if not helps:
+            shown = ""
+        elif pipeline.parameters[name] == UNSET:
+            own = ", ".join(f"{stage} {flag_text(value)}" for stage, value in pipeline.own_defaults(name).items())
+            shown = f"each task's own: {own}"
         else:
             shown = flag_text(default) or "''"
         parser.add_argument(flag_name(name), type={"int": int, "float": float}.get(kind, str), metavar=kind.upper(),
-                            help=f"{texts[name]} (default: {shown})".lstrip().replace("%", "%%"))
+                            help=f"{texts[name]} (default: {shown})".lstrip().replace("%", "%%") if helps else None)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(helps: bool = True) -> argparse.ArgumentParser:
+    """``kdp``'s parser; without ``helps``, the pipeline commands' parameter flags have no help text."""
     parser = argparse.ArgumentParser(prog="kdp", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"kdp {version('kd-pipeline')}")
@@ -376,13 +378,13 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run the whole pipeline locally (kfp.local)")
     run.add_argument("--data", help="ImageFolder root (path or URI) with train/ and val/; default: the demo")
     run.add_argument("--out", help="run folder (default: runs/demo or runs/<data folder name>)")
-    add_parameter_flags(run, pixel_distillation.PIPELINE)
+    add_parameter_flags(run, pixel_distillation.PIPELINE, helps)
     add_set_and_runner_arguments(run, "teacher.lr=0.1")
     detect = sub.add_parser("detect", help="run the detection pipeline locally (kfp.local)")
     detect.add_argument("--data", help="COCO instances JSON, or a YOLO root (path or URI); default: the "
                         "generated detection demo")
     detect.add_argument("--out", help="run folder (default: runs/detection-demo or runs/detection-<data name>)")
-    add_parameter_flags(detect, detection.PIPELINE)
+    add_parameter_flags(detect, detection.PIPELINE, helps)
     add_set_and_runner_arguments(detect, "afp.epochs=4")
     swept = sub.add_parser("sweep", help="which input size and which student: a grid of ratios x architectures "
                            "(kfp.local), its Pareto fronts and the cell chosen for a budget")
@@ -395,7 +397,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="torchvision names or timm:NAME,key=value,... (default: " + " ".join(sweep.ARCHS) + ")")
     swept.add_argument("--choose", action="store_true",
                        help="answer again for the budget given, from the finished sweep in --out, without training")
-    add_parameter_flags(swept, sweep.sweep_pipeline())
+    add_parameter_flags(swept, sweep.sweep_pipeline(), helps)
     add_set_and_runner_arguments(swept, "student.epochs=20 (every cell's student)")
     stage = sub.add_parser("stage", help="run one stage; `kdp stage --help` lists the stages, "
                            "`kdp stage NAME --help` the fields of one", add_help=False)
@@ -429,7 +431,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv, debug = take_debug_flag(argv)
-    parser = build_parser()
+    parser = build_parser(helps=bool({"-h", "--help"} & set(argv if argv is not None else sys.argv[1:])))
     args, rest = parser.parse_known_args(argv)
     if args.command == "stage":
         return guarded("kdp", lambda: cmd_stage(args, rest + ["--debug"] * debug), debug)

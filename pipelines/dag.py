@@ -75,7 +75,7 @@ class Task:
     settings: Mapping[str, Any] = field(default_factory=dict)
     gated: bool = False
 
-    @property
+    @functools.cached_property
     def declaration(self) -> Stage:
         return find(self.stage or self.name)
 
@@ -130,6 +130,10 @@ def teacher_gate(code_version: str, teacher: Input[Model], lr_baseline: Input[Mo
     from components.gate import run
     decision = run(teacher.uri, lr_baseline.uri, min_teacher_margin)
     return namedtuple("Outputs", ["passed", "decision"])(decision["passed"], decision)
+
+
+#: A config class's resolved field types (resolving them compiles each annotation: once per class).
+type_hints = functools.cache(typing.get_type_hints)
 
 
 def kfp_type(hint) -> str:
@@ -196,7 +200,7 @@ class Pipeline:
         fed: dict[str, list[tuple[Any, Any]]] = {name: [] for name in self.parameters}
         for task in self.tasks:
             config = task.declaration.config
-            hints, specs = typing.get_type_hints(config), {f.name: f for f in dataclasses.fields(config)}
+            hints, specs = type_hints(config), {f.name: f for f in dataclasses.fields(config)}
             for name, parameter in self.fed(task).items():
                 fed[parameter].append((hints[name], field_default(specs[name])))
         found = {}
@@ -214,6 +218,17 @@ class Pipeline:
             default = stage_default if given is None else {"int": 0, "float": 0.0, "str": ""}[kind] \
                 if given == UNSET else given
             found[name] = (kind, default)
+        return found
+
+    def own_defaults(self, parameter: str) -> dict[str, Any]:
+        """What the fields that ``parameter`` feeds are when it is left unset, by stage (a task's settings
+        default, else its stage's default)."""
+        found = {}
+        for task in self.tasks:
+            specs = {f.name: f for f in dataclasses.fields(task.declaration.config)}
+            for name, fed in self.fed(task).items():
+                if fed == parameter:
+                    found.setdefault(task.declaration.name, task.settings.get(name, field_default(specs[name])))
         return found
 
     def parameter_help(self) -> dict[str, str]:
@@ -239,7 +254,7 @@ class Pipeline:
     def component(self, task: Task, reads: dict[str, tuple[str, str]], function_name: str):
         """The KFP component of ``task`` reading ``reads`` (module docstring)."""
         stage = task.declaration
-        hints = typing.get_type_hints(stage.config)
+        hints = type_hints(stage.config)
         wiring = self.wiring(task, reads)
         inputs = {self.argument(up): f"Input[{'Dataset' if up == self.data_task.name else 'Model'}]"
                   for up, _ in reads.values()}

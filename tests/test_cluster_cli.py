@@ -191,7 +191,7 @@ def test_kdp_run_refuses_a_bad_setting_before_any_work(tmp_path, capsys):
              (["--teacher-arch", "timm:resnet5O"], r"field 'arch': unknown timm model 'resnet5O'"),
              (["--set", "student-onestage.method=kd+isdr"], r"student-onestage \(student_onestage_settings\): field 'method'"),
              (["--set", "teacher.lr=fast"], r"teacher \(teacher_settings\): field 'lr': must be a number"),
-             (["--set", "teachr.lr=0.1"], r"field '--set': expected STAGE.FIELD=VALUE with STAGE one of .*teacher"))
+             (["--set", "teachr.lr=0.1"], r"field '--set': expected TASK.FIELD=VALUE with TASK one of .*teacher"))
     for argv, message in cases:
         assert cli.main(["run", "--out", str(out), *argv]) == 2, argv
         assert re.search(message, capsys.readouterr().err), argv

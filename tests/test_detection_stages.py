@@ -218,7 +218,7 @@ def test_kdp_detect_checks_every_stage_setting_before_running(tmp_path, capsys):
     assert "afp_temperature" in capsys.readouterr().err
     assert main([*args, "--set", "nope.epochs=1"]) == 2
     err = capsys.readouterr().err
-    named = err.split("STAGE one of ")[1].split(", got")[0].split(", ")
+    named = err.split("TASK one of ")[1].split(" (or a stage's name")[0].split(", ")
     assert set(named) == {"prepare-data", "teacher", "afp", "msad", "lr-baseline", "export", "evaluate"}
     assert not (tmp_path / "run").exists()
 

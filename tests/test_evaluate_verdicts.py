@@ -37,7 +37,7 @@ def test_summary_says_how_each_model_was_trained_and_gives_verdicts(prepared, tm
         "student": ("student", "kd", "teacher")}
     # settings against the stage's own defaults: the wiring (data, arch, sizes...) is left out
     assert by_name["student"]["settings"] == {"method": "kd", "temperature": 2.0, "epochs": 1, "batch_size": 8}
-    assert by_name["teacher"]["settings"] == {"epochs": 2, "batch_size": 8, "lr": 0.05}
+    assert by_name["teacher"]["settings"] == {"epochs": 2, "batch_size": 8}  # lr 0.05: the stage's own
     assert [row["epoch"] for row in by_name["teacher"]["history"]] == [1, 2]
     assert {"train_loss", "train_ce", "train_kd", "val_top1", "lr"} <= set(by_name["student"]["history"][0])
     assert [(v["model"], v["reference"]) for v in summary["verdicts"]] == [

@@ -32,7 +32,7 @@ def detection_pipeline():
 
 def test_every_stage_module_declares_its_stage():
     assert set(stages()) == {"prepare-data", "teacher", "assistant", "student", "lr-baseline", "detector",
-                             "detection-distill", "evaluate", "export"}
+                             "detection-distill", "evaluate", "export", "sweep"}
     assert {name for name, stage in stages().items() if stage.trains} == {
         "teacher", "assistant", "student", "lr-baseline", "detector", "detection-distill"}
     for name, stage in stages().items():

@@ -22,15 +22,17 @@ from dataclasses import dataclass, fields
 from typing import Literal
 
 from components.pod import PodSettings
-from components.stage import OUTPUTS, find
+from components.stage import find
 from kd_lib.config import ConfigError, check, from_dict, to_flags
 from kd_lib.errors import exit_on_failure
 from kd_lib.io.fs import join
 from kd_lib.io.lease import TASK_ENV
 from kd_lib.io.manifest import read_manifest, read_published
 
-#: A typed pipeline parameter at this value leaves its field to the task's settings.
-UNSET_VALUES = ("", 0)
+
+def is_set(value) -> bool:
+    """Whether a typed pipeline parameter's value sets its field: anything but 0 and ''."""
+    return isinstance(value, bool) or value not in ("", 0)
 
 
 def task_config(wiring: dict, inputs: dict):
@@ -47,7 +49,7 @@ def task_config(wiring: dict, inputs: dict):
 
     A field in the settings that the DAG sets (a read or a constant) is an error naming it.
     """
-    stage = wiring["stage"]
+    stage = find(wiring["stage"])
     fields = dict(wiring["fixed"])
     for field, (argument, folder) in wiring["reads"].items():
         uri = join(inputs[argument].uri, folder) if folder else inputs[argument].uri
@@ -56,17 +58,14 @@ def task_config(wiring: dict, inputs: dict):
             fields.setdefault(name, {})[key] = uri
         else:
             fields[field] = uri
-    fields["out"] = inputs[next(iter(OUTPUTS[wiring["output"]]))].uri
+    fields["out"] = inputs[stage.artifact].uri
     settings = dict(inputs["settings"])
     clash = sorted(set(settings) & set(fields))
     if clash:
-        raise ConfigError(clash[0], f"is set by the pipeline; remove it from the {stage} settings",
-                          f"{stage} settings")
-    for field in wiring["params"]:
-        value = inputs[field]
-        if isinstance(value, bool) or value not in UNSET_VALUES:
-            settings[field] = value
-    return from_dict(find(stage).config, {**settings, **fields}, where=f"{stage} settings")
+        raise ConfigError(clash[0], f"is set by the pipeline; remove it from the {stage.name} settings",
+                          f"{stage.name} settings")
+    settings.update({field: inputs[field] for field in wiring["params"] if is_set(inputs[field])})
+    return from_dict(stage.config, {**settings, **fields}, where=f"{stage.name} settings")
 
 
 def final_metrics(result: dict) -> dict[str, float]:

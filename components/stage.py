@@ -58,6 +58,11 @@ class Stage:
     output: Literal["model", "data", "summary"] = "model"
 
     @property
+    def artifact(self) -> str:
+        """The output artifact that ``out`` is: the first of its :data:`OUTPUTS`."""
+        return next(iter(OUTPUTS[self.output]))
+
+    @property
     def summary(self) -> str:
         """What the stage does: the first line of its module's docstring, after the stage's name."""
         first = (sys.modules[self.run.__module__].__doc__ or "").strip().split("\n")[0]

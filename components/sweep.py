@@ -144,7 +144,8 @@ def export_choice(config: SweepConfig, uri: str) -> dict:
 
 def run(config: SweepConfig) -> dict:
     preflight(STAGE.name, config, {"data": config.data, **config.evaluations})
-    classes = read_manifest(config.data)["classes"]
+    data = read_manifest(config.data)
+    classes = data["classes"]
     cells, uris, hr, best = read_cells(config.evaluations)
     reference_se = standard_error(best["top1"], hr["dataset"]["val_images"])
     choice = choose(cells, best["top1"], reference_se, config.budget)
@@ -155,7 +156,7 @@ def run(config: SweepConfig) -> dict:
         summary["export"] = export_choice(config, uris[choice.cell.key])
     images, labels, predictions = camera(config, cells, uris, classes, hr["hr_size"])
     sizes = sorted({c.input_size for c in cells}, reverse=True)
-    inputs = {"data": read_manifest(config.data)["data_fingerprint"]} | {
+    inputs = {"data": data["data_fingerprint"]} | {
         name: read_manifest(uri)["fingerprint"] for name, uri in config.evaluations.items()}
     with Publication(config.out, STAGE.name, run_key(STAGE.name, config, inputs)) as publication:
         front = front_figure(cells, choice, join(publication.folder, FRONT_FILE))

@@ -30,7 +30,7 @@ from pipelines.dag import UNSET, Pipeline
 PIPELINES = {
     "classification": (pixel_distillation.PIPELINE, "pipelines/pixel_distillation.yaml"),
     "detection": (detection.PIPELINE, "pipelines/detection_distillation.yaml"),
-    "sweep": (sweep.sweep_pipeline(), "pipelines/resolution_sweep.yaml"),
+    "sweep": (sweep.PIPELINE, "pipelines/resolution_sweep.yaml"),
 }
 #: Typed parameters that ``kdp run`` and ``kdp detect`` set from --data and --out, not from a flag of their own.
 NOT_FLAGS = ("source", "checkpoint_root", "code_version")
@@ -59,7 +59,6 @@ DETECTION_DEMO_SETTINGS = {"teacher": {"epochs": 6}, "afp": {"epochs": 6, "assis
                            "lr-baseline": {"epochs": 6}, "evaluate": {"latency_repeats": 5}}
 
 
-#: ``kdp run`` and ``kdp detect``: the pipeline each runs, and its demo (typed parameters, settings).
 #: ``kdp run``, ``kdp detect`` and ``kdp sweep``: the pipeline each runs (of the command line's arguments),
 #: and its demo (typed parameters, settings).
 LOCAL_RUNS = {"run": (lambda args: pixel_distillation.PIPELINE, ({}, DEMO_SETTINGS)),
@@ -202,7 +201,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
     if args.choose:
         return choose_again(args)
-    hr_size = args.hr_size or sweep.sweep_pipeline().defaults["hr_size"][1]
+    hr_size = args.hr_size or sweep.PIPELINE.defaults["hr_size"][1]
     check_grid(args.ratios, hr_size, args.student_archs)
     out = Path(args.out or ("runs/sweep-demo" if args.data is None else
                             f"runs/sweep-{Path(args.data.rstrip('/')).name}"))
@@ -212,7 +211,6 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 def choose_again(args: argparse.Namespace) -> int:
     """``kdp sweep --choose --out DIR``: the choice for the budget given, from the finished sweep in DIR."""
     from components.sweep import SweepConfig
-    from kd_lib.config import from_dict
 
     if args.out is None:
         raise ConfigError("--out", "--choose answers from a finished sweep: give its --out", "kdp sweep")
@@ -222,9 +220,7 @@ def choose_again(args: argparse.Namespace) -> int:
     summary = json.loads(path.read_text())
     fields = {name: getattr(args, name) for name in ("keep", "max_bytes", "max_gflops", "max_latency_ms", "cost")
               if getattr(args, name) is not None}
-    budget = from_dict(SweepConfig, {**fields, "data": "-", "out": "-", "evaluations": {"hr": "-", "-": "-"}},
-                       where="kdp sweep").budget
-    print(sweep_answer(summary, budget))
+    print(sweep_answer(summary, SweepConfig(**fields).budget))  # the stage's defaults; choose() checks it
     return 0
 
 
@@ -268,7 +264,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
         if args.pipeline != "sweep":
             raise ConfigError("--ratios" if args.ratios else "--student-archs", "go with --pipeline sweep")
         ratios, archs = tuple(args.ratios or sweep.RATIOS), tuple(args.student_archs or sweep.ARCHS)
-        check_grid(ratios, sweep.sweep_pipeline().defaults["hr_size"][1], archs)
+        check_grid(ratios, sweep.PIPELINE.defaults["hr_size"][1], archs)
         table = sweep.sweep_pipeline(ratios, archs)
     path = compile_pipeline(args.pipeline, args.output or PIPELINES[args.pipeline][1], options, table)
     print(f"{args.pipeline} pipeline for {options.image_train} (training) and {options.image_cpu} (CPU): {path}")
@@ -397,7 +393,7 @@ def build_parser(helps: bool = True) -> argparse.ArgumentParser:
                        help="torchvision names or timm:NAME,key=value,... (default: " + " ".join(sweep.ARCHS) + ")")
     swept.add_argument("--choose", action="store_true",
                        help="answer again for the budget given, from the finished sweep in --out, without training")
-    add_parameter_flags(swept, sweep.sweep_pipeline(), helps)
+    add_parameter_flags(swept, sweep.PIPELINE, helps)
     add_set_and_runner_arguments(swept, "student.epochs=20 (every cell's student)")
     stage = sub.add_parser("stage", help="run one stage; `kdp stage --help` lists the stages, "
                            "`kdp stage NAME --help` the fields of one", add_help=False)

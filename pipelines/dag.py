@@ -50,7 +50,7 @@ from kfp import dsl
 from kfp.dsl import HTML, Artifact, Dataset, Input, Metrics, Model, Output
 
 from components.image import IMAGES
-from components.kfp_entry import task_config
+from components.kfp_entry import is_set, task_config
 from components.stage import OUTPUTS, Stage, find
 from kd_lib.config import ConfigError, field_default, field_texts
 from pipelines.cluster import ClusterOptions, configure_task, launcher_input
@@ -297,7 +297,7 @@ class Pipeline:
                 raise TypeError(f"{self.name}: task {task.name} reads a gated task, so it must be gated too")
 
         def add(task: Task, made: dict, values: dict, reads: dict, function_name: str, gate=None):
-            arguments = {self.argument(up): made[up].outputs[next(iter(OUTPUTS[self.task(up).declaration.output]))]
+            arguments = {self.argument(up): made[up].outputs[self.task(up).declaration.artifact]
                          for up, _ in reads.values()}
             arguments |= {name: values[parameter] for name, parameter in self.fed(task).items()}
             arguments |= {"settings": values[task.settings_parameter], "code_version": values["code_version"],
@@ -324,8 +324,8 @@ class Pipeline:
             if self.gate is None:
                 return made[self.summary_task.name].outputs["Output"]
             gate = teacher_gate_op(code_version=values["code_version"], teacher=made[self.gate.model].outputs["model"],
-                                lr_baseline=made[self.gate.baseline].outputs["model"],
-                                min_teacher_margin=values["min_teacher_margin"])
+                                   lr_baseline=made[self.gate.baseline].outputs["model"],
+                                   min_teacher_margin=values["min_teacher_margin"])
             configure_task(gate.set_display_name(self.gate.name), options)
             with dsl.If(gate.outputs["passed"] == True, name="gate-passed"):  # noqa: E712
                 for task in self.tasks:
@@ -366,7 +366,7 @@ class Pipeline:
                 config = task_config(wiring, inputs)
             except ConfigError as err:
                 fed = self.fed(task).get(err.field)
-                source = f"parameter {fed}" if fed and inputs[err.field] not in ("", 0) else task.settings_parameter
+                source = f"parameter {fed}" if fed and is_set(inputs[err.field]) else task.settings_parameter
                 raise ConfigError(err.field, err.message, f"{task.name} ({source})") from None
             tasks.append(StageTask(task.name, task.settings_parameter, task.declaration, config))
         return tasks

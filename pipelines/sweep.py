@@ -62,3 +62,7 @@ def sweep_pipeline(ratios: tuple[int, ...] = RATIOS, archs: tuple[str, ...] = AR
                     "max_latency_ms": None, "cost": None, "code_version": ""},
         tasks=tuple(tasks),
     )
+
+
+#: The sweep of the default grid.
+PIPELINE = sweep_pipeline()

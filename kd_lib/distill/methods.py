@@ -67,8 +67,8 @@ class MethodChoice:
         for spec in fields(self):
             if spec.name.endswith("_weight"):
                 check(getattr(self, spec.name) >= 0, spec.name, f"must be >= 0, got {getattr(self, spec.name)}")
-        for settings in dict.fromkeys(m.settings_class for m in METHODS.values()):
-            if settings is not None and "check" in vars(settings):
+        for settings in reversed(type(self).__mro__):  # each method's settings class, in registration order
+            if "check" in vars(settings):
                 settings.check(self)
 
     @property
